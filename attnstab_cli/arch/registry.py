@@ -1,0 +1,121 @@
+"""Find the family spec for a checkpoint and bind its tensor templates to the checkpoint's real tensor names."""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any, Iterable
+
+from attnstab_cli.arch.spec import ArchSpec, load_builtin_specs
+from attnstab_cli.errors import InputError, UnsupportedError
+
+
+@lru_cache(maxsize=1)
+def builtin_specs() -> dict[str, ArchSpec]:
+    """The shipped family specs (loaded once)."""
+    return load_builtin_specs()
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for spec in builtin_specs().values() for t in spec.model_types)
+
+
+def spec_by_name(name: str) -> ArchSpec:
+    """Look a family up by spec name or by any of its ``model_type`` values (for ``--arch``)."""
+    for spec in builtin_specs().values():
+        if name == spec.name or name in spec.model_types:
+            return spec
+    raise UnsupportedError(f"unknown architecture {name!r}; supported: {', '.join(supported_model_types())}")
+
+
+def match_spec(config: dict[str, Any]) -> ArchSpec:
+    """The spec whose ``model_type`` (else ``architectures``) matches ``config.json``."""
+    model_type = config.get("model_type")
+    for spec in builtin_specs().values():
+        if model_type in spec.model_types:
+            return spec
+    archs = config.get("architectures") or []
+    for spec in builtin_specs().values():
+        if any(a in spec.architectures for a in archs):
+            return spec
+    raise UnsupportedError(
+        f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}",
+        hint="pass --arch FAMILY if this checkpoint uses one of the supported layouts",
+    )
+
+
+class TensorNames:
+    """A spec bound to one checkpoint: canonical role (+ layer) -> the tensor name actually stored."""
+
+    def __init__(self, spec: ArchSpec, keys: Iterable[str]) -> None:
+        self.spec = spec
+        self.keys = set(keys)
+        self.prefix = self._find_prefix()
+
+    def _find_prefix(self) -> str:
+        for prefix in self.spec.prefixes:
+            if any(prefix + t in self.keys for t in self.spec.tensors["embed_tokens.weight"]):
+                return prefix
+        raise InputError(f"no token-embedding tensor found for family {self.spec.name!r} "
+                         f"(expected one of {[p + t for p in self.spec.prefixes for t in self.spec.tensors['embed_tokens.weight']]})")
+
+    def _templates(self, role: str, layer: int | None) -> list[str]:
+        if layer is not None:
+            return [self.prefix + t.format(layer=layer) for t in self.spec.layer_tensors.get(role, ())]
+        if role in self.spec.head_tensors:
+            return [p + t for t in self.spec.head_tensors[role] for p in ("", self.prefix)]
+        return [self.prefix + t for t in self.spec.tensors.get(role, ())]
+
+    def find(self, role: str, layer: int | None = None) -> str | None:
+        """Stored name for ``role`` (following ``tied``), or None when absent."""
+        for name in self._templates(role, layer):
+            if name in self.keys:
+                return name
+        if role in self.spec.tied:
+            return self.find(self.spec.tied[role], layer)
+        return None
+
+    def require(self, role: str, layer: int | None = None) -> str | None:
+        """Like :meth:`find`, but a declared, non-optional role that is absent is an :class:`InputError`.
+
+        A role the family does not declare at all (an RMSNorm bias, say) is simply None.
+        """
+        name = self.find(role, layer)
+        if name is None and role not in self.spec.optional and self._templates(role, layer):
+            raise InputError(f"missing tensor for {role}" + (f" in layer {layer}" if layer is not None else "")
+                             + f": expected {' or '.join(self._templates(role, layer))}")
+        return name
+
+    def count_layers(self) -> int:
+        """Number of layers, from the highest ``{layer}`` index of the first layer template."""
+        role = next(r for r in self.spec.layer_tensors if r not in self.spec.optional)
+        found = set()
+        for template in self.spec.layer_tensors[role]:
+            pattern = re.compile(re.escape(self.prefix + template).replace(re.escape("{layer}"), r"(\d+)") + "$")
+            found |= {int(m.group(1)) for k in self.keys if (m := pattern.match(k))}
+        return max(found) + 1 if found else 0
+
+    def required_layer_roles(self) -> list[str]:
+        return [r for r in self.spec.layer_tensors if r not in self.spec.optional]
+
+
+def infer_spec_from_tensors(keys: Iterable[str]) -> ArchSpec:
+    """Score every family on layer-0 tensor names; exactly one complete match wins (bare ``.safetensors``)."""
+    keys = set(keys)
+    complete, partial = [], []
+    for spec in builtin_specs().values():
+        try:
+            names = TensorNames(spec, keys)
+        except InputError:
+            continue
+        roles = names.required_layer_roles()
+        hits = sum(names.find(r, 0) is not None for r in roles)
+        (complete if hits == len(roles) else partial).append((hits / len(roles), spec.name))
+    if len(complete) == 1:
+        return builtin_specs()[complete[0][1]]
+    if len(complete) > 1:
+        raise InputError(f"ambiguous architecture: tensor names match {', '.join(n for _, n in complete)}",
+                         hint="pass --arch to choose")
+    best = max(partial, default=None)
+    detail = f" (best partial match: {best[1]}, {best[0]:.0%} of layer tensors)" if best else ""
+    raise UnsupportedError(f"cannot infer the architecture from tensor names{detail}",
+                           hint=f"pass --arch; supported: {', '.join(supported_model_types())}")

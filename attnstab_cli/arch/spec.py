@@ -1,0 +1,139 @@
+"""Architecture families as data (STYLE.md, "Declaring architectures"; idea from mergekit's per-family specs).
+
+Each family is one JSON file in ``specs/``: match rules, a config-key map, ``{layer}`` tensor templates per canonical
+role (with aliases, optional and tied tensors) and layout facts as enums. The loader rejects unknown keys, so a typo
+in a spec fails at import time rather than silently mis-reading a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from importlib import resources
+from typing import Any
+
+
+class Orientation(str, Enum):
+    OUT_IN = "out_in"   # nn.Linear stores (out, in): canonical W = stored.T
+    IN_OUT = "in_out"   # GPT-2 Conv1D stores (in, out): already x -> xW
+
+
+class QKVPacking(str, Enum):
+    SEPARATE = "separate"
+    CONCAT = "concat"                              # [Q | K | V] column blocks (GPT-2)
+    INTERLEAVED_PER_HEAD = "interleaved_per_head"  # per head [q; k; v] (GPT-NeoX)
+
+
+class NormKind(str, Enum):
+    LAYERNORM = "layernorm"
+    RMSNORM = "rmsnorm"
+
+
+class Residual(str, Enum):
+    PRE = "pre"            # h' = h + MHA(N1 h); h+ = h' + FFN(N2 h')
+    POST = "post"          # h' = N1(h + MHA h); h+ = N2(h' + FFN h')
+    PARALLEL = "parallel"  # h+ = h + MHA(N1 h) + FFN(N2 h)
+
+
+class Positions(str, Enum):
+    LEARNED = "learned"
+    ROPE = "rope"
+
+
+class RopeStyle(str, Enum):
+    HALF_SPLIT = "half_split"    # rotate-half: pairs (i, i + r/2)
+    INTERLEAVED = "interleaved"  # pairs (2i, 2i + 1)
+
+
+class FFNKind(str, Enum):
+    MLP = "mlp"      # act(x W1 + b1) W2 + b2
+    GATED = "gated"  # (act(x Wg) * x Wu) Wd
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Layout facts that decide how tensors are sliced and how the layer is wired."""
+
+    orientation: Orientation
+    qkv_packing: QKVPacking
+    norm: NormKind
+    residual: Residual
+    positions: Positions
+    rope_style: RopeStyle | None
+    causal: bool
+    ffn: FFNKind
+
+
+@dataclass(frozen=True)
+class ResidualSwitch:
+    """A boolean config key that switches the residual wiring (NeoX ``use_parallel_residual``)."""
+
+    key: str
+    if_true: Residual
+    if_false: Residual
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One architecture family, loaded from ``specs/<name>.json``."""
+
+    name: str
+    description: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    config: dict[str, tuple[str, ...]]
+    defaults: dict[str, Any]
+    layout: Layout
+    prefixes: tuple[str, ...]
+    tensors: dict[str, tuple[str, ...]]
+    head_tensors: dict[str, tuple[str, ...]]
+    layer_tensors: dict[str, tuple[str, ...]]
+    optional: frozenset[str] = field(default_factory=frozenset)
+    tied: dict[str, str] = field(default_factory=dict)
+    required_without_config: tuple[str, ...] = ()
+    residual_switch: ResidualSwitch | None = None
+
+
+_KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefixes", "tensors", "head_tensors",
+         "layer_tensors", "optional", "tied", "required_without_config", "residual_switch"}
+
+
+def _templates(mapping: dict[str, str | list[str]]) -> dict[str, tuple[str, ...]]:
+    return {role: (t,) if isinstance(t, str) else tuple(t) for role, t in mapping.items()}
+
+
+def parse_spec(data: dict[str, Any]) -> ArchSpec:
+    """Build an :class:`ArchSpec` from its JSON form; unknown keys are an error."""
+    unknown = set(data) - _KEYS
+    if unknown:
+        raise ValueError(f"spec {data.get('name')!r}: unknown keys {sorted(unknown)}")
+    lay = data["layout"]
+    layout = Layout(
+        orientation=Orientation(lay["orientation"]), qkv_packing=QKVPacking(lay["qkv_packing"]),
+        norm=NormKind(lay["norm"]), residual=Residual(lay["residual"]), positions=Positions(lay["positions"]),
+        rope_style=RopeStyle(lay["rope_style"]) if lay.get("rope_style") else None,
+        causal=bool(lay["causal"]), ffn=FFNKind(lay["ffn"]),
+    )
+    switch = data.get("residual_switch")
+    return ArchSpec(
+        name=data["name"], description=data["description"],
+        model_types=tuple(data["match"].get("model_types", ())),
+        architectures=tuple(data["match"].get("architectures", ())),
+        config={k: tuple(v) for k, v in data["config"].items()},
+        defaults=dict(data.get("defaults", {})), layout=layout, prefixes=tuple(data["prefixes"]),
+        tensors=_templates(data["tensors"]), head_tensors=_templates(data.get("head_tensors", {})),
+        layer_tensors=_templates(data["layer_tensors"]), optional=frozenset(data.get("optional", ())),
+        tied=dict(data.get("tied", {})), required_without_config=tuple(data.get("required_without_config", ())),
+        residual_switch=ResidualSwitch(switch["key"], Residual(switch["if_true"]), Residual(switch["if_false"]))
+        if switch else None,
+    )
+
+
+def load_builtin_specs() -> dict[str, ArchSpec]:
+    """All specs shipped as package data, keyed by family name."""
+    specs = {}
+    for entry in sorted(resources.files("attnstab_cli.arch").joinpath("specs").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".json"):
+            spec = parse_spec(json.loads(entry.read_text(encoding="utf-8")))
+            specs[spec.name] = spec
+    return specs

@@ -1,0 +1,112 @@
+"""Lazy, one-tensor-at-a-time access to checkpoint weights (STYLE.md, "Checkpoint access").
+
+Safetensors shards are memory-mapped through ``safe_open`` and read per tensor; ``.bin`` files are opened only with
+``torch.load(weights_only=True, mmap=True)`` so no pickle code can run and no data page is read until used. The
+reader counts the bytes of the tensors it has handed out that are still alive, so tests can show that a scan keeps
+one layer resident at a time.
+"""
+from __future__ import annotations
+
+import pickle
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from attnstab_cli.checkpoints.resolve import CheckpointFiles
+from attnstab_cli.checkpoints.safetensors_header import TensorInfo, read_safetensors_header
+from attnstab_cli.errors import InputError
+
+
+class TensorReader:
+    """Name -> tensor access over all shards of one checkpoint; headers are read eagerly, data lazily."""
+
+    def __init__(self, files: CheckpointFiles) -> None:
+        self.files = files
+        self._handles: dict[Path, Any] = {}
+        self._bin: dict[Path, dict[str, torch.Tensor]] = {}
+        self.infos: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        for path in files.weight_files:
+            infos = self._read_safetensors(path) if files.fmt == "safetensors" else self._read_bin(path)
+            for name, info in infos.items():
+                if name in self.infos:
+                    raise InputError(f"tensor {name!r} appears in two shards", path=path)
+                self.infos[name] = info
+        self.live_bytes = 0
+        self.peak_live_bytes = 0
+
+    def _read_safetensors(self, path: Path) -> dict[str, TensorInfo]:
+        infos, meta = read_safetensors_header(path)
+        self.metadata.update(meta)
+        return infos
+
+    def _read_bin(self, path: Path) -> dict[str, TensorInfo]:
+        state = load_bin_state_dict(path)
+        self._bin[path] = state
+        return {
+            name: TensorInfo(path, str(t.dtype).removeprefix("torch."), tuple(t.shape), t.numel() * t.element_size())
+            for name, t in state.items()
+        }
+
+    def keys(self) -> list[str]:
+        """All tensor names, in file order."""
+        return list(self.infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def load(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             check_finite: bool = True) -> torch.Tensor:
+        """Read one tensor, convert it to ``dtype`` on ``device``; non-finite values are an :class:`InputError`."""
+        info = self.infos[name]
+        if info.file in self._bin:
+            raw = self._bin[info.file][name]
+        else:
+            try:
+                handle = self._handles.get(info.file)
+                if handle is None:
+                    handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+                raw = handle.get_tensor(name)
+            except (SafetensorError, OSError, RuntimeError) as exc:
+                raise InputError(f"cannot read tensor {name!r}: {exc}", path=info.file) from exc
+        tensor = raw.to(device=device, dtype=dtype, copy=True)
+        if check_finite and tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise InputError(f"tensor {name!r} contains {bad} NaN/Inf values", path=info.file,
+                                 hint="the checkpoint is numerically broken; attnstab reports it instead of scanning")
+        self._track(tensor)
+        return tensor
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        """Count a handed-out tensor as resident until it is garbage collected."""
+        nbytes = tensor.numel() * tensor.element_size()
+        self.live_bytes += nbytes
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+        weakref.finalize(tensor, self._release, nbytes)
+
+    def _release(self, nbytes: int) -> None:
+        self.live_bytes -= nbytes
+
+
+def load_bin_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Open a pickle-based ``.bin`` safely: ``weights_only=True`` refuses any object that would run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"refused: this .bin needs arbitrary pickle code to load, which attnstab never runs ({first})",
+            path=path, hint="convert it to safetensors with a trusted tool",
+        ) from exc
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise InputError(f"cannot load .bin weights: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                         path=path) from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError("a .bin checkpoint must hold a dict of tensors", path=path)
+    return state

@@ -1,0 +1,76 @@
+"""Layer-streaming forward pass: embeddings, then one layer's weights at a time over every calibration batch.
+
+Only the current layer's weights are resident on the compute device; the hidden states of all calibration batches
+are carried from layer to layer. Each (layer, batch) yields a :class:`LayerTrace` for the metrics, which must not
+keep references to it beyond what they aggregate (memory stays flat in depth).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from attnstab_cli.arch.spec import NormKind
+from attnstab_cli.model.blocks import apply_norm, run_layer
+from attnstab_cli.model.load import OpenModel
+from attnstab_cli.model.rope import compute_rope_cos_sin
+from attnstab_cli.model.traces import LayerTrace
+from attnstab_cli.model.weights import WeightLoader
+
+
+class LayerStream:
+    """Runs ``batches`` (each ``[B, T]`` token ids) through ``model`` layer by layer."""
+
+    def __init__(self, model: OpenModel, batches: list[torch.Tensor], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, key_padding_masks: list[torch.Tensor | None] | None = None) -> None:
+        self.model, self.cfg, self.device, self.dtype = model, model.cfg, torch.device(device), dtype
+        self.loader: WeightLoader = model.loader(self.device, dtype)
+        self.batches = [b.to(self.device) for b in batches]
+        self.masks = key_padding_masks or [None] * len(batches)
+        self.hidden: list[torch.Tensor] = []
+
+    def embed(self) -> list[torch.Tensor]:
+        """h_0 for every batch: token (+ learned position) (+ token-type) embeddings (+ embedding norm)."""
+        load = self.loader.tensor
+        tok = load("embed_tokens.weight")
+        pos = load("embed_positions.weight") if self.model.names.find("embed_positions.weight") else None
+        types = load("embed_types.weight") if self.model.names.find("embed_types.weight") else None
+        norm = self.loader.norm("embed_norm") if self.model.names.find("embed_norm.weight") else None
+        self.hidden = []
+        for ids in self.batches:
+            h = tok[ids]                                                      # [B, T, d]
+            if pos is not None:
+                h = h + pos[torch.arange(ids.shape[1], device=self.device)][None]
+            if types is not None:
+                h = h + types[0][None, None]                                  # token type 0 everywhere
+            if norm is not None:
+                h = apply_norm(h, norm, NormKind.LAYERNORM, self.cfg.norm_eps).out
+            self.hidden.append(h)
+        return self.hidden
+
+    def _rope(self, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.cfg.rope is None:
+            return None
+        return compute_rope_cos_sin(self.cfg.rope, torch.arange(t, device=self.device), self.dtype)
+
+    def layers(self, on_layer_start: Callable[[int], None] | None = None) -> Iterator[LayerTrace]:
+        """Yield one trace per (layer, batch); weights of layer l are dropped before layer l+1 is loaded."""
+        if not self.hidden:
+            self.embed()
+        for layer in range(self.cfg.n_layers):
+            if on_layer_start:
+                on_layer_start(layer)
+            weights = self.loader.layer(layer)
+            for bi, h in enumerate(self.hidden):
+                trace = run_layer(h, weights, self.cfg, layer, bi, self._rope(h.shape[1]), self.masks[bi])
+                self.hidden[bi] = trace.resid_out
+                yield trace
+                del trace
+            del weights
+
+    def final_hidden(self) -> list[torch.Tensor]:
+        """Hidden states after the final norm (pre-norm families) or as they are (post-LN)."""
+        if not self.model.names.find("norm_final.weight"):
+            return list(self.hidden)
+        norm = self.loader.norm("norm_final")
+        return [apply_norm(h, norm, self.cfg.layout.norm, self.cfg.norm_eps).out for h in self.hidden]

@@ -1,0 +1,48 @@
+"""What one layer exposes to the metrics (issue 2, item 6): per-head Q, K, V, mask, scale, outputs, norm statistics.
+
+Tensors follow the vocabulary of STYLE.md: B batch, T tokens, d model width, H query heads, H_kv key/value heads,
+D head dim. Nothing here is an n x n matrix: attention probabilities are recomputed from Q, K, scale and mask by the
+metrics, one query block at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from attnstab_cli.model.weights import LayerWeights
+
+
+@dataclass
+class AttentionTrace:
+    x: torch.Tensor                          # [B, T, d]     attention input (after the norm in pre-norm/parallel)
+    q: torch.Tensor                          # [B, H, T, D]  after biases and RoPE
+    k: torch.Tensor                          # [B, H_kv, T, D] after biases and RoPE
+    v: torch.Tensor                          # [B, H_kv, T, D]
+    scale: float                             # logits are scale * q.k
+    causal: bool
+    window: int | None                       # sliding window: key j visible from query i iff i - j < window
+    key_padding_mask: torch.Tensor | None    # [B, T] bool, True = real token
+    context: torch.Tensor                    # [B, H, T, D]  softmax(s q k^T) v per head
+    out: torch.Tensor                        # [B, T, d]     after W_O and b_O
+
+
+@dataclass
+class NormTrace:
+    kind: str                                # "layernorm" | "rmsnorm"
+    stat: torch.Tensor                       # [B, T] per-token biased variance (LN) or mean square (RMSNorm) of the input
+    eps: float
+    out: torch.Tensor                        # [B, T, d]     the norm output
+
+
+@dataclass
+class LayerTrace:
+    layer: int
+    batch: int
+    resid_in: torch.Tensor                   # [B, T, d]  h_l
+    resid_out: torch.Tensor                  # [B, T, d]  h_{l+1}
+    attn: AttentionTrace
+    ffn_in: torch.Tensor                     # [B, T, d]
+    ffn_out: torch.Tensor                    # [B, T, d]
+    norms: dict[str, NormTrace] = field(default_factory=dict)   # "norm_attn", "norm_ffn"
+    weights: LayerWeights | None = None

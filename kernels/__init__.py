@@ -1,0 +1,1 @@
+"""Triton kernels for attnstab (installed as `attnstab_kernels`)."""

@@ -1,0 +1,73 @@
+"""Tiny randomly initialised ``transformers`` models, one per supported family, saved offline to a directory.
+
+``transformers`` is a test-time reference only: these models are the independent computation the streaming forward
+pass is checked against (issue 2, item 6).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
+             dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=97)),
+    "gpt2_scaled": ("GPT2Config", "GPT2LMHeadModel",
+                    dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=97,
+                         scale_attn_by_inverse_layer_idx=True)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM",
+              dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=96, vocab_size=97, max_position_embeddings=64, rms_norm_eps=1e-5,
+                   rope_theta=500.0)),
+    "llama3_scaled": ("LlamaConfig", "LlamaForCausalLM",
+                      dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                           intermediate_size=96, vocab_size=97, max_position_embeddings=64,
+                           rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                           rope_theta=1000.0, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM",
+                dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=96, vocab_size=97, max_position_embeddings=64, sliding_window=7,
+                     head_dim=16)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=96, vocab_size=97, max_position_embeddings=64,
+                   rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+             dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                  vocab_size=97, max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True)),
+    "neox_serial": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                    dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                         vocab_size=97, max_position_embeddings=64, rotary_pct=0.5, use_parallel_residual=False)),
+    "bert": ("BertConfig", "BertForMaskedLM",
+             dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                  vocab_size=97, max_position_embeddings=64)),
+}
+
+
+def build_tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A seeded eager-attention model of ``family`` with non-trivial norms and biases (so they are exercised)."""
+    import transformers
+
+    config_cls, model_cls, kwargs = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or "ln" in name.split(".")[-2]:
+                p.add_(0.3 * torch.randn_like(p))          # gamma != 1, beta != 0
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.mul_(4.0)                                # larger logits: sharper, non-uniform attention
+    return model
+
+
+def save_tiny_model(family: str, directory: Path, seed: int = 0, **save_kwargs: Any) -> torch.nn.Module:
+    """Build and save ``family`` as a Hugging Face directory; returns the in-memory reference model."""
+    model = build_tiny_model(family, seed)
+    model.save_pretrained(directory, **save_kwargs)
+    return model
