@@ -1,0 +1,3 @@
+from attnstab_cli.cli.app import main
+
+main()

@@ -1,0 +1,68 @@
+"""Choose and build the calibration set for a scan from the CLI's ``--calib`` / ``--tokens`` options."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attnstab_cli.calibration.sources import (
+    CalibrationSet, check_seq_len, check_token_range, load_token_file, read_bundled_corpus, read_text_file,
+    split_batches, tokenize, windows,
+)
+from attnstab_cli.errors import InputError, UsageError
+
+DEFAULT_SEQ_LEN = 256
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """What the user asked for; ``calib`` is None (bundled corpus), ``"random"`` or a file path."""
+
+    calib: str | None = None
+    tokens: Path | None = None
+    seq_len: int | None = None
+    batch_size: int = 4
+    batches: int = 2
+    seed: int = 0
+
+
+def build_calibration(req: CalibrationRequest, vocab_size: int, max_positions: int | None,
+                      tokenizer_path: Path | None) -> CalibrationSet:
+    """Token batches for the scan, validated against the model's vocabulary and context length."""
+    if req.batch_size < 1 or req.batches < 1:
+        raise UsageError("--batch-size and --batches must be positive")
+    if req.tokens is not None:
+        if req.calib is not None:
+            raise UsageError("give either --calib or --tokens, not both")
+        return _from_token_file(req, vocab_size, max_positions)
+    seq_len = req.seq_len or min(DEFAULT_SEQ_LEN, max_positions or DEFAULT_SEQ_LEN)
+    check_seq_len(seq_len, max_positions)
+    n_seq = req.batch_size * req.batches
+    if req.calib == "random":
+        gen = torch.Generator().manual_seed(req.seed)
+        seqs = torch.randint(0, vocab_size, (n_seq, seq_len), generator=gen)
+        return CalibrationSet(split_batches(seqs, req.batch_size), f"random(seed={req.seed})", seq_len)
+    if tokenizer_path is None:
+        raise InputError("checkpoint has no tokenizer.json, so text cannot be tokenised",
+                         hint="pass --tokens FILE (.npy/.pt ids) or --calib random")
+    if req.calib is None:
+        text, source = read_bundled_corpus(), "bundled corpus"
+    else:
+        path = Path(req.calib)
+        if not path.is_file():
+            raise InputError("calibration file not found", path=path)
+        text, source = read_text_file(path), str(path)
+    seqs = windows(tokenize(text, tokenizer_path), seq_len, n_seq, source)
+    check_token_range(seqs, vocab_size, str(tokenizer_path))
+    return CalibrationSet(split_batches(seqs, req.batch_size), source, seq_len)
+
+
+def _from_token_file(req: CalibrationRequest, vocab_size: int, max_positions: int | None) -> CalibrationSet:
+    arr = load_token_file(req.tokens)
+    seqs = arr[None] if arr.ndim == 1 else arr
+    if req.seq_len is not None and req.seq_len != seqs.shape[1]:
+        raise UsageError(f"--seq-len {req.seq_len} disagrees with the token file's sequence length {seqs.shape[1]}")
+    check_seq_len(seqs.shape[1], max_positions)
+    check_token_range(seqs, vocab_size, str(req.tokens))
+    return CalibrationSet(split_batches(seqs, req.batch_size), str(req.tokens), seqs.shape[1])

@@ -1,0 +1,152 @@
+"""Calibration input: the bundled corpus, a user text file, a token file used exactly as given, or random ids.
+
+Text is tokenised with the checkpoint's own ``tokenizer.json`` (``tokenizers`` library, no special tokens added) and
+cut into non-overlapping windows of ``seq_len`` tokens. Every source ends as a :class:`CalibrationSet` whose id is the
+SHA-256 of the token ids, so two scans are comparable exactly when their ids agree.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attnstab_cli.errors import InputError, UsageError
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Token batches ``[B, T]`` plus a description of where they came from."""
+
+    batches: tuple[torch.Tensor, ...]
+    source: str
+    seq_len: int
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(b.numel() for b in self.batches)
+
+    @property
+    def n_sequences(self) -> int:
+        return sum(b.shape[0] for b in self.batches)
+
+    @property
+    def token_hash(self) -> str:
+        h = hashlib.sha256()
+        for b in self.batches:
+            h.update(b.to(torch.int64).cpu().numpy().tobytes())
+        return h.hexdigest()
+
+
+def read_bundled_corpus() -> str:
+    """The prose corpus shipped with attnstab (``calibration/corpus/*.txt``, in name order)."""
+    folder = resources.files("attnstab_cli.calibration").joinpath("corpus")
+    parts = [e.read_text(encoding="utf-8") for e in sorted(folder.iterdir(), key=lambda e: e.name)
+             if e.name.endswith(".txt")]
+    return "\n\n".join(parts)
+
+
+def read_text_file(path: Path) -> str:
+    """Text from ``.txt``, ``.jsonl`` (field ``text``) or ``.parquet`` (column ``text``); empty is an error."""
+    try:
+        if path.suffix == ".jsonl":
+            text = "\n\n".join(_jsonl_texts(path))
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if "text" not in table.column_names:
+                raise InputError(f"no 'text' column (columns: {', '.join(table.column_names)})", path=path)
+            text = "\n\n".join(str(t) for t in table.column("text").to_pylist() if t)
+        else:
+            text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read calibration text: {exc}", path=path) from exc
+    except InputError:
+        raise
+    except Exception as exc:  # pyarrow raises many types for a corrupt file
+        raise InputError(f"cannot read calibration file: {type(exc).__name__}: {exc}", path=path) from exc
+    if not text.strip():
+        raise InputError("calibration file is empty", path=path)
+    return text
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"line {n} is not valid JSON ({exc.msg})", path=path) from exc
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InputError(f"line {n} has no string field 'text'", path=path)
+        texts.append(record["text"])
+    return texts
+
+
+def tokenize(text: str, tokenizer_path: Path) -> torch.Tensor:
+    """Token ids ``[N]`` of ``text`` with the checkpoint's tokenizer (no special tokens)."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        raise InputError(f"cannot load tokenizer: {exc}", path=tokenizer_path) from exc
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def load_token_file(path: Path) -> torch.Tensor:
+    """An integer array ``[batch, seq]`` or ``[seq]`` from ``.npy`` (no pickle) or ``.pt`` (``weights_only``)."""
+    try:
+        if path.suffix == ".npy":
+            arr = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix == ".pt":
+            arr = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise InputError("token file must be .npy or .pt", path=path)
+    except InputError:
+        raise
+    except Exception as exc:  # numpy / torch raise ValueError, UnpicklingError, OSError, ...
+        raise InputError(f"cannot read token array: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                         path=path) from exc
+    if not isinstance(arr, torch.Tensor) or arr.is_floating_point() or arr.is_complex() or arr.dtype == torch.bool:
+        raise InputError("token file must hold one integer array", path=path)
+    if arr.ndim not in (1, 2) or arr.numel() == 0:
+        raise InputError(f"token array must be non-empty with shape [batch, seq] or [seq], got {list(arr.shape)}",
+                         path=path)
+    return arr.to(torch.int64)
+
+
+def windows(ids: torch.Tensor, seq_len: int, n_sequences: int, source: str) -> torch.Tensor:
+    """Up to ``n_sequences`` non-overlapping windows ``[n, seq_len]`` of a 1-D id stream."""
+    n = min(n_sequences, ids.numel() // seq_len)
+    if n == 0:
+        raise InputError(f"{source} gives {ids.numel()} tokens, fewer than --seq-len {seq_len}",
+                         hint="lower --seq-len or give more text")
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def split_batches(seqs: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
+    return tuple(seqs[i: i + batch_size] for i in range(0, seqs.shape[0], batch_size))
+
+
+def check_token_range(seqs: torch.Tensor, vocab_size: int, where: str) -> None:
+    """Every id must index the embedding matrix."""
+    lo, hi = int(seqs.min()), int(seqs.max())
+    if lo < 0 or hi >= vocab_size:
+        raise InputError(f"token id {hi if hi >= vocab_size else lo} is outside the vocabulary [0, {vocab_size})",
+                         path=where)
+
+
+def check_seq_len(seq_len: int, max_positions: int | None) -> None:
+    if seq_len < 1:
+        raise UsageError(f"--seq-len must be positive, got {seq_len}")
+    if max_positions is not None and seq_len > max_positions:
+        raise UsageError(f"sequence length {seq_len} exceeds the model's maximum positions ({max_positions})")

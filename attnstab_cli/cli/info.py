@@ -1,0 +1,43 @@
+"""``attnstab info``: what a checkpoint is, from headers and config alone."""
+from __future__ import annotations
+
+from rich.table import Table
+
+from attnstab_cli.cli.options import Arch, Checkpoint, Json, NHeads, NKVHeads, NormEps, RopeTheta, config_overrides
+from attnstab_cli.cli.output import handle_errors, print_json, stdout_console
+from attnstab_cli.model.describe import describe_checkpoint
+from attnstab_cli.model.load import open_model
+
+
+@handle_errors
+def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv_heads: NKVHeads = None,
+         norm_eps: NormEps = None, rope_theta: RopeTheta = None, json_out: Json = False) -> None:
+    """Describe a checkpoint (family, sizes, norm placement, dtypes, parameters, files) without reading weights."""
+    model = open_model(checkpoint, arch, config_overrides(n_heads, n_kv_heads, norm_eps, rope_theta))
+    data = describe_checkpoint(model)
+    if json_out:
+        print_json(data)
+        return
+    table = Table(title=f"{data['checkpoint']}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("family", f"{data['family']} ({data['model_type'] or 'no config'})"),
+        ("layers", data["n_layers"]), ("hidden size", data["d_model"]),
+        ("heads / kv heads", f"{data['n_heads']} / {data['n_kv_heads']}"), ("head dim", data["head_dim"]),
+        ("ffn", f"{data['ffn']} {data['d_ff']} ({data['activation']})"),
+        ("norm", f"{data['norm']} eps={data['norm_eps']:g}, {data['placement']}"),
+        ("attention", "causal" if data["causal"] else "bidirectional"),
+        ("positions", data["positions"] + (f" theta={data['rope']['theta']:g} rotary_dim={data['rope']['rotary_dim']}"
+                                            if data["rope"] else "")),
+        ("vocabulary", data["vocab_size"]), ("max positions", data["max_positions"]),
+        ("dtypes", ", ".join(f"{k}: {v:,}" for k, v in data["dtypes"].items())),
+        ("parameters", f"{data['n_params']:,}"),
+        ("files", "\n".join(f"{f} ({b:,} bytes)" for f, b in data["files"].items())),
+        ("tokenizer", data["tokenizer"] or "none"),
+    ]
+    if data["sliding_window"]:
+        rows.insert(7, ("sliding window", data["sliding_window"]))
+    for k, v in rows:
+        table.add_row(k, str(v))
+    stdout_console().print(table)

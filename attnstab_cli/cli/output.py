@@ -1,0 +1,54 @@
+"""Consoles and error reporting: data on stdout, progress, logs and errors on stderr (STYLE.md, "CLI")."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable, TypeVar
+
+import typer
+from rich.console import Console
+
+from attnstab_cli.errors import AttnstabError
+
+F = TypeVar("F", bound=Callable[..., Any])
+STATE = {"debug": os.environ.get("ATTNSTAB_DEBUG") == "1"}
+
+
+def stdout_console() -> Console:
+    """A console on the current stdout (created per call so test runners can capture it)."""
+    return Console(file=sys.stdout, width=max(100, Console(file=sys.stdout).width))
+
+
+def stderr_console() -> Console:
+    return Console(file=sys.stderr)
+
+
+def print_json(data: Any) -> None:
+    """One JSON document on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def handle_errors(fn: F) -> F:
+    """Turn :class:`AttnstabError` into ``Error: ...`` (and a hint) on stderr plus its exit code.
+
+    With ``--debug`` or ``ATTNSTAB_DEBUG=1`` the exception propagates with its traceback instead.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AttnstabError as exc:
+            if STATE["debug"]:
+                raise
+            err = stderr_console()
+            err.print(f"[bold red]Error:[/] {exc.message}", markup=True, highlight=False, soft_wrap=True)
+            if exc.hint:
+                err.print(f"  hint: {exc.hint}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            stderr_console().print("Interrupted; no report was written.")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]

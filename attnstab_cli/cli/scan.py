@@ -1,0 +1,63 @@
+"""``attnstab scan``: calibration text through a checkpoint, one layer at a time, into a report."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from attnstab_cli.calibration.build import CalibrationRequest, build_calibration
+from attnstab_cli.cli.options import (
+    Arch, Checkpoint, Force, Json, NHeads, NKVHeads, NormEps, Out, Quiet, RopeTheta, config_overrides,
+)
+from attnstab_cli.cli.output import handle_errors, print_json, stderr_console, stdout_console
+from attnstab_cli.model.load import open_model
+from attnstab_cli.report.summary import render_summary
+from attnstab_cli.report.write import check_output_dir, write_report
+from attnstab_cli.scan import ScanOptions, build_manifest, resolve_device, resolve_dtype, run_scan
+
+
+@handle_errors
+def scan(
+    checkpoint: Checkpoint,
+    out: Out = None,
+    force: Force = False,
+    calib: Annotated[Optional[str], typer.Option(
+        "--calib", help="Calibration text: a .txt, .jsonl (field 'text') or .parquet (column 'text') file, or "
+                        "'random' for uniform random token ids. Default: the bundled corpus.")] = None,
+    tokens: Annotated[Optional[Path], typer.Option(
+        "--tokens", help="Token ids (.npy or .pt, shape [batch, seq] or [seq]) used exactly as given.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(
+        "--seq-len", help="Tokens per sequence (default min(256, the model's maximum positions)).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per batch.")] = 4,
+    batches: Annotated[int, typer.Option("--batches", help="Number of batches.")] = 2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for random calibration and sampling.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, float64, bfloat16, float16.")] = "float32",
+    arch: Arch = None, n_heads: NHeads = None, n_kv_heads: NKVHeads = None, norm_eps: NormEps = None,
+    rope_theta: RopeTheta = None, json_out: Json = False, quiet: Quiet = False,
+) -> None:
+    """Scan a checkpoint on calibration text and write/print the per-layer report."""
+    if out is not None:
+        check_output_dir(out, force)
+    resolve_device(device), resolve_dtype(dtype)
+    model = open_model(checkpoint, arch, config_overrides(n_heads, n_kv_heads, norm_eps, rope_theta))
+    req = CalibrationRequest(calib=calib, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+                             batches=batches, seed=seed)
+    cal = build_calibration(req, model.cfg.vocab_size, model.cfg.max_positions, model.tokenizer_path)
+    opts = ScanOptions(device=device, dtype=dtype)
+    err = stderr_console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, disable=quiet or not err.is_terminal, transient=True) as progress:
+        task = progress.add_task("layers x batches", total=model.cfg.n_layers * len(cal.batches))
+        result = run_scan(model, cal, opts, on_step=lambda layer, batch: progress.advance(task))
+    manifest = build_manifest(model, cal, result, seed)
+    if out is not None:
+        write_report(out, result.tables, manifest, force=force)
+        if not quiet:
+            err.print(f"report written to {out}", highlight=False)
+    if json_out:
+        print_json({"manifest": manifest, **result.tables})
+    else:
+        render_summary(stdout_console(), manifest, result.tables)

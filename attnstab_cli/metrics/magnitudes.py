@@ -1,0 +1,54 @@
+"""Per-layer magnitudes of the residual stream and of the norm inputs (THEORY §0.3 per-layer table, §4, §12).
+
+Columns: ``r_resid_max`` / ``r_resid_mean`` (token l2 norm of h_l), ``r_ln_mean`` and ``r2_in`` (mean / max token
+l2 norm at the attention input, i.e. N1(h_l) in pre-norm layers), ``r2_ffn_in`` (max at the FFN input) and
+``norm1_min_var`` / ``norm2_min_var`` (smallest per-token variance, or mean square for RMSNorm, at each norm input).
+All are mergeable across batches: max, min, and sum/count for means.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from attnstab_cli.model.traces import LayerTrace
+
+
+@dataclass
+class _LayerMagnitudes:
+    tokens: int = 0
+    resid_sum: float = 0.0
+    resid_max: float = 0.0
+    ln_sum: float = 0.0
+    r2_in: float = 0.0
+    r2_ffn_in: float = 0.0
+    norm1_min_var: float = float("inf")
+    norm2_min_var: float = float("inf")
+
+
+@dataclass
+class MagnitudeObserver:
+    """Accumulates the magnitude columns per layer from streamed :class:`LayerTrace` objects."""
+
+    layers: dict[int, _LayerMagnitudes] = field(default_factory=dict)
+
+    def observe(self, trace: LayerTrace) -> None:
+        acc = self.layers.setdefault(trace.layer, _LayerMagnitudes())
+        resid = trace.resid_in.double().norm(dim=-1)                   # [B, T]
+        attn_in = trace.attn.x.double().norm(dim=-1)                   # [B, T]
+        acc.tokens += resid.numel()
+        acc.resid_sum += float(resid.sum())
+        acc.resid_max = max(acc.resid_max, float(resid.max()))
+        acc.ln_sum += float(attn_in.sum())
+        acc.r2_in = max(acc.r2_in, float(attn_in.max()))
+        acc.r2_ffn_in = max(acc.r2_ffn_in, float(trace.ffn_in.double().norm(dim=-1).max()))
+        acc.norm1_min_var = min(acc.norm1_min_var, float(trace.norms["norm_attn"].stat.min()))
+        acc.norm2_min_var = min(acc.norm2_min_var, float(trace.norms["norm_ffn"].stat.min()))
+
+    def records(self) -> list[dict[str, float | int]]:
+        """One row per layer with the documented column names."""
+        return [
+            {"layer": layer, "r_resid_max": a.resid_max, "r_resid_mean": a.resid_sum / a.tokens,
+             "r_ln_mean": a.ln_sum / a.tokens, "r2_in": a.r2_in, "r2_ffn_in": a.r2_ffn_in,
+             "norm1_min_var": a.norm1_min_var, "norm2_min_var": a.norm2_min_var}
+            for layer, a in sorted(self.layers.items())
+        ]
+

@@ -1,0 +1,53 @@
+"""A header-only description of a checkpoint for ``attnstab info`` (no weight data is read)."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+from attnstab_cli.arch.spec import Residual
+from attnstab_cli.model.load import OpenModel
+
+PLACEMENT = {Residual.PRE: "pre-norm", Residual.POST: "post-norm", Residual.PARALLEL: "parallel residual (pre-norm)"}
+
+
+def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
+    """Family, sizes, norm and placement, positions, dtypes, parameter count and files, as plain JSON data."""
+    cfg, infos = model.cfg, model.reader.infos
+    dtypes: Counter[str] = Counter()
+    for info in infos.values():
+        dtypes[info.dtype] += math.prod(info.shape)
+    files = {str(f): f.stat().st_size for f in model.files.weight_files}
+    rope = cfg.rope
+    return {
+        "checkpoint": model.files.source,
+        "family": cfg.family,
+        "model_type": cfg.model_type,
+        "description": model.spec.description,
+        "n_layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "d_ff": cfg.d_ff,
+        "ffn": cfg.layout.ffn.value,
+        "activation": cfg.activation,
+        "norm": cfg.layout.norm.value,
+        "norm_eps": cfg.norm_eps,
+        "placement": PLACEMENT[cfg.layout.residual],
+        "residual": cfg.layout.residual.value,
+        "causal": cfg.layout.causal,
+        "positions": cfg.layout.positions.value,
+        "rope": None if rope is None else {"theta": rope.theta, "rotary_dim": rope.rotary_dim,
+                                           "style": rope.style.value, "scaling": rope.scaling_dict or None},
+        "sliding_window": next((w for w in cfg.sliding_windows if w), None),
+        "vocab_size": cfg.vocab_size,
+        "max_positions": cfg.max_positions,
+        "dtypes": {k: v for k, v in sorted(dtypes.items())},
+        "n_params": sum(dtypes.values()),
+        "tied_embeddings": model.names.find("lm_head.weight") == model.names.find("embed_tokens.weight"),
+        "format": model.files.fmt,
+        "files": files,
+        "total_bytes": sum(files.values()),
+        "tokenizer": str(model.files.tokenizer_path) if model.files.tokenizer_path else None,
+    }

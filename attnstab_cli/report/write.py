@@ -1,0 +1,79 @@
+"""Write a report directory atomically: everything goes to a hidden sibling, then one rename publishes it.
+
+An interrupted scan (exception, Ctrl-C) leaves no report at all; an existing report is replaced only with ``force``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from attnstab_cli.errors import InputError, UsageError
+from attnstab_cli.report.schema import TABLES, arrow_schema
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Fail before any work when the report would overwrite something without ``--force``."""
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists", hint="pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory")
+
+
+def build_table(name: str, records: list[dict[str, Any]]) -> pa.Table:
+    """Records -> table with the documented schema; a record key outside the schema is a bug, not a column."""
+    schema = arrow_schema(name)
+    extra = {k for r in records for k in r} - set(schema.names)
+    if extra:
+        raise ValueError(f"records for {name!r} carry undocumented columns {sorted(extra)}")
+    return pa.Table.from_pylist([{c.name: r.get(c.name) for c in TABLES[name]} for r in records], schema=schema)
+
+
+def write_report(out: Path, tables: dict[str, list[dict[str, Any]]], manifest: dict[str, Any],
+                 force: bool = False) -> Path:
+    """Publish ``<table>.parquet`` files and ``manifest.json`` under ``out`` in one rename."""
+    check_output_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; a published report gets normal permissions
+    try:
+        for name, records in tables.items():
+            pq.write_table(build_table(name, records), staging / f"{name}.parquet")
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _publish(staging: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    old = out.with_name(f".{out.name}.replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out, old)
+    os.rename(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_table(report: Path, name: str) -> pa.Table:
+    """Read one table of a report, refusing a file written under another schema version."""
+    path = report / f"{name}.parquet"
+    if not path.is_file():
+        raise InputError(f"report has no {name}.parquet", path=report)
+    table = pq.read_table(path)
+    version = (table.schema.metadata or {}).get(b"schema_version", b"?").decode()
+    expected = arrow_schema(name).metadata[b"schema_version"].decode()
+    if version != expected:
+        raise InputError(f"report schema version {version}, this attnstab reads {expected}", path=path)
+    return table

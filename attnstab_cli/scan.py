@@ -1,0 +1,106 @@
+"""The scan as a library call: stream calibration batches through a checkpoint and collect every observer's records.
+
+The CLI only parses options, calls :func:`run_scan` and renders; tests call it directly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from attnstab_cli import __version__
+from attnstab_cli.calibration.sources import CalibrationSet
+from attnstab_cli.errors import UsageError
+from attnstab_cli.metrics.magnitudes import MagnitudeObserver
+from attnstab_cli.model.load import OpenModel
+from attnstab_cli.model.stream import LayerStream
+from attnstab_cli.model.traces import LayerTrace
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Observer(Protocol):
+    """Anything that consumes layer traces and returns report records."""
+
+    def observe(self, trace: LayerTrace) -> None: ...
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    device: str = "auto"
+    dtype: str = "float32"
+
+
+@dataclass
+class ScanResult:
+    """Report tables (records per grain), final hidden states and run facts for the manifest."""
+
+    tables: dict[str, list[dict[str, Any]]]
+    final_hidden: list[torch.Tensor]
+    timings: dict[str, float]
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but no CUDA device is available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UsageError(f"unknown device {name!r} (auto, cpu or cuda)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
+             on_step: Callable[[int, int], None] | None = None) -> ScanResult:
+    """Stream ``calib`` through ``model`` one layer at a time; ``on_step(layer, batch)`` reports progress."""
+    device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
+    magnitudes = MagnitudeObserver()
+    observers: list[Observer] = [magnitudes]
+    t0 = time.perf_counter()
+    stream = LayerStream(model, list(calib.batches), device, dtype)
+    stream.embed()
+    for trace in stream.layers():
+        for obs in observers:
+            obs.observe(trace)
+        if on_step:
+            on_step(trace.layer, trace.batch)
+    final = stream.final_hidden()
+    timings = {"forward_s": time.perf_counter() - t0}
+    facts = {"device": str(device), "dtype": opts.dtype,
+             "peak_resident_weight_bytes": model.reader.peak_live_bytes}
+    return ScanResult({"layers": magnitudes.records()}, final, timings, facts)
+
+
+def build_manifest(model: OpenModel, calib: CalibrationSet, result: ScanResult, seed: int) -> dict[str, Any]:
+    """Everything needed to reproduce or compare a report (STYLE.md, "Reports")."""
+    from attnstab_cli.model.describe import describe_checkpoint
+
+    config_hash = hashlib.sha256(json.dumps(model.hf_config, sort_keys=True).encode()).hexdigest() \
+        if model.hf_config is not None else None
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "schema_version": "1",
+        "tool": {"name": "attnstab", "version": __version__},
+        "checkpoint": {**describe_checkpoint(model), "config_sha256": config_hash},
+        "calibration": {"source": calib.source, "token_sha256": calib.token_hash, "n_tokens": calib.n_tokens,
+                        "n_sequences": calib.n_sequences, "seq_len": calib.seq_len, "seed": seed},
+        "run": {**result.facts, "timings": result.timings, "torch": torch.__version__, "triton": triton_version,
+                "python": platform.python_version()},
+    }
