@@ -77,6 +77,7 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
             obs.observe(trace)
         if on_step:
             on_step(trace.layer, trace.batch)
+        del trace  # hold nothing while the stream loads the next layer: one layer's weights resident
     final = stream.final_hidden()
     timings = {"forward_s": time.perf_counter() - t0}
     facts = {"device": str(device), "dtype": opts.dtype,

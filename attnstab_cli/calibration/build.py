@@ -28,7 +28,7 @@ class CalibrationRequest:
 
 
 def build_calibration(req: CalibrationRequest, vocab_size: int, max_positions: int | None,
-                      tokenizer_path: Path | None) -> CalibrationSet:
+                      tokenizer_path: Path | None, checkpoint: str = "checkpoint") -> CalibrationSet:
     """Token batches for the scan, validated against the model's vocabulary and context length."""
     if req.batch_size < 1 or req.batches < 1:
         raise UsageError("--batch-size and --batches must be positive")
@@ -43,9 +43,6 @@ def build_calibration(req: CalibrationRequest, vocab_size: int, max_positions: i
         gen = torch.Generator().manual_seed(req.seed)
         seqs = torch.randint(0, vocab_size, (n_seq, seq_len), generator=gen)
         return CalibrationSet(split_batches(seqs, req.batch_size), f"random(seed={req.seed})", seq_len)
-    if tokenizer_path is None:
-        raise InputError("checkpoint has no tokenizer.json, so text cannot be tokenised",
-                         hint="pass --tokens FILE (.npy/.pt ids) or --calib random")
     if req.calib is None:
         text, source = read_bundled_corpus(), "bundled corpus"
     else:
@@ -53,6 +50,9 @@ def build_calibration(req: CalibrationRequest, vocab_size: int, max_positions: i
         if not path.is_file():
             raise InputError("calibration file not found", path=path)
         text, source = read_text_file(path), str(path)
+    if tokenizer_path is None:
+        raise InputError("no tokenizer.json, so calibration text cannot be tokenised", path=checkpoint,
+                         hint="pass --tokens FILE (.npy/.pt ids) or --calib random")
     seqs = windows(tokenize(text, tokenizer_path), seq_len, n_seq, source)
     check_token_range(seqs, vocab_size, str(tokenizer_path))
     return CalibrationSet(split_batches(seqs, req.batch_size), source, seq_len)

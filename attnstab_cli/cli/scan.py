@@ -45,7 +45,7 @@ def scan(
     model = open_model(checkpoint, arch, config_overrides(n_heads, n_kv_heads, norm_eps, rope_theta))
     req = CalibrationRequest(calib=calib, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                              batches=batches, seed=seed)
-    cal = build_calibration(req, model.cfg.vocab_size, model.cfg.max_positions, model.tokenizer_path)
+    cal = build_calibration(req, model.cfg.vocab_size, model.cfg.max_positions, model.tokenizer_path, checkpoint)
     opts = ScanOptions(device=device, dtype=dtype)
     err = stderr_console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
