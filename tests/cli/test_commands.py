@@ -1,0 +1,122 @@
+"""CLI behaviour: help, ``info --json``, ``scan`` end to end on every tiny family, report files and atomicity."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors import safe_open
+
+from cli.helpers import invoke
+from tiny_models import FAMILIES
+
+
+def test_help_lists_commands() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "scan" in result.stdout and "info" in result.stdout
+    scan_help = invoke("scan", "--help")
+    assert scan_help.exit_code == 0
+    for option in ("--calib", "--tokens", "--seq-len", "--batch-size", "--batches", "--seed", "--device",
+                   "--dtype", "--out", "--quiet", "--json"):
+        assert option in scan_help.stdout
+
+
+def test_no_args_shows_help() -> None:
+    result = invoke()
+    assert "Usage" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert"])
+def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
+    path, ref = tiny_checkpoints[family]
+    result = invoke("info", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    cfg = ref.config
+    assert data["n_layers"] == cfg.num_hidden_layers
+    assert data["d_model"] == cfg.hidden_size
+    assert data["n_heads"] == cfg.num_attention_heads
+    assert data["n_kv_heads"] == getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    assert data["vocab_size"] == cfg.vocab_size
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:   # independent header reader
+        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    assert data["n_params"] == stored
+    assert data["tied_embeddings"] == bool(cfg.tie_word_embeddings)
+    expected = {"gpt2": "pre-norm", "llama": "pre-norm", "neox": "parallel residual (pre-norm)", "bert": "post-norm"}
+    assert data["placement"] == expected[family]
+    assert data["norm"] == ("rmsnorm" if family == "llama" else "layernorm")
+    assert sum(data["files"].values()) == data["total_bytes"] > 0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_scan_runs_end_to_end(family: str, tiny_checkpoints: dict, tmp_path: Path) -> None:
+    path, ref = tiny_checkpoints[family]
+    out = tmp_path / "report"
+    result = invoke("scan", path, "--calib", "random", "--seq-len", "24", "--batch-size", "2", "--batches", "2",
+                    "--out", out, "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [r["layer"] for r in data["layers"]] == list(range(ref.config.num_hidden_layers))
+    assert data["manifest"]["calibration"]["n_tokens"] == 4 * 24
+    table = pq.read_table(out / "layers.parquet")
+    assert table.num_rows == ref.config.num_hidden_layers
+    assert table.schema.field("r2_in").metadata[b"unit"] == b"l2"
+    assert json.loads((out / "manifest.json").read_text())["checkpoint"]["family"] == data["manifest"]["checkpoint"]["family"]
+
+
+def test_scan_magnitudes_match_transformers_hidden_states(tiny_checkpoints: dict, tmp_path: Path) -> None:
+    """r_resid_* are the token norms of the hidden states ``transformers`` returns (independent computation)."""
+    import numpy as np
+
+    path, ref = tiny_checkpoints["gpt2"]
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(9))
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    result = invoke("scan", path, "--tokens", tmp_path / "ids.npy", "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["layers"]
+    with torch.no_grad():
+        hs = ref(ids, output_hidden_states=True).hidden_states
+    for row in rows:
+        norms = hs[row["layer"]].double().norm(dim=-1)
+        assert row["r_resid_max"] == pytest.approx(float(norms.max()), rel=1e-5)
+        assert row["r_resid_mean"] == pytest.approx(float(norms.mean()), rel=1e-5)
+
+
+def test_existing_report_is_not_overwritten_without_force(tiny_checkpoints: dict, tmp_path: Path) -> None:
+    path, _ = tiny_checkpoints["gpt2"]
+    out = tmp_path / "report"
+    args = ("scan", path, "--calib", "random", "--seq-len", "8", "--out", out, "--quiet")
+    assert invoke(*args).exit_code == 0
+    before = (out / "manifest.json").read_text()
+    result = invoke(*args)
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    assert (out / "manifest.json").read_text() == before
+    assert invoke(*args, "--force", "--seed", "1").exit_code == 0
+    assert (out / "manifest.json").read_text() != before
+
+
+def test_interrupted_scan_leaves_no_report(tiny_checkpoints: dict, tmp_path: Path, monkeypatch) -> None:
+    """An exception while the report is being written leaves neither the report nor a staging directory."""
+    import attnstab_cli.report.write as write
+
+    path, _ = tiny_checkpoints["gpt2"]
+    out = tmp_path / "report"
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(write, "_publish", explode)
+    result = invoke("scan", path, "--calib", "random", "--seq-len", "8", "--out", out, "--quiet")
+    assert result.exit_code != 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_device_and_dtype_are_usage_errors(tiny_checkpoints: dict) -> None:
+    path, _ = tiny_checkpoints["gpt2"]
+    for args in (("--device", "tpu"), ("--dtype", "float8")):
+        result = invoke("scan", path, "--calib", "random", *args, "--quiet")
+        assert result.exit_code == 2 and result.stderr.startswith("Error:")
