@@ -1,0 +1,292 @@
+"""Fused Triton kernel: per-row softmax statistics of attention without the attention matrix (THEORY §3.5, §3.7).
+
+Flash-attention style: one program owns BLOCK_Q query rows of one (batch, head) and walks the key blocks twice,
+keeping O(BLOCK_Q) state per program, so memory is O(B · H · T_q) and the T_q × T_k matrix never exists.
+Pass 1 runs the online update of §3.5; pass 2 knows the log-sum-exp and finds the natural-order prefix crossing.
+`attn_row_stats` shares its signature and its `RowStats` with `attnstab_cli.reference.row_stats.attn_row_stats_ref`,
+the plain-torch reference the tests hold it to.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from attnstab_cli.reference.row_stats import FLOAT_FIELDS, RowStats, check_row_stats_inputs
+
+__all__ = ["attn_row_stats", "is_interpreted"]
+
+_FIELD = {name: i for i, name in enumerate(FLOAT_FIELDS)}
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) for x ≥ 0 to full relative precision without libdevice (Goldberg's trick)."""
+    u = 1.0 + x
+    tiny = u == 1.0
+    return tl.where(tiny, x, tl.log(u) * (x / tl.where(tiny, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _score_block(
+    q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset,
+    scale, window,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Logits s = scale · q kᵀ of one key block and the mask of allowed pairs, both `# [BLOCK_Q, BLOCK_K]`."""
+    offs_k = start_k + offs_k0  # [BLOCK_K]
+    in_k = offs_k < T_k
+    k_t = tl.load(k_base + offs_k[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                  mask=in_k[None, :] & (offs_d < D)[:, None], other=0.0)  # [BLOCK_D, BLOCK_K]
+    if UPCAST:  # the interpreter's dot misreads bfloat16; the upcast products are exact, as on tensor cores
+        k_t = k_t.to(ACC)
+    s = tl.dot(q, k_t, input_precision=INPUT_PRECISION).to(ACC) * scale  # [BLOCK_Q, BLOCK_K]
+    valid = (offs_q < T_q)[:, None] & in_k[None, :]  # [BLOCK_Q, BLOCK_K]
+    pos = offs_q + q_offset  # [BLOCK_Q] absolute query position (bottom-right alignment)
+    if IS_CAUSAL:
+        valid = valid & (offs_k[None, :] <= pos[:, None])
+    if HAS_WINDOW:
+        valid = valid & ((pos[:, None] - offs_k[None, :]) < window)
+    if HAS_PAD:
+        real = tl.load(pad_base + offs_k * stride_pt, mask=in_k, other=0)  # [BLOCK_K]
+        valid = valid & (real != 0)[None, :]
+    return s, valid
+
+
+@triton.jit
+def _online_pass(
+    q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Pass 1 over keys [lo, hi): running max m, z_rest, entropy accumulator t and key count n, each `# [BLOCK_Q]`."""
+    offs_k0 = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    m = tl.full([BLOCK_Q], -float("inf"), ACC)
+    z = tl.zeros([BLOCK_Q], ACC)
+    t = tl.zeros([BLOCK_Q], ACC)
+    n = tl.zeros([BLOCK_Q], tl.int32)
+    for start_k in range(lo, hi, BLOCK_K):
+        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
+                                stride_kd, stride_pt, q_offset, scale, window, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                UPCAST, ACC, INPUT_PRECISION)
+        n += tl.sum(valid.to(tl.int32), axis=1)
+        s_m = tl.where(valid, s, -float("inf"))  # [BLOCK_Q, BLOCK_K]
+        m_blk = tl.max(s_m, axis=1)  # [BLOCK_Q]
+        is_new = m_blk > m
+        m_new = tl.maximum(m, m_blk)
+        m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)  # finite stand-in for empty rows
+        alpha = tl.exp(m - m_sub)  # 1 if the max stays, 0 on the first allowed key
+        shift = tl.where(m == -float("inf"), 0.0, m - m_sub)  # m − m' without −inf
+        d = tl.where(valid, s - m_sub[:, None], 0.0)  # [BLOCK_Q, BLOCK_K] s_j − m'
+        e = tl.where(valid, tl.exp(d), 0.0)  # [BLOCK_Q, BLOCK_K]
+        arg = tl.min(tl.where(s_m == m_blk[:, None], offs_k0[None, :], BLOCK_K), axis=1)  # first argmax
+        drop = is_new[:, None] & (offs_k0[None, :] == arg[:, None])  # the new maximum is the "1", not in z
+        t = tl.where(is_new, alpha * (t + (1.0 + z) * shift), t) + tl.sum(e * d, axis=1)
+        z = tl.where(is_new, alpha * (z + 1.0), z) + tl.sum(tl.where(drop, 0.0, e), axis=1)
+        m = m_new
+    return m, z, t, n
+
+
+@triton.jit
+def _prefix_pass(
+    q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window, lse,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Pass 2 over keys [lo, hi): (c_{j*−1}, p_{j*}, Σ_{j>j*} p_j, found) at the first prefix c_{j*} ≥ ½."""
+    offs_k0 = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    c_off = tl.zeros([BLOCK_Q], ACC)  # c before this block
+    p_before = tl.zeros([BLOCK_Q], ACC)
+    p_at = tl.zeros([BLOCK_Q], ACC)
+    p_after = tl.zeros([BLOCK_Q], ACC)
+    found = tl.zeros([BLOCK_Q], tl.int32)
+    for start_k in range(lo, hi, BLOCK_K):
+        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
+                                stride_kd, stride_pt, q_offset, scale, window, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                UPCAST, ACC, INPUT_PRECISION)
+        p = tl.where(valid, tl.exp(tl.where(valid, s - lse[:, None], 0.0)), 0.0)  # [BLOCK_Q, BLOCK_K]
+        c = c_off[:, None] + tl.cumsum(p, axis=1)  # [BLOCK_Q, BLOCK_K]
+        j_star = tl.min(tl.where((c >= 0.5) & valid, offs_k0[None, :], BLOCK_K), axis=1)  # [BLOCK_Q]
+        new = (found == 0) & (j_star < BLOCK_K)
+        before = tl.sum(tl.where(offs_k0[None, :] < j_star[:, None], p, 0.0), axis=1)
+        at = tl.sum(tl.where(offs_k0[None, :] == j_star[:, None], p, 0.0), axis=1)
+        after = tl.sum(tl.where(offs_k0[None, :] > j_star[:, None], p, 0.0), axis=1)
+        blk = before + at + after  # all of p; j_star = BLOCK_K puts everything in `before`
+        p_before = tl.where(new, c_off + before, p_before)
+        p_at = tl.where(new, at, p_at)
+        p_after += tl.where(found != 0, blk, tl.where(new, after, 0.0))  # once found, every later key is in Q
+        c_off += blk
+        found = tl.where(new, 1, found)
+    return p_before, p_at, p_after, found
+
+
+@triton.jit
+def _attn_row_stats_kernel(
+    Q, K, PAD, STATS, N_KEYS,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_pb, stride_pt, stride_field,
+    SCALE, H, GROUP, T_q, T_k, D, q_offset, window,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Row statistics of softmax(s) with s_ij = scale · q_i·k_j over the allowed keys of row i (THEORY §3.5).
+
+    Masking: key j is allowed for query i at position P = i + T_k − T_q iff j < T_k, j ≤ P (IS_CAUSAL),
+    P − j < window (HAS_WINDOW, Mistral) and PAD[b, j] ≠ 0 (HAS_PAD); masked keys never enter a sum, and key blocks
+    wholly outside the causal/window band are skipped. Query head h reads key head h // GROUP (GQA by indexing).
+    Pass 1, online max and log-sum-exp: per row keep the running max m, z = Σ_{j≠argmax} e^{s_j−m} and
+    t = Σ_j e^{s_j−m}(s_j−m). A block with new max m' > m rescales by α = e^{m−m'}:
+    t ← α(t + (1+z)(m−m')), z ← α(z+1), then adds its own terms, leaving out its first argmax (the new "1"), so z
+    never suffers 1 − p_max cancellation. Then p_max = 1/(1+z), 1 − p_max = z/(1+z), lse = m + log1p(z),
+    H = log1p(z) − t/(1+z), and the θ stream bounds 4z/(1+z)² (exact, z ≤ 1) or z·max(4, z+2)/(1+z)².
+    Pass 2, prefix crossing: p_j = e^{s_j − lse}; a tl.cumsum inside the block plus a carried offset gives c_j; at the
+    first c_j* ≥ ½ keep P = c_{j*−1}, p_{j*}, then sum every later p into Q, and evaluate 4PQ/(P+Q)² for both
+    prefixes. Everything accumulates in ACC (float32; float64 for float64 inputs).
+    """
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)  # [BLOCK_Q]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_q[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=(offs_q < T_q)[:, None] & (offs_d < D)[None, :], other=0.0)  # [BLOCK_Q, BLOCK_D]
+    if UPCAST:
+        q = q.to(ACC)
+    k_base = K + b * stride_kb + (h // GROUP) * stride_kh
+    pad_base = PAD + b * stride_pb
+    scale = tl.load(SCALE).to(ACC)  # a pointer, so float64 runs keep a float64 scale
+    lo = 0  # key range that can hold allowed keys for some row of this block
+    hi = T_k
+    if IS_CAUSAL:
+        hi = tl.minimum(T_k, tl.minimum(pid_q * BLOCK_Q + BLOCK_Q, T_q) + q_offset)
+    if HAS_WINDOW:
+        lo = tl.maximum(0, pid_q * BLOCK_Q + q_offset - window + 1) // BLOCK_K * BLOCK_K
+
+    m, z, t, n = _online_pass(q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt,
+                              q_offset, scale, window, BLOCK_Q, BLOCK_K, BLOCK_D, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                              UPCAST, ACC, INPUT_PRECISION)
+    empty = n == 0
+    log1p_z = _log1p(z)
+    lse = tl.where(empty, 0.0, m + log1p_z)  # finite stand-in for empty rows
+    p_before, p_at, p_after, found = _prefix_pass(q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt,
+                                                  stride_kd, stride_pt, q_offset, scale, window, lse, BLOCK_Q,
+                                                  BLOCK_K, BLOCK_D, IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST, ACC,
+                                                  INPUT_PRECISION)
+
+    total = p_before + p_at + p_after
+    best = tl.maximum(p_before * (p_at + p_after), (p_before + p_at) * p_after)
+    short = n <= 1
+    prefix = tl.where((found != 0) & (n > 1), 4.0 * best / tl.where(total > 0.0, total * total, 1.0), 0.0)
+    one_z = 1.0 + z
+    exact = 4.0 * z / (one_z * one_z)  # θ when p_max ≥ ½ (z ≤ 1)
+    peaked = z <= 1.0
+    lo_stream = tl.where(short, 0.0, tl.where(peaked, exact, z * tl.maximum(z + 2.0, 4.0) / (one_z * one_z)))
+    hi_stream = tl.where(short, 0.0, tl.where(peaked, exact, 1.0))
+    theta_lo = tl.where(short, 0.0, tl.where(peaked, exact, tl.maximum(lo_stream, prefix)))
+
+    out = STATS + pid_bh.to(tl.int64) * T_q + offs_q  # [BLOCK_Q] field 0; field f at + f · stride_field
+    row = offs_q < T_q
+    tl.store(out + 0 * stride_field, m, mask=row)
+    tl.store(out + 1 * stride_field, tl.where(empty, -float("inf"), lse), mask=row)
+    tl.store(out + 2 * stride_field, tl.where(empty, float("nan"), 1.0 / one_z), mask=row)
+    tl.store(out + 3 * stride_field, tl.where(empty, float("nan"), z / one_z), mask=row)
+    tl.store(out + 4 * stride_field, tl.where(empty, float("nan"), log1p_z - t / one_z), mask=row)
+    tl.store(out + 5 * stride_field, lo_stream, mask=row)
+    tl.store(out + 6 * stride_field, hi_stream, mask=row)
+    tl.store(out + 7 * stride_field, prefix, mask=row)
+    tl.store(out + 8 * stride_field, theta_lo, mask=row)
+    tl.store(N_KEYS + pid_bh.to(tl.int64) * T_q + offs_q, n, mask=row)
+
+
+# The kernel stores fields by position; keep that order tied to RowStats.
+if FLOAT_FIELDS != ("row_max", "lse", "pmax", "one_minus_pmax", "entropy", "theta_lo_stream", "theta_hi_stream",
+                    "theta_prefix", "theta_lo"):
+    raise ImportError(f"RowStats field order changed ({FLOAT_FIELDS}); update _attn_row_stats_kernel's stores")
+
+
+def is_interpreted() -> bool:
+    """True when the kernel was built under TRITON_INTERPRET=1 (it then runs on CPU tensors)."""
+    return isinstance(_attn_row_stats_kernel, InterpretedFunction)
+
+
+def _launch_config(dtype: torch.dtype, block_q: int | None) -> tuple[int, int, int, int]:
+    """(BLOCK_Q, BLOCK_K, num_warps, num_stages): one config, no autotuning.
+
+    Interpreter: tiny tiles, so tests cover several key blocks and tails. GPU: 128 × 32 tiles with 8 warps compile
+    for sm_90 without register spills at D ≤ 128 (64 × 64 with 4 warps spills); not yet timed against alternatives.
+    """
+    if is_interpreted():
+        default_q, block_k, warps, stages = 16, 16, 1, 1
+    elif dtype == torch.float64:  # verification path; fp64 has no tensor-core fast path
+        default_q, block_k, warps, stages = 32, 32, 4, 1
+    else:
+        default_q, block_k, warps, stages = 128, 32, 8, 2
+    bq = default_q if block_q is None else block_q
+    if bq < 16 or bq & (bq - 1):
+        raise ValueError(f"block_q must be a power of two ≥ 16 for the kernel; got {bq}")
+    return bq, block_k, warps, stages
+
+
+def attn_row_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    window: int | None = None,
+    block_q: int | None = None,
+) -> RowStats:
+    """Fused softmax row statistics of s = scale · q kᵀ; same contract as `attn_row_stats_ref` (THEORY §3.5).
+
+    q `# [B, H, T_q, D]` and k `# [B, H_kv, T_k, D]` in float32, float16, bfloat16 (or float64, accumulated in
+    float64), on CUDA, or on CPU under TRITON_INTERPRET=1. `block_q` sets BLOCK_Q (power of two ≥ 16).
+    Returns `RowStats` of `# [B, H, T_q]` tensors, float32 (float64 for float64 inputs); n_keys int32.
+    """
+    B, H, H_kv, T_q, T_k, D = check_row_stats_inputs(q, k, key_padding_mask, window)
+    if q.dtype != k.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"q and k must share a float dtype (fp32/fp16/bf16/fp64); got {q.dtype}, {k.dtype}")
+    if not is_interpreted() and not (q.is_cuda and k.is_cuda):
+        raise ValueError("attn_row_stats needs CUDA tensors, or TRITON_INTERPRET=1 (set before import) for CPU ones")
+    acc_torch = torch.float64 if q.dtype == torch.float64 else torch.float32
+    stats = torch.empty(len(FLOAT_FIELDS), B, H, T_q, dtype=acc_torch, device=q.device)  # [F, B, H, T_q]
+    n_keys = torch.empty(B, H, T_q, dtype=torch.int32, device=q.device)  # [B, H, T_q]
+    if T_q > 0:
+        _launch(q, k, scale, causal, key_padding_mask, window, block_q, stats, n_keys)
+    return RowStats(**{name: stats[i] for name, i in _FIELD.items()}, n_keys=n_keys)
+
+
+def _launch(
+    q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, key_padding_mask: torch.Tensor | None,
+    window: int | None, block_q: int | None, stats: torch.Tensor, n_keys: torch.Tensor,
+) -> None:
+    """Pick the config, lay out the arguments and launch one program per (query block, batch · head)."""
+    B, H, T_q, D = q.shape
+    H_kv, T_k = k.shape[1], k.shape[2]
+    bq, bk, warps, stages = _launch_config(q.dtype, block_q)
+    pad = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else q  # q: unused dummy pointer
+    pad_strides = (pad.stride(0), pad.stride(1)) if key_padding_mask is not None else (0, 0)
+    acc = tl.float64 if q.dtype == torch.float64 else tl.float32
+    grid = (triton.cdiv(T_q, bq), B * H)
+    _attn_row_stats_kernel[grid](
+        q, k, pad, stats, n_keys,
+        *q.stride(), *k.stride(), *pad_strides, stats.stride(0),
+        torch.tensor([scale], dtype=stats.dtype, device=q.device),
+        H, H // H_kv, T_q, T_k, D, T_k - T_q, int(window) if window is not None else 0,
+        BLOCK_Q=bq, BLOCK_K=bk, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_PAD=key_padding_mask is not None,
+        UPCAST=is_interpreted(), ACC=acc,
+        INPUT_PRECISION="ieee",
+        num_warps=warps, num_stages=stages,
+    )
