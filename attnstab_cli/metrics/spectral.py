@@ -1,0 +1,209 @@
+"""Spectral norms, smallest singular values, condition numbers and 2->inf norms of matrix stacks.
+
+The norms feed upper bounds (THEORY §5.2, §6, §12), so each reported spectral norm comes with a certificate:
+
+* **exact path** (``min(m, n) <= exact_max_dim``, default 4096): ``torch.linalg.svdvals`` in float64. The SVD is
+  backward stable, so sigma_max carries an absolute error of a few ``eps * sigma_max``; ``value == upper``.
+* **power path** (larger matrices): batched power iteration on ``W^T W`` gives a lower bound
+  ``sigma_lo = ||W v|| / ||v|| <= sigma_max`` (float64). The upper bound uses the Gram matrix ``G`` of the smaller
+  side and ``sigma_max^(2k) = lambda_max(G^k) <= ||G^k||_F <= sqrt(r) sigma_max^(2k)``, so
+  ``sigma_hi = ||G^k||_F^(1/(2k))`` is at most ``r^(1/(4k))`` above the truth. ``G^k`` is formed by repeated
+  squaring with ``k = 2^j`` (normalised each step, log-scale tracked), which also accelerates the lower bound
+  (``v = G^k x``). Squaring stops once ``sigma_hi <= (1 + rtol) sigma_lo``; then the reported ``value = sigma_lo``
+  satisfies ``(1 - rtol) sigma_max <= sigma_hi / (1 + rtol) <= value <= sigma_max``. Float64 rounding of the squarings
+  (relative error ~ ``r^2 eps`` on the top eigenvalue per step, halved by each root) is covered by a safety margin
+  ``1 + 2 (m + r) r eps`` applied to ``sigma_hi``.
+
+``kappa`` (THEORY §13, §14) needs the smallest singular value, which has no cheap certified iterative path: it is
+always computed with one float64 SVD. ``||W||_{2->inf}`` (THEORY §6.2) is the largest column l2 norm, because
+``||x W||_inf = max_k |x . W[:, k]| <= ||x||_2 max_k ||W[:, k]||_2`` in the row convention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EXACT_MAX_DIM = 4096
+
+
+@dataclass(frozen=True)
+class SpectralNorm:
+    """Spectral norms of a stack ``[...]`` (float64, on the input's device).
+
+    ``value`` never exceeds sigma_max (up to float64 rounding) and, where ``certified``, is at most ``rtol`` (relative)
+    below it; ``upper`` is always a rigorous upper bound. On the exact path ``value == upper``.
+    """
+
+    value: torch.Tensor        # [...] float64
+    upper: torch.Tensor        # [...] float64
+    certified: torch.Tensor    # [...] bool
+    method: str                # "svd" | "power"
+    iterations: int = 0        # power-iteration steps
+    squarings: int = 0         # Gram squarings used by the certificate
+
+
+def _as_stack(w: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Flatten ``[..., m, n]`` to ``[N, m, n]`` float64; returns the batch shape to restore."""
+    if w.dim() < 2:
+        raise ValueError(f"expected a matrix stack [..., m, n], got shape {list(w.shape)}")
+    batch = tuple(w.shape[:-2])
+    return w.reshape(-1, *w.shape[-2:]).to(torch.float64), batch
+
+
+def singular_values(w: torch.Tensor) -> torch.Tensor:
+    """All ``min(m, n)`` singular values of ``w [..., m, n]``, descending, float64: ``[..., min(m, n)]``."""
+    return torch.linalg.svdvals(w.to(torch.float64))
+
+
+def condition_number(w: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """``sigma_max / (sigma_min + ridge)`` over the ``min(m, n)`` singular values of ``w [..., m, n]``.
+
+    THEORY §14 uses ``ridge = 0`` (``inf`` for rank-deficient matrices); §13's ``kappa_eff`` uses ``ridge = 1e-6``.
+    """
+    s = singular_values(w)                                      # [..., r]
+    return s[..., 0] / (s[..., -1] + ridge)
+
+
+def smallest_singular_value(w: torch.Tensor) -> torch.Tensor:
+    """``sigma_min`` over the ``min(m, n)`` singular values of ``w [..., m, n]`` (float64)."""
+    return singular_values(w)[..., -1]
+
+
+def norm_2_to_inf(w: torch.Tensor) -> torch.Tensor:
+    """``||W||_{2->inf}`` for ``x -> x W``: the largest column l2 norm of ``w [..., m, n]`` (float64) -> ``[...]``."""
+    return w.to(torch.float64).norm(dim=-2).amax(dim=-1)
+
+
+def _unit_columns(x: torch.Tensor) -> torch.Tensor:
+    """Normalise ``x [N, n]`` row-wise, leaving zero rows at zero."""
+    nrm = x.norm(dim=-1, keepdim=True)
+    return x / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
+
+
+def _rayleigh_lower(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``||W v|| / ||v||`` per matrix: ``w [N, m, n]``, ``v [N, n]`` -> ``[N]`` (a lower bound of sigma_max)."""
+    return (w @ _unit_columns(v).unsqueeze(-1)).squeeze(-1).norm(dim=-1)
+
+
+def _start_vectors(n_mat: int, n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Seeded random start vectors ``[N, n]`` (generated on CPU so every device gives the same start)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_mat, n, generator=g, dtype=torch.float64).to(device)
+
+
+def power_iteration(w: torch.Tensor, *, rtol: float = 1e-6, max_iter: int = 100,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Batched power iteration on ``W^T W`` for ``w [N, m, n]`` (float64).
+
+    Returns ``(sigma_lo [N], v [N, n], iterations)``. Every iterate is a lower bound of sigma_max: ``||W v||`` for a
+    unit ``v`` and ``||W^T u|| / ||u||`` for ``u = W v``. Stops when no matrix improved by more than ``rtol``
+    (relative) in one step, or after ``max_iter`` steps. This is a convergence test, not a certificate.
+    """
+    v = _unit_columns(_start_vectors(w.shape[0], w.shape[-1], seed, w.device))   # [N, n]
+    best = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)         # [N]
+    it = 0
+    for it in range(1, max_iter + 1):
+        u = (w @ v.unsqueeze(-1)).squeeze(-1)                                   # [N, m]
+        un = u.norm(dim=-1)                                                      # [N]  ||W v||
+        z = (w.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1)                 # [N, n]
+        zn = z.norm(dim=-1)                                                      # [N]
+        step = torch.where(un > 0, zn / un.clamp_min(1e-300), un)               # >= ||W v|| (Cauchy-Schwarz)
+        improved = step > best * (1 + rtol)
+        best = torch.maximum(best, step)
+        v = _unit_columns(z)
+        if not bool(improved.any()):
+            break
+    return best, v, it
+
+
+def _gram(w: torch.Tensor) -> torch.Tensor:
+    """Gram matrix of the smaller side of ``w [N, m, n]``: ``[N, r, r]``, r = min(m, n)."""
+    return w.transpose(-1, -2) @ w if w.shape[-1] <= w.shape[-2] else w @ w.transpose(-1, -2)
+
+
+def gram_upper_bound(w: torch.Tensor, lower: torch.Tensor, *, rtol: float = 1e-6, max_squarings: int = 40,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Certified ``sigma_max`` bracket for ``w [N, m, n]`` (float64) by repeated squaring of the Gram matrix.
+
+    Returns ``(lower [N], upper [N], squarings)``: ``upper = margin * ||G^k||_F^(1/(2k))`` and ``lower`` improved by
+    ``||W' x|| / ||x||`` with ``x = G^k x0`` (``W'`` the side whose Gram is ``G``). Stops when
+    ``upper <= (1 + rtol) lower`` for every matrix or after ``max_squarings`` squarings.
+    """
+    m, n = w.shape[-2:]
+    r = min(m, n)
+    side = w if n <= m else w.transpose(-1, -2)                                  # [N, *, r]: G = side^T side
+    margin = 1.0 + 2.0 * (m + r) * r * torch.finfo(torch.float64).eps
+    b = _gram(w)                                                                 # [N, r, r]
+    fro = b.norm(dim=(-2, -1))                                                   # [N]
+    zero = fro == 0
+    log_scale = torch.log(torch.where(zero, torch.ones_like(fro), fro))          # log ||G^k||_F, k = 1
+    b = b / torch.where(zero, torch.ones_like(fro), fro)[:, None, None]
+    x0 = _start_vectors(w.shape[0], r, seed + 1, w.device)                       # [N, r]
+    lower = lower.clone()
+    k, j = 1, 0
+    upper = torch.exp(log_scale / (2 * k)) * margin
+    while True:
+        x = (b @ x0.unsqueeze(-1)).squeeze(-1)                                   # [N, r]  ~ G^k x0
+        lower = torch.maximum(lower, _rayleigh_lower(side, x))
+        upper = torch.minimum(upper, torch.exp(log_scale / (2 * k)) * margin)
+        done = zero | (upper <= lower * (1 + rtol))
+        if bool(done.all()) or j >= max_squarings:
+            break
+        b = b @ b
+        b = 0.5 * (b + b.transpose(-1, -2))                                      # symmetric in exact arithmetic
+        nb = b.norm(dim=(-2, -1))
+        ok = nb > 0
+        b = b / torch.where(ok, nb, torch.ones_like(nb))[:, None, None]
+        log_scale = 2 * log_scale + torch.log(torch.where(ok, nb, torch.ones_like(nb)))
+        k, j = 2 * k, j + 1
+    upper = torch.where(zero, torch.zeros_like(upper), upper)
+    return torch.where(zero, torch.zeros_like(lower), lower), upper, j
+
+
+def spectral_norm(w: torch.Tensor, *, rtol: float = 1e-6, max_iter: int = 100, max_squarings: int = 40,
+                  exact_max_dim: int = EXACT_MAX_DIM, certify: bool = True, seed: int = 0) -> SpectralNorm:
+    """``||W||_2`` of every matrix in ``w [..., m, n]`` with a certificate (module docstring).
+
+    ``certify=False`` on the power path skips the Gram squarings and reports the cheap rigorous upper bound
+    ``min(||W||_F, sqrt(||W||_1 ||W||_inf))``; ``certified`` is then true only where that bound already meets ``rtol``.
+    """
+    stack, batch = _as_stack(w)                                                  # [N, m, n]
+    if stack.shape[0] == 0 or min(stack.shape[-2:]) == 0:
+        zeros = torch.zeros(stack.shape[0], dtype=torch.float64, device=stack.device)
+        return SpectralNorm(zeros.reshape(batch), zeros.reshape(batch), torch.ones_like(zeros, dtype=torch.bool)
+                            .reshape(batch), "svd")
+    if min(stack.shape[-2:]) <= exact_max_dim:
+        s = torch.linalg.svdvals(stack)[..., 0]                                  # [N]
+        return SpectralNorm(s.reshape(batch), s.reshape(batch), torch.ones_like(s, dtype=torch.bool).reshape(batch),
+                            "svd")
+    lower, _, iters = power_iteration(stack, rtol=rtol, max_iter=max_iter, seed=seed)
+    squarings = 0
+    if certify:
+        lower, upper, squarings = gram_upper_bound(stack, lower, rtol=rtol, max_squarings=max_squarings, seed=seed)
+    else:
+        one_inf = torch.sqrt(stack.abs().sum(-2).amax(-1) * stack.abs().sum(-1).amax(-1))
+        upper = torch.minimum(stack.norm(dim=(-2, -1)), one_inf)
+    certified = upper <= lower * (1 + rtol)
+    return SpectralNorm(lower.reshape(batch), upper.reshape(batch), certified.reshape(batch), "power", iters,
+                        squarings)
+
+
+def spectral_norm_value(w: torch.Tensor, *, rtol: float = 1e-6, exact_max_dim: int = EXACT_MAX_DIM) -> torch.Tensor:
+    """Certified upper value of ``||W||_2`` for ``w [..., m, n]`` (exact on the SVD path, <= rtol above otherwise).
+
+    The upper end is reported because every consumer is an upper bound (THEORY §5.2, §6, §12).
+    """
+    return spectral_norm(w, rtol=rtol, exact_max_dim=exact_max_dim).upper
+
+
+def relative_gap(est: SpectralNorm) -> torch.Tensor:
+    """``(upper - value) / upper``: the certified relative distance of ``value`` below sigma_max (0 if both 0)."""
+    denom = torch.where(est.upper > 0, est.upper, torch.ones_like(est.upper))
+    return (est.upper - est.value) / denom
+
+
+__all__ = [
+    "EXACT_MAX_DIM", "SpectralNorm", "condition_number", "gram_upper_bound", "norm_2_to_inf", "power_iteration",
+    "relative_gap", "singular_values", "smallest_singular_value", "spectral_norm", "spectral_norm_value",
+]

@@ -1,0 +1,278 @@
+"""Weight-only metrics of one layer: head-slice norms, the RoPE-aware bilinear norm, condition numbers, layer products.
+
+Per (layer, head) (THEORY §0.3): ``wq_norm``, ``wk_norm``, ``wv_norm``, ``wo_norm`` (§5.1; K/V of the shared head
+g(h) = h // (H / H_kv), ``W^O_h`` = row block), ``bq_norm``, ``bk_rot_norm`` (§5.4: rotary coordinates of ``b^K_g``),
+``qk_norm`` (§5.5: ``max_Delta ||W^Q_h P_Delta W^K_g^T||_2`` under RoPE via QR factors, else ``||W^Q_h W^K_g^T||_2``),
+``proj_product`` (§5.2, full ``||W^O||``) and ``kappa_wq``, ``kappa_wk``, ``kappa_wv`` (§14, no ridge).
+
+Per layer: full-matrix norms, ``proj_product_layer`` (§12), ``alpha_geo`` = Pi^(1/4) (§10), ``kappa_eff`` (§13,
+ridge 1e-6; gated FFN: W1 = [W_g W_u], W2 = W_d), FFN norms (§6; ``||.||_{2->inf}`` of gate/up for §6.2), norm-layer
+stats (§4) and ``norm_eps``. Per model: ``depth_budget`` = N max_l Pi_l (§10).
+
+All math runs in float64 on the weights' device. Spectral norms of full matrices come from
+:func:`~attnstab_cli.metrics.spectral.spectral_norm_value` (exact SVD up to 4096, certified power iteration beyond).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from attnstab_cli.arch.spec import FFNKind
+from attnstab_cli.errors import InputError
+from attnstab_cli.metrics.spectral import norm_2_to_inf, singular_values, spectral_norm_value
+from attnstab_cli.model.config import ModelConfig, RopeConfig
+from attnstab_cli.model.rope import apply_rope, compute_inv_freq
+from attnstab_cli.model.weights import LayerWeights, NormWeights
+
+F64 = torch.float64
+KAPPA_EFF_RIDGE = 1e-6                 # THEORY §13: kappa(W) = sigma_max / (sigma_min + 1e-6)
+OFFSET_CHUNK_ELEMENTS = 1 << 23        # [H, C, D, D] float64 elements per offset chunk (64 MiB per tensor)
+QK_PRUNE_SQUARINGS = 4                 # offsets pruned with ||A^16||_F before the exact eigvalsh
+
+
+@dataclass(frozen=True)
+class HeadWeightMetrics:
+    """Weight-only columns of one (layer, head); ``None`` means not applicable (no such bias)."""
+
+    layer: int
+    head: int
+    wq_norm: float
+    wk_norm: float
+    wv_norm: float
+    wo_norm: float
+    bq_norm: float | None
+    bk_rot_norm: float | None
+    qk_norm: float
+    proj_product: float
+    kappa_wq: float
+    kappa_wk: float
+    kappa_wv: float
+
+
+@dataclass(frozen=True)
+class LayerWeightMetrics:
+    """Weight-only columns of one layer; gated-FFN columns are ``None`` for plain MLPs, ``*_beta_norm`` for RMSNorm."""
+
+    layer: int
+    proj_product_layer: float
+    alpha_geo: float
+    kappa_eff: float
+    wq_full_norm: float
+    wk_full_norm: float
+    wv_full_norm: float
+    wo_full_norm: float
+    ffn_w1_norm: float
+    ffn_w2_norm: float
+    ffn_gate_norm: float | None
+    ffn_up_norm: float | None
+    ffn_gate_norm_2inf: float | None
+    ffn_up_norm_2inf: float | None
+    norm1_gamma_max: float
+    norm1_beta_norm: float | None
+    norm2_gamma_max: float
+    norm2_beta_norm: float | None
+    norm_eps: float
+
+
+@dataclass(frozen=True)
+class HeadSlices:
+    """Per-head blocks in the row convention x -> xW (float64)."""
+
+    wq: torch.Tensor           # [H, d, D]     columns hD:(h+1)D of W^Q
+    wk: torch.Tensor           # [H_kv, d, D]
+    wv: torch.Tensor           # [H_kv, d, D]
+    wo: torch.Tensor           # [H, D, d]     rows hD:(h+1)D of W^O
+    kv_of_head: torch.Tensor   # [H] long      g(h) = h // (H / H_kv)
+
+
+def kv_head_index(n_heads: int, n_kv_heads: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``g(h) = floor(h / (H / H_kv))`` for every query head (THEORY §5.1): ``[H]`` long."""
+    return torch.arange(n_heads, device=device) // (n_heads // n_kv_heads)
+
+
+def slice_heads(w: LayerWeights, n_heads: int, n_kv_heads: int, head_dim: int) -> HeadSlices:
+    """Split the canonical projections into head blocks (THEORY §5.1, §15)."""
+    d = w.wq.shape[0]
+    cols = lambda t, n: t.to(F64).reshape(d, n, head_dim).permute(1, 0, 2)    # [d, n*D] -> [n, d, D]
+    return HeadSlices(
+        wq=cols(w.wq, n_heads), wk=cols(w.wk, n_kv_heads), wv=cols(w.wv, n_kv_heads),
+        wo=w.wo.to(F64).reshape(n_heads, head_dim, -1),                         # [H*D, d] -> [H, D, d]
+        kv_of_head=kv_head_index(n_heads, n_kv_heads, w.wq.device),
+    )
+
+
+def head_bias_norms(bias: torch.Tensor | None, n: int, head_dim: int, coords: int | None = None) -> torch.Tensor | None:
+    """``||b_h[:coords]||_2`` per head for a bias ``[n*D]`` -> ``[n]`` float64 (``None`` without a bias)."""
+    if bias is None:
+        return None
+    per_head = bias.to(F64).reshape(n, head_dim)                               # [n, D]
+    return per_head[:, : head_dim if coords is None else coords].norm(dim=-1)
+
+
+def rotary_key_bias_norms(bk: torch.Tensor | None, n_kv_heads: int, head_dim: int,
+                          rope: RopeConfig | None) -> torch.Tensor | None:
+    """``beta^K_g = ||b^{K,rot}_g||_2`` (THEORY §5.4): first ``rotary_dim`` coordinates; 0 without RoPE. ``[H_kv]``."""
+    return head_bias_norms(bk, n_kv_heads, head_dim, 0 if rope is None else rope.rotary_dim)
+
+
+def rope_offsets(cfg: ModelConfig, layer: int, max_offset: int | None = None) -> torch.Tensor:
+    """Relative offsets Delta = i - j the mask allows (THEORY §5.5): ``[n_offsets]`` long.
+
+    Causal: ``0 .. span-1``; bidirectional: ``-(span-1) .. span-1``; ``span`` = ``max_offset`` (override) or
+    ``max_positions``, capped by the layer's sliding window (keys with ``i - j < window``). Without RoPE: ``[0]``.
+    """
+    if cfg.rope is None:
+        return torch.zeros(1, dtype=torch.long)
+    window = cfg.sliding_windows[layer] if layer < len(cfg.sliding_windows) else None
+    span_src = [s for s in (max_offset if max_offset is not None else cfg.max_positions, window) if s]
+    if not span_src:
+        raise InputError("the RoPE-aware qk_norm needs the longest attention span, but the config gives no "
+                         "max_position_embeddings", hint="pass the maximum offset explicitly")
+    span = int(min(span_src))
+    return torch.arange(span) if cfg.layout.causal else torch.arange(-(span - 1), span)
+
+
+def rope_cos_sin(rope: RopeConfig, offsets: torch.Tensor,
+                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of P_Delta for ``offsets [C]``: ``[C, rotary_dim/2]`` float64 (the model's float32 frequencies)."""
+    angles = offsets.to(F64)[:, None] * compute_inv_freq(rope).to(F64)[None, :]  # [C, r/2]
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def _chunk_max_sigma(m: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """``max(floor_h, max_c sigma_max(m[h, c]))`` for ``m [H, C, k, k]``, exact; ``floor [H]`` is a known lower bound.
+
+    Pruning (no effect on the result): with ``A = M M^T / s^2`` (``s = ||M||_F``, so no overflow) and ``B = A^K``,
+    ``K = 2^QK_PRUNE_SQUARINGS``, every offset satisfies ``max_i B_ii^(1/2K) <= sigma_max / s <= ||B||_F^(1/2K)``. An
+    offset whose upper value is below the best lower value of its head cannot hold the maximum; the survivors (always
+    including the maximiser) get an exact ``eigvalsh`` of ``A`` (relative error ~ k eps on sigma_max).
+    """
+    scale = m.norm(dim=(-2, -1)).clamp_min(torch.finfo(F64).tiny)                # [H, C]
+    unit = m / scale[..., None, None]
+    a = unit @ unit.transpose(-1, -2)                                            # [H, C, k, k]  eigenvalues (sigma/s)^2
+    b = a
+    for _ in range(QK_PRUNE_SQUARINGS):
+        b = b @ b
+    root = 1.0 / 2 ** (QK_PRUNE_SQUARINGS + 1)
+    upper = scale * b.norm(dim=(-2, -1)) ** root                                 # [H, C]
+    lower = scale * b.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(0) ** root   # [H, C]
+    floor = torch.maximum(floor, lower.amax(dim=1))                              # [H]
+    keep = upper * (1 + 1e-9) >= floor[:, None]                                  # [H, C]
+    head = torch.arange(m.shape[0], device=m.device)[:, None].expand_as(keep)[keep]          # [S]
+    exact = scale[keep] * torch.linalg.eigvalsh(a[keep])[..., -1].clamp_min(0).sqrt()       # [S]
+    return floor.scatter_reduce(0, head, exact, reduce="amax")
+
+
+def compute_qk_norms(wq: torch.Tensor, wk: torch.Tensor, kv_of_head: torch.Tensor, rope: RopeConfig | None,
+                     offsets: torch.Tensor) -> torch.Tensor:
+    """``qk_norm`` per query head (THEORY §5.5): ``max_Delta ||W^Q_h P_Delta W^K_g^T||_2`` -> ``[H]`` float64.
+
+    QR-factor ``W^Q_h = U_Q G_Q`` and ``W^K_g = U_K G_K``; orthonormal ``U`` drop out of the spectral norm, so each
+    offset costs one ``k x k`` product ``(G_Q P_Delta) G_K^T`` (k = min(d, D)); ``G_Q P_Delta`` rotates the rows of
+    ``G_Q`` exactly as the model rotates a query (``x P = apply_rope(x)``). Offsets are vectorised in chunks and the
+    maximum is exact (:func:`_chunk_max_sigma`). ``rope=None``: Delta = 0 only, i.e. ``||W^Q_h W^K_g^T||_2``.
+    """
+    g_q = torch.linalg.qr(wq.to(F64), mode="r")[1]                                # [H, k, D]
+    g_k = torch.linalg.qr(wk.to(F64), mode="r")[1][kv_of_head]                    # [H, k, D]
+    g_kt = g_k.transpose(-1, -2).unsqueeze(1)                                     # [H, 1, D, k]
+    if rope is None:
+        return torch.linalg.matrix_norm(g_q @ g_kt.squeeze(1), ord=2)             # [H]
+    n_heads, k, dim = g_q.shape
+    chunk = max(1, OFFSET_CHUNK_ELEMENTS // (n_heads * k * dim))
+    best = torch.zeros(n_heads, dtype=F64, device=wq.device)                      # [H]
+    for start in range(0, offsets.numel(), chunk):
+        cos, sin = rope_cos_sin(rope, offsets[start:start + chunk], wq.device)    # [C, r/2]
+        rows = g_q.unsqueeze(1).expand(n_heads, cos.shape[0], k, dim)             # [H, C, k, D]
+        rotated = apply_rope(rows, cos[:, None, :], sin[:, None, :], rope)        # [H, C, k, D]  G_Q P_Delta
+        best = _chunk_max_sigma(rotated @ g_kt, best)                             # [H, C, k, k] -> [H]
+    return best
+
+
+def _kappa(svals: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """``sigma_max / (sigma_min + ridge)`` from descending singular values ``[..., r]`` -> ``[...]``."""
+    return svals[..., 0] / (svals[..., -1] + ridge)
+
+
+def compute_head_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int | None = None, *,
+                                max_offset: int | None = None,
+                                wo_full_norm: float | None = None) -> list[HeadWeightMetrics]:
+    """Per-head weight columns of one layer (THEORY §0.3 head table); ``wo_full_norm`` may be passed to reuse it."""
+    layer = w.layer if layer is None else layer
+    sl = slice_heads(w, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+    s_q, s_k, s_v = singular_values(sl.wq), singular_values(sl.wk), singular_values(sl.wv)  # [H|H_kv, min(d, D)]
+    wq_n, wk_n, wv_n = s_q[:, 0], s_k[sl.kv_of_head, 0], s_v[sl.kv_of_head, 0]            # [H]
+    wo_n = singular_values(sl.wo)[:, 0]                                                     # [H]
+    wo_full = float(spectral_norm_value(w.wo)) if wo_full_norm is None else wo_full_norm
+    qk = compute_qk_norms(sl.wq, sl.wk, sl.kv_of_head, cfg.rope, rope_offsets(cfg, layer, max_offset))
+    bq = head_bias_norms(w.bq, cfg.n_heads, cfg.head_dim)                                  # [H] | None
+    bk = rotary_key_bias_norms(w.bk, cfg.n_kv_heads, cfg.head_dim, cfg.rope)               # [H_kv] | None
+    kq, kk, kv = _kappa(s_q), _kappa(s_k)[sl.kv_of_head], _kappa(s_v)[sl.kv_of_head]
+    proj = wq_n * wk_n * wv_n * wo_full                                                     # [H]
+    out = []
+    for h in range(cfg.n_heads):
+        g = int(sl.kv_of_head[h])
+        out.append(HeadWeightMetrics(
+            layer=layer, head=h, wq_norm=float(wq_n[h]), wk_norm=float(wk_n[h]), wv_norm=float(wv_n[h]),
+            wo_norm=float(wo_n[h]), bq_norm=None if bq is None else float(bq[h]),
+            bk_rot_norm=None if bk is None else float(bk[g]), qk_norm=float(qk[h]), proj_product=float(proj[h]),
+            kappa_wq=float(kq[h]), kappa_wk=float(kk[h]), kappa_wv=float(kv[h]),
+        ))
+    return out
+
+
+def ffn_first_matrix(ffn: Mapping[str, torch.Tensor], kind: FFNKind) -> torch.Tensor:
+    """W1 of THEORY §13: ``w_in [d, m]``, or the stacked ``[W_g W_u] [d, 2m]`` for a gated FFN (float64)."""
+    if kind is FFNKind.GATED:
+        return torch.cat([ffn["w_gate"].to(F64), ffn["w_up"].to(F64)], dim=1)   # [d, 2m]
+    return ffn["w_in"].to(F64)                                                     # [d, m]
+
+
+def _norm_stats(norm: NormWeights) -> tuple[float, float | None]:
+    """``(||gamma||_inf, ||beta||_2 or None)`` of a norm layer (THEORY §4)."""
+    beta = None if norm.bias is None else float(norm.bias.to(F64).norm())
+    return float(norm.weight.to(F64).abs().max()), beta
+
+
+def compute_layer_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int | None = None) -> LayerWeightMetrics:
+    """Per-layer weight columns (THEORY §0.3 layer table: §4, §6, §10, §12, §13)."""
+    layer = w.layer if layer is None else layer
+    s_o = singular_values(w.wo)                                   # [min(H*D, d)]
+    s_1 = singular_values(ffn_first_matrix(w.ffn, cfg.layout.ffn))
+    s_2 = singular_values(w.ffn["w_out"])
+    wq_n, wk_n, wv_n = (float(spectral_norm_value(t)) for t in (w.wq, w.wk, w.wv))
+    wo_n = float(s_o[0])
+    proj = wq_n * wk_n * wv_n * wo_n
+    gated = cfg.layout.ffn is FFNKind.GATED
+    g_max1, b1 = _norm_stats(w.norm_attn)
+    g_max2, b2 = _norm_stats(w.norm_ffn)
+    return LayerWeightMetrics(
+        layer=layer, proj_product_layer=proj, alpha_geo=proj ** 0.25,
+        kappa_eff=float(sum(_kappa(s, KAPPA_EFF_RIDGE) for s in (s_1, s_2, s_o))),
+        wq_full_norm=wq_n, wk_full_norm=wk_n, wv_full_norm=wv_n, wo_full_norm=wo_n,
+        ffn_w1_norm=float(s_1[0]), ffn_w2_norm=float(s_2[0]),
+        ffn_gate_norm=float(spectral_norm_value(w.ffn["w_gate"])) if gated else None,
+        ffn_up_norm=float(spectral_norm_value(w.ffn["w_up"])) if gated else None,
+        ffn_gate_norm_2inf=float(norm_2_to_inf(w.ffn["w_gate"])) if gated else None,
+        ffn_up_norm_2inf=float(norm_2_to_inf(w.ffn["w_up"])) if gated else None,
+        norm1_gamma_max=g_max1, norm1_beta_norm=b1, norm2_gamma_max=g_max2, norm2_beta_norm=b2,
+        norm_eps=cfg.norm_eps,
+    )
+
+
+def compute_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int | None = None, *,
+                           max_offset: int | None = None) -> tuple[list[HeadWeightMetrics], LayerWeightMetrics]:
+    """Head and layer records of one layer, sharing ``||W^O||_2``."""
+    layer_rec = compute_layer_weight_metrics(w, cfg, layer)
+    heads = compute_head_weight_metrics(w, cfg, layer, max_offset=max_offset, wo_full_norm=layer_rec.wo_full_norm)
+    return heads, layer_rec
+
+
+def compute_depth_budget(layers: Sequence[LayerWeightMetrics | Mapping[str, float]],
+                         n_layers: int | None = None) -> float:
+    """``depth_budget = N * max_l Pi_l`` (THEORY §10); N = ``n_layers`` or the number of records given."""
+    if not layers:
+        raise ValueError("depth_budget needs at least one layer record")
+    pis = [r["proj_product_layer"] if isinstance(r, Mapping) else r.proj_product_layer for r in layers]
+    return (len(pis) if n_layers is None else n_layers) * max(pis)
