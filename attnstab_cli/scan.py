@@ -8,7 +8,7 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import torch
@@ -16,7 +16,9 @@ import torch
 from attnstab_cli import __version__
 from attnstab_cli.calibration.sources import CalibrationSet
 from attnstab_cli.errors import UsageError
+from attnstab_cli.kernel_dispatch import resolve_kernel
 from attnstab_cli.metrics.magnitudes import MagnitudeObserver
+from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
 from attnstab_cli.model.load import OpenModel
 from attnstab_cli.model.stream import LayerStream
 from attnstab_cli.model.traces import LayerTrace
@@ -34,6 +36,8 @@ class Observer(Protocol):
 class ScanOptions:
     device: str = "auto"
     dtype: str = "float32"
+    kernel: str = "auto"                         # auto | torch | triton (resolved against the device)
+    theta: ThetaOptions = field(default_factory=ThetaOptions)
 
 
 @dataclass
@@ -67,22 +71,33 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
              on_step: Callable[[int, int], None] | None = None) -> ScanResult:
     """Stream ``calib`` through ``model`` one layer at a time; ``on_step(layer, batch)`` reports progress."""
     device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
+    kernel = resolve_kernel(opts.kernel, device)
     magnitudes = MagnitudeObserver()
-    observers: list[Observer] = [magnitudes]
+    theta = ThetaObserver(model.cfg.n_heads, model.cfg.n_kv_heads, replace(opts.theta, kernel=kernel))
+    observers: dict[str, Observer] = {"magnitudes": magnitudes, "theta": theta}
+    spent = dict.fromkeys(observers, 0.0)
     t0 = time.perf_counter()
     stream = LayerStream(model, list(calib.batches), device, dtype)
     stream.embed()
     for trace in stream.layers():
-        for obs in observers:
+        for name, obs in observers.items():
+            t = time.perf_counter()
             obs.observe(trace)
+            spent[name] += time.perf_counter() - t
         if on_step:
             on_step(trace.layer, trace.batch)
         del trace  # hold nothing while the stream loads the next layer: one layer's weights resident
     final = stream.final_hidden()
-    timings = {"forward_s": time.perf_counter() - t0}
-    facts = {"device": str(device), "dtype": opts.dtype,
+    total = time.perf_counter() - t0
+    timings = {"total_s": total, "forward_s": total - sum(spent.values()),
+               **{f"{name}_s": s for name, s in spent.items()}}
+    facts = {"device": str(device), "dtype": opts.dtype, "kernel": kernel,
+             "theta": {"min_keys": theta.opts.min_keys, "tol": theta.opts.tol,
+                       "rows_per_head": theta.opts.rows_per_head, "top_k": theta.opts.top_k,
+                       "slack": theta.opts.slack, "refined_rows": theta.refined_rows,
+                       "unrefined_rows": theta.unrefined_rows},
              "peak_resident_weight_bytes": model.reader.peak_live_bytes}
-    return ScanResult({"layers": magnitudes.records()}, final, timings, facts)
+    return ScanResult({"layers": magnitudes.records(), "heads": theta.records()}, final, timings, facts)
 
 
 def build_manifest(model: OpenModel, calib: CalibrationSet, result: ScanResult, seed: int) -> dict[str, Any]:

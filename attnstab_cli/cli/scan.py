@@ -12,10 +12,26 @@ from attnstab_cli.cli.options import (
     Arch, Checkpoint, Force, Json, NHeads, NKVHeads, NormEps, Out, Quiet, RopeTheta, config_overrides,
 )
 from attnstab_cli.cli.output import handle_errors, print_json, stderr_console, stdout_console
+from attnstab_cli.errors import UsageError
+from attnstab_cli.kernel_dispatch import resolve_kernel
+from attnstab_cli.metrics.theta_scan import ThetaOptions
 from attnstab_cli.model.load import open_model
 from attnstab_cli.report.summary import render_summary
 from attnstab_cli.report.write import check_output_dir, write_report
 from attnstab_cli.scan import ScanOptions, build_manifest, resolve_device, resolve_dtype, run_scan
+
+
+def parse_theta_rows(value: str) -> int | None:
+    """``--theta-rows``: a non-negative count, or ``all`` (None: refine every wide row)."""
+    if value.strip().lower() == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise UsageError(f"--theta-rows must be a non-negative integer or 'all', got {value!r}")
+    return n
 
 
 @handle_errors
@@ -27,7 +43,7 @@ def scan(
         "--calib", help="Calibration text: a .txt, .jsonl (field 'text') or .parquet (column 'text') file, or "
                         "'random' for uniform random token ids. Default: the bundled corpus.")] = None,
     tokens: Annotated[Optional[Path], typer.Option(
-        "--tokens", help="Token ids (.npy or .pt, shape [batch, seq] or [seq]) used exactly as given.")] = None,
+        "--tokens", help="Token ids (.npy or .pt, shape \\[batch, seq] or \\[seq]) used exactly as given.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(
         "--seq-len", help="Tokens per sequence (default min(256, the model's maximum positions)).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per batch.")] = 4,
@@ -35,18 +51,34 @@ def scan(
     seed: Annotated[int, typer.Option("--seed", help="Seed for random calibration and sampling.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, float64, bfloat16, float16.")] = "float32",
+    kernel: Annotated[str, typer.Option(
+        "--kernel", help="Row statistics: auto (Triton on CUDA, torch otherwise), torch or triton.")] = "auto",
+    min_keys: Annotated[int, typer.Option(
+        "--min-keys", min=1, help="Rows with fewer unmasked keys are left out of the descriptive θ aggregates "
+                                  "(counted in n_rows_short; the bound input theta_tilde still uses them).")] = 16,
+    theta_tol: Annotated[float, typer.Option(
+        "--theta-tol", min=0.0, help="Refine rows whose certified θ interval is wider than this.")] = 1e-6,
+    theta_rows: Annotated[str, typer.Option(
+        "--theta-rows", help="Wide rows refined per head and sequence (all rows with ≤ 20 keys always are), "
+                             "or 'all'.")] = "256",
+    top_k: Annotated[int, typer.Option(
+        "--top-k", min=0, max=20, help="k of the top-k θ upper bound (2^k subset sums per refined row).")] = 14,
+    theta_slack: Annotated[float, typer.Option(
+        "--theta-slack", min=0.0, max=0.5, help="Widening of every θ interval for float32 rounding of q, k.")] = 1e-6,
     arch: Arch = None, n_heads: NHeads = None, n_kv_heads: NKVHeads = None, norm_eps: NormEps = None,
     rope_theta: RopeTheta = None, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
     """Scan a checkpoint on calibration text and write/print the per-layer report."""
     if out is not None:
         check_output_dir(out, force)
-    resolve_device(device), resolve_dtype(dtype)
+    resolve_kernel(kernel, resolve_device(device)), resolve_dtype(dtype), parse_theta_rows(theta_rows)
     model = open_model(checkpoint, arch, config_overrides(n_heads, n_kv_heads, norm_eps, rope_theta))
     req = CalibrationRequest(calib=calib, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                              batches=batches, seed=seed)
     cal = build_calibration(req, model.cfg.vocab_size, model.cfg.max_positions, model.tokenizer_path, checkpoint)
-    opts = ScanOptions(device=device, dtype=dtype)
+    theta = ThetaOptions(min_keys=min_keys, tol=theta_tol, rows_per_head=parse_theta_rows(theta_rows),
+                         top_k=top_k, slack=theta_slack, seed=seed)
+    opts = ScanOptions(device=device, dtype=dtype, kernel=kernel, theta=theta)
     err = stderr_console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, disable=quiet or not err.is_terminal, transient=True) as progress:

@@ -75,11 +75,12 @@ class RowStats(NamedTuple):
     entropy: Tensor
 
 
-def _as_rows(p: Tensor) -> Tensor:
-    """Validate a batch of probability rows [R, n] and return it as float64 (§3.1)."""
+def _as_rows(p: Tensor, keep_device: bool = False) -> Tensor:
+    """Validate a batch of probability rows [R, n] and return it as float64 (§3.1), on the CPU unless
+    ``keep_device`` (the vectorised full-coverage paths run where the rows are)."""
     if p.ndim != 2:
         raise ValueError(f"expected probability rows of shape [R, n], got {tuple(p.shape)}")
-    p64 = p.detach().to(device="cpu", dtype=torch.float64)                 # [R, n]
+    p64 = p.detach().to(device=p.device if keep_device else "cpu", dtype=torch.float64)  # [R, n]
     if not bool(torch.isfinite(p64).all()) or bool((p64 < 0).any()):
         raise ValueError("probability rows must be finite and non-negative")
     return p64
@@ -194,9 +195,9 @@ def compute_theta_paper(p: Tensor) -> Tensor:
     An ESTIMATE of θ for comparability with the paper's figures (Errata E2). It is the value of a concrete subset,
     so it never exceeds θ, and it is NEVER an upper bound on θ: do not use it where Thm 5.1 needs one.
     """
-    vals = _sort_rows(_as_rows(p))[0]
+    vals = _sort_rows(_as_rows(p, keep_device=True))[0]
     if vals.shape[1] == 0:
-        return torch.zeros(vals.shape[0], dtype=torch.float64)
+        return torch.zeros(vals.shape[0], dtype=torch.float64, device=vals.device)
     P, Q = _prefix_sums(vals)                                              # [R, n]
     k = torch.minimum(P, Q).argmax(-1, keepdim=True)                       # [R, 1]: argmin |P_k − W/2|
     return _balanced(P.gather(1, k)[:, 0], Q.gather(1, k)[:, 0])
@@ -331,22 +332,28 @@ def _topk_refine(vals: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.cat(hi), torch.cat(masks)
 
 
-def _bound_hard_rows(vals: Tensor, n_keys: Tensor, top_k: int, use_kk: bool) -> tuple[Tensor, ...]:
+def _bound_hard_rows(vals: Tensor, n_keys: Tensor, top_k: int, use_kk: bool, tol: float = 0.0) -> tuple[Tensor, ...]:
     """A2 + A3 (§3.3 step 3, §3.4) on sorted non-peaked rows [r, m]: (lo subset [r, m], lo_rule, hi, hi_rule).
 
-    θ_lo is the best concrete subset of prefix, greedy, KK and the A3 extension (ties go to the earlier rule);
-    KK is skipped where A3 is already exact or another rule reached 1.
+    θ_lo is the best concrete subset of prefix, greedy, KK and the A3 extension (ties go to the earlier rule).
+    With ``tol`` > 0, A3 runs only on rows the cheap rules left more than ``tol`` below 1, and KK only on rows
+    neither closed; KK is always skipped where A3 is exact or another rule reached 1.
     """
     masks = [_prefix_mask(vals), *_greedy_masks(vals)]
     rules = [ThetaRule.PREFIX, ThetaRule.GREEDY, ThetaRule.GREEDY]
+    values = torch.stack([_balanced(*_split_sums(vals, s)) for s in masks], -1)  # [r, c]
     hi = torch.ones(vals.shape[0], dtype=torch.float64)                    # [r]
     if top_k > 0:
-        hi, topk_mask = _topk_refine(vals, top_k)
+        need = torch.ones_like(hi, dtype=torch.bool) if tol <= 0 else values.amax(-1) < 1.0 - tol
+        rows = torch.nonzero(need)[:, 0]
+        topk_mask = torch.zeros(vals.shape, dtype=torch.bool)             # rows not refined: the empty set
+        if rows.numel():
+            hi[rows], topk_mask[rows] = _topk_refine(vals[rows], top_k)
         masks.append(topk_mask)
         rules.append(ThetaRule.TOPK)
-    values = torch.stack([_balanced(*_split_sums(vals, s)) for s in masks], -1)  # [r, c]
+        values = torch.cat([values, _balanced(*_split_sums(vals, topk_mask))[:, None]], -1)
     if use_kk:
-        todo = torch.nonzero((hi >= 1.0) & (values.amax(-1) < 1.0))[:, 0]
+        todo = torch.nonzero((hi >= 1.0) & (values.amax(-1) < 1.0 - tol))[:, 0]
         kk = torch.zeros(vals.shape, dtype=torch.bool)                     # [r, m]
         kk[todo] = _kk_masks(vals[todo], n_keys[todo])
         masks.append(kk)
@@ -382,13 +389,14 @@ def _classify_rows(vals: Tensor, n_keys: Tensor, exact_max_keys: int) -> tuple[T
 
 
 def compute_theta_interval(p: Tensor, top_k: int = DEFAULT_TOP_K, exact_max_keys: int = EXACT_MAX_KEYS,
-                           slack: float = THETA_SLACK, use_kk: bool = True) -> ThetaInterval:
+                           slack: float = THETA_SLACK, use_kk: bool = True, tol: float = 0.0) -> ThetaInterval:
     """Certified [θ_lo, θ_hi] for every row of p [R, n] by the A2 policy (§3.3) with A1 (§3.2) and A3 (§3.4).
 
     Order: n_keys ≤ 1 → 0; p_max ≥ 1/2 → exact closed form; n_keys ≤ exact_max_keys → A1; otherwise A2 heuristics
     for θ_lo and A3 with ``top_k`` for θ_hi (top_k=0 disables A3 and exact_max_keys=0 disables A1, for T6/T7).
     θ_lo is re-evaluated on the input row from the returned subset; ``slack`` (`theta_slack`, §3.1) is then
-    subtracted from θ_lo and added to θ_hi, clamped to [0, 1].
+    subtracted from θ_lo and added to θ_hi, clamped to [0, 1]. ``tol`` > 0 skips KK on rows whose interval is
+    already that narrow (the scan's refinement tolerance); the result is still certified, only less tight.
     Cost: O(R·n log n) plus R·2^top_k sums; KK is a per-row loop of O(log n) vectorised numpy batches.
     """
     _check_options(top_k, exact_max_keys, slack)
@@ -406,7 +414,7 @@ def compute_theta_interval(p: Tensor, top_k: int = DEFAULT_TOP_K, exact_max_keys
     m = int(n_keys[hard].max()) if bool(hard.any()) else 1
     for rows in torch.nonzero(hard)[:, 0].split(max(1, 4 * _CHUNK_ELEMS // m)):   # bounds [rows, m] temporaries
         sub, lo_rule[rows], hi[rows], hi_rule[rows] = _bound_hard_rows(
-            vals[rows, :m].contiguous(), n_keys[rows], top_k, use_kk)
+            vals[rows, :m].contiguous(), n_keys[rows], top_k, use_kk, tol)
         mask[rows[:, None], torch.arange(m)] = sub
     subset = torch.zeros_like(mask).scatter(1, perm, mask) & (p64 > 0)     # [R, n], input order
     lo = _balanced(*_split_sums(p64, subset))                              # [R]

@@ -56,6 +56,8 @@ HEAD_COLUMNS: tuple[Column, ...] = (
     Column("pmax_max", F64, "probability", "largest attention probability of any aggregated row"),
     Column("peaked_frac", F64, "fraction", "fraction of rows with p_max >= 1/2 (theta exact there)"),
     Column("entropy_mean", F64, "nats", "mean row entropy"),
+    Column("theta_wide_rows", I64, "rows",
+           "rows (of all) whose interval stayed wider than theta_tol: not refined within --theta-rows"),
 )
 
 TABLES: dict[str, tuple[Column, ...]] = {"layers": LAYER_COLUMNS, "heads": HEAD_COLUMNS}

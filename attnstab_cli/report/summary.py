@@ -6,6 +6,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from attnstab_cli.report.heatmap import notable_heads, theta_heatmap
+
 
 def _fmt(x: Any, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec)
@@ -25,3 +27,14 @@ def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str,
         table.add_row(str(r["layer"]), _fmt(r["r_resid_mean"]), _fmt(r["r_resid_max"]), _fmt(r["r2_in"]),
                       _fmt(r["r2_ffn_in"]), _fmt(r["norm1_min_var"]), _fmt(r["norm2_min_var"]))
     console.print(table)
+    heads = tables.get("heads") or []
+    if heads:
+        console.print(theta_heatmap(heads))
+        console.print(notable_heads(heads))
+        theta = manifest.get("run", {}).get("theta", {})
+        wide = sum(r["theta_wide_rows"] for r in heads)
+        unrefined = theta.get("unrefined_rows", 0)
+        console.print(f"θ: a certified interval for every row (slack {theta.get('slack')}); "
+                      f"{theta.get('refined_rows', 0)} rows refined by A1 or A2+A3; {wide} rows still wider than "
+                      f"{theta.get('tol')}" + (f", {unrefined} of them beyond --theta-rows" if unrefined else ""),
+                      highlight=False)

@@ -1,0 +1,155 @@
+"""θ for every attention row of every head, streamed layer by layer (THEORY §3.7 compute policy, §3.8 aggregation).
+
+Per (layer, batch):
+
+1. **Full coverage.** The row-statistics path (fused Triton kernel on CUDA; the chunked torch reference, in float64,
+   elsewhere) gives every row's p_max, entropy, key count and a certified interval: exact when p_max ≥ ½, otherwise
+   [max(stream bound, natural-order prefix crossing), 1]. Per query block the probabilities are formed in float64 from
+   the recorded q, k (one block of rows for all heads, never an n × n matrix per head set) for the paper's sorted-prefix
+   estimate A5, which is the value of a concrete subset and so also raises θ_lo.
+2. **Refinement.** Rows whose interval is still wider than ``tol`` get A1 (n ≤ 20) or A2 + A3 in float64: all of them
+   with n ≤ 20, and up to ``rows_per_head`` others per head and sequence (a seeded random choice when more qualify;
+   ``None`` refines every wide row).
+3. **Slack and aggregation.** θ_lo − slack, θ_hi + slack (``theta_slack``, §3.1; values the kernel accumulated in
+   float32 are first widened by ``KERNEL_SLACK``), then a mergeable per-head summary; θ̃ uses every row, the descriptive columns only rows
+   with at least ``min_keys`` keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnstab_cli.kernel_dispatch import attn_row_stats
+from attnstab_cli.metrics.aggregate import EXACT_WIDTH, HeadAggregate
+from attnstab_cli.metrics.theta import (DEFAULT_TOP_K, EXACT_MAX_KEYS, THETA_SLACK, compute_theta_interval,
+                                        compute_theta_paper)
+from attnstab_cli.model.traces import AttentionTrace, LayerTrace
+
+KERNEL_SLACK = 1e-5         # extra widening of θ values the fused kernel accumulates in float32 (§3.5: ~1e-6)
+_BLOCK_ELEMENTS = 1 << 21   # float64 probabilities per query block, all heads together (16 MiB)
+
+
+@dataclass(frozen=True)
+class ThetaOptions:
+    """Knobs of the θ pass; defaults are THEORY's (§3.1 slack, §3.4 k, §3.7 rows per head, §3.8 min_keys)."""
+
+    kernel: str = "torch"               # resolved kernel: "torch" or "triton"
+    min_keys: int = 16                  # rows with fewer unmasked keys are left out of the descriptive aggregates
+    tol: float = 1e-6                   # refine rows whose certified interval is wider than this
+    rows_per_head: int | None = 256     # refinement budget per head per sequence; None = every wide row
+    top_k: int = DEFAULT_TOP_K          # A3 enumeration size
+    slack: float = THETA_SLACK          # `theta_slack`: upstream float32 rounding of q, k (§3.1)
+    seed: int = 0                       # choice of refined rows when more than the budget qualify
+
+
+def compute_allowed(a: AttentionTrace, b: int, rows: slice) -> Tensor:
+    """Bool ``[R, T_k]`` of the keys query ``rows`` of sequence ``b`` may attend to (causal bottom-right aligned,
+    sliding window, padding), the same rule as the row-statistics path."""
+    t_q, t_k = a.q.shape[2], a.k.shape[2]
+    i = torch.arange(rows.start, rows.stop, device=a.q.device)[:, None] + (t_k - t_q)   # [R, 1] absolute position
+    j = torch.arange(t_k, device=a.q.device)[None, :]                                   # [1, T_k]
+    allowed = torch.ones(i.shape[0], t_k, dtype=torch.bool, device=a.q.device)
+    if a.causal:
+        allowed &= j <= i
+    if a.window is not None:
+        allowed &= (i - j) < a.window
+    if a.key_padding_mask is not None:
+        allowed &= a.key_padding_mask[b][None, :]
+    return allowed
+
+
+def compute_row_probabilities(a: AttentionTrace, b: int, rows: slice) -> Tensor:
+    """Float64 softmax rows ``[H, R, T_k]`` of sequence ``b`` for query ``rows``: p = exp(s − lse) with s recomputed
+    from the recorded q, k (§3.1); masked keys are exactly 0, as are all keys of a row with none allowed."""
+    h, h_kv = a.q.shape[1], a.k.shape[1]
+    q = a.q[b, :, rows].double().unflatten(0, (h_kv, h // h_kv))           # [H_kv, G, R, D]
+    k = a.k[b].double()[:, None]                                            # [H_kv, 1, T_k, D] (GQA by broadcast)
+    logits = (a.scale * q @ k.transpose(-1, -2)).flatten(0, 1)              # [H, R, T_k]
+    logits = logits.masked_fill(~compute_allowed(a, b, rows), float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)                     # [H, R, 1]
+    return torch.exp(logits - lse).nan_to_num(0.0)                          # fully masked rows: NaN -> 0
+
+
+class ThetaObserver:
+    """Per-head θ aggregates of every layer from streamed traces (one :class:`HeadAggregate` per layer)."""
+
+    def __init__(self, n_heads: int, n_kv_heads: int, opts: ThetaOptions) -> None:
+        self.opts, self.n_heads, self.n_kv_heads = opts, n_heads, n_kv_heads
+        self.layers: dict[int, HeadAggregate] = {}
+        self.wide_rows: dict[int, Tensor] = {}          # layer -> int64 [H], rows left wider than tol
+        self.gen = torch.Generator().manual_seed(opts.seed)
+        self.refined_rows = 0                           # rows given A1 or A2 + A3
+        self.unrefined_rows = 0                         # wide rows left out by the rows_per_head budget
+
+    def observe(self, trace: LayerTrace) -> None:
+        a, o = trace.attn, self.opts
+        torch_path = o.kernel == "torch"
+        q, k = (a.q.double(), a.k.double()) if torch_path else (a.q, a.k)
+        stats = attn_row_stats(q, k, a.scale, causal=a.causal, key_padding_mask=a.key_padding_mask,
+                               window=a.window, kernel=o.kernel)
+        extra = 0.0 if torch_path else KERNEL_SLACK                         # kernel values: float32 accumulation
+        lo = (stats.theta_lo.double().cpu() - extra).clamp_min(0.0)          # [B, H, T]
+        hi = (stats.theta_hi_stream.double().cpu() + extra).clamp_max(1.0)   # [B, H, T]
+        n_keys = stats.n_keys.cpu()
+        paper = torch.zeros_like(lo)
+        agg = self.layers.setdefault(trace.layer, HeadAggregate.create(self.n_heads, min_keys=o.min_keys))
+        wide = self.wide_rows.setdefault(trace.layer, torch.zeros(self.n_heads, dtype=torch.int64))
+        for b in range(a.q.shape[0]):
+            self._refine_sequence(a, b, n_keys[b], lo[b], hi[b], paper[b], 2.0 * extra)
+            excess = hi[b] - lo[b] - 2.0 * extra                            # width beyond the kernel's own slack
+            wide += (excess > o.tol).sum(-1)
+            empty = n_keys[b] == 0                                          # fully masked rows: no statistics
+            agg.update(None, theta_lo=(lo[b] - o.slack).clamp(0.0, 1.0), theta_hi=(hi[b] + o.slack).clamp(0.0, 1.0),
+                       pmax=stats.pmax[b].double().cpu().nan_to_num(0.0),
+                       entropy=stats.entropy[b].double().cpu().nan_to_num(0.0), n_keys=n_keys[b],
+                       theta_paper=paper[b], exact=(excess <= EXACT_WIDTH) | empty)
+
+    def _refine_sequence(self, a: AttentionTrace, b: int, n_keys: Tensor, lo: Tensor, hi: Tensor, paper: Tensor,
+                         base_width: float) -> None:
+        """In place on the ``[H, T]`` views: A5 for every row, A1 or A2 + A3 for the chosen wide rows (those wider
+        than ``tol`` beyond ``base_width``, the width kernel slack alone gives an exact row)."""
+        o, t_q, t_k = self.opts, a.q.shape[2], a.k.shape[2]
+        block = max(1, _BLOCK_ELEMENTS // max(1, self.n_heads * t_k))
+        wide = (hi - lo - base_width) > o.tol                               # [H, T]
+        chosen = self._choose(wide, n_keys)                                 # [H, T]
+        self.unrefined_rows += int((wide & ~chosen).sum())
+        for start in range(0, t_q, block):
+            rows = slice(start, min(t_q, start + block))
+            p = compute_row_probabilities(a, b, rows)                       # [H, R, T_k] float64
+            est = compute_theta_paper(p.flatten(0, 1)).view(p.shape[:2]).cpu()
+            paper[:, rows] = est
+            lo_blk, hi_blk = lo[:, rows], hi[:, rows]                       # views into lo, hi
+            lo_blk.copy_(torch.maximum(lo_blk, est))
+            pick = chosen[:, rows]
+            if bool(pick.any()):
+                iv = compute_theta_interval(p[pick.to(p.device)], top_k=o.top_k, slack=0.0, tol=o.tol)
+                lo_blk[pick] = torch.maximum(lo_blk[pick], iv.lo)
+                hi_blk[pick] = torch.minimum(hi_blk[pick], iv.hi)
+                self.refined_rows += int(pick.sum())
+
+    def _choose(self, wide: Tensor, n_keys: Tensor) -> Tensor:
+        """Wide rows to refine (bool ``[H, T]``): all with ≤ 20 keys, plus up to ``rows_per_head`` others per head."""
+        chosen = wide & (n_keys <= EXACT_MAX_KEYS)
+        if self.opts.rows_per_head is None:
+            return wide
+        for h in range(wide.shape[0]):
+            idx = torch.nonzero(wide[h] & ~chosen[h]).flatten()
+            if idx.numel() > self.opts.rows_per_head:
+                idx = idx[torch.randperm(idx.numel(), generator=self.gen)[: self.opts.rows_per_head]]
+            chosen[h, idx] = True
+        return chosen
+
+    def records(self) -> list[dict]:
+        """One record per (layer, head) with the θ columns of THEORY §0.3."""
+        group = self.n_heads // self.n_kv_heads
+        out = []
+        for layer, agg in sorted(self.layers.items()):
+            cols = agg.finalize()
+            wide = self.wide_rows[layer].tolist()
+            for head in range(self.n_heads):
+                out.append({"layer": layer, "head": head, "kv_head": head // group,
+                            **{name: values[head] for name, values in cols.items()},
+                            "theta_wide_rows": wide[head]})
+        return out
