@@ -66,6 +66,20 @@ def test_scan_runs_end_to_end(family: str, tiny_checkpoints: dict, tmp_path: Pat
     assert table.num_rows == ref.config.num_hidden_layers
     assert table.schema.field("r2_in").metadata[b"unit"] == b"l2"
     assert json.loads((out / "manifest.json").read_text())["checkpoint"]["family"] == data["manifest"]["checkpoint"]["family"]
+    heads = pq.read_table(out / "heads.parquet").to_pylist()
+    n_heads, n_kv = ref.config.num_attention_heads, getattr(ref.config, "num_key_value_heads", None) or \
+        ref.config.num_attention_heads
+    assert [(r["layer"], r["head"], r["kv_head"]) for r in heads] == [
+        (layer, h, h // (n_heads // n_kv)) for layer in range(ref.config.num_hidden_layers) for h in range(n_heads)]
+    assert heads == data["heads"]
+    for r in heads:   # causal rows 0..14 are short; Mistral's window of 7 keys makes every row short
+        assert r["n_rows"] + r["n_rows_short"] == 4 * 24
+        assert 0.0 <= r["theta_tilde_lo"] <= r["theta_tilde_hi"] <= 1.0
+        if r["n_rows"] == 0:
+            assert family == "mistral" and r["theta_mean"] is None
+            continue
+        assert 0.0 <= r["theta_mean"] <= r["theta_hi_mean"] <= 1.0
+        assert r["theta_p05_lo"] <= r["theta_p05"] <= r["theta_p05_hi"] <= r["theta_p50_lo"] + 1e-3
 
 
 def test_scan_magnitudes_match_transformers_hidden_states(tiny_checkpoints: dict, tmp_path: Path) -> None:
@@ -117,6 +131,7 @@ def test_interrupted_scan_leaves_no_report(tiny_checkpoints: dict, tmp_path: Pat
 
 def test_unknown_device_and_dtype_are_usage_errors(tiny_checkpoints: dict) -> None:
     path, _ = tiny_checkpoints["gpt2"]
-    for args in (("--device", "tpu"), ("--dtype", "float8")):
+    for args in (("--device", "tpu"), ("--dtype", "float8"), ("--kernel", "cuda"), ("--theta-rows", "some"),
+                 ("--theta-rows", "-3"), ("--device", "cpu", "--kernel", "triton")):
         result = invoke("scan", path, "--calib", "random", *args, "--quiet")
         assert result.exit_code == 2 and result.stderr.startswith("Error:")
