@@ -223,15 +223,15 @@ def is_interpreted() -> bool:
 def _launch_config(dtype: torch.dtype, block_q: int | None) -> tuple[int, int, int, int]:
     """(BLOCK_Q, BLOCK_K, num_warps, num_stages): one config, no autotuning.
 
-    Interpreter: tiny tiles, so tests cover several key blocks and tails. GPU: 128 × 32 tiles with 8 warps compile
-    for sm_90 without register spills at D ≤ 128 (64 × 64 with 4 warps spills); not yet timed against alternatives.
+    Interpreter: tiny tiles, so tests cover several key blocks and tails. GPU: 64 × 32 tiles, 4 warps, 2 stages,
+    the fastest of the 30 configs `bench/tune_row_stats.py` swept on an H100 (bf16, causal; n = 2048 and 8192).
     """
     if is_interpreted():
         default_q, block_k, warps, stages = 16, 16, 1, 1
     elif dtype == torch.float64:  # verification path; fp64 has no tensor-core fast path
         default_q, block_k, warps, stages = 32, 32, 4, 1
     else:
-        default_q, block_k, warps, stages = 128, 32, 8, 2
+        default_q, block_k, warps, stages = 64, 32, 4, 2
     bq = default_q if block_q is None else block_q
     if bq < 16 or bq & (bq - 1):
         raise ValueError(f"block_q must be a power of two ≥ 16 for the kernel; got {bq}")

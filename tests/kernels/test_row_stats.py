@@ -362,6 +362,7 @@ GPU_CASES = [  # (B, H, H_kv, T_q, T_k, D, causal, pad, window, dtype)
     (2, 8, 2, 1000, 1000, 64, True, False, None, torch.bfloat16),
     (1, 4, 4, 1537, 1537, 128, False, True, None, torch.float16),
     (1, 4, 1, 777, 2048, 64, True, False, 256, torch.float32),
+    (1, 32, 8, 8192, 8192, 128, True, False, None, torch.bfloat16),   # a LLaMA-sized layer at real length
 ]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attnstab_cli.metrics.theta_scan import KERNEL_SLACK, ThetaObserver, ThetaOptions
-from test_row_stats import requires_kernel
+from test_row_stats import KERNEL_DEVICE, requires_kernel
 from trace_helpers import make_trace
 
 
@@ -15,12 +15,13 @@ from trace_helpers import make_trace
 def test_kernel_path_matches_torch_path(causal: bool, pad: bool) -> None:
     gen = torch.Generator().manual_seed(11)
     b, h, h_kv, t, d = 2, 4, 2, 37, 16
-    q = torch.randn(b, h, t, d, generator=gen)
-    k = torch.randn(b, h_kv, t, d, generator=gen)
+    q = torch.randn(b, h, t, d, generator=gen).to(KERNEL_DEVICE)
+    k = torch.randn(b, h_kv, t, d, generator=gen).to(KERNEL_DEVICE)
     mask = None
     if pad:
         mask = torch.ones(b, t, dtype=torch.bool)
         mask[1, -5:] = False
+        mask = mask.to(KERNEL_DEVICE)
     results = {}
     for kernel in ("torch", "triton"):
         obs = ThetaObserver(h, h_kv, ThetaOptions(kernel=kernel, min_keys=8, rows_per_head=None))
