@@ -100,6 +100,12 @@ def _balanced(P: Tensor, Q: Tensor) -> Tensor:
     return (4.0 * (P / s) * (Q / s)).clamp(0.0, 1.0)
 
 
+def compute_balanced(P: Tensor, Q: Tensor) -> Tensor:
+    """4PQ/(P+Q)² of separately accumulated masses P, Q (§3.1); with P = p_max and Q = Σ_{j≠argmax} p_j ≤ P it is θ
+    exactly (§2.3)."""
+    return _balanced(P, Q)
+
+
 def compute_theta_subset(p: Tensor, mask: Tensor) -> Tensor:
     """θ-value 4PQ/(P+Q)² of the concrete subsets ``mask`` (bool [R, n]) of rows ``p`` [R, n]; a certified lower
     bound on θ (§2.4(1)), with P = p(S) and Q = p(S^c) each accumulated from their own entries (§3.1)."""

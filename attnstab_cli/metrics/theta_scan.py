@@ -2,17 +2,17 @@
 
 Per (layer, batch):
 
-1. **Full coverage.** The row-statistics path (fused Triton kernel on CUDA; the chunked torch reference, in float64,
-   elsewhere) gives every row's p_max, entropy, key count and a certified interval: exact when p_max ≥ ½, otherwise
-   [max(stream bound, natural-order prefix crossing), 1]. Per query block the probabilities are formed in float64 from
-   the recorded q, k (one block of rows for all heads, never an n × n matrix per head set) for the paper's sorted-prefix
-   estimate A5, which is the value of a concrete subset and so also raises θ_lo.
-2. **Refinement.** Rows whose interval is still wider than ``tol`` get A1 (n ≤ 20) or A2 + A3 in float64: all of them
-   with n ≤ 20, and up to ``rows_per_head`` others per head and sequence (a seeded random choice when more qualify;
-   ``None`` refines every wide row).
-3. **Slack and aggregation.** θ_lo − slack, θ_hi + slack (``theta_slack``, §3.1; values the kernel accumulated in
-   float32 are first widened by ``KERNEL_SLACK``), then a mergeable per-head summary; θ̃ uses every row, the descriptive columns only rows
-   with at least ``min_keys`` keys.
+1. **Row statistics** (fused Triton kernel on CUDA, chunked torch reference elsewhere; both accumulate in the compute
+   dtype, float32 by default) give every row's key count, the stream lower bound max(4p(1−p), 1−p², natural-order
+   prefix crossing), widened by ``ROW_STATS_SLACK`` in float32, and which rows are not yet pinned to ``tol``.
+2. **Float64 rows.** Per query block (all heads, never an n × n matrix per head set) the probabilities are formed in
+   float64 from the recorded q, k: p_max, 1 − p_max (accumulated) and entropy; θ exactly where p_max ≥ ½; the paper's
+   sorted-prefix estimate A5 for every row, a concrete subset and so also a lower bound; θ_hi = 1 elsewhere.
+3. **Refinement.** Among the rows step 1 left wider than ``tol``: A1 (n ≤ 20) or A2 + A3, for all rows with n ≤ 20
+   and up to ``rows_per_head`` others per head and sequence (a seeded random choice when more qualify, so means stay
+   unbiased; ``None`` refines every wide row).
+4. **Slack and aggregation.** θ_lo − slack, θ_hi + slack (``theta_slack``, §3.1), then a mergeable per-head summary;
+   θ̃ uses every row, the descriptive columns only rows with at least ``min_keys`` keys.
 """
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ from torch import Tensor
 
 from attnstab_cli.kernel_dispatch import attn_row_stats
 from attnstab_cli.metrics.aggregate import EXACT_WIDTH, HeadAggregate
-from attnstab_cli.metrics.theta import (DEFAULT_TOP_K, EXACT_MAX_KEYS, THETA_SLACK, compute_theta_interval,
-                                        compute_theta_paper)
+from attnstab_cli.metrics.theta import (DEFAULT_TOP_K, EXACT_MAX_KEYS, THETA_SLACK, compute_balanced,
+                                        compute_pmax_entropy, compute_theta_interval, compute_theta_paper)
 from attnstab_cli.model.traces import AttentionTrace, LayerTrace
 
-KERNEL_SLACK = 1e-5         # extra widening of θ values the fused kernel accumulates in float32 (§3.5: ~1e-6)
+ROW_STATS_SLACK = 1e-5      # widening of the stream θ_lo when accumulated in float32 (§3.5: good to ~1e-6)
 _BLOCK_ELEMENTS = 1 << 21   # float64 probabilities per query block, all heads together (16 MiB)
 
 
@@ -85,49 +85,53 @@ class ThetaObserver:
 
     def observe(self, trace: LayerTrace) -> None:
         a, o = trace.attn, self.opts
-        torch_path = o.kernel == "torch"
-        q, k = (a.q.double(), a.k.double()) if torch_path else (a.q, a.k)
-        stats = attn_row_stats(q, k, a.scale, causal=a.causal, key_padding_mask=a.key_padding_mask,
+        stats = attn_row_stats(a.q, a.k, a.scale, causal=a.causal, key_padding_mask=a.key_padding_mask,
                                window=a.window, kernel=o.kernel)
-        extra = 0.0 if torch_path else KERNEL_SLACK                         # kernel values: float32 accumulation
-        lo = (stats.theta_lo.double().cpu() - extra).clamp_min(0.0)          # [B, H, T]
-        hi = (stats.theta_hi_stream.double().cpu() + extra).clamp_max(1.0)   # [B, H, T]
+        extra = 0.0 if stats.theta_lo.dtype == torch.float64 else ROW_STATS_SLACK
+        lo_stream = (stats.theta_lo.double().cpu() - extra).clamp_min(0.0)  # [B, H, T], certified lower bound
+        wide_stream = (stats.theta_hi_stream - stats.theta_lo).cpu() > o.tol  # [B, H, T], refinement candidates
         n_keys = stats.n_keys.cpu()
-        paper = torch.zeros_like(lo)
         agg = self.layers.setdefault(trace.layer, HeadAggregate.create(self.n_heads, min_keys=o.min_keys))
         wide = self.wide_rows.setdefault(trace.layer, torch.zeros(self.n_heads, dtype=torch.int64))
         for b in range(a.q.shape[0]):
-            self._refine_sequence(a, b, n_keys[b], lo[b], hi[b], paper[b], 2.0 * extra)
-            excess = hi[b] - lo[b] - 2.0 * extra                            # width beyond the kernel's own slack
-            wide += (excess > o.tol).sum(-1)
-            empty = n_keys[b] == 0                                          # fully masked rows: no statistics
-            agg.update(None, theta_lo=(lo[b] - o.slack).clamp(0.0, 1.0), theta_hi=(hi[b] + o.slack).clamp(0.0, 1.0),
-                       pmax=stats.pmax[b].double().cpu().nan_to_num(0.0),
-                       entropy=stats.entropy[b].double().cpu().nan_to_num(0.0), n_keys=n_keys[b],
-                       theta_paper=paper[b], exact=(excess <= EXACT_WIDTH) | empty)
+            rows = self._measure_sequence(a, b, n_keys[b], lo_stream[b], wide_stream[b])
+            width = rows["hi"] - rows["lo"]
+            wide += (width > o.tol).sum(-1)
+            agg.update(None, theta_lo=(rows["lo"] - o.slack).clamp(0.0, 1.0),
+                       theta_hi=(rows["hi"] + o.slack).clamp(0.0, 1.0), pmax=rows["pmax"], entropy=rows["entropy"],
+                       n_keys=n_keys[b], theta_paper=rows["paper"], exact=width <= EXACT_WIDTH)
 
-    def _refine_sequence(self, a: AttentionTrace, b: int, n_keys: Tensor, lo: Tensor, hi: Tensor, paper: Tensor,
-                         base_width: float) -> None:
-        """In place on the ``[H, T]`` views: A5 for every row, A1 or A2 + A3 for the chosen wide rows (those wider
-        than ``tol`` beyond ``base_width``, the width kernel slack alone gives an exact row)."""
+    def _measure_sequence(self, a: AttentionTrace, b: int, n_keys: Tensor, lo_stream: Tensor,
+                          wide_stream: Tensor) -> dict[str, Tensor]:
+        """Float64 per-row values ``[H, T]`` of sequence ``b`` (lo, hi, pmax, entropy, paper), one query block at a
+        time: p_max, 1 − p_max and entropy from the rows, θ exact where p_max ≥ ½, A5 for every row, A1 or A2 + A3
+        for the chosen rows among those the row-statistics path left wider than ``tol``."""
         o, t_q, t_k = self.opts, a.q.shape[2], a.k.shape[2]
         block = max(1, _BLOCK_ELEMENTS // max(1, self.n_heads * t_k))
-        wide = (hi - lo - base_width) > o.tol                               # [H, T]
-        chosen = self._choose(wide, n_keys)                                 # [H, T]
-        self.unrefined_rows += int((wide & ~chosen).sum())
+        chosen = self._choose(wide_stream, n_keys)                          # [H, T]
+        self.unrefined_rows += int((wide_stream & ~chosen).sum())
+        out = {name: torch.zeros(self.n_heads, t_q, dtype=torch.float64)
+               for name in ("lo", "hi", "pmax", "entropy", "paper")}
         for start in range(0, t_q, block):
             rows = slice(start, min(t_q, start + block))
             p = compute_row_probabilities(a, b, rows)                       # [H, R, T_k] float64
-            est = compute_theta_paper(p.flatten(0, 1)).view(p.shape[:2]).cpu()
-            paper[:, rows] = est
-            lo_blk, hi_blk = lo[:, rows], hi[:, rows]                       # views into lo, hi
-            lo_blk.copy_(torch.maximum(lo_blk, est))
-            pick = chosen[:, rows]
+            shape = p.shape[:2]
+            st = compute_pmax_entropy(p.flatten(0, 1))                      # float64 [H·R] each, on the CPU
+            exact = compute_balanced(st.pmax, st.one_minus_pmax).view(shape)
+            peaked = (st.pmax >= st.one_minus_pmax).view(shape)             # p_max ≥ ½, or fewer than 2 keys
+            paper = compute_theta_paper(p.flatten(0, 1)).view(shape).cpu()
+            lo = torch.where(peaked, exact, torch.maximum(lo_stream[:, rows], paper))
+            hi = torch.where(peaked, exact, 1.0)
+            pick = chosen[:, rows] & ~peaked
             if bool(pick.any()):
                 iv = compute_theta_interval(p[pick.to(p.device)], top_k=o.top_k, slack=0.0, tol=o.tol)
-                lo_blk[pick] = torch.maximum(lo_blk[pick], iv.lo)
-                hi_blk[pick] = torch.minimum(hi_blk[pick], iv.hi)
+                lo[pick] = torch.maximum(lo[pick], iv.lo)
+                hi[pick] = torch.minimum(hi[pick], iv.hi)
                 self.refined_rows += int(pick.sum())
+            for name, value in (("lo", lo), ("hi", hi), ("pmax", st.pmax.view(shape)),
+                                ("entropy", st.entropy.view(shape)), ("paper", paper)):
+                out[name][:, rows] = value
+        return out
 
     def _choose(self, wide: Tensor, n_keys: Tensor) -> Tensor:
         """Wide rows to refine (bool ``[H, T]``): all with ≤ 20 keys, plus up to ``rows_per_head`` others per head."""
