@@ -8,7 +8,6 @@ the plain-torch reference the tests hold it to.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

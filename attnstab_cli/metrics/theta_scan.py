@@ -25,10 +25,11 @@ from attnstab_cli.kernel_dispatch import attn_row_stats
 from attnstab_cli.metrics.aggregate import EXACT_WIDTH, HeadAggregate
 from attnstab_cli.metrics.theta import (DEFAULT_TOP_K, EXACT_MAX_KEYS, THETA_SLACK, compute_balanced,
                                         compute_pmax_entropy, compute_theta_interval, compute_theta_paper)
+from attnstab_cli.model.masks import compute_allowed
 from attnstab_cli.model.traces import AttentionTrace, LayerTrace
 
 ROW_STATS_SLACK = 1e-5      # widening of the stream θ_lo when accumulated in float32 (§3.5: good to ~1e-6)
-_BLOCK_ELEMENTS = 1 << 21   # float64 probabilities per query block, all heads together (16 MiB)
+_BLOCK_ELEMENTS = 1 << 20   # float64 probabilities per query block, all heads together (8 MiB)
 
 
 @dataclass(frozen=True)
@@ -44,22 +45,6 @@ class ThetaOptions:
     seed: int = 0                       # choice of refined rows when more than the budget qualify
 
 
-def compute_allowed(a: AttentionTrace, b: int, rows: slice) -> Tensor:
-    """Bool ``[R, T_k]`` of the keys query ``rows`` of sequence ``b`` may attend to (causal bottom-right aligned,
-    sliding window, padding), the same rule as the row-statistics path."""
-    t_q, t_k = a.q.shape[2], a.k.shape[2]
-    i = torch.arange(rows.start, rows.stop, device=a.q.device)[:, None] + (t_k - t_q)   # [R, 1] absolute position
-    j = torch.arange(t_k, device=a.q.device)[None, :]                                   # [1, T_k]
-    allowed = torch.ones(i.shape[0], t_k, dtype=torch.bool, device=a.q.device)
-    if a.causal:
-        allowed &= j <= i
-    if a.window is not None:
-        allowed &= (i - j) < a.window
-    if a.key_padding_mask is not None:
-        allowed &= a.key_padding_mask[b][None, :]
-    return allowed
-
-
 def compute_row_probabilities(a: AttentionTrace, b: int, rows: slice) -> Tensor:
     """Float64 softmax rows ``[H, R, T_k]`` of sequence ``b`` for query ``rows``: p = exp(s − lse) with s recomputed
     from the recorded q, k (§3.1); masked keys are exactly 0, as are all keys of a row with none allowed."""
@@ -67,7 +52,10 @@ def compute_row_probabilities(a: AttentionTrace, b: int, rows: slice) -> Tensor:
     q = a.q[b, :, rows].double().unflatten(0, (h_kv, h // h_kv))           # [H_kv, G, R, D]
     k = a.k[b].double()[:, None]                                            # [H_kv, 1, T_k, D] (GQA by broadcast)
     logits = (a.scale * q @ k.transpose(-1, -2)).flatten(0, 1)              # [H, R, T_k]
-    logits = logits.masked_fill(~compute_allowed(a, b, rows), float("-inf"))
+    pad = a.key_padding_mask[b:b + 1] if a.key_padding_mask is not None else None
+    allowed = compute_allowed(rows.start, rows.stop, a.q.shape[2], a.k.shape[2], causal=a.causal, window=a.window,
+                              key_padding_mask=pad, device=a.q.device)[0, 0]   # [R, T_k]
+    logits = logits.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)                     # [H, R, 1]
     return torch.exp(logits - lse).nan_to_num(0.0)                          # fully masked rows: NaN -> 0
 

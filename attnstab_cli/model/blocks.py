@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from attnstab_cli.arch.spec import FFNKind, NormKind, Residual
 from attnstab_cli.model.activations import ACTIVATIONS
 from attnstab_cli.model.config import ModelConfig
+from attnstab_cli.model.masks import compute_allowed
 from attnstab_cli.model.rope import apply_rope
 from attnstab_cli.model.traces import AttentionTrace, LayerTrace, NormTrace
 from attnstab_cli.model.weights import LayerWeights, NormWeights
@@ -34,16 +35,9 @@ def build_attention_mask(t: int, causal: bool, window: int | None, key_padding_m
     """Boolean ``[B|1, 1, T, T]`` mask (True = attend), or None when plain ``is_causal`` / no mask suffices."""
     if window is None and key_padding_mask is None:
         return None
-    i = torch.arange(t, device=device)[:, None]
-    j = torch.arange(t, device=device)[None, :]
-    allowed = torch.ones(t, t, dtype=torch.bool, device=device)
-    if causal:
-        allowed &= j <= i
-    if window is not None:
-        allowed &= (i - j) < window
-    allowed = allowed[None, None]                                               # [1, 1, T, T]
+    allowed = compute_allowed(0, t, t, t, causal=causal, window=window, key_padding_mask=key_padding_mask,
+                              device=device)                                   # [B|1, 1, T, T]
     if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[:, None, None, :]                  # [B, 1, T, T]
         empty = ~allowed.any(dim=-1, keepdim=True)
         allowed = allowed | (empty & torch.eye(t, dtype=torch.bool, device=device))  # never a fully masked row
     return allowed

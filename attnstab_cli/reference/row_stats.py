@@ -24,6 +24,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from attnstab_cli.model.masks import compute_allowed
+
 __all__ = ["FLOAT_FIELDS", "RowStats", "attn_row_stats_ref", "check_row_stats_inputs", "compute_theta_fields"]
 
 # Budget for one chunk of logits, in elements (B · H · block_q · T_k); about 32 MB per float64 temporary.
@@ -72,28 +74,6 @@ def check_row_stats_inputs(
     if window is not None and window < 1:
         raise ValueError(f"window must be a positive int; got {window}")
     return B, H, H_kv, T_q, T_k, D
-
-
-def _key_mask(
-    i0: int, i1: int, T_q: int, T_k: int, *, causal: bool, key_padding_mask: Tensor | None, window: int | None,
-    device: torch.device,
-) -> Tensor:
-    """Allowed (query, key) pairs for query rows [i0, i1): `# [B or 1, 1, i1 − i0, T_k]`.
-
-    Query i sits at absolute position i + (T_k − T_q) (bottom-right alignment, as in SDPA). Causal: key j ≤ position;
-    window w (Mistral): position − j < w; padding: key_padding_mask[b, j] is True for real tokens.
-    """
-    pos = torch.arange(i0, i1, device=device)[:, None] + (T_k - T_q)  # [T_chunk, 1]
-    j = torch.arange(T_k, device=device)[None, :]  # [1, T_k]
-    allowed = torch.ones(i1 - i0, T_k, dtype=torch.bool, device=device)  # [T_chunk, T_k]
-    if causal:
-        allowed &= j <= pos
-    if window is not None:
-        allowed &= (pos - j) < window
-    allowed = allowed[None, None]  # [1, 1, T_chunk, T_k]
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[:, None, None, :]  # [B, 1, T_chunk, T_k]
-    return allowed
 
 
 def _prefix_crossing(p: Tensor, valid: Tensor) -> Tensor:
@@ -203,7 +183,7 @@ def attn_row_stats_ref(
         i1 = min(T_q, i0 + block_q)
         q_c = q[:, :, i0:i1].to(acc).reshape(B, H_kv, G * (i1 - i0), D)  # [B, H_kv, G·T_chunk, D]
         s = (q_c @ k_t).reshape(B, H, i1 - i0, T_k) * scale  # [B, H, T_chunk, T_k]
-        allowed = _key_mask(i0, i1, T_q, T_k, causal=causal, key_padding_mask=key_padding_mask, window=window,
-                            device=q.device)
+        allowed = compute_allowed(i0, i1, T_q, T_k, causal=causal, key_padding_mask=key_padding_mask, window=window,
+                                  device=q.device)
         parts.append(_stats_chunk(s, allowed))
     return RowStats(**{name: torch.cat([p[name] for p in parts], dim=-1) for name in parts[0]})

@@ -7,7 +7,7 @@ import torch
 from attnstab_cli.arch.layouts import orient, packed_qkv_width, split_packed_qkv
 from attnstab_cli.arch.registry import builtin_specs, infer_spec_from_tensors, spec_by_name
 from attnstab_cli.arch.spec import Orientation, QKVPacking, parse_spec
-from attnstab_cli.errors import InputError, UnsupportedError
+from attnstab_cli.errors import UnsupportedError
 
 
 def test_concat_split_is_column_blocks() -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from attnstab_cli.model.load import open_model
 from attnstab_cli.model.stream import LayerStream

@@ -3,7 +3,6 @@ rows and the min_keys rule, bin rules and report columns."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -27,15 +26,6 @@ EXACT_FIELDS = ("n_rows", "n_rows_short", "log_hist", "theta_tilde_lo", "theta_t
                 "theta_exact_count", "peaked_count")
 MOMENTS = ("theta_lo", "theta_hi", "pmax", "entropy_norm")
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small tensors: intra-op threads only add overhead, badly so on a shared 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _synthetic_rows(seed: int, rows: int) -> dict[str, torch.Tensor]:

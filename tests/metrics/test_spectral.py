@@ -20,15 +20,6 @@ F64 = torch.float64
 ROUND = 1e-12   # float64 rounding allowance for "never above" / "never below"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> object:
-    """Tiny matrices: intra-op threads only add contention (10x slower on a loaded 2-core runner)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _with_singular_values(m: int, n: int, s: list[float], seed: int) -> torch.Tensor:
     """A random ``[m, n]`` matrix with prescribed singular values ``s`` (len <= min(m, n), rest zero)."""
     g = torch.Generator().manual_seed(seed)

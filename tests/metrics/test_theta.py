@@ -8,7 +8,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -29,15 +28,6 @@ from attnstab_cli.metrics.theta import (
 
 ROUND = 1e-15
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small tensors: intra-op threads only add overhead, badly so on a shared 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -30,15 +30,6 @@ norm2 = lambda w: torch.linalg.matrix_norm(w.to(F64), ord=2).item()
 cond = lambda w: torch.linalg.cond(w.to(F64), p=2).item()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> object:
-    """Tiny matrices: intra-op threads only add contention on a loaded 2-core runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------------------------- hand-built models
 
 def make_config(*, d: int = 10, n_heads: int = 4, n_kv_heads: int = 2, head_dim: int = 6, d_ff: int = 12,
