@@ -19,6 +19,7 @@ from attnstab_cli.errors import UsageError
 from attnstab_cli.kernel_dispatch import resolve_kernel
 from attnstab_cli.metrics.magnitudes import MagnitudeObserver
 from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
+from attnstab_cli.metrics.weights_scan import WeightObserver
 from attnstab_cli.model.load import OpenModel
 from attnstab_cli.model.stream import LayerStream
 from attnstab_cli.model.traces import LayerTrace
@@ -74,7 +75,8 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     kernel = resolve_kernel(opts.kernel, device)
     magnitudes = MagnitudeObserver()
     theta = ThetaObserver(model.cfg.n_heads, model.cfg.n_kv_heads, replace(opts.theta, kernel=kernel))
-    observers: dict[str, Observer] = {"magnitudes": magnitudes, "theta": theta}
+    weights = WeightObserver(model.cfg, max_offset=max(calib.seq_len, 1))   # offsets present in the mask (§5.5)
+    observers: dict[str, Observer] = {"magnitudes": magnitudes, "theta": theta, "weights": weights}
     spent = dict.fromkeys(observers, 0.0)
     t0 = time.perf_counter()
     stream = LayerStream(model, list(calib.batches), device, dtype)
@@ -97,10 +99,39 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
                        "slack": theta.opts.slack, "refined_rows": theta.refined_rows,
                        "unrefined_rows": theta.unrefined_rows},
              "peak_resident_weight_bytes": model.reader.peak_live_bytes}
-    return ScanResult({"layers": magnitudes.records(), "heads": theta.records()}, final, timings, facts)
+    tables = {"layers": merge_records(magnitudes.records(), weights.layers, key=("layer",)),
+              "heads": merge_records(theta.records(), weights.heads, key=("layer", "head")),
+              "model": [weights.model_record()]}
+    return ScanResult(tables, final, timings, facts)
 
 
-def build_manifest(model: OpenModel, calib: CalibrationSet, result: ScanResult, seed: int) -> dict[str, Any]:
+def run_weights_only(model: OpenModel, opts: ScanOptions,
+                     on_step: Callable[[int, int], None] | None = None) -> ScanResult:
+    """``scan --weights-only``: the weight metrics of every layer, one layer resident at a time, no text."""
+    device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
+    weights = WeightObserver(model.cfg)
+    loader = model.loader(device, dtype)
+    t0 = time.perf_counter()
+    for layer in range(model.cfg.n_layers):
+        weights.observe_weights(loader.layer(layer))
+        if on_step:
+            on_step(layer, 0)
+    timings = {"total_s": time.perf_counter() - t0}
+    facts = {"device": str(device), "dtype": opts.dtype, "weights_only": True,
+             "peak_resident_weight_bytes": model.reader.peak_live_bytes}
+    tables = {"layers": weights.layers, "heads": weights.heads, "model": [weights.model_record()]}
+    return ScanResult(tables, [], timings, facts)
+
+
+def merge_records(left: list[dict[str, Any]], right: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Join two record lists on ``key`` (both hold one record per key; ``left`` sets the order)."""
+    by_key = {tuple(r[k] for k in key): r for r in right}
+    if len(by_key) != len(right) or {tuple(r[k] for k in key) for r in left} != set(by_key):
+        raise ValueError(f"records disagree on their {key} keys")
+    return [{**r, **by_key[tuple(r[k] for k in key)]} for r in left]
+
+
+def build_manifest(model: OpenModel, calib: CalibrationSet | None, result: ScanResult, seed: int) -> dict[str, Any]:
     """Everything needed to reproduce or compare a report (STYLE.md, "Reports")."""
     from attnstab_cli.model.describe import describe_checkpoint
 
@@ -115,8 +146,9 @@ def build_manifest(model: OpenModel, calib: CalibrationSet, result: ScanResult, 
         "schema_version": "1",
         "tool": {"name": "attnstab", "version": __version__},
         "checkpoint": {**describe_checkpoint(model), "config_sha256": config_hash},
-        "calibration": {"source": calib.source, "token_sha256": calib.token_hash, "n_tokens": calib.n_tokens,
-                        "n_sequences": calib.n_sequences, "seq_len": calib.seq_len, "seed": seed},
+        "calibration": None if calib is None else {
+            "source": calib.source, "token_sha256": calib.token_hash, "n_tokens": calib.n_tokens,
+            "n_sequences": calib.n_sequences, "seq_len": calib.seq_len, "seed": seed},
         "run": {**result.facts, "timings": result.timings, "torch": torch.__version__, "triton": triton_version,
                 "python": platform.python_version()},
     }

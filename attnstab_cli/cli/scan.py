@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from attnstab_cli.calibration.build import CalibrationRequest, build_calibration
@@ -18,7 +19,8 @@ from attnstab_cli.metrics.theta_scan import ThetaOptions
 from attnstab_cli.model.load import open_model
 from attnstab_cli.report.summary import render_summary
 from attnstab_cli.report.write import check_output_dir, write_report
-from attnstab_cli.scan import ScanOptions, build_manifest, resolve_device, resolve_dtype, run_scan
+from attnstab_cli.scan import (ScanOptions, build_manifest, resolve_device, resolve_dtype, run_scan,
+                               run_weights_only)
 
 
 def parse_theta_rows(value: str) -> int | None:
@@ -65,6 +67,9 @@ def scan(
         "--top-k", min=0, max=20, help="k of the top-k θ upper bound (2^k subset sums per refined row).")] = 14,
     theta_slack: Annotated[float, typer.Option(
         "--theta-slack", min=0.0, max=0.5, help="Widening of every θ interval for float32 rounding of q, k.")] = 1e-6,
+    weights_only: Annotated[bool, typer.Option(
+        "--weights-only", help="Only the weight metrics (norms, condition numbers, FFN and norm-layer facts): no "
+                               "calibration text, one layer resident at a time.")] = False,
     arch: Arch = None, n_heads: NHeads = None, n_kv_heads: NKVHeads = None, norm_eps: NormEps = None,
     rope_theta: RopeTheta = None, json_out: Json = False, quiet: Quiet = False,
 ) -> None:
@@ -73,23 +78,36 @@ def scan(
         check_output_dir(out, force)
     resolve_kernel(kernel, resolve_device(device)), resolve_dtype(dtype), parse_theta_rows(theta_rows)
     model = open_model(checkpoint, arch, config_overrides(n_heads, n_kv_heads, norm_eps, rope_theta))
+    err = stderr_console()
+    if weights_only:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, disable=quiet or not err.is_terminal, transient=True) as progress:
+            task = progress.add_task("layers", total=model.cfg.n_layers)
+            result = run_weights_only(model, ScanOptions(device=device, dtype=dtype),
+                                      on_step=lambda layer, batch: progress.advance(task))
+        _publish(out, force, quiet, json_out, build_manifest(model, None, result, seed), result.tables, err)
+        return
     req = CalibrationRequest(calib=calib, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                              batches=batches, seed=seed)
     cal = build_calibration(req, model.cfg.vocab_size, model.cfg.max_positions, model.tokenizer_path, checkpoint)
     theta = ThetaOptions(min_keys=min_keys, tol=theta_tol, rows_per_head=parse_theta_rows(theta_rows),
                          top_k=top_k, slack=theta_slack, seed=seed)
     opts = ScanOptions(device=device, dtype=dtype, kernel=kernel, theta=theta)
-    err = stderr_console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, disable=quiet or not err.is_terminal, transient=True) as progress:
         task = progress.add_task("layers x batches", total=model.cfg.n_layers * len(cal.batches))
         result = run_scan(model, cal, opts, on_step=lambda layer, batch: progress.advance(task))
-    manifest = build_manifest(model, cal, result, seed)
+    _publish(out, force, quiet, json_out, build_manifest(model, cal, result, seed), result.tables, err)
+
+
+def _publish(out: Path | None, force: bool, quiet: bool, json_out: bool, manifest: dict, tables: dict,
+             err: Console) -> None:
+    """Write the report (atomically) and print it as JSON or as the rich summary."""
     if out is not None:
-        write_report(out, result.tables, manifest, force=force)
+        write_report(out, tables, manifest, force=force)
         if not quiet:
             err.print(f"report written to {out}", highlight=False)
     if json_out:
-        print_json({"manifest": manifest, **result.tables})
+        print_json({"manifest": manifest, **tables})
     else:
-        render_summary(stdout_console(), manifest, result.tables)
+        render_summary(stdout_console(), manifest, tables)

@@ -63,6 +63,7 @@ class LayerStream:
             weights = self.loader.layer(layer)
             for bi, h in enumerate(self.hidden):
                 trace = run_layer(h, weights, self.cfg, layer, bi, self._rope(h.shape[1]), self.masks[bi])
+                trace.weights = weights                                       # a reference: still one layer resident
                 self.hidden[bi] = trace.resid_out
                 yield trace
                 del trace

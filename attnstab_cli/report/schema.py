@@ -30,6 +30,24 @@ LAYER_COLUMNS: tuple[Column, ...] = (
     Column("norm1_min_var", F64, "variance",
            "smallest per-token variance (LayerNorm) or mean square (RMSNorm) at the first norm's input"),
     Column("norm2_min_var", F64, "variance", "the same at the second norm's input"),
+    Column("wq_full_norm", F64, "l2 operator", "spectral norm of the full W_Q [d, H*D]"),
+    Column("wk_full_norm", F64, "l2 operator", "spectral norm of the full W_K [d, H_kv*D]"),
+    Column("wv_full_norm", F64, "l2 operator", "spectral norm of the full W_V [d, H_kv*D]"),
+    Column("wo_full_norm", F64, "l2 operator", "spectral norm of the full W_O [H*D, d]"),
+    Column("proj_product_layer", F64, "1", "||W_Q|| ||W_K|| ||W_V|| ||W_O||, full matrices (THEORY §12)"),
+    Column("alpha_geo", F64, "1", "geometric-mean projection norm proj_product_layer^(1/4) (THEORY §10)"),
+    Column("kappa_eff", F64, "1", "kappa(W1) + kappa(W2) + kappa(W_O), kappa = s_max / (s_min + 1e-6) (THEORY §13)"),
+    Column("ffn_w1_norm", F64, "l2 operator", "spectral norm of the FFN input matrix ([W_gate W_up] when gated)"),
+    Column("ffn_w2_norm", F64, "l2 operator", "spectral norm of the FFN output matrix"),
+    Column("ffn_gate_norm", F64, "l2 operator", "spectral norm of W_gate (gated FFN; null otherwise)"),
+    Column("ffn_up_norm", F64, "l2 operator", "spectral norm of W_up (gated FFN; null otherwise)"),
+    Column("ffn_gate_norm_2inf", F64, "2->inf", "largest column l2 norm of W_gate (THEORY §6.2; null if not gated)"),
+    Column("ffn_up_norm_2inf", F64, "2->inf", "largest column l2 norm of W_up (THEORY §6.2; null if not gated)"),
+    Column("norm1_gamma_max", F64, "1", "max |gamma| of the first norm"),
+    Column("norm1_beta_norm", F64, "l2", "l2 norm of the first norm's beta (null for RMSNorm)"),
+    Column("norm2_gamma_max", F64, "1", "max |gamma| of the second norm"),
+    Column("norm2_beta_norm", F64, "l2", "l2 norm of the second norm's beta (null for RMSNorm)"),
+    Column("norm_eps", F64, "variance", "the norms' epsilon"),
 )
 
 HEAD_COLUMNS: tuple[Column, ...] = (
@@ -58,9 +76,26 @@ HEAD_COLUMNS: tuple[Column, ...] = (
     Column("entropy_mean", F64, "nats", "mean row entropy"),
     Column("theta_wide_rows", I64, "rows",
            "rows (of all) whose interval stayed wider than theta_tol: not refined within --theta-rows"),
+    Column("wq_norm", F64, "l2 operator", "spectral norm of the head slice W_Q^h [d, D] (THEORY §5.1)"),
+    Column("wk_norm", F64, "l2 operator", "spectral norm of W_K of the head's KV head"),
+    Column("wv_norm", F64, "l2 operator", "spectral norm of W_V of the head's KV head"),
+    Column("wo_norm", F64, "l2 operator", "spectral norm of the head's row block W_O^h [D, d]"),
+    Column("bq_norm", F64, "l2", "l2 norm of the head's query bias (null without one)"),
+    Column("bk_rot_norm", F64, "l2", "l2 norm of the rotary coordinates of the KV head's key bias (THEORY §5.4)"),
+    Column("qk_norm", F64, "l2 operator",
+           "||W_Q^h W_K^g^T||_2; with RoPE the max over the offsets the mask allows (THEORY §5.5)"),
+    Column("proj_product", F64, "1", "||W_Q^h|| ||W_K^g|| ||W_V^g|| ||W_O|| (full W_O, THEORY §5.2)"),
+    Column("kappa_wq", F64, "1", "condition number s_max/s_min of W_Q^h (THEORY §14)"),
+    Column("kappa_wk", F64, "1", "condition number of W_K^g"),
+    Column("kappa_wv", F64, "1", "condition number of W_V^g"),
 )
 
-TABLES: dict[str, tuple[Column, ...]] = {"layers": LAYER_COLUMNS, "heads": HEAD_COLUMNS}
+MODEL_COLUMNS: tuple[Column, ...] = (
+    Column("n_layers", I64, "layers", "number of layers N"),
+    Column("depth_budget", F64, "1", "N * max_l proj_product_layer (THEORY §10; a diagnostic, no threshold)"),
+)
+
+TABLES: dict[str, tuple[Column, ...]] = {"layers": LAYER_COLUMNS, "heads": HEAD_COLUMNS, "model": MODEL_COLUMNS}
 
 
 def arrow_schema(table: str) -> pa.Schema:

@@ -14,21 +14,28 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 
 
 def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]]]) -> None:
-    """Model line, calibration line and the per-layer table."""
+    """Model line, calibration line, the per-layer table and, after a calibrated scan, the θ views."""
     ck, cal = manifest["checkpoint"], manifest["calibration"]
     console.print(f"[bold]{ck['checkpoint']}[/]  {ck['family']}  {ck['n_layers']} layers  d={ck['d_model']}  "
                   f"heads={ck['n_heads']}/{ck['n_kv_heads']}  {ck['norm']} {ck['placement']}", highlight=False)
-    console.print(f"calibration: {cal['source']}  {cal['n_sequences']} x {cal['seq_len']} tokens  "
-                  f"sha256 {cal['token_sha256'][:12]}", highlight=False)
-    table = Table(title="per layer", title_justify="left")
-    for col in ("layer", "|h| mean", "|h| max", "R2 attn in", "R2 ffn in", "min var 1", "min var 2"):
-        table.add_column(col, justify="right")
-    for r in tables["layers"]:
-        table.add_row(str(r["layer"]), _fmt(r["r_resid_mean"]), _fmt(r["r_resid_max"]), _fmt(r["r2_in"]),
-                      _fmt(r["r2_ffn_in"]), _fmt(r["norm1_min_var"]), _fmt(r["norm2_min_var"]))
-    console.print(table)
+    if cal is None:
+        console.print("weights only: no calibration text", highlight=False)
+    else:
+        console.print(f"calibration: {cal['source']}  {cal['n_sequences']} x {cal['seq_len']} tokens  "
+                      f"sha256 {cal['token_sha256'][:12]}", highlight=False)
+    if cal is not None:
+        _layer_table(console, "activations per layer", tables["layers"], {
+            "r_resid_mean": "|h| mean", "r_resid_max": "|h| max", "r2_in": "R2 attn in", "r2_ffn_in": "R2 ffn in",
+            "norm1_min_var": "min var 1", "norm2_min_var": "min var 2"})
+    _layer_table(console, "weights per layer", tables["layers"], {
+        "proj_product_layer": "Π = ‖Q‖‖K‖‖V‖‖O‖", "alpha_geo": "Π^¼", "kappa_eff": "κ_eff", "ffn_w1_norm": "‖W1‖",
+        "ffn_w2_norm": "‖W2‖", "norm1_gamma_max": "max|γ1|", "norm2_gamma_max": "max|γ2|"})
+    model = (tables.get("model") or [{}])[0]
+    if model.get("depth_budget") is not None:
+        console.print(f"depth budget N·max Π = {model['depth_budget']:.4g} (THEORY §10: a diagnostic, no threshold)",
+                      highlight=False)
     heads = tables.get("heads") or []
-    if heads:
+    if heads and cal is not None:
         console.print(theta_heatmap(heads))
         console.print(notable_heads(heads))
         theta = manifest.get("run", {}).get("theta", {})
@@ -38,3 +45,13 @@ def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str,
                       f"{theta.get('refined_rows', 0)} rows refined by A1 or A2+A3; {wide} rows still wider than "
                       f"{theta.get('tol')}" + (f", {unrefined} of them beyond --theta-rows" if unrefined else ""),
                       highlight=False)
+
+
+def _layer_table(console: Console, title: str, rows: list[dict[str, Any]], columns: dict[str, str]) -> None:
+    table = Table(title=title, title_justify="left")
+    table.add_column("layer", justify="right")
+    for heading in columns.values():
+        table.add_column(heading, justify="right")
+    for r in rows:
+        table.add_row(str(r["layer"]), *(_fmt(r.get(c)) for c in columns))
+    console.print(table)

@@ -136,3 +136,19 @@ def test_unknown_device_and_dtype_are_usage_errors(tiny_checkpoints: dict, monke
                  ("--theta-rows", "-3"), ("--device", "cpu", "--kernel", "triton")):
         result = invoke("scan", path, "--calib", "random", *args, "--quiet")
         assert result.exit_code == 2 and result.stderr.startswith("Error:")
+
+
+def test_weights_only_scan(tiny_checkpoints: dict, tmp_path: Path) -> None:
+    """--weights-only reads no text (the model has no tokenizer) and writes the weight columns only."""
+    path, ref = tiny_checkpoints["llama"]
+    out = tmp_path / "report"
+    result = invoke("scan", path, "--weights-only", "--out", out, "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["manifest"]["calibration"] is None
+    heads = pq.read_table(out / "heads.parquet").to_pylist()
+    assert len(heads) == ref.config.num_hidden_layers * ref.config.num_attention_heads
+    assert all(r["wq_norm"] > 0 and r["theta_mean"] is None for r in heads)
+    model = pq.read_table(out / "model.parquet").to_pylist()
+    assert model[0]["n_layers"] == ref.config.num_hidden_layers and model[0]["depth_budget"] > 0
+    assert "weights only" in invoke("scan", path, "--weights-only").stdout

@@ -32,7 +32,7 @@ def test_sample_is_small_trained_and_scans(name: str, tmp_path: Path) -> None:
     out = tmp_path / "report"
     result = invoke("scan", path, "--seq-len", "64", "--batch-size", "2", "--batches", "1", "--out", out, "--quiet")
     assert result.exit_code == 0, result.stderr
-    assert {p.name for p in out.iterdir()} == {"layers.parquet", "heads.parquet", "manifest.json"}
+    assert {p.name for p in out.iterdir()} == {"layers.parquet", "heads.parquet", "model.parquet", "manifest.json"}
 
 
 def test_steps_of_one_run_differ() -> None:

@@ -1,0 +1,40 @@
+"""Weight-only metrics of every layer, computed once per layer while its weights are resident (issue 4, item 1).
+
+In a calibrated scan the layer stream hands each trace its :class:`LayerWeights`; ``--weights-only`` walks the layers
+with the loader alone and never runs text. The RoPE-aware ``qk_norm`` (THEORY §5.5) takes its maximum over the
+offsets present in the mask: those of the calibration length in a calibrated scan, of the model's maximum positions
+in a weights-only scan.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from attnstab_cli.metrics.weights_metrics import compute_depth_budget, compute_weight_metrics
+from attnstab_cli.model.config import ModelConfig
+from attnstab_cli.model.traces import LayerTrace
+from attnstab_cli.model.weights import LayerWeights
+
+
+class WeightObserver:
+    """Per-head and per-layer weight records, one layer at a time."""
+
+    def __init__(self, cfg: ModelConfig, max_offset: int | None = None) -> None:
+        self.cfg, self.max_offset = cfg, max_offset
+        self.heads: list[dict[str, Any]] = []
+        self.layers: list[dict[str, Any]] = []
+
+    def observe(self, trace: LayerTrace) -> None:
+        """Measure a trace's layer once (on its first batch)."""
+        if trace.batch == 0 and trace.weights is not None:
+            self.observe_weights(trace.weights)
+
+    def observe_weights(self, w: LayerWeights) -> None:
+        heads, layer = compute_weight_metrics(w, self.cfg, w.layer, max_offset=self.max_offset)
+        self.heads.extend(asdict(h) for h in heads)
+        self.layers.append(asdict(layer))
+
+    def model_record(self) -> dict[str, Any]:
+        """Model-level totals (THEORY §10): ``depth_budget`` = N · max_l Π_l."""
+        return {"n_layers": self.cfg.n_layers,
+                "depth_budget": compute_depth_budget(self.layers, self.cfg.n_layers) if self.layers else None}
