@@ -25,12 +25,13 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import multiprocessing  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -403,6 +404,13 @@ def train_run(
 # --------------------------------------------------------------------------- main
 
 
+def _one_thread() -> None:
+    """Worker start-up: the same single-threaded, deterministic settings as the parent."""
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+    torch.use_deterministic_algorithms(True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, train the tokenizer, then train and save the requested runs."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -410,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=ALL_NAMES, metavar="NAME",
                         help=f"checkpoint to (re)generate; repeatable. One of: {', '.join(ALL_NAMES)}")
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="directory of *.txt training text")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                        help="training runs in parallel, one process and one thread each (default: min(4, CPUs)); "
+                             "the output does not depend on it")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -426,9 +437,16 @@ def main(argv: list[str] | None = None) -> int:
 
     wanted = set(args.only or ALL_NAMES)
     args.out.mkdir(parents=True, exist_ok=True)
-    for key, run in RUNS.items():
-        if any(wanted.intersection(names) for names in run.saves.values()):
-            train_run(key, run, data, corpus, tok_json, args.out, wanted)
+    todo = [key for key, run in RUNS.items() if any(wanted.intersection(names) for names in run.saves.values())]
+    jobs = [(key, RUNS[key], data, corpus, tok_json, args.out, wanted) for key in todo]
+    if args.jobs <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            train_run(*job)
+    else:  # each run is seeded on its own and single-threaded: running them side by side changes nothing
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_one_thread) as pool:
+            for future in [pool.submit(train_run, *job) for job in jobs]:
+                future.result()
     print(f"done in {time.perf_counter() - t0:.1f}s", flush=True)
     return 0
 
