@@ -28,8 +28,8 @@ from attnstab_cli.model.masks import compute_allowed
 
 __all__ = ["FLOAT_FIELDS", "RowStats", "attn_row_stats_ref", "check_row_stats_inputs", "compute_theta_fields"]
 
-# Budget for one chunk of logits, in elements (B · H · block_q · T_k); about 32 MB per float64 temporary.
-_CHUNK_ELEMENTS = 1 << 22
+# Budget for one chunk of logits, in elements (B · H · block_q · T_k): 4 MiB per float32 temporary, 8 MiB in float64.
+_CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
