@@ -18,6 +18,7 @@ from attnstab_cli.calibration.sources import CalibrationSet
 from attnstab_cli.errors import UsageError
 from attnstab_cli.kernel_dispatch import resolve_kernel
 from attnstab_cli.metrics.magnitudes import MagnitudeObserver
+from attnstab_cli.metrics.sensitivity import ScaleObserver, compute_sensitivity
 from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
 from attnstab_cli.metrics.weights_scan import WeightObserver
 from attnstab_cli.model.load import OpenModel
@@ -76,7 +77,8 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     magnitudes = MagnitudeObserver()
     theta = ThetaObserver(model.cfg.n_heads, model.cfg.n_kv_heads, replace(opts.theta, kernel=kernel))
     weights = WeightObserver(model.cfg, max_offset=max(calib.seq_len, 1))   # offsets present in the mask (§5.5)
-    observers: dict[str, Observer] = {"magnitudes": magnitudes, "theta": theta, "weights": weights}
+    scales = ScaleObserver()
+    observers: dict[str, Observer] = {"magnitudes": magnitudes, "theta": theta, "weights": weights, "scales": scales}
     spent = dict.fromkeys(observers, 0.0)
     t0 = time.perf_counter()
     stream = LayerStream(model, list(calib.batches), device, dtype)
@@ -99,10 +101,10 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
                        "slack": theta.opts.slack, "refined_rows": theta.refined_rows,
                        "unrefined_rows": theta.unrefined_rows},
              "peak_resident_weight_bytes": model.reader.peak_live_bytes}
-    tables = {"layers": merge_records(magnitudes.records(), weights.layers, key=("layer",)),
-              "heads": merge_records(theta.records(), weights.heads, key=("layer", "head")),
-              "model": [weights.model_record()]}
-    return ScanResult(tables, final, timings, facts)
+    layers = merge_records(magnitudes.records(), weights.layers, key=("layer",))
+    heads = merge_records(theta.records(), weights.heads, key=("layer", "head"))
+    layers = merge_records(layers, compute_sensitivity(layers, heads, scales.scales), key=("layer",))
+    return ScanResult({"layers": layers, "heads": heads, "model": [weights.model_record()]}, final, timings, facts)
 
 
 def run_weights_only(model: OpenModel, opts: ScanOptions,

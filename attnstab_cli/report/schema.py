@@ -48,6 +48,14 @@ LAYER_COLUMNS: tuple[Column, ...] = (
     Column("norm2_gamma_max", F64, "1", "max |gamma| of the second norm"),
     Column("norm2_beta_norm", F64, "l2", "l2 norm of the second norm's beta (null for RMSNorm)"),
     Column("norm_eps", F64, "variance", "the norms' epsilon"),
+    Column("attn_scale", F64, "1", "softmax scale s of the layer's logits s q.k"),
+    Column("theta_bar", F64, "1", "mean over heads of theta_mean (THEORY §12)"),
+    Column("sens_proxy_resid", F64, "1", "2 s theta_bar r_resid_mean^2 proj_product_layer (THEORY §12)"),
+    Column("sens_proxy_ln", F64, "1", "2 s theta_bar r_ln_mean^2 proj_product_layer (THEORY §12)"),
+    Column("sens_log_theta", F64, "log", "log theta_bar: the θ term of log sens_proxy_*"),
+    Column("sens_log_proj", F64, "log", "log proj_product_layer: the projection term of log sens_proxy_*"),
+    Column("sens_log_r2_resid", F64, "log", "2 log r_resid_mean: the magnitude term of log sens_proxy_resid"),
+    Column("sens_log_r2_ln", F64, "log", "2 log r_ln_mean: the magnitude term of log sens_proxy_ln"),
 )
 
 HEAD_COLUMNS: tuple[Column, ...] = (

@@ -6,6 +6,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from attnstab_cli.metrics.sensitivity import describe_depth_rule
 from attnstab_cli.report.heatmap import notable_heads, theta_heatmap
 
 
@@ -30,10 +31,13 @@ def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str,
     _layer_table(console, "weights per layer", tables["layers"], {
         "proj_product_layer": "Π = ‖Q‖‖K‖‖V‖‖O‖", "alpha_geo": "Π^¼", "kappa_eff": "κ_eff", "ffn_w1_norm": "‖W1‖",
         "ffn_w2_norm": "‖W2‖", "norm1_gamma_max": "max|γ1|", "norm2_gamma_max": "max|γ2|"})
+    if cal is not None:
+        _layer_table(console, "attention sensitivity proxy S = 2sθ̄R²Π (THEORY §12)", tables["layers"], {
+            "theta_bar": "θ̄", "sens_proxy_resid": "S (R = resid)", "sens_proxy_ln": "S (R = normed)"})
     model = (tables.get("model") or [{}])[0]
     if model.get("depth_budget") is not None:
-        console.print(f"depth budget N·max Π = {model['depth_budget']:.4g} (THEORY §10: a diagnostic, no threshold)",
-                      highlight=False)
+        console.print(describe_depth_rule(model["n_layers"], [r["alpha_geo"] for r in tables["layers"]],
+                                          model["depth_budget"]), highlight=False)
     heads = tables.get("heads") or []
     if heads and cal is not None:
         console.print(theta_heatmap(heads))
