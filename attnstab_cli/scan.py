@@ -17,6 +17,7 @@ from attnstab_cli import __version__
 from attnstab_cli.calibration.sources import CalibrationSet
 from attnstab_cli.errors import UsageError
 from attnstab_cli.kernel_dispatch import resolve_kernel
+from attnstab_cli.metrics.fragility import FragilityObserver
 from attnstab_cli.metrics.magnitudes import MagnitudeObserver
 from attnstab_cli.metrics.sensitivity import ScaleObserver, compute_sensitivity
 from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
@@ -78,7 +79,9 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     theta = ThetaObserver(model.cfg.n_heads, model.cfg.n_kv_heads, replace(opts.theta, kernel=kernel))
     weights = WeightObserver(model.cfg, max_offset=max(calib.seq_len, 1))   # offsets present in the mask (§5.5)
     scales = ScaleObserver()
-    observers: dict[str, Observer] = {"magnitudes": magnitudes, "theta": theta, "weights": weights, "scales": scales}
+    fragility = FragilityObserver(model.cfg.d_model, n_batches=len(calib.batches), seed=opts.theta.seed)
+    observers: dict[str, Observer] = {"magnitudes": magnitudes, "theta": theta, "weights": weights, "scales": scales,
+                                      "fragility": fragility}
     spent = dict.fromkeys(observers, 0.0)
     t0 = time.perf_counter()
     stream = LayerStream(model, list(calib.batches), device, dtype)
@@ -104,7 +107,10 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     layers = merge_records(magnitudes.records(), weights.layers, key=("layer",))
     heads = merge_records(theta.records(), weights.heads, key=("layer", "head"))
     layers = merge_records(layers, compute_sensitivity(layers, heads, scales.scales), key=("layer",))
-    return ScanResult({"layers": layers, "heads": heads, "model": [weights.model_record()]}, final, timings, facts)
+    nf_layers, nf_model = fragility.records(layers)
+    layers = merge_records(layers, nf_layers, key=("layer",))
+    model_row = {**weights.model_record(), **nf_model}
+    return ScanResult({"layers": layers, "heads": heads, "model": [model_row]}, final, timings, facts)
 
 
 def run_weights_only(model: OpenModel, opts: ScanOptions,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from attnstab_cli.calibration.sources import CalibrationSet
-from attnstab_cli.metrics.theta_scan import ROW_STATS_SLACK, ThetaOptions
+from attnstab_cli.metrics.theta_scan import ThetaOptions
 from attnstab_cli.model.load import open_model
 from attnstab_cli.scan import ScanOptions, run_scan
 
@@ -59,7 +59,7 @@ def main() -> int:
                                                                      runs["cuda/triton"]["heads"]))
              for c in COLUMNS}
     report = {"checkpoint": str(args.checkpoint or "gpt2-small (random)"), "tokens": list(ids.shape),
-              "max_abs_diff_cpu_vs_triton": worst, "row_stats_slack": ROW_STATS_SLACK,
+              "max_abs_diff_cpu_vs_triton": worst,
               "timings": {k: v["timings"] for k, v in runs.items()},
               "refined_rows": {k: v["facts"]["theta"]["refined_rows"] for k, v in runs.items()},
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

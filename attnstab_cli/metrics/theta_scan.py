@@ -3,11 +3,13 @@
 Per (layer, batch):
 
 1. **Row statistics** (fused Triton kernel on CUDA, chunked torch reference elsewhere; both accumulate in the compute
-   dtype, float32 by default) give every row's key count, the stream lower bound max(4p(1−p), 1−p², natural-order
-   prefix crossing), widened by ``ROW_STATS_SLACK`` in float32, and which rows are not yet pinned to ``tol``.
+   dtype, float32 by default) give every row's key count and which rows the streaming interval does not yet pin to
+   ``tol``: the candidates for refinement.
 2. **Float64 rows.** Per query block (all heads, never an n × n matrix per head set) the probabilities are formed in
-   float64 from the recorded q, k: p_max, 1 − p_max (accumulated) and entropy; θ exactly where p_max ≥ ½; the paper's
-   sorted-prefix estimate A5 for every row, a concrete subset and so also a lower bound; θ_hi = 1 elsewhere.
+   float64 from the recorded q, k: p_max, 1 − p_max (accumulated) and entropy; θ exactly where p_max ≥ ½; elsewhere
+   θ_lo the best of the same streaming bounds recomputed in float64 — max(4p(1−p), (1−p)(1+p)) and the natural-order
+   prefix crossing — and the paper's sorted-prefix estimate A5 (computed for every row; a concrete subset, so also a
+   lower bound); θ_hi = 1.
 3. **Refinement.** Among the rows step 1 left wider than ``tol``: A1 (n ≤ 20) or A2 + A3, for all rows with n ≤ 20
    and up to ``rows_per_head`` others per head and sequence (a seeded random choice when more qualify, so means stay
    unbiased; ``None`` refines every wide row).
@@ -26,9 +28,9 @@ from attnstab_cli.metrics.aggregate import EXACT_WIDTH, HeadAggregate
 from attnstab_cli.metrics.theta import (DEFAULT_TOP_K, EXACT_MAX_KEYS, THETA_SLACK, compute_balanced,
                                         compute_pmax_entropy, compute_theta_interval, compute_theta_paper)
 from attnstab_cli.model.masks import compute_allowed
+from attnstab_cli.reference.row_stats import compute_prefix_crossing
 from attnstab_cli.model.traces import AttentionTrace, LayerTrace
 
-ROW_STATS_SLACK = 1e-5      # widening of the stream θ_lo when accumulated in float32 (§3.5: good to ~1e-6)
 _BLOCK_ELEMENTS = 1 << 20   # float64 probabilities per query block, all heads together (8 MiB)
 
 
@@ -75,22 +77,19 @@ class ThetaObserver:
         a, o = trace.attn, self.opts
         stats = attn_row_stats(a.q, a.k, a.scale, causal=a.causal, key_padding_mask=a.key_padding_mask,
                                window=a.window, kernel=o.kernel)
-        extra = 0.0 if stats.theta_lo.dtype == torch.float64 else ROW_STATS_SLACK
-        lo_stream = (stats.theta_lo.double().cpu() - extra).clamp_min(0.0)  # [B, H, T], certified lower bound
         wide_stream = (stats.theta_hi_stream - stats.theta_lo).cpu() > o.tol  # [B, H, T], refinement candidates
         n_keys = stats.n_keys.cpu()
         agg = self.layers.setdefault(trace.layer, HeadAggregate.create(self.n_heads, min_keys=o.min_keys))
         wide = self.wide_rows.setdefault(trace.layer, torch.zeros(self.n_heads, dtype=torch.int64))
         for b in range(a.q.shape[0]):
-            rows = self._measure_sequence(a, b, n_keys[b], lo_stream[b], wide_stream[b])
+            rows = self._measure_sequence(a, b, n_keys[b], wide_stream[b])
             width = rows["hi"] - rows["lo"]
             wide += (width > o.tol).sum(-1)
             agg.update(None, theta_lo=(rows["lo"] - o.slack).clamp(0.0, 1.0),
                        theta_hi=(rows["hi"] + o.slack).clamp(0.0, 1.0), pmax=rows["pmax"], entropy=rows["entropy"],
                        n_keys=n_keys[b], theta_paper=rows["paper"], exact=width <= EXACT_WIDTH)
 
-    def _measure_sequence(self, a: AttentionTrace, b: int, n_keys: Tensor, lo_stream: Tensor,
-                          wide_stream: Tensor) -> dict[str, Tensor]:
+    def _measure_sequence(self, a: AttentionTrace, b: int, n_keys: Tensor, wide_stream: Tensor) -> dict[str, Tensor]:
         """Float64 per-row values ``[H, T]`` of sequence ``b`` (lo, hi, pmax, entropy, paper), one query block at a
         time: p_max, 1 − p_max and entropy from the rows, θ exact where p_max ≥ ½, A5 for every row, A1 or A2 + A3
         for the chosen rows among those the row-statistics path left wider than ``tol``."""
@@ -108,7 +107,10 @@ class ThetaObserver:
             exact = compute_balanced(st.pmax, st.one_minus_pmax).view(shape)
             peaked = (st.pmax >= st.one_minus_pmax).view(shape)             # p_max ≥ ½, or fewer than 2 keys
             paper = compute_theta_paper(p.flatten(0, 1)).view(shape).cpu()
-            lo = torch.where(peaked, exact, torch.maximum(lo_stream[:, rows], paper))
+            rest = st.one_minus_pmax                                        # accumulated, no cancellation
+            bound = torch.maximum(4.0 * st.pmax * rest, rest * (1.0 + st.pmax)).view(shape)  # §2.4(3), float64
+            prefix = compute_prefix_crossing(p, p > 0).cpu()                 # natural key order, float64
+            lo = torch.where(peaked, exact, torch.maximum(torch.maximum(prefix, paper), bound))
             hi = torch.where(peaked, exact, 1.0)
             pick = chosen[:, rows] & ~peaked
             if bool(pick.any()):

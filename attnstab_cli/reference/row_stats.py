@@ -26,7 +26,8 @@ from torch import Tensor
 
 from attnstab_cli.model.masks import compute_allowed
 
-__all__ = ["FLOAT_FIELDS", "RowStats", "attn_row_stats_ref", "check_row_stats_inputs", "compute_theta_fields"]
+__all__ = ["FLOAT_FIELDS", "RowStats", "attn_row_stats_ref", "check_row_stats_inputs", "compute_prefix_crossing",
+           "compute_theta_fields"]
 
 # Budget for one chunk of logits, in elements (B · H · block_q · T_k): 4 MiB per float32 temporary, 8 MiB in float64.
 _CHUNK_ELEMENTS = 1 << 20
@@ -76,7 +77,7 @@ def check_row_stats_inputs(
     return B, H, H_kv, T_q, T_k, D
 
 
-def _prefix_crossing(p: Tensor, valid: Tensor) -> Tensor:
+def compute_prefix_crossing(p: Tensor, valid: Tensor) -> Tensor:
     """Natural-order prefix crossing (§2.4.2, §3.5): `p`, `valid` `# [..., T_k]` -> `# [...]`.
 
     j* is the first key with c_{j*} = Σ_{j≤j*} p_j ≥ ½. The prefixes {j < j*} and {j ≤ j*} are concrete subsets, each
@@ -124,7 +125,7 @@ def _stats_chunk(s: Tensor, allowed: Tensor) -> dict[str, Tensor]:
     log1p_z = torch.log1p(z)
     lse = m_sub + log1p_z
     p = torch.where(valid, torch.exp(torch.where(valid, s - lse[..., None], 0.0)), 0.0)  # [B, H, T_chunk, T_k]
-    theta_prefix = torch.where(n_keys <= 1, 0.0, _prefix_crossing(p, valid))
+    theta_prefix = torch.where(n_keys <= 1, 0.0, compute_prefix_crossing(p, valid))
     lo_stream, hi_stream, lo = compute_theta_fields(z, theta_prefix, n_keys)
     nan = torch.full_like(z, math.nan)
     return {

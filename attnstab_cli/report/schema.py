@@ -56,6 +56,19 @@ LAYER_COLUMNS: tuple[Column, ...] = (
     Column("sens_log_proj", F64, "log", "log proj_product_layer: the projection term of log sens_proxy_*"),
     Column("sens_log_r2_resid", F64, "log", "2 log r_resid_mean: the magnitude term of log sens_proxy_resid"),
     Column("sens_log_r2_ln", F64, "log", "2 log r_ln_mean: the magnitude term of log sens_proxy_ln"),
+    Column("kappa_score", F64, "1", "max over (batch, head) of ||Q|| ||K|| / ||Q K^T|| (THEORY §13)"),
+    Column("kappa_softmax", F64, "1",
+           "max over 256 sampled rows of lambda_max(diag p - p p^T) ||s|| / ||p|| (lambda exact) (THEORY §13)"),
+    Column("kappa_v", F64, "1", "max over (batch, KV head) of s_max(V) / (s_min(V) + 1e-6) (THEORY §13)"),
+    Column("c_ln", F64, "1", "max over the layer's norms of s_med/sqrt(eps) + s2_med/eps + 1, s2_med the median "
+                             "token variance (mean square for RMSNorm) of the norm input (THEORY §13)"),
+    Column("rho_ln_fp32", F64, "1", "max over the layer's norms of (s2_med / eps) d eps_mach, fp32 eps_mach"),
+    Column("rho_ln_bf16", F64, "1", "the same with bf16 eps_mach 2^-7"),
+    Column("rho_ln_fp16", F64, "1", "the same with fp16 eps_mach 2^-10"),
+    Column("ln_eps_suggested_bf16", F64, "variance",
+           "epsilon the authors' LN mitigation picks for bf16 (rho* = 0.5, cap 1e-2); null unless 0.5 < rho_ln < 1"),
+    Column("ln_eps_suggested_fp16", F64, "variance", "the same for fp16"),
+    Column("nf_layer_term", F64, "1", "kappa_softmax (1 + kappa_score) kappa_v ||W_O|| + kappa_eff + c_ln"),
 )
 
 HEAD_COLUMNS: tuple[Column, ...] = (
@@ -101,6 +114,9 @@ HEAD_COLUMNS: tuple[Column, ...] = (
 MODEL_COLUMNS: tuple[Column, ...] = (
     Column("n_layers", I64, "layers", "number of layers N"),
     Column("depth_budget", F64, "1", "N * max_l proj_product_layer (THEORY §10; a diagnostic, no threshold)"),
+    Column("nf_rhs", F64, "1", "sum over layers of nf_layer_term (THEORY §13; times eps_mach vs a forward error)"),
+    Column("nf_rhs_relaxed", F64, "1",
+           "sum_l nf_layer_term_l prod_{m>l} (1 + min(0.9, ||W_O^m|| + ||W_2^m|| ||W_1^m||)) (THEORY §13)"),
 )
 
 TABLES: dict[str, tuple[Column, ...]] = {"layers": LAYER_COLUMNS, "heads": HEAD_COLUMNS, "model": MODEL_COLUMNS}

@@ -6,6 +6,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from attnstab_cli.metrics.fragility import RHO_TARGET
 from attnstab_cli.metrics.sensitivity import describe_depth_rule
 from attnstab_cli.report.heatmap import notable_heads, theta_heatmap
 
@@ -38,6 +39,8 @@ def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str,
     if model.get("depth_budget") is not None:
         console.print(describe_depth_rule(model["n_layers"], [r["alpha_geo"] for r in tables["layers"]],
                                           model["depth_budget"]), highlight=False)
+    if cal is not None:
+        _fragility_lines(console, tables["layers"])
     heads = tables.get("heads") or []
     if heads and cal is not None:
         console.print(theta_heatmap(heads))
@@ -59,3 +62,19 @@ def _layer_table(console: Console, title: str, rows: list[dict[str, Any]], colum
     for r in rows:
         table.add_row(str(r["layer"]), *(_fmt(r.get(c)) for c in columns))
     console.print(table)
+
+
+def _fragility_lines(console: Console, layers: list[dict[str, Any]]) -> None:
+    """Flag layers whose norm ρ_LN (THEORY §13) reaches the authors' target ρ⋆ in a low precision, with the ε their
+    mitigation would choose where it applies (ρ⋆ < ρ_LN < 1)."""
+    for prec in ("bf16", "fp16"):
+        hit = [r for r in layers if r.get(f"rho_ln_{prec}") is not None and r[f"rho_ln_{prec}"] > RHO_TARGET]
+        if not hit:
+            console.print(f"norm fragility ({prec}): ρ_LN ≤ {RHO_TARGET} in every layer", highlight=False)
+            continue
+        parts = []
+        for r in hit:
+            eps = r[f"ln_eps_suggested_{prec}"]
+            parts.append(f"{r['layer']} (ρ_LN {r[f'rho_ln_{prec}']:.3g}"
+                         + (f", suggested ε {eps:.2g})" if eps is not None else ", ≥ 1: outside the mitigation)"))
+        console.print(f"norm fragility ({prec}, THEORY §13): layers " + ", ".join(parts), highlight=False)

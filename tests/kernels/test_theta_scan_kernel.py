@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnstab_cli.metrics.theta_scan import ROW_STATS_SLACK, ThetaObserver, ThetaOptions
+from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
 from test_row_stats import KERNEL_DEVICE, requires_kernel
 from trace_helpers import make_trace
 
@@ -29,9 +29,9 @@ def test_kernel_path_matches_torch_path(causal: bool, pad: bool) -> None:
         results[kernel] = obs.records()
     for ref, ker in zip(results["torch"], results["triton"]):
         assert ker["n_rows"] == ref["n_rows"] and ker["n_rows_short"] == ref["n_rows_short"]
-        # both paths form the same float64 rows; only the float32 stream bound and the choice of rows to refine
-        # come from the row-statistics path, so θ agrees to its slack and the rest exactly
+        # both paths form the same float64 rows; only the choice of rows to refine comes from the float32 row
+        # statistics, so a row on the tolerance's edge may be refined on one path only: θ agrees to ~tol
         for col in ("theta_mean", "theta_hi_mean", "theta_lo_min", "theta_tilde_lo", "theta_tilde_hi"):
-            assert ker[col] == pytest.approx(ref[col], abs=2 * ROW_STATS_SLACK), col
+            assert ker[col] == pytest.approx(ref[col], abs=1e-5), col
         for col in ("pmax_mean", "pmax_max", "entropy_mean", "theta_paper_mean", "peaked_frac"):
             assert ker[col] == pytest.approx(ref[col], abs=1e-12), col
