@@ -18,6 +18,7 @@ from attnstab_cli.calibration.sources import CalibrationSet
 from attnstab_cli.errors import UsageError
 from attnstab_cli.kernel_dispatch import resolve_kernel
 from attnstab_cli.metrics.fragility import FragilityObserver
+from attnstab_cli.metrics.gradients import GradientFlow
 from attnstab_cli.metrics.magnitudes import MagnitudeObserver
 from attnstab_cli.metrics.sensitivity import ScaleObserver, compute_sensitivity
 from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
@@ -40,6 +41,7 @@ class ScanOptions:
     device: str = "auto"
     dtype: str = "float32"
     kernel: str = "auto"                         # auto | torch | triton (resolved against the device)
+    grad: bool = False                           # also the streamed gradient-flow pass
     theta: ThetaOptions = field(default_factory=ThetaOptions)
 
 
@@ -110,6 +112,12 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     nf_layers, nf_model = fragility.records(layers)
     layers = merge_records(layers, nf_layers, key=("layer",))
     model_row = {**weights.model_record(), **nf_model}
+    if opts.grad:
+        t = time.perf_counter()
+        grad_layers, grad_model = GradientFlow(model, list(calib.batches), device, dtype, opts.theta.seed).run()
+        timings["grad_s"] = time.perf_counter() - t
+        layers = merge_records(layers, grad_layers, key=("layer",))
+        model_row.update(grad_model)
     return ScanResult({"layers": layers, "heads": heads, "model": [model_row]}, final, timings, facts)
 
 

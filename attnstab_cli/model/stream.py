@@ -48,7 +48,7 @@ class LayerStream:
             self.hidden.append(h)
         return self.hidden
 
-    def _rope(self, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rope(self, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.cfg.rope is None:
             return None
         return compute_rope_cos_sin(self.cfg.rope, torch.arange(t, device=self.device), self.dtype)
@@ -62,7 +62,7 @@ class LayerStream:
                 on_layer_start(layer)
             weights = self.loader.layer(layer)
             for bi, h in enumerate(self.hidden):
-                trace = run_layer(h, weights, self.cfg, layer, bi, self._rope(h.shape[1]), self.masks[bi])
+                trace = run_layer(h, weights, self.cfg, layer, bi, self.rope(h.shape[1]), self.masks[bi])
                 trace.weights = weights                                       # a reference: still one layer resident
                 self.hidden[bi] = trace.resid_out
                 yield trace

@@ -69,6 +69,10 @@ LAYER_COLUMNS: tuple[Column, ...] = (
            "epsilon the authors' LN mitigation picks for bf16 (rho* = 0.5, cap 1e-2); null unless 0.5 < rho_ln < 1"),
     Column("ln_eps_suggested_fp16", F64, "variance", "the same for fp16"),
     Column("nf_layer_term", F64, "1", "kappa_softmax (1 + kappa_score) kappa_v ||W_O|| + kappa_eff + c_ln"),
+    Column("grad_h_in", F64, "l2", "--grad: ||dL/dh_l||_F over all calibration tokens (layer input)"),
+    Column("grad_attn_params", F64, "l2", "--grad: l2 norm of the attention projections' gradients"),
+    Column("grad_ffn_params", F64, "l2", "--grad: l2 norm of the FFN parameters' gradients"),
+    Column("grad_norm_params", F64, "l2", "--grad: l2 norm of the norm layers' gradients"),
 )
 
 HEAD_COLUMNS: tuple[Column, ...] = (
@@ -117,6 +121,10 @@ MODEL_COLUMNS: tuple[Column, ...] = (
     Column("nf_rhs", F64, "1", "sum over layers of nf_layer_term (THEORY §13; times eps_mach vs a forward error)"),
     Column("nf_rhs_relaxed", F64, "1",
            "sum_l nf_layer_term_l prod_{m>l} (1 + min(0.9, ||W_O^m|| + ||W_2^m|| ||W_1^m||)) (THEORY §13)"),
+    Column("grad_loss", F64, "nats", "--grad: the loss whose gradients are reported (see grad_loss_kind)"),
+    Column("grad_loss_kind", pa.string(), "text", "--grad: which loss: next-token CE, masked-LM CE or the probe"),
+    Column("identity_grad_path", pa.bool_(), "flag",
+           "the wiring has an identity gradient path (pre-LN, parallel residual) rather than post-LN (THEORY §9)"),
 )
 
 TABLES: dict[str, tuple[Column, ...]] = {"layers": LAYER_COLUMNS, "heads": HEAD_COLUMNS, "model": MODEL_COLUMNS}

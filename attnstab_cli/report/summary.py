@@ -41,6 +41,13 @@ def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str,
                                           model["depth_budget"]), highlight=False)
     if cal is not None:
         _fragility_lines(console, tables["layers"])
+    if model.get("grad_loss_kind") is not None:
+        path = "an identity path (pre-LN / parallel)" if model["identity_grad_path"] else \
+            "no identity path (post-LN: every factor starts with a norm Jacobian, THEORY §9)"
+        console.print(f"gradient flow: {model['grad_loss_kind']} = {model['grad_loss']:.4g}; {path}",
+                      highlight=False)
+        _layer_table(console, "gradient norms per layer", tables["layers"], {"grad_h_in": "‖∂L/∂h_l‖", "grad_attn_params": "‖∇ attn‖",
+                                        "grad_ffn_params": "‖∇ ffn‖", "grad_norm_params": "‖∇ norms‖"})
     heads = tables.get("heads") or []
     if heads and cal is not None:
         console.print(theta_heatmap(heads))

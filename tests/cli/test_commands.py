@@ -152,3 +152,23 @@ def test_weights_only_scan(tiny_checkpoints: dict, tmp_path: Path) -> None:
     model = pq.read_table(out / "model.parquet").to_pylist()
     assert model[0]["n_layers"] == ref.config.num_hidden_layers and model[0]["depth_budget"] > 0
     assert "weights only" in invoke("scan", path, "--weights-only").stdout
+
+
+def test_grad_scan_writes_gradient_columns(tiny_checkpoints: dict, tmp_path: Path) -> None:
+    path, ref = tiny_checkpoints["gpt2"]
+    out = tmp_path / "report"
+    result = invoke("scan", path, "--calib", "random", "--seq-len", "16", "--batch-size", "2", "--batches", "1",
+                    "--grad", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    layers = pq.read_table(out / "layers.parquet").to_pylist()
+    assert all(r["grad_h_in"] > 0 and r["grad_attn_params"] > 0 for r in layers)
+    model = pq.read_table(out / "model.parquet").to_pylist()[0]
+    assert model["grad_loss_kind"].startswith("next-token") and model["identity_grad_path"] is True
+    plain = pq.read_table(invoke_report(path, tmp_path / "plain") / "layers.parquet").to_pylist()
+    assert all(r["grad_h_in"] is None for r in plain)          # without --grad the columns are null
+
+
+def invoke_report(path, out: Path) -> Path:
+    assert invoke("scan", path, "--calib", "random", "--seq-len", "16", "--batches", "1", "--out", out,
+                  "--quiet").exit_code == 0
+    return out
