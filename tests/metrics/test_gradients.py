@@ -1,6 +1,7 @@
 """Streamed gradient flow (issue 4, item 4) against plain autograd on the whole ``transformers`` model, float64."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -37,7 +38,7 @@ def test_streamed_gradients_match_autograd(family: str, tiny_checkpoints: dict) 
     flow = GradientFlow(model, [ids], torch.device("cpu"), torch.float64, seed=3)
     layers, totals = flow.run()
 
-    ref = ref.double()
+    ref = copy.deepcopy(ref).double()                  # the fixture's model is shared: never change it in place
     ref.zero_grad(set_to_none=True)
     setup = plan_loss(model, [ids], seed=3)
     if setup.kind == LOSS_PROBE:                       # tiny BERT test models ship no tokenizer: the probe loss
