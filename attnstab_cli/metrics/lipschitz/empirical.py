@@ -1,0 +1,173 @@
+"""Tier 3: a certified lower bound of the local Lipschitz constant of one layer, and tightness (THEORY §8.3, §8.4).
+
+The layer is a function ``f: X [T, d] -> h_{l+1} [T, d]`` of one sequence (float64, eval mode, the model's masks and
+RoPE, math SDPA so forward-mode AD works). ``||J_f(X)||_{inf,2} = max_i max_{||dx_j|| <= 1} ||sum_j T_ij dx_j||`` is
+approached by alternating maximisation per candidate row ``i``: backward ``G = vjp(e_i (x) y)``, feasible direction
+``dx_j = G_j / ||G_j||``, forward ``z = jvp(dX)_i``, ``y = z / ||z||``. Every iterate ``v_t = ||z_t||`` is the output
+norm of a feasible perturbation, hence a lower bound, and ``v_t >= v_{t-1}``. The best ``(i, dX)`` is the certificate.
+All candidate rows and restarts run together as one ``torch.func.vmap`` batch ("lanes").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.func import jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from attnstab_cli.errors import ScanFailure
+from attnstab_cli.model.blocks import run_layer
+from attnstab_cli.model.config import ModelConfig
+from attnstab_cli.model.weights import LayerWeights
+
+F64 = torch.float64
+LayerFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def make_layer_function(weights: LayerWeights, cfg: ModelConfig, layer: int,
+                        rope_cs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        key_padding_mask: torch.Tensor | None = None) -> LayerFn:
+    """``f(X [T, d]) -> [T, d]``: :func:`run_layer` on a batch of one (``key_padding_mask [T]`` or None).
+
+    Weights and RoPE tables should be float64 like ``X``; attention is pinned to the math SDPA backend because the
+    fused CPU/GPU kernels have no forward-mode derivative.
+    """
+    kpm = None if key_padding_mask is None else key_padding_mask.reshape(1, -1).bool()
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.MATH):
+            return run_layer(x[None], weights, cfg, layer, 0, rope_cs, kpm).resid_out[0]    # [T, d]
+
+    return f
+
+
+def select_candidate_rows(n_rows: int, scores: torch.Tensor | None = None, n_top: int = 3, n_random: int = 4,
+                          seed: int = 0) -> list[int]:
+    """Candidate output rows (§8.3): the last row, the ``n_top`` rows with the largest ``scores [T]`` (when given)
+    and ``n_random`` further distinct rows drawn with ``seed``; fewer when the sequence is short."""
+    rows = [n_rows - 1]
+    if scores is not None:
+        for i in torch.argsort(scores.detach().cpu().to(F64), descending=True).tolist():
+            if len(rows) >= 1 + n_top:
+                break
+            if i not in rows:
+                rows.append(i)
+    rest = [i for i in range(n_rows) if i not in rows]
+    order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed)).tolist()
+    return rows + sorted(rest[j] for j in order[:n_random])
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A feasible perturbation ``delta [T, d]`` (rows of norm <= 1) whose output row ``row`` has norm ``value``."""
+
+    row: int
+    delta: torch.Tensor
+    value: float
+
+
+@dataclass(frozen=True)
+class EmpiricalResult:
+    """Tier-3 result for one layer and sequence."""
+
+    lip_layer_empirical: float
+    certificate: Certificate
+    rows: list[int]
+    iterates: list[list[float]] = field(repr=False)   # per lane (row-major over rows, then restarts): v_1, v_2, ...
+
+
+def _unit_rows(g: torch.Tensor) -> torch.Tensor:
+    """``g / ||g_j||`` row by row, 0 where a row vanishes: feasible directions ``[..., T, d]``."""
+    n = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    return torch.where(n > 0, g / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(g))
+
+
+def _initial_directions(n_lanes: int, d: int, seed: int, like: torch.Tensor) -> torch.Tensor:
+    y = torch.randn(n_lanes, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return (y / torch.linalg.vector_norm(y, dim=-1, keepdim=True)).to(like.device)   # [lanes, d]
+
+
+def compute_empirical_lipschitz(f: LayerFn, x: torch.Tensor, rows: list[int], restarts: int = 3,
+                                max_iter: int = 100, rtol: float = 1e-6, seed: int = 0,
+                                chunk_size: int | None = None) -> EmpiricalResult:
+    """Alternating maximisation of §8.3 for ``f`` at ``x [T, d]`` over the output ``rows``, ``restarts`` each."""
+    x = x.to(F64)
+    t, d = x.shape
+    _, vjp_fn = vjp(f, x)
+    lane_rows = torch.tensor([i for i in rows for _ in range(restarts)], device=x.device)   # [lanes]
+    n = lane_rows.numel()
+    onehot = torch.nn.functional.one_hot(lane_rows, t).to(F64)                            # [lanes, T]
+    backward = vmap(lambda c: vjp_fn(c)[0], chunk_size=chunk_size)
+    forward = vmap(lambda u: jvp(f, (x,), (u,))[1], chunk_size=chunk_size)
+    y = _initial_directions(n, d, seed, x)
+    best = torch.full((n,), -1.0, dtype=F64, device=x.device)
+    best_delta = torch.zeros(n, t, d, dtype=F64, device=x.device)
+    active = torch.ones(n, dtype=torch.bool, device=x.device)
+    iterates: list[list[float]] = [[] for _ in range(n)]
+    for _ in range(max_iter):
+        idx = active.nonzero().flatten()
+        delta = _unit_rows(backward(onehot[idx, :, None] * y[idx, None, :]))              # [a, T, d]
+        z = forward(delta)[torch.arange(idx.numel()), lane_rows[idx]]                      # [a, d]
+        v = torch.linalg.vector_norm(z, dim=-1)                                           # [a]
+        for lane, value in zip(idx.tolist(), v.tolist()):
+            iterates[lane].append(value)
+        improved = v > best[idx]
+        best_delta[idx[improved]] = delta[improved]
+        done = (v - best[idx]) <= rtol * v
+        best[idx] = torch.maximum(best[idx], v)
+        y[idx] = torch.where(v[:, None] > 0, z / v.clamp_min(torch.finfo(F64).tiny)[:, None], y[idx])
+        active[idx[done]] = False
+        if not active.any():
+            break
+    lane = int(best.argmax())
+    cert = Certificate(int(lane_rows[lane]), best_delta[lane], float(best[lane]))
+    return EmpiricalResult(cert.value, cert, list(rows), iterates)
+
+
+def evaluate_certificate(f: LayerFn, x: torch.Tensor, certificate: Certificate) -> float:
+    """Re-evaluate a certificate with one ``jvp``: ``||(J_f(x) delta)_row||_2`` (rows of ``delta`` checked <= 1)."""
+    row_norms = torch.linalg.vector_norm(certificate.delta, dim=-1)
+    if float(row_norms.max()) > 1.0 + 1e-12:
+        raise ValueError("certificate perturbation has a row of norm > 1: not feasible")
+    z = jvp(f, (x.to(F64),), (certificate.delta,))[1]
+    return float(torch.linalg.vector_norm(z[certificate.row]))
+
+
+def compute_layer_empirical(weights: LayerWeights, cfg: ModelConfig, layer: int, hidden: torch.Tensor,
+                            rope_cs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                            key_padding_mask: torch.Tensor | None = None, scores: torch.Tensor | None = None,
+                            restarts: int = 3, seed: int = 0, **kwargs: object) -> EmpiricalResult:
+    """``lip_layer_empirical`` of one layer at one sequence ``hidden [T, d]`` (float64 weights and RoPE tables);
+    ``scores [T]`` ranks candidate rows (the tier-2r row terms, §8.3)."""
+    f = make_layer_function(weights, cfg, layer, rope_cs, key_padding_mask)
+    rows = select_candidate_rows(hidden.shape[0], scores, seed=seed)
+    return compute_empirical_lipschitz(f, hidden, rows, restarts=restarts, seed=seed, **kwargs)
+
+
+class TightnessError(ScanFailure):
+    """A lower bound exceeded an upper bound: a bound was used outside its hypotheses or the mapping is wrong."""
+
+
+def tightness_tolerance(dtype: torch.dtype) -> float:
+    """Allowed excess of ``lower / bound`` over 1 (§8.4): 1e-6 in float64, 1e-3 in lower precision."""
+    return 1e-6 if dtype == F64 else 1e-3
+
+
+def compute_tightness(lower: float, bound: float, dtype: torch.dtype = F64, what: str = "tightness") -> float:
+    """``lower / bound`` on one sequence; raises :class:`TightnessError` above ``1 + tolerance``."""
+    ratio = lower / bound
+    if not ratio <= 1.0 + tightness_tolerance(dtype):
+        raise TightnessError(f"{what} = {ratio:.9g} > 1: empirical lower bound {lower:.9g} exceeds the "
+                             f"upper bound {bound:.9g}", hint="a bound was applied outside its hypotheses, or the "
+                             "architecture mapping is wrong; rerun with --debug and report the checkpoint")
+    return ratio
+
+
+def compute_mean_tightness(lowers: list[float], bounds: list[float], dtype: torch.dtype = F64,
+                           what: str = "tightness") -> float:
+    """Mean of per-sequence ratios over ``empirical_seqs`` (§8.4), each checked by :func:`compute_tightness`."""
+    if not lowers or len(lowers) != len(bounds):
+        raise ValueError("need one bound per lower bound, at least one sequence")
+    ratios = [compute_tightness(lo, b, dtype, what) for lo, b in zip(lowers, bounds)]
+    return sum(ratios) / len(ratios)

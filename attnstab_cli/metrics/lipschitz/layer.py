@@ -1,0 +1,187 @@
+"""Per-layer Lipschitz bounds for the three residual wirings and the three tiers (THEORY §7, §8).
+
+| wiring   | bound                                           |
+|----------|-------------------------------------------------|
+| pre      | ``(1 + L_N1 L_MHA)(1 + L_N2 L_FFN)``            |
+| post     | ``L_N2 (1 + L_FFN) L_N1 (1 + L_MHA)``           |
+| parallel | ``1 + L_N1 L_MHA + L_N2 L_FFN``                 |
+
+Tier 1 (§8.1): weights only, ``theta = 1``, global norm constants, MHA radius ``r2_in_reset``. Tier 2 (§8.2): at one
+sequence, each factor at its actual input; ``theta_tilde_h = max_i theta_hi`` over that sequence's rows. Tier 2r
+replaces ``L_MHA`` by the activation-norm form (§5.5). By monotonicity ``B(2r) <= B(2) <= B(1)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnstab_cli.arch.spec import NormKind, Residual
+from attnstab_cli.metrics.lipschitz.ffn import compute_ffn_bound_tokens, compute_ffn_bound_weights
+from attnstab_cli.metrics.lipschitz.mha import (HeadNorms, MHABound, RefinedMHABound, compute_attention_allowed,
+                                                compute_layer_head_norms, compute_mha_bound, compute_mha_refined)
+from attnstab_cli.metrics.lipschitz.norms import (compute_embedding_radius, compute_norm_lip_global,
+                                                  compute_norm_lip_local, compute_reset_radius)
+from attnstab_cli.model.config import ModelConfig
+from attnstab_cli.model.traces import LayerTrace
+from attnstab_cli.model.weights import LayerWeights, NormWeights
+
+
+@dataclass(frozen=True)
+class LayerLipschitz:
+    """One layer's row of Lipschitz columns (§0.3) at one sequence; None where a tier was not evaluated."""
+
+    layer: int
+    ln1_lip_global: float
+    ln1_lip_local: float | None
+    ln2_lip_global: float
+    ln2_lip_local: float | None
+    lip_mha_weights: float
+    lip_mha_calibrated: float | None
+    lip_mha_refined: float | None
+    mha_value_path: float | None
+    mha_attn_path: float | None
+    lip_ffn_weights: float
+    lip_ffn_calibrated: float | None
+    lip_layer_weights: float
+    lip_layer_calibrated: float | None
+    lip_layer_refined: float | None
+    r2_in_reset: float
+
+
+def combine_layer_bound(residual: Residual, ln1: float, mha: float, ln2: float, ffn: float) -> float:
+    """The table of §7 for one set of factor bounds."""
+    if residual is Residual.PRE:
+        return (1.0 + ln1 * mha) * (1.0 + ln2 * ffn)
+    if residual is Residual.POST:
+        return ln2 * (1.0 + ffn) * ln1 * (1.0 + mha)
+    return 1.0 + ln1 * mha + ln2 * ffn
+
+
+def compute_first_layer_radius(kind: NormKind, embed_norm: NormWeights | None, tok: torch.Tensor | None = None,
+                               pos: torch.Tensor | None = None, types: torch.Tensor | None = None) -> float:
+    """Radius of ``h_0`` (§8.1, post-LN layer 1): the embedding norm's reset bound, else the embedding row norms."""
+    if embed_norm is not None:
+        return compute_reset_radius(embed_norm, kind)
+    if tok is None:
+        raise ValueError("without an embedding norm the token embedding table is needed for the layer-1 radius")
+    return compute_embedding_radius(tok, pos, types)
+
+
+def compute_r2_in_reset(cfg: ModelConfig, weights: LayerWeights, prev_norm_ffn: NormWeights | None = None,
+                        first_layer_radius: float | None = None) -> float:
+    """``r2_in_reset`` (§8.1): pre/parallel the reset of this layer's N1; post-LN the previous layer's LN2 (pass
+    ``prev_norm_ffn``) or, for layer 1, ``first_layer_radius`` (:func:`compute_first_layer_radius`)."""
+    kind = cfg.layout.norm
+    if cfg.layout.residual is not Residual.POST:
+        return compute_reset_radius(weights.norm_attn, kind)
+    if prev_norm_ffn is not None:
+        return compute_reset_radius(prev_norm_ffn, kind)
+    if first_layer_radius is None:
+        raise ValueError(f"post-LN layer {weights.layer}: give the previous LN2 or the first-layer radius")
+    return first_layer_radius
+
+
+def compute_ffn_reset_radius(cfg: ModelConfig, weights: LayerWeights) -> float:
+    """Radius of the FFN input on every input (§8.1): the reset of N2 (pre/parallel) or of LN1 (post-LN)."""
+    norm = weights.norm_attn if cfg.layout.residual is Residual.POST else weights.norm_ffn
+    return compute_reset_radius(norm, cfg.layout.norm)
+
+
+@dataclass(frozen=True)
+class WeightsTier:
+    """Tier-1 factors (§8.1)."""
+
+    ln1_lip_global: float
+    ln2_lip_global: float
+    mha: MHABound
+    lip_ffn_weights: float
+    lip_layer_weights: float
+    r2_in_reset: float
+
+
+def _cpu_head_norms(weights: LayerWeights, cfg: ModelConfig, norms: HeadNorms | None) -> HeadNorms:
+    """Head norms with every tensor on the CPU: the per-head bound arithmetic mixes them with CPU ``theta`` tensors
+    (and missing biases become CPU zeros), so weights resident on an accelerator would otherwise fail."""
+    return (norms or compute_layer_head_norms(weights, cfg)).to("cpu")
+
+
+def compute_weights_tier(weights: LayerWeights, cfg: ModelConfig, r2_in_reset: float,
+                         norms: HeadNorms | None = None) -> WeightsTier:
+    """Weights-only bound of one layer at MHA radius ``r2_in_reset`` (theta = 1, global norm constants)."""
+    norms = _cpu_head_norms(weights, cfg, norms)
+    ln1 = compute_norm_lip_global(weights.norm_attn.weight, cfg.norm_eps)
+    ln2 = compute_norm_lip_global(weights.norm_ffn.weight, cfg.norm_eps)
+    mha = compute_mha_bound(norms, 1.0, r2_in_reset, cfg.attn_scale(weights.layer))
+    ffn = compute_ffn_bound_weights(weights.ffn, cfg.layout.ffn, cfg.activation, compute_ffn_reset_radius(cfg, weights))
+    layer = combine_layer_bound(cfg.layout.residual, ln1, mha.lip_mha, ln2, ffn)
+    return WeightsTier(ln1, ln2, mha, ffn, layer, r2_in_reset)
+
+
+@dataclass(frozen=True)
+class CalibratedTier:
+    """Tier-2 and tier-2r factors at one sequence (§8.2)."""
+
+    ln1_lip_local: float
+    ln2_lip_local: float
+    r2_in: float                   # measured max token l2 norm at the MHA input
+    theta_tilde: torch.Tensor      # [H] max_i theta_hi over this sequence's rows
+    mha: MHABound
+    refined: RefinedMHABound
+    lip_ffn_calibrated: float
+    lip_layer_calibrated: float
+    lip_layer_refined: float
+
+
+def compute_calibrated_tier(trace: LayerTrace, cfg: ModelConfig, theta_hi: torch.Tensor, batch: int = 0,
+                            norms: HeadNorms | None = None) -> CalibratedTier:
+    """Tier 2 / 2r of sequence ``batch`` of ``trace``; ``theta_hi [H, T]`` are certified per-row upper values."""
+    w, a, b = trace.weights, trace.attn, batch
+    norms = _cpu_head_norms(w, cfg, norms)
+    n1, n2 = trace.norms["norm_attn"], trace.norms["norm_ffn"]
+    ln1 = compute_norm_lip_local(w.norm_attn.weight, n1.stat[b], n1.eps)
+    ln2 = compute_norm_lip_local(w.norm_ffn.weight, n2.stat[b], n2.eps)
+    r2 = float(torch.linalg.vector_norm(a.x[b].to(torch.float64), dim=-1).max())
+    theta_hi = theta_hi.to(torch.float64)
+    theta_tilde = theta_hi.amax(dim=-1).cpu()                                            # [H]
+    mha = compute_mha_bound(norms, theta_tilde, r2, a.scale)
+    kpm = None if a.key_padding_mask is None else a.key_padding_mask[b].cpu()           # the mask is built on the CPU
+    allowed = compute_attention_allowed(a.x.shape[1], a.causal, a.window, kpm)           # [T, T]
+    refined = compute_mha_refined(norms, a.q[b], a.k[b], a.v[b], a.scale, allowed, theta_hi)
+    ffn = float(compute_ffn_bound_tokens(w.ffn, cfg.layout.ffn, cfg.activation, trace.ffn_in[b]).max())
+    residual = cfg.layout.residual
+    return CalibratedTier(
+        ln1, ln2, r2, theta_tilde, mha, refined, ffn,
+        combine_layer_bound(residual, ln1, mha.lip_mha, ln2, ffn),
+        combine_layer_bound(residual, ln1, refined.lip_mha_refined, ln2, ffn),
+    )
+
+
+@dataclass(frozen=True)
+class LayerLipschitzResult:
+    """The record plus the per-head and per-row detail behind it."""
+
+    record: LayerLipschitz
+    weights_tier: WeightsTier
+    calibrated_tier: CalibratedTier | None
+
+
+def compute_layer_lipschitz(weights: LayerWeights, cfg: ModelConfig, r2_in_reset: float,
+                            trace: LayerTrace | None = None, theta_hi: torch.Tensor | None = None,
+                            batch: int = 0) -> LayerLipschitzResult:
+    """All tiers of one layer; tiers 2/2r only when ``trace`` and ``theta_hi [H, T]`` (sequence ``batch``) are given."""
+    norms = _cpu_head_norms(weights, cfg, None)
+    wt = compute_weights_tier(weights, cfg, r2_in_reset, norms)
+    ct = None
+    if trace is not None and theta_hi is not None:
+        ct = compute_calibrated_tier(trace, cfg, theta_hi, batch, norms)
+    record = LayerLipschitz(
+        layer=weights.layer, ln1_lip_global=wt.ln1_lip_global, ln1_lip_local=ct and ct.ln1_lip_local,
+        ln2_lip_global=wt.ln2_lip_global, ln2_lip_local=ct and ct.ln2_lip_local, lip_mha_weights=wt.mha.lip_mha,
+        lip_mha_calibrated=ct and ct.mha.lip_mha, lip_mha_refined=ct and ct.refined.lip_mha_refined,
+        mha_value_path=ct and ct.mha.mha_value_path, mha_attn_path=ct and ct.mha.mha_attn_path,
+        lip_ffn_weights=wt.lip_ffn_weights, lip_ffn_calibrated=ct and ct.lip_ffn_calibrated,
+        lip_layer_weights=wt.lip_layer_weights, lip_layer_calibrated=ct and ct.lip_layer_calibrated,
+        lip_layer_refined=ct and ct.lip_layer_refined, r2_in_reset=r2_in_reset,
+    )
+    return LayerLipschitzResult(record, wt, ct)

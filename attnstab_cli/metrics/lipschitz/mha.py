@@ -1,0 +1,194 @@
+"""Upper bounds on the block-(inf,2) Lipschitz constant of multi-head attention (THEORY §5).
+
+General form (§5.2, derived; biases, RoPE, partial rotary, GQA, any scale ``s``), per query head ``h`` with its
+key/value head ``g = g(h)``::
+
+    Lambda_h = ||W^Q_h|| (||W^K_g|| R2 + beta^K_g) + ||W^K_g|| (||W^Q_h|| R2 + ||b^Q_h||)
+    c_h      = ||W^V_g|| (1 + s theta_h Lambda_h R2)
+    L_MHA   <= ||W^O|| sum_h c_h        (also ||W^O|| (sum_h c_h^2)^(1/2) and sum_h ||W^O_h|| c_h, §5.5)
+
+``beta^K_g`` is the norm of the rotary coordinates of ``b^K_g`` (pass-through coordinates cancel, §5.4). Tier 1 uses
+``theta = 1`` and the reset radius; tier 2 the measured radius and ``theta_tilde_hi`` (§5.2, §8). The activation-norm
+form (tier 2r, §5.5) uses the measured ``q, k, v`` row by row.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from attnstab_cli.metrics.lipschitz._linalg import head_slices, spectral_norm
+from attnstab_cli.model.blocks import build_attention_mask
+from attnstab_cli.model.config import ModelConfig
+from attnstab_cli.model.weights import LayerWeights
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class HeadNorms:
+    """Weight-only inputs of §5.2 for one layer, float64 (``g(h) = h // (H / H_kv)``)."""
+
+    wq: torch.Tensor          # [H]       ||W^Q_h||_2
+    wk: torch.Tensor          # [H_kv]    ||W^K_g||_2
+    wv: torch.Tensor          # [H_kv]    ||W^V_g||_2
+    wo: float                 #           ||W^O||_2 of the full output projection
+    wo_heads: torch.Tensor    # [H]       ||W^O_h||_2 of the row blocks
+    bq: torch.Tensor          # [H]       ||b^Q_h||_2
+    bk_rot: torch.Tensor      # [H_kv]    beta^K_g: norm of the rotary coordinates of b^K_g
+    bk_pass: torch.Tensor     # [H_kv, D] b^K_g with its rotary coordinates zeroed (centre for tier 2r)
+    bv: torch.Tensor          # [H_kv, D] b^V_g (zeros without bias)
+    head_dim: int
+
+    @property
+    def n_heads(self) -> int:
+        return self.wq.shape[0]
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.wk.shape[0]
+
+    def per_query(self, t: torch.Tensor) -> torch.Tensor:
+        """Expand a per-K/V-head tensor ``[H_kv, ...]`` to the query heads ``[H, ...]``."""
+        return t.repeat_interleave(self.group, dim=0)
+
+    def to(self, device: torch.device | str) -> "HeadNorms":
+        """The same norms with every tensor on ``device``."""
+        moved = {f: getattr(self, f).to(device) for f in ("wq", "wk", "wv", "wo_heads", "bq", "bk_rot", "bk_pass", "bv")}
+        return replace(self, **moved)
+
+
+def compute_head_norms(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
+                       bq: torch.Tensor | None, bk: torch.Tensor | None, bv: torch.Tensor | None,
+                       n_heads: int, n_kv_heads: int, rotary_dim: int = 0) -> HeadNorms:
+    """Spectral and bias norms per head from row-convention weights ``wq [d, H*D]``, ``wk, wv [d, H_kv*D]``,
+    ``wo [H*D, d]``; ``rotary_dim`` is the number of rotated coordinates per head (0 without RoPE)."""
+    head_dim = wq.shape[1] // n_heads
+    zeros_q, zeros_kv = torch.zeros(n_heads, head_dim, dtype=F64), torch.zeros(n_kv_heads, head_dim, dtype=F64)
+    bq_h = zeros_q if bq is None else bq.to(F64).reshape(n_heads, head_dim)             # [H, D]
+    bk_g = zeros_kv if bk is None else bk.to(F64).reshape(n_kv_heads, head_dim)         # [H_kv, D]
+    bv_g = zeros_kv if bv is None else bv.to(F64).reshape(n_kv_heads, head_dim)         # [H_kv, D]
+    bk_pass = bk_g.clone()
+    bk_pass[:, :rotary_dim] = 0.0
+    return HeadNorms(
+        wq=spectral_norm(head_slices(wq, n_heads)), wk=spectral_norm(head_slices(wk, n_kv_heads)),
+        wv=spectral_norm(head_slices(wv, n_kv_heads)), wo=float(spectral_norm(wo)),
+        wo_heads=spectral_norm(wo.to(F64).reshape(n_heads, head_dim, -1)),
+        bq=torch.linalg.vector_norm(bq_h, dim=-1), bk_rot=torch.linalg.vector_norm(bk_g[:, :rotary_dim], dim=-1),
+        bk_pass=bk_pass, bv=bv_g, head_dim=head_dim,
+    )
+
+
+def compute_layer_head_norms(w: LayerWeights, cfg: ModelConfig) -> HeadNorms:
+    """:func:`compute_head_norms` for one loaded layer."""
+    rotary = cfg.rope.rotary_dim if cfg.rope is not None else 0
+    return compute_head_norms(w.wq, w.wk, w.wv, w.wo, w.bq, w.bk, w.bv, cfg.n_heads, cfg.n_kv_heads, rotary)
+
+
+@dataclass(frozen=True)
+class MHABound:
+    """The general-form bound of §5.2 and its parts (per-head tensors ``[H]``, float64)."""
+
+    lambda_h: torch.Tensor               # [H] logit-sensitivity factor
+    phi_h: torch.Tensor                  # [H] Lambda_h ||W^V_g|| R2 / sqrt(d_k) (paper's Phi_h, l2 units)
+    head_term_calibrated: torch.Tensor   # [H] c_h
+    mha_value_path: float                # ||W^O|| sum_h ||W^V_g||
+    mha_attn_path: float                 # ||W^O|| sum_h s theta_h Lambda_h ||W^V_g|| R2
+    lip_mha: float                       # ||W^O|| sum_h c_h (paper aggregation)
+    lip_mha_l2: float                    # ||W^O|| (sum_h c_h^2)^(1/2)
+    lip_mha_block: float                 # sum_h ||W^O_h|| c_h
+
+
+def compute_lambda_h(norms: HeadNorms, r2: float) -> torch.Tensor:
+    """``Lambda_h`` of §5.2 for every query head: ``[H]``."""
+    wk, bk = norms.per_query(norms.wk), norms.per_query(norms.bk_rot)
+    return norms.wq * (wk * r2 + bk) + wk * (norms.wq * r2 + norms.bq)
+
+
+def compute_head_terms(norms: HeadNorms, theta: torch.Tensor | float, r2: float, scale: float) -> torch.Tensor:
+    """``c_h = ||W^V_g|| (1 + s theta_h Lambda_h R2)`` (§5.2): ``[H]``; ``theta`` is ``[H]`` or a scalar."""
+    theta_h = torch.as_tensor(theta, dtype=F64).expand(norms.n_heads)
+    return norms.per_query(norms.wv) * (1.0 + scale * theta_h * compute_lambda_h(norms, r2) * r2)
+
+
+def compute_mha_bound(norms: HeadNorms, theta: torch.Tensor | float, r2: float, scale: float) -> MHABound:
+    """Evaluate §5.2 at radius ``r2`` with per-head ``theta`` (1 for tier 1, ``theta_tilde_hi`` for tier 2)."""
+    theta_h = torch.as_tensor(theta, dtype=F64).expand(norms.n_heads)
+    lam, wv = compute_lambda_h(norms, r2), norms.per_query(norms.wv)
+    c = compute_head_terms(norms, theta_h, r2, scale)                                   # [H]
+    attn = float(norms.wo * (scale * theta_h * lam * wv * r2).sum())
+    return MHABound(
+        lambda_h=lam, phi_h=lam * wv * r2 / math.sqrt(norms.head_dim), head_term_calibrated=c,
+        mha_value_path=float(norms.wo * wv.sum()), mha_attn_path=attn, lip_mha=float(norms.wo * c.sum()),
+        lip_mha_l2=float(norms.wo * torch.linalg.vector_norm(c)), lip_mha_block=float((norms.wo_heads * c).sum()),
+    )
+
+
+def compute_attention_allowed(t: int, causal: bool, window: int | None,
+                              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's key sets ``K(i)`` as a boolean ``[T, T]`` (True = attend), one sequence (``mask [T]``)."""
+    kpm = None if key_padding_mask is None else key_padding_mask.reshape(1, t).bool()
+    mask = build_attention_mask(t, causal, window, kpm, torch.device("cpu"))
+    if mask is not None:
+        return mask[0, 0]
+    full = torch.ones(t, t, dtype=torch.bool)
+    return full.tril() if causal else full
+
+
+def compute_attention_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float,
+                                    allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax rows ``[H, T_q, T_k]`` in float64 from ``q [H, T_q, D]``, ``k [H, T_k, D]`` (already expanded)."""
+    logits = scale * q.to(F64) @ k.to(F64).transpose(-1, -2)                           # [H, T_q, T_k]
+    return logits.masked_fill(~allowed.to(q.device), float("-inf")).softmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class RefinedMHABound:
+    """Activation-norm form (tier 2r, §5.5) at one sequence."""
+
+    lip_mha_refined: float       # max_i ||W^O|| (sum_h c_{h,i}^2)^(1/2)
+    row_terms: torch.Tensor      # [T]    ||W^O|| (sum_h c_{h,i}^2)^(1/2), the tier-3 candidate score (§8.3)
+    head_row_terms: torch.Tensor  # [H, T] c_{h,i}
+    key_spread: torch.Tensor     # [H, T] K_i
+    value_spread: torch.Tensor   # [H, T] V_i
+
+
+def _masked_max(x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    return x.masked_fill(~allowed, float("-inf")).amax(dim=-1)
+
+
+def _spreads(p: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norms: HeadNorms,
+             allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``K_i`` and ``V_i`` of §5.5 for a block of query rows: ``[H, c]`` each (p ``[H, c, T]``, k, v ``[H, T, D]``)."""
+    exact = "donot_use_mm_for_euclid_dist"
+    k_bar, o = p @ k, p @ v                                                             # [H, c, D]
+    k_pass = torch.linalg.vector_norm(k - norms.per_query(norms.bk_pass)[:, None], dim=-1)   # [H, T]
+    v_bias = torch.linalg.vector_norm(v - norms.per_query(norms.bv)[:, None], dim=-1)        # [H, T]
+    key = torch.minimum(_masked_max(torch.cdist(k_bar, k, compute_mode=exact), allowed),
+                        _masked_max(k_pass[:, None, :].expand_as(p), allowed))
+    val = torch.minimum(_masked_max(torch.cdist(o, v, compute_mode=exact), allowed),
+                        _masked_max(v_bias[:, None, :].expand_as(p), allowed))
+    return key, val
+
+
+def compute_mha_refined(norms: HeadNorms, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        allowed: torch.Tensor, theta_hi: torch.Tensor, block: int = 256) -> RefinedMHABound:
+    """Tier-2r bound from one sequence's ``q [H, T, D]``, ``k, v [H_kv, T, D]`` (biased, rotated), the key sets
+    ``allowed [T, T]`` and certified per-row ``theta_hi [H, T]``; rows are processed ``block`` at a time."""
+    q64, norms = q.to(F64), norms.to(q.device)
+    k64, v64 = norms.per_query(k.to(F64)), norms.per_query(v.to(F64))                 # [H, T, D]
+    allowed = allowed.to(q.device)
+    wq, wk, wv = norms.wq[:, None], norms.per_query(norms.wk)[:, None], norms.per_query(norms.wv)[:, None]
+    keys, vals = [], []
+    for start in range(0, q64.shape[1], block):
+        rows = slice(start, start + block)
+        p = compute_attention_probabilities(q64[:, rows], k64, scale, allowed[rows])    # [H, c, T]
+        key, val = _spreads(p, k64, v64, norms, allowed[rows])
+        keys.append(key)
+        vals.append(val)
+    key_spread, value_spread = torch.cat(keys, dim=1), torch.cat(vals, dim=1)           # [H, T]
+    q_norm = torch.linalg.vector_norm(q64, dim=-1)                                      # [H, T]
+    c = wv + scale * theta_hi.to(F64) * (wq * key_spread + wk * q_norm) * value_spread  # [H, T]
+    rows_bound = norms.wo * torch.linalg.vector_norm(c, dim=0)                          # [T]
+    return RefinedMHABound(float(rows_bound.max()), rows_bound, c, key_spread, value_spread)
