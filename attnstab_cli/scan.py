@@ -19,6 +19,7 @@ from attnstab_cli.errors import UsageError
 from attnstab_cli.kernel_dispatch import resolve_kernel
 from attnstab_cli.metrics.fragility import FragilityObserver
 from attnstab_cli.metrics.gradients import GradientFlow
+from attnstab_cli.metrics.lipschitz_scan import LipschitzObserver
 from attnstab_cli.metrics.magnitudes import MagnitudeObserver
 from attnstab_cli.metrics.sensitivity import ScaleObserver, compute_sensitivity
 from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
@@ -42,6 +43,7 @@ class ScanOptions:
     dtype: str = "float32"
     kernel: str = "auto"                         # auto | torch | triton (resolved against the device)
     grad: bool = False                           # also the streamed gradient-flow pass
+    empirical_seqs: int = 1                      # sequences per layer for the tier-3 empirical lower bound
     theta: ThetaOptions = field(default_factory=ThetaOptions)
 
 
@@ -82,8 +84,9 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     weights = WeightObserver(model.cfg, max_offset=max(calib.seq_len, 1))   # offsets present in the mask (§5.5)
     scales = ScaleObserver()
     fragility = FragilityObserver(model.cfg.d_model, n_batches=len(calib.batches), seed=opts.theta.seed)
+    lipschitz = LipschitzObserver(model, theta, empirical_seqs=opts.empirical_seqs, seed=opts.theta.seed)
     observers: dict[str, Observer] = {"magnitudes": magnitudes, "theta": theta, "weights": weights, "scales": scales,
-                                      "fragility": fragility}
+                                      "fragility": fragility, "lipschitz": lipschitz}   # theta before lipschitz
     spent = dict.fromkeys(observers, 0.0)
     t0 = time.perf_counter()
     stream = LayerStream(model, list(calib.batches), device, dtype)
@@ -111,7 +114,9 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     layers = merge_records(layers, compute_sensitivity(layers, heads, scales.scales), key=("layer",))
     nf_layers, nf_model = fragility.records(layers)
     layers = merge_records(layers, nf_layers, key=("layer",))
-    model_row = {**weights.model_record(), **nf_model}
+    lip_layers, lip_model = lipschitz.records()
+    layers = merge_records(layers, lip_layers, key=("layer",))
+    model_row = {**weights.model_record(), **nf_model, **lip_model}
     if opts.grad:
         t = time.perf_counter()
         grad_layers, grad_model = GradientFlow(model, list(calib.batches), device, dtype, opts.theta.seed).run()

@@ -67,6 +67,9 @@ def scan(
         "--top-k", min=0, max=20, help="k of the top-k θ upper bound (2^k subset sums per refined row).")] = 14,
     theta_slack: Annotated[float, typer.Option(
         "--theta-slack", min=0.0, max=0.5, help="Widening of every θ interval for float32 rounding of q, k.")] = 1e-6,
+    empirical_seqs: Annotated[int, typer.Option(
+        "--empirical-seqs", min=0, help="Sequences per layer for the tier-3 empirical Lipschitz lower bound and the "
+                                        "tightness ratios (float64 autograd; 0 skips tier 3).")] = 1,
     grad: Annotated[bool, typer.Option(
         "--grad", help="Also the gradient flow: per-layer gradient norms of the training loss (or a probe loss), "
                        "streamed backward one layer at a time.")] = False,
@@ -95,7 +98,8 @@ def scan(
     cal = build_calibration(req, model.cfg.vocab_size, model.cfg.max_positions, model.tokenizer_path, checkpoint)
     theta = ThetaOptions(min_keys=min_keys, tol=theta_tol, rows_per_head=parse_theta_rows(theta_rows),
                          top_k=top_k, slack=theta_slack, seed=seed)
-    opts = ScanOptions(device=device, dtype=dtype, kernel=kernel, theta=theta, grad=grad)
+    opts = ScanOptions(device=device, dtype=dtype, kernel=kernel, theta=theta, grad=grad,
+                       empirical_seqs=empirical_seqs)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, disable=quiet or not err.is_terminal, transient=True) as progress:
         task = progress.add_task("layers x batches", total=model.cfg.n_layers * len(cal.batches))

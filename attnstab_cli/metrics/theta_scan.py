@@ -72,6 +72,7 @@ class ThetaObserver:
         self.gen = torch.Generator().manual_seed(opts.seed)
         self.refined_rows = 0                           # rows given A1 or A2 + A3
         self.unrefined_rows = 0                         # wide rows left out by the rows_per_head budget
+        self.last_theta_hi: list[Tensor] = []           # per sequence of the last trace: θ_hi + slack, [H, T]
 
     def observe(self, trace: LayerTrace) -> None:
         a, o = trace.attn, self.opts
@@ -81,10 +82,12 @@ class ThetaObserver:
         n_keys = stats.n_keys.cpu()
         agg = self.layers.setdefault(trace.layer, HeadAggregate.create(self.n_heads, min_keys=o.min_keys))
         wide = self.wide_rows.setdefault(trace.layer, torch.zeros(self.n_heads, dtype=torch.int64))
+        self.last_theta_hi = []
         for b in range(a.q.shape[0]):
             rows = self._measure_sequence(a, b, n_keys[b], wide_stream[b])
             width = rows["hi"] - rows["lo"]
             wide += (width > o.tol).sum(-1)
+            self.last_theta_hi.append((rows["hi"] + o.slack).clamp(0.0, 1.0))   # the bound input of tier 2 (§5.2)
             agg.update(None, theta_lo=(rows["lo"] - o.slack).clamp(0.0, 1.0),
                        theta_hi=(rows["hi"] + o.slack).clamp(0.0, 1.0), pmax=rows["pmax"], entropy=rows["entropy"],
                        n_keys=n_keys[b], theta_paper=rows["paper"], exact=width <= EXACT_WIDTH)

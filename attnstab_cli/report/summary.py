@@ -40,6 +40,13 @@ def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str,
         console.print(describe_depth_rule(model["n_layers"], [r["alpha_geo"] for r in tables["layers"]],
                                           model["depth_budget"]), highlight=False)
     if cal is not None:
+        _layer_table(console, "Lipschitz bounds per layer (‖·‖∞,2; THEORY §7-8)", tables["layers"], {
+            "lip_layer_weights": "tier 1 (weights)", "lip_layer_calibrated": "tier 2 (at text)",
+            "lip_layer_refined": "tier 2r", "lip_layer_empirical": "tier 3 (lower)", "tightness": "3 ÷ 2"})
+        if model.get("log_lip_model_calibrated") is not None:
+            console.print(f"whole stack: log of the product of layer bounds = {model['log_lip_model_weights']:.4g} "
+                          f"(tier 1), {model['log_lip_model_calibrated']:.4g} (tier 2, worst sequence)",
+                          highlight=False)
         _fragility_lines(console, tables["layers"])
     if model.get("grad_loss_kind") is not None:
         path = "an identity path (pre-LN / parallel)" if model["identity_grad_path"] else \

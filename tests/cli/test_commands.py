@@ -57,13 +57,15 @@ def test_scan_runs_end_to_end(family: str, tiny_checkpoints: dict, tmp_path: Pat
     path, ref = tiny_checkpoints[family]
     out = tmp_path / "report"
     result = invoke("scan", path, "--calib", "random", "--seq-len", "24", "--batch-size", "2", "--batches", "2",
-                    "--out", out, "--json", "--quiet")
+                    "--out", out, "--json", "--quiet", "--empirical-seqs", "0")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert [r["layer"] for r in data["layers"]] == list(range(ref.config.num_hidden_layers))
     assert data["manifest"]["calibration"]["n_tokens"] == 4 * 24
     table = pq.read_table(out / "layers.parquet")
     assert table.num_rows == ref.config.num_hidden_layers
+    assert all(r["lip_layer_empirical"] is None and r["lip_layer_calibrated"] <= r["lip_layer_weights"]
+               for r in table.to_pylist())                     # --empirical-seqs 0: no tier 3, tiers 1/2 always
     assert table.schema.field("r2_in").metadata[b"unit"] == b"l2"
     assert json.loads((out / "manifest.json").read_text())["checkpoint"]["family"] == data["manifest"]["checkpoint"]["family"]
     heads = pq.read_table(out / "heads.parquet").to_pylist()
