@@ -116,6 +116,7 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     layers = merge_records(layers, nf_layers, key=("layer",))
     lip_layers, lip_model = lipschitz.records()
     layers = merge_records(layers, lip_layers, key=("layer",))
+    heads = merge_records(heads, lipschitz.head_records(), key=("layer", "head"))
     model_row = {**weights.model_record(), **nf_model, **lip_model}
     if opts.grad:
         t = time.perf_counter()

@@ -51,6 +51,7 @@ class LipschitzObserver:
         self.rows: dict[int, dict[str, Any]] = {}
         self.log_calibrated: dict[tuple[int, int], float] = {}     # (batch, seq) -> Σ_l log lip_layer_calibrated
         self.tightness: dict[int, dict[str, list[float]]] = {}
+        self.head_terms: dict[int, dict[str, torch.Tensor]] = {}   # layer -> column -> [H], max over sequences
 
     def _r2_in_reset(self, w: LayerWeights) -> float:
         if self.cfg.layout.residual is Residual.POST and w.layer == 0 and self.first_radius is None:
@@ -74,6 +75,11 @@ class LipschitzObserver:
                 if value is None or key == "layer":
                     continue
                 row[key] = value if key not in row else max(row[key], value)
+            ct = result.calibrated_tier
+            heads = self.head_terms.setdefault(layer, {})
+            for name in ("lambda_h", "phi_h", "head_term_calibrated"):
+                value = getattr(ct.mha, name).to(F64).cpu()
+                heads[name] = value if name not in heads else torch.maximum(heads[name], value)
             key = (trace.batch, b)
             self.log_calibrated[key] = self.log_calibrated.get(key, 0.0) + math.log(rec["lip_layer_calibrated"])
             done = len(self.tightness.get(layer, {}).get("lower", []))
@@ -96,6 +102,11 @@ class LipschitzObserver:
         acc["lower"].append(emp.lip_layer_empirical)
         acc["b2"].append(ct.lip_layer_calibrated)
         acc["b2r"].append(ct.lip_layer_refined)
+
+    def head_records(self) -> list[dict[str, Any]]:
+        """Per (layer, head): Λ_h, Φ_h and the tier-2 head term c_h of §5.2, each the max over sequences."""
+        return [{"layer": layer, "head": h, **{k: float(v[h]) for k, v in cols.items()}}
+                for layer, cols in sorted(self.head_terms.items()) for h in range(self.cfg.n_heads)]
 
     def records(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Per-layer records (max over sequences) and the model totals."""

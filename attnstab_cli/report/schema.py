@@ -132,6 +132,10 @@ HEAD_COLUMNS: tuple[Column, ...] = (
     Column("kappa_wq", F64, "1", "condition number s_max/s_min of W_Q^h (THEORY §14)"),
     Column("kappa_wk", F64, "1", "condition number of W_K^g"),
     Column("kappa_wv", F64, "1", "condition number of W_V^g"),
+    Column("lambda_h", F64, "l2", "logit-sensitivity factor Lambda_h at the measured R2 (THEORY §5.2; max over sequences)"),
+    Column("phi_h", F64, "l2", "the paper's Phi_h = Lambda_h ||W_V^g|| R2 / sqrt(d_k) (max over sequences)"),
+    Column("head_term_calibrated", F64, "1",
+           "c_h = ||W_V^g|| (1 + s theta_tilde_h Lambda_h R2), the head's term of lip_mha_calibrated (max over sequences)"),
 )
 
 MODEL_COLUMNS: tuple[Column, ...] = (

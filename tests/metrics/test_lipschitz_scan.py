@@ -92,3 +92,25 @@ def test_tiers_on_adversarial_inputs(family: str, tiny_checkpoints: dict) -> Non
                     assert_tiers_ordered(rows[0], in_tier1_ball=r2 <= rows[0]["r2_in_reset"] * (1 + REL))
                 except AssertionError as exc:
                     raise AssertionError(f"layer {layer}, weights {wname}, input {xname}: {exc}") from None
+
+
+def test_head_terms_recombine_from_report_columns(tiny_checkpoints: dict) -> None:
+    """With one sequence, c_h = ‖W_V^g‖(1 + s θ̃_h Λ_h R2) from the report's own columns and
+    lip_mha_calibrated = ‖W_O‖ Σ_h c_h (THEORY §5.2); Λ_h from the weight columns and R2."""
+    path, _ = tiny_checkpoints["qwen2"]                     # biases, GQA, RoPE
+    model = open_model(path)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    tables = run_scan(model, CalibrationSet(batches=(ids,), source="test", seq_len=12),
+                      ScanOptions(device="cpu", dtype="float64", empirical_seqs=0)).tables
+    for row in tables["layers"]:
+        heads = [h for h in tables["heads"] if h["layer"] == row["layer"]]
+        r2, s = row["r2_in"], row["attn_scale"]
+        total = 0.0
+        for h in heads:
+            lam = h["wq_norm"] * (h["wk_norm"] * r2 + h["bk_rot_norm"]) + h["wk_norm"] * (h["wq_norm"] * r2 + h["bq_norm"])
+            assert h["lambda_h"] == pytest.approx(lam, rel=1e-9)
+            c = h["wv_norm"] * (1 + s * h["theta_tilde_hi"] * lam * r2)
+            assert h["head_term_calibrated"] == pytest.approx(c, rel=1e-9)
+            assert h["phi_h"] == pytest.approx(lam * h["wv_norm"] * r2 / math.sqrt(model.cfg.head_dim), rel=1e-9)
+            total += c
+        assert row["lip_mha_calibrated"] == pytest.approx(row["wo_full_norm"] * total, rel=1e-9)
