@@ -44,6 +44,10 @@ def test_tiers_on_calibration_text(family: str, tiny_checkpoints: dict) -> None:
                       ScanOptions(device="cpu", dtype="float64", empirical_seqs=1)).tables
     for row in tables["layers"]:
         assert_tiers_ordered(row)
+    for table in ("layers", "heads", "model"):                  # T26: every reported number is finite
+        for row in tables[table]:
+            bad = {k: v for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
+            assert not bad, (table, bad)
     m = tables["model"][0]
     logs = [math.log(r["lip_layer_weights"]) for r in tables["layers"]]
     assert m["log_lip_model_weights"] == pytest.approx(sum(logs), rel=1e-12)
