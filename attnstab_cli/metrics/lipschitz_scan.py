@@ -10,7 +10,7 @@ totals are the products over layers (and their logs): tier 1, and max over seque
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -25,6 +25,17 @@ from attnstab_cli.model.traces import LayerTrace
 from attnstab_cli.model.weights import LayerWeights, NormWeights
 
 F64 = torch.float64
+
+
+def to_cpu(obj: Any) -> Any:
+    """A CPU copy of a trace, its weights and everything in them (the bound arithmetic runs on the CPU)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return replace(obj, **{f.name: to_cpu(getattr(obj, f.name)) for f in fields(obj) if f.init})
+    return obj
 
 
 def to_float64(w: LayerWeights) -> LayerWeights:
@@ -64,6 +75,8 @@ class LipschitzObserver:
         return compute_r2_in_reset(self.cfg, w, self.prev_norm_ffn, self.first_radius)
 
     def observe(self, trace: LayerTrace) -> None:
+        if trace.attn.q.device.type != "cpu":
+            trace = to_cpu(trace)                              # per-layer bound arithmetic is small: host it
         w, layer = trace.weights, trace.layer
         assert w is not None, "the layer stream hands every trace its weights"
         r2_reset = self._r2_in_reset(w)
