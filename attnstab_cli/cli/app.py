@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from attnstab_cli import __version__
+from attnstab_cli.cli.compare import compare
 from attnstab_cli.cli.info import info
 from attnstab_cli.cli.output import STATE
 from attnstab_cli.cli.scan import scan
@@ -41,6 +42,7 @@ def root(
 
 app.command(epilog=EPILOG)(info)
 app.command(epilog=EPILOG)(scan)
+app.command(epilog=EPILOG)(compare)
 
 
 def main() -> None:

@@ -31,7 +31,10 @@ class WeightObserver:
 
     def observe_weights(self, w: LayerWeights) -> None:
         heads, layer = compute_weight_metrics(w, self.cfg, w.layer, max_offset=self.max_offset)
-        self.heads.extend(asdict(h) for h in heads)
+        for h in heads:    # σ_min = σ_max / κ: the smallest singular values behind the condition numbers (§14)
+            rec = asdict(h)
+            rec.update({f"sigma_min_{m}": rec[f"{m}_norm"] / rec[f"kappa_{m}"] for m in ("wq", "wk", "wv")})
+            self.heads.append(rec)
         self.layers.append(asdict(layer))
 
     def model_record(self) -> dict[str, Any]:
