@@ -66,7 +66,7 @@ def _adversarial_inputs(d: int, t: int, gen: torch.Generator) -> dict[str, torch
     }
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "neox"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_tiers_on_adversarial_inputs(family: str, tiny_checkpoints: dict) -> None:
     """Large-magnitude tokens, near-constant tokens (tiny norm variance), near-zero input, and near-one-hot or
     near-uniform attention (W_Q scaled by 60 or by 1e-6): the ordering holds on every layer."""
