@@ -58,7 +58,8 @@ class LipschitzObserver:
         self.model, self.cfg, self.theta = model, model.cfg, theta
         self.empirical_seqs, self.seed = empirical_seqs, seed
         self.first_radius: float | None = None
-        self.prev_norm_ffn: NormWeights | None = None
+        self.prev_norm_ffn: NormWeights | None = None              # layer l-1's LN2 while layer l is observed
+        self.r2_reset: dict[int, float] = {}                       # layer -> magnitude-reset radius (per layer)
         self.rows: dict[int, dict[str, Any]] = {}
         self.log_calibrated: dict[tuple[int, int], float] = {}     # (batch, seq) -> Σ_l log lip_layer_calibrated
         self.tightness: dict[int, dict[str, list[float]]] = {}
@@ -79,7 +80,11 @@ class LipschitzObserver:
             trace = to_cpu(trace)                              # per-layer bound arithmetic is small: host it
         w, layer = trace.weights, trace.layer
         assert w is not None, "the layer stream hands every trace its weights"
-        r2_reset = self._r2_in_reset(w)
+        if layer not in self.r2_reset:                         # first batch of this layer: the previous layer's LN2
+            self.r2_reset[layer] = self._r2_in_reset(w)
+            self.prev_norm_ffn = NormWeights(w.norm_ffn.weight.detach().clone(),
+                                             None if w.norm_ffn.bias is None else w.norm_ffn.bias.detach().clone())
+        r2_reset = self.r2_reset[layer]
         for b in range(trace.resid_in.shape[0]):
             result = compute_layer_lipschitz(w, self.cfg, r2_reset, trace, self.theta.last_theta_hi[b], b)
             rec = asdict(result.record)
@@ -98,9 +103,6 @@ class LipschitzObserver:
             done = len(self.tightness.get(layer, {}).get("lower", []))
             if done < self.empirical_seqs:
                 self._empirical(trace, w, b, result)
-        if trace.batch == 0:
-            self.prev_norm_ffn = NormWeights(w.norm_ffn.weight.detach().clone(),
-                                             None if w.norm_ffn.bias is None else w.norm_ffn.bias.detach().clone())
 
     def _empirical(self, trace: LayerTrace, w: LayerWeights, b: int, result: Any) -> None:
         """Tier 3 on sequence ``b`` of this trace, with the tier-2r row terms as candidate scores (§8.3)."""

@@ -118,3 +118,33 @@ def test_head_terms_recombine_from_report_columns(tiny_checkpoints: dict) -> Non
             assert h["phi_h"] == pytest.approx(lam * h["wv_norm"] * r2 / math.sqrt(model.cfg.head_dim), rel=1e-9)
             total += c
         assert row["lip_mha_calibrated"] == pytest.approx(row["wo_full_norm"] * total, rel=1e-9)
+
+
+def test_post_ln_reset_radius_uses_previous_layer_with_several_batches(tiny_checkpoints: dict, monkeypatch) -> None:
+    """Post-LN: every batch of layer l ≥ 1 gets the reset radius of layer l−1's LN2 (§8.1), not layer l's own —
+    the observer sees layer l's weights before its later batches arrive."""
+    from attnstab_cli.metrics import lipschitz_scan
+    from attnstab_cli.metrics.lipschitz.norms import compute_reset_radius
+
+    path, _ = tiny_checkpoints["bert"]
+    model = open_model(path)
+    seen: dict[int, list[float]] = {}
+    original = lipschitz_scan.compute_layer_lipschitz
+
+    def spy(weights, cfg, r2_in_reset, *args, **kwargs):
+        seen.setdefault(weights.layer, []).append(r2_in_reset)
+        return original(weights, cfg, r2_in_reset, *args, **kwargs)
+
+    monkeypatch.setattr(lipschitz_scan, "compute_layer_lipschitz", spy)
+    gen = torch.Generator().manual_seed(3)
+    batches = tuple(torch.randint(0, model.cfg.vocab_size, (1, 8), generator=gen) for _ in range(3))
+    run_scan(model, CalibrationSet(batches=batches, source="test", seq_len=8),
+             ScanOptions(device="cpu", dtype="float64", empirical_seqs=0))
+    loader = model.loader("cpu", torch.float64)
+    assert sorted(seen) == list(range(model.cfg.n_layers))
+    for layer in range(1, model.cfg.n_layers):
+        expected = compute_reset_radius(loader.layer(layer - 1).norm_ffn, model.cfg.layout.norm)
+        own = compute_reset_radius(loader.layer(layer).norm_ffn, model.cfg.layout.norm)
+        assert own != pytest.approx(expected, rel=1e-9)        # the test can tell the two apart
+        assert seen[layer] == pytest.approx([expected] * 3, rel=1e-12), layer
+    assert len(set(seen[0])) == 1
