@@ -110,24 +110,33 @@ class GradientFlow:
         self.model, self.cfg, self.device, self.dtype, self.seed = model, model.cfg, device, dtype, seed
         self.loss = plan_loss(model, batches, seed)
 
-    def _top_loss(self, stream: LayerStream, h_top: torch.Tensor, b: int) -> torch.Tensor:
+    def _load_top(self, stream: LayerStream) -> dict[str, Any]:
+        """The tensors above the last layer, loaded once for every batch: final norm, MLM transform, head, probe."""
+        names, load = self.model.names, stream.loader.tensor
+        top: dict[str, Any] = {"norm_final": stream.loader.norm("norm_final") if names.find("norm_final.weight")
+                               else None}
+        if self.loss.kind == LOSS_PROBE:
+            top["probe"] = make_probe(self.cfg.d_model, self.seed).to(self.device, self.dtype)
+            return top
+        if self.loss.kind == LOSS_MLM:
+            top.update(mlm_w=load("mlm_dense.weight", matrix=True), mlm_b=load("mlm_dense.bias"),
+                       mlm_norm=stream.loader.norm("mlm_norm"))
+        top["head"] = load("lm_head.weight")                                  # [vocab, d]
+        top["head_b"] = load("lm_head.bias") if names.find("lm_head.bias") else None
+        return top
+
+    def _top_loss(self, top: dict[str, Any], h: torch.Tensor, b: int) -> torch.Tensor:
         """Loss of batch ``b`` from the last hidden state (final norm, head) — a sum, normalised by the caller."""
-        load, cfg = stream.loader.tensor, self.cfg
-        h = h_top
-        if self.model.names.find("norm_final.weight"):
-            h = apply_norm(h, stream.loader.norm("norm_final"), cfg.layout.norm, cfg.norm_eps).out
+        cfg = self.cfg
+        if top["norm_final"] is not None:
+            h = apply_norm(h, top["norm_final"], cfg.layout.norm, cfg.norm_eps).out
         target = self.loss.targets[b]
         if target is None:
-            probe = make_probe(cfg.d_model, self.seed).to(self.device, h.dtype)
-            return 0.5 * (h @ probe).pow(2).sum()
+            return 0.5 * (h @ top["probe"].to(h.dtype)).pow(2).sum()
         if self.loss.kind == LOSS_MLM:
-            dense_b = load("mlm_dense.bias")
-            h = h @ load("mlm_dense.weight", matrix=True) + (dense_b if dense_b is not None else 0)
-            h = apply_norm(ACTIVATIONS[cfg.activation](h), stream.loader.norm("mlm_norm"), cfg.layout.norm,
-                           cfg.norm_eps).out
-        head = load("lm_head.weight")                                         # [vocab, d]
-        bias = load("lm_head.bias") if self.model.names.find("lm_head.bias") else None
-        logits = h @ head.T + (bias if bias is not None else 0)
+            h = h @ top["mlm_w"] + (top["mlm_b"] if top["mlm_b"] is not None else 0)
+            h = apply_norm(ACTIVATIONS[cfg.activation](h), top["mlm_norm"], cfg.layout.norm, cfg.norm_eps).out
+        logits = h @ top["head"].T + (top["head_b"] if top["head_b"] is not None else 0)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()                                           # the loss itself in float32 at least
         return F.cross_entropy(logits.flatten(0, 1), target.to(self.device).flatten(), ignore_index=-100,
@@ -143,13 +152,14 @@ class GradientFlow:
             del w
         count = sum(int((t != -100).sum()) if t is not None else t_in.numel()
                     for t, t_in in zip(self.loss.targets, self.loss.inputs))
-        grads, total = [], 0.0
+        grads, total, top = [], 0.0, self._load_top(stream)
         for b, h in enumerate(boundaries[-1]):
             h = h.clone().requires_grad_(True)
-            loss = self._top_loss(stream, h, b) / count
+            loss = self._top_loss(top, h, b) / count
             loss.backward()
             total += float(loss.detach())
             grads.append(h.grad)
+        del top
         records: list[dict[str, Any]] = []
         for layer in reversed(range(self.cfg.n_layers)):
             w = stream.loader.layer(layer)
