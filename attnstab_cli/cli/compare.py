@@ -10,10 +10,7 @@ from rich.table import Table
 from attnstab_cli.cli.options import Json
 from attnstab_cli.cli.output import handle_errors, print_json, stdout_console
 from attnstab_cli.compare import check_comparable, compare_layers, load_report
-
-
-def _fmt(x: float | None, spec: str = ".4g") -> str:
-    return "-" if x is None else format(x, spec)
+from attnstab_cli.report.summary import format_value
 
 
 @handle_errors
@@ -39,7 +36,7 @@ def compare(
     for col in ("layer", "θ̄", "Π", "R normed", "S normed", "tier-2 bound", "‖∂L/∂h_l‖"):
         side.add_column(col, justify="right")
     for r in rows:
-        side.add_row(str(r["layer"]), *(f"{_fmt(r[c + '_a'], '.3g')}→{_fmt(r[c + '_b'], '.3g')}" for c in (
+        side.add_row(str(r["layer"]), *(f"{format_value(r[c + '_a'], '.3g')}→{format_value(r[c + '_b'], '.3g')}" for c in (
             "theta_bar", "proj_product_layer", "r_ln_mean", "sens_proxy_ln", "lip_layer_calibrated", "grad_h_in")))
     console.print(side)
     attr = Table(title="Δlog S = Δlog θ̄ + Δlog Π + 2Δlog R (THEORY §12), R = normed attention input; largest first",
@@ -49,6 +46,6 @@ def compare(
     ranked = sorted(rows, key=lambda r: -abs(r["dlog_sens_ln"] or 0.0))
     for r in ranked:
         two_r = None if r["dlog_r_ln"] is None else 2 * r["dlog_r_ln"]
-        attr.add_row(str(r["layer"]), *(_fmt(x, "+.4f") for x in (r["dlog_sens_ln"], r["dlog_theta"], r["dlog_proj"],
+        attr.add_row(str(r["layer"]), *(format_value(x, "+.4f") for x in (r["dlog_sens_ln"], r["dlog_theta"], r["dlog_proj"],
                                                                    two_r, r["dlog_r_resid"])))
     console.print(attr)

@@ -11,7 +11,8 @@ from attnstab_cli.metrics.sensitivity import describe_depth_rule
 from attnstab_cli.report.heatmap import notable_heads, theta_heatmap
 
 
-def _fmt(x: Any, spec: str = ".4g") -> str:
+def format_value(x: Any, spec: str = ".4g") -> str:
+    """A table cell: ``-`` for a missing value, else ``x`` formatted with ``spec``."""
     return "-" if x is None else format(x, spec)
 
 
@@ -74,7 +75,7 @@ def _layer_table(console: Console, title: str, rows: list[dict[str, Any]], colum
     for heading in columns.values():
         table.add_column(heading, justify="right")
     for r in rows:
-        table.add_row(str(r["layer"]), *(_fmt(r.get(c)) for c in columns))
+        table.add_row(str(r["layer"]), *(format_value(r.get(c)) for c in columns))
     console.print(table)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from attnstab_cli.arch.spec import FFNKind
 from attnstab_cli.errors import UnsupportedError
-from attnstab_cli.metrics.lipschitz._linalg import norm_2_to_inf, spectral_norm
+from attnstab_cli.metrics.spectral import norm_2_to_inf, spectral_norm_value as spectral_norm
 
 F64 = torch.float64
 GELU_LIPSCHITZ = 1.129                    # >= max |GELU'| for the erf (1.128904) and tanh (1.128993) forms

@@ -18,8 +18,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from attnstab_cli.metrics.lipschitz._linalg import head_slices, spectral_norm
-from attnstab_cli.model.blocks import build_attention_mask
+from attnstab_cli.metrics.lipschitz._linalg import head_slices
+from attnstab_cli.metrics.spectral import spectral_norm_value as spectral_norm
+from attnstab_cli.model.masks import compute_allowed
 from attnstab_cli.model.config import ModelConfig
 from attnstab_cli.model.weights import LayerWeights
 
@@ -128,12 +129,8 @@ def compute_mha_bound(norms: HeadNorms, theta: torch.Tensor | float, r2: float, 
 def compute_attention_allowed(t: int, causal: bool, window: int | None,
                               key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The model's key sets ``K(i)`` as a boolean ``[T, T]`` (True = attend), one sequence (``mask [T]``)."""
-    kpm = None if key_padding_mask is None else key_padding_mask.reshape(1, t).bool()
-    mask = build_attention_mask(t, causal, window, kpm, torch.device("cpu"))
-    if mask is not None:
-        return mask[0, 0]
-    full = torch.ones(t, t, dtype=torch.bool)
-    return full.tril() if causal else full
+    kpm = None if key_padding_mask is None else key_padding_mask.reshape(1, t).bool().cpu()
+    return compute_allowed(0, t, t, t, causal=causal, window=window, key_padding_mask=kpm, device="cpu")[0, 0]
 
 
 def compute_attention_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from attnstab_cli.arch.spec import FFNKind
 from attnstab_cli.errors import UnsupportedError
-from attnstab_cli.metrics.lipschitz._linalg import norm_2_to_inf
+from attnstab_cli.metrics.spectral import norm_2_to_inf
 from attnstab_cli.metrics.lipschitz.ffn import (GELU_LIPSCHITZ, SILU_DMAX, SILU_DMIN, SILU_ZSTAR,
                                                 activation_derivative, activation_lipschitz,
                                                 compute_ffn_bound_tokens, compute_ffn_bound_weights,
