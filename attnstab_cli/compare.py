@@ -6,40 +6,26 @@ tokens are identical (same token hash) unless the caller allows otherwise.
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
-from attnstab_cli.errors import InputError, UsageError
-from attnstab_cli.report.write import read_table
+from attnstab_cli.errors import UsageError
+from attnstab_cli.report.read import Report
 
 SHARE_MIN = 1e-3
 SIDE_BY_SIDE = ("theta_bar", "proj_product_layer", "r_resid_mean", "r_ln_mean", "sens_proxy_ln",
                 "lip_layer_calibrated", "grad_h_in")
 
 
-def load_report(path: Path) -> dict[str, Any]:
-    """Manifest and tables of a report directory (a checkpoint is refused with the command that makes a report)."""
-    if not (path / "manifest.json").is_file():
-        raise InputError("not a report directory (no manifest.json)", path=path,
-                         hint=f"scan it first: attnstab scan {path} --out REPORT_DIR")
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"manifest.json is not valid JSON ({exc.msg})", path=path / "manifest.json") from None
-    return {"manifest": manifest, **{name: read_table(path, name).to_pylist() for name in ("layers", "heads", "model")}}
-
-
 def _dlog(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or a <= 0 or b <= 0 else math.log(b) - math.log(a)
 
 
-def compare_layers(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+def compare_layers(a: Report, b: Report) -> list[dict[str, Any]]:
     """Per shared layer: both sides of SIDE_BY_SIDE and the attribution of Δlog sens_proxy_* (B relative to A)."""
-    by_layer = {r["layer"]: r for r in b["layers"]}
+    by_layer = {r["layer"]: r for r in b.layers}
     out = []
-    for ra in a["layers"]:
+    for ra in a.layers:
         rb = by_layer.get(ra["layer"])
         if rb is None:
             continue
@@ -67,9 +53,9 @@ def _diff(ra: dict[str, Any], rb: dict[str, Any], col: str) -> float | None:
     return None if ra.get(col) is None or rb.get(col) is None else rb[col] - ra[col]
 
 
-def check_comparable(a: dict[str, Any], b: dict[str, Any], allow_different_calibration: bool) -> list[str]:
+def check_comparable(a: Report, b: Report, allow_different_calibration: bool) -> list[str]:
     """Refuse reports scanned on different tokens (unless allowed); return notes on what differs."""
-    ca, cb = a["manifest"].get("calibration"), b["manifest"].get("calibration")
+    ca, cb = a.manifest.get("calibration"), b.manifest.get("calibration")
     if ca is None or cb is None:
         raise UsageError("a weights-only report has no calibration: compare needs two calibrated scans")
     notes = []
@@ -79,7 +65,7 @@ def check_comparable(a: dict[str, Any], b: dict[str, Any], allow_different_calib
                              f"({ca['token_sha256'][:12]} vs {cb['token_sha256'][:12]})",
                              hint="rescan with the same --tokens, or pass --allow-different-calibration")
         notes.append("calibration tokens differ: deltas mix model and data changes")
-    la, lb = len(a["layers"]), len(b["layers"])
+    la, lb = len(a.layers), len(b.layers)
     if la != lb:
         notes.append(f"A has {la} layers, B has {lb}: comparing the {min(la, lb)} both share")
     return notes

@@ -14,7 +14,9 @@ from typing import Any, Callable, Protocol
 import torch
 
 from attnstab_cli import __version__
-from attnstab_cli.calibration.sources import CalibrationSet
+from attnstab_cli.calibration.build import CalibrationRequest, build_calibration
+from attnstab_cli.calibration.sources import CalibrationSet, check_seq_len, check_token_range
+from attnstab_cli.checkpoints.fingerprint import HashMode, compute_fingerprint
 from attnstab_cli.errors import UsageError
 from attnstab_cli.kernel_dispatch import resolve_kernel
 from attnstab_cli.metrics.fragility import FragilityObserver
@@ -24,9 +26,11 @@ from attnstab_cli.metrics.magnitudes import MagnitudeObserver
 from attnstab_cli.metrics.sensitivity import ScaleObserver, compute_sensitivity
 from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
 from attnstab_cli.metrics.weights_scan import WeightObserver
-from attnstab_cli.model.load import OpenModel
+from attnstab_cli.model.load import OpenModel, open_model
 from attnstab_cli.model.stream import LayerStream
 from attnstab_cli.model.traces import LayerTrace
+from attnstab_cli.report.read import Report
+from attnstab_cli.report.schema import SCHEMA_VERSION
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -153,7 +157,8 @@ def merge_records(left: list[dict[str, Any]], right: list[dict[str, Any]], key: 
     return [{**r, **by_key[tuple(r[k] for k in key)]} for r in left]
 
 
-def build_manifest(model: OpenModel, calib: CalibrationSet | None, result: ScanResult, seed: int) -> dict[str, Any]:
+def build_manifest(model: OpenModel, calib: CalibrationSet | None, result: ScanResult, seed: int,
+                   fingerprint: str | None = None) -> dict[str, Any]:
     """Everything needed to reproduce or compare a report (STYLE.md, "Reports")."""
     from attnstab_cli.model.describe import describe_checkpoint
 
@@ -165,12 +170,67 @@ def build_manifest(model: OpenModel, calib: CalibrationSet | None, result: ScanR
     except ImportError:
         triton_version = None
     return {
-        "schema_version": "1",
+        "schema_version": SCHEMA_VERSION,
         "tool": {"name": "attnstab", "version": __version__},
-        "checkpoint": {**describe_checkpoint(model), "config_sha256": config_hash},
+        "checkpoint": {**describe_checkpoint(model), "config_sha256": config_hash, "fingerprint": fingerprint},
         "calibration": None if calib is None else {
-            "source": calib.source, "token_sha256": calib.token_hash, "n_tokens": calib.n_tokens,
-            "n_sequences": calib.n_sequences, "seq_len": calib.seq_len, "seed": seed},
+            "source": calib.source, "source_sha256": calib.source_hash, "token_sha256": calib.token_hash,
+            "n_tokens": calib.n_tokens,
+            "n_sequences": calib.n_sequences, "seq_len": calib.seq_len, "seed": seed,
+            "batch_sizes": [int(b.shape[0]) for b in calib.batches]},
         "run": {**result.facts, "timings": result.timings, "torch": torch.__version__, "triton": triton_version,
                 "python": platform.python_version()},
     }
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    """One checkpoint scan as the commands ask for it (``scan``, and ``compare``/``gate``/``track`` on checkpoints)."""
+
+    checkpoint: str
+    calibration: CalibrationRequest = field(default_factory=CalibrationRequest)
+    options: ScanOptions = field(default_factory=ScanOptions)
+    weights_only: bool = False
+    hash_mode: HashMode = "sampled"
+    arch: str | None = None
+    overrides: dict[str, Any] | None = None
+
+
+def scan_checkpoint(req: ScanRequest, calib: CalibrationSet | None = None,
+                    on_start: Callable[[OpenModel, int], None] | None = None,
+                    on_step: Callable[[int, int], None] | None = None) -> tuple[Report, CalibrationSet | None]:
+    """Open, fingerprint and scan ``req.checkpoint``; returns the report (not yet written) and the tokens it used.
+
+    ``calib`` reuses another scan's tokens exactly (compare, track), checked against this model's vocabulary and
+    context. ``on_start(model, steps)`` announces the number of ``on_step`` calls to come. Stage timings (open,
+    fingerprint, calibration, the scan's own stages) land in the manifest.
+    """
+    stages: dict[str, float] = {}
+    t = time.perf_counter()
+    model = open_model(req.checkpoint, req.arch, req.overrides)
+    stages["open_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    fingerprint = compute_fingerprint(model.files.weight_files, req.hash_mode)
+    stages["fingerprint_s"] = time.perf_counter() - t
+    if req.weights_only:
+        if on_start:
+            on_start(model, model.cfg.n_layers)
+        result = run_weights_only(model, req.options, on_step)
+    else:
+        t = time.perf_counter()
+        if calib is None:
+            calib = build_calibration(req.calibration, model.cfg.vocab_size, model.cfg.max_positions,
+                                      model.tokenizer_path, req.checkpoint)
+        else:
+            check_seq_len(calib.seq_len, model.cfg.max_positions)
+            for batch in calib.batches:
+                check_token_range(batch, model.cfg.vocab_size, f"calibration tokens ({calib.source})")
+        stages["calibration_s"] = time.perf_counter() - t
+        if on_start:
+            on_start(model, model.cfg.n_layers * len(calib.batches))
+        result = run_scan(model, calib, req.options, on_step)
+    result.timings = {**stages, **result.timings}
+    manifest = build_manifest(model, calib, result, req.calibration.seed, fingerprint)
+    manifest["run"]["hash_mode"] = req.hash_mode
+    tokens = None if calib is None else torch.cat([b.to(torch.int64).cpu() for b in calib.batches]).numpy()
+    return Report(manifest, result.tables, tokens=tokens), calib

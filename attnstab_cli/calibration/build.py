@@ -1,6 +1,7 @@
 """Choose and build the calibration set for a scan from the CLI's ``--calib`` / ``--tokens`` options."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def build_calibration(req: CalibrationRequest, vocab_size: int, max_positions: i
                          hint="pass --tokens FILE (.npy/.pt ids) or --calib random")
     seqs = windows(tokenize(text, tokenizer_path), seq_len, n_seq, source)
     check_token_range(seqs, vocab_size, str(tokenizer_path))
-    return CalibrationSet(split_batches(seqs, req.batch_size), source, seq_len)
+    return CalibrationSet(split_batches(seqs, req.batch_size), source, seq_len,
+                          hashlib.sha256(text.encode("utf-8")).hexdigest())
 
 
 def _from_token_file(req: CalibrationRequest, vocab_size: int, max_positions: int | None) -> CalibrationSet:
@@ -65,4 +67,5 @@ def _from_token_file(req: CalibrationRequest, vocab_size: int, max_positions: in
         raise UsageError(f"--seq-len {req.seq_len} disagrees with the token file's sequence length {seqs.shape[1]}")
     check_seq_len(seqs.shape[1], max_positions)
     check_token_range(seqs, vocab_size, str(req.tokens))
-    return CalibrationSet(split_batches(seqs, req.batch_size), str(req.tokens), seqs.shape[1])
+    return CalibrationSet(split_batches(seqs, req.batch_size), str(req.tokens), seqs.shape[1],
+                          hashlib.sha256(req.tokens.read_bytes()).hexdigest())

@@ -25,6 +25,7 @@ class CalibrationSet:
     batches: tuple[torch.Tensor, ...]
     source: str
     seq_len: int
+    source_hash: str | None = None      # sha256 of the text or token file read (None for random ids)
 
     @property
     def n_tokens(self) -> int:

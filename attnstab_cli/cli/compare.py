@@ -9,7 +9,8 @@ from rich.table import Table
 
 from attnstab_cli.cli.options import Json
 from attnstab_cli.cli.output import handle_errors, print_json, stdout_console
-from attnstab_cli.compare import check_comparable, compare_layers, load_report
+from attnstab_cli.compare import check_comparable, compare_layers
+from attnstab_cli.report.read import load_report
 from attnstab_cli.report.summary import format_value
 
 

@@ -25,3 +25,38 @@ def config_overrides(n_heads: int | None, n_kv_heads: int | None, norm_eps: floa
                      rope_theta: float | None) -> dict[str, Any]:
     """The config values a user may supply for checkpoints that lack them."""
     return {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "norm_eps": norm_eps, "rope_theta": rope_theta}
+
+# Calibration and run flags shared by every command that may scan a checkpoint (scan, compare, gate, track).
+Calib = Annotated[Optional[str], typer.Option(
+    "--calib", help="Calibration text: a .txt, .jsonl (field 'text') or .parquet (column 'text') file, or "
+                    "'random' for uniform random token ids. Default: the bundled corpus.")]
+Tokens = Annotated[Optional[Path], typer.Option(
+    "--tokens", help="Token ids (.npy or .pt, shape \\[batch, seq] or \\[seq]) used exactly as given.")]
+SeqLen = Annotated[Optional[int], typer.Option(
+    "--seq-len", help="Tokens per sequence (default min(256, the model's maximum positions)).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Sequences per batch.")]
+Batches = Annotated[int, typer.Option("--batches", help="Number of batches.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for random calibration and sampling.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, float64, bfloat16, float16.")]
+Grad = Annotated[bool, typer.Option(
+    "--grad", help="Also the gradient flow: per-layer gradient norms of the training loss (or a probe loss), "
+                   "streamed backward one layer at a time.")]
+EmpiricalSeqs = Annotated[int, typer.Option(
+    "--empirical-seqs", min=0, help="Sequences per layer for the tier-3 empirical Lipschitz lower bound and the "
+                                    "tightness ratios (float64 autograd; 0 skips tier 3).")]
+HashMode = Annotated[str, typer.Option(
+    "--hash", help="Weight fingerprint: 'sampled' (headers plus evenly spaced blocks, ~6 MiB per file) or 'full' "
+                   "(every byte).")]
+Format = Annotated[str, typer.Option(
+    "--format", help="Output on stdout: rich (terminal summary), json or markdown (for CI job summaries).")]
+
+
+def check_format(value: str, json_flag: bool = False) -> str:
+    """``--format`` (with ``--json`` as a shorthand for ``--format json``)."""
+    from attnstab_cli.errors import UsageError
+
+    fmt = "json" if json_flag else value.lower()
+    if fmt not in ("rich", "json", "markdown"):
+        raise UsageError(f"--format must be rich, json or markdown, got {value!r}")
+    return fmt

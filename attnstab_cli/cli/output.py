@@ -31,7 +31,8 @@ def print_json(data: Any) -> None:
 
 
 def handle_errors(fn: F) -> F:
-    """Turn :class:`AttnstabError` into ``Error: ...`` (and a hint) on stderr plus its exit code.
+    """Turn :class:`AttnstabError` into ``Error: ...`` (and a hint) on stderr plus its exit code; any other exception
+    means the work could not complete: one line and exit 3 (never 1, which a gate reserves for a failed rule).
 
     With ``--debug`` or ``ATTNSTAB_DEBUG=1`` the exception propagates with its traceback instead.
     """
@@ -50,5 +51,15 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt:
             stderr_console().print("Interrupted; no report was written.")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:            # a failure we did not anticipate: the work did not complete (exit 3)
+            if STATE["debug"]:
+                raise
+            stderr_console().print(f"[bold red]Error:[/] the run could not complete: {type(exc).__name__}: {exc}",
+                                   markup=True, highlight=False, soft_wrap=True)
+            stderr_console().print("  hint: rerun with --debug for the traceback, and please report it",
+                                   highlight=False, soft_wrap=True)
+            raise typer.Exit(3) from None
 
     return wrapper  # type: ignore[return-value]

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+# Columns each version added, per table (what a reader fills with null for an older report). Version 2 added no
+# column: its manifest gained the weight fingerprint, the calibration source hash and per-stage timings, and each
+# Parquet file's metadata the tool version, checkpoint fingerprint, family, calibration id, seed, device, versions.
+SCHEMA_HISTORY: dict[str, dict[str, tuple[str, ...]]] = {"1": {}, "2": {}}
 
 
 @dataclass(frozen=True)
@@ -161,10 +165,10 @@ MODEL_COLUMNS: tuple[Column, ...] = (
 TABLES: dict[str, tuple[Column, ...]] = {"layers": LAYER_COLUMNS, "heads": HEAD_COLUMNS, "model": MODEL_COLUMNS}
 
 
-def arrow_schema(table: str) -> pa.Schema:
-    """The pyarrow schema of ``table`` with per-field unit/description metadata."""
+def arrow_schema(table: str, file_metadata: dict[str, str] | None = None) -> pa.Schema:
+    """The pyarrow schema of ``table`` with per-field unit/description metadata (plus ``file_metadata``)."""
     return pa.schema(
         [pa.field(c.name, c.type, nullable=True, metadata={"unit": c.unit, "description": c.description})
          for c in TABLES[table]],
-        metadata={"schema_version": SCHEMA_VERSION, "table": table},
+        metadata={**(file_metadata or {}), "schema_version": SCHEMA_VERSION, "table": table},
     )

@@ -11,10 +11,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from attnstab_cli.errors import InputError, UsageError
+from attnstab_cli.errors import UsageError
 from attnstab_cli.report.schema import TABLES, arrow_schema
 
 
@@ -26,9 +27,20 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise UsageError(f"{out} exists and is not a directory")
 
 
-def build_table(name: str, records: list[dict[str, Any]]) -> pa.Table:
+def file_metadata(manifest: dict[str, Any]) -> dict[str, str]:
+    """The identity every table file carries in its metadata (STYLE.md, "Reports"), so one file alone says where it
+    came from: tool version, checkpoint and its fingerprint, family, calibration id, seed, device, library versions."""
+    ck, cal, run = manifest.get("checkpoint") or {}, manifest.get("calibration") or {}, manifest.get("run") or {}
+    meta = {"tool_version": (manifest.get("tool") or {}).get("version"), "checkpoint": ck.get("checkpoint"),
+            "checkpoint_fingerprint": ck.get("fingerprint"), "family": ck.get("family"),
+            "calibration_token_sha256": cal.get("token_sha256"), "seed": cal.get("seed"), "device": run.get("device"),
+            "dtype": run.get("dtype"), "torch": run.get("torch"), "triton": run.get("triton")}
+    return {k: str(v) for k, v in meta.items() if v is not None}
+
+
+def build_table(name: str, records: list[dict[str, Any]], metadata: dict[str, str] | None = None) -> pa.Table:
     """Records -> table with the documented schema; a record key outside the schema is a bug, not a column."""
-    schema = arrow_schema(name)
+    schema = arrow_schema(name, metadata)
     extra = {k for r in records for k in r} - set(schema.names)
     if extra:
         raise ValueError(f"records for {name!r} carry undocumented columns {sorted(extra)}")
@@ -36,8 +48,9 @@ def build_table(name: str, records: list[dict[str, Any]]) -> pa.Table:
 
 
 def write_report(out: Path, tables: dict[str, list[dict[str, Any]]], manifest: dict[str, Any],
-                 force: bool = False) -> Path:
-    """Publish ``<table>.parquet`` files and ``manifest.json`` under ``out`` in one rename."""
+                 force: bool = False, tokens: np.ndarray | None = None) -> Path:
+    """Publish ``<table>.parquet`` files, ``manifest.json`` and the calibration ``tokens.npy`` (so another checkpoint
+    can be scanned on identical tokens) under ``out`` in one rename."""
     check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -46,7 +59,9 @@ def write_report(out: Path, tables: dict[str, list[dict[str, Any]]], manifest: d
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; a published report gets normal permissions
     try:
         for name, records in tables.items():
-            pq.write_table(build_table(name, records), staging / f"{name}.parquet")
+            pq.write_table(build_table(name, records, file_metadata(manifest)), staging / f"{name}.parquet")
+        if tokens is not None:
+            np.save(staging / "tokens.npy", np.asarray(tokens, dtype=np.int64), allow_pickle=False)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _publish(staging, out)
     except BaseException:
@@ -64,16 +79,3 @@ def _publish(staging: Path, out: Path) -> None:
     os.rename(out, old)
     os.rename(staging, out)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def read_table(report: Path, name: str) -> pa.Table:
-    """Read one table of a report, refusing a file written under another schema version."""
-    path = report / f"{name}.parquet"
-    if not path.is_file():
-        raise InputError(f"report has no {name}.parquet", path=report)
-    table = pq.read_table(path)
-    version = (table.schema.metadata or {}).get(b"schema_version", b"?").decode()
-    expected = arrow_schema(name).metadata[b"schema_version"].decode()
-    if version != expected:
-        raise InputError(f"report schema version {version}, this attnstab reads {expected}", path=path)
-    return table

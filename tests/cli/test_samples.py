@@ -33,7 +33,8 @@ def test_sample_is_small_trained_and_scans(name: str, tmp_path: Path) -> None:
     result = invoke("scan", path, "--seq-len", "64", "--batch-size", "2", "--batches", "1", "--out", out, "--quiet",
                     "--empirical-seqs", "1" if name == "gpt2-tiny" else "0")   # tier 3 is tested in tests/metrics
     assert result.exit_code == 0, result.stderr
-    assert {p.name for p in out.iterdir()} == {"layers.parquet", "heads.parquet", "model.parquet", "manifest.json"}
+    assert {p.name for p in out.iterdir()} == {"layers.parquet", "heads.parquet", "model.parquet", "manifest.json",
+                                              "tokens.npy"}
 
 
 def test_steps_of_one_run_differ() -> None:

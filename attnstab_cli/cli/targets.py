@@ -1,0 +1,58 @@
+"""Turn a command's TARGET (a report directory or a checkpoint) into a report, scanning with a progress bar."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from attnstab_cli.calibration.build import CalibrationRequest
+from attnstab_cli.calibration.sources import CalibrationSet
+from attnstab_cli.cli.output import stderr_console
+from attnstab_cli.errors import UsageError
+from attnstab_cli.metrics.theta_scan import ThetaOptions
+from attnstab_cli.report.read import Report, is_report_dir, load_report
+from attnstab_cli.scan import ScanOptions, ScanRequest, resolve_device, resolve_dtype, scan_checkpoint
+
+
+def build_scan_request(checkpoint: str, *, calib: str | None = None, tokens: Path | None = None,
+                       seq_len: int | None = None, batch_size: int = 4, batches: int = 2, seed: int = 0,
+                       device: str = "auto", dtype: str = "float32", grad: bool = False, empirical_seqs: int = 1,
+                       hash_mode: str = "sampled", theta: ThetaOptions | None = None, kernel: str = "auto",
+                       weights_only: bool = False, arch: str | None = None,
+                       overrides: dict | None = None) -> ScanRequest:
+    """The shared scan flags as a :class:`ScanRequest`; device and dtype are checked before any work."""
+    from attnstab_cli.kernel_dispatch import resolve_kernel
+
+    resolve_kernel(kernel, resolve_device(device)), resolve_dtype(dtype)
+    if hash_mode not in ("sampled", "full"):
+        raise UsageError(f"--hash must be 'sampled' or 'full', got {hash_mode!r}")
+    theta = replace(theta or ThetaOptions(), seed=seed)
+    return ScanRequest(checkpoint,
+                       CalibrationRequest(calib=calib, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+                                          batches=batches, seed=seed),
+                       ScanOptions(device=device, dtype=dtype, kernel=kernel, grad=grad,
+                                   empirical_seqs=empirical_seqs, theta=theta),
+                       weights_only=weights_only, hash_mode=hash_mode, arch=arch, overrides=overrides)
+
+
+def scan_with_progress(req: ScanRequest, calib: CalibrationSet | None = None, quiet: bool = False,
+                       label: str | None = None, err: Console | None = None) -> tuple[Report, CalibrationSet | None]:
+    """:func:`scan_checkpoint` with a transient progress bar on stderr (none when quiet or not a terminal)."""
+    err = err or stderr_console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, disable=quiet or not err.is_terminal, transient=True) as progress:
+        task = progress.add_task(label or req.checkpoint, total=None)
+        return scan_checkpoint(req, calib, on_start=lambda model, n: progress.update(task, total=n),
+                               on_step=lambda layer, batch: progress.advance(task))
+
+
+def resolve_target(target: str, req: ScanRequest, calib: CalibrationSet | None = None,
+                   quiet: bool = False) -> tuple[Report, CalibrationSet | None]:
+    """A report directory is read as is; anything else is a checkpoint, scanned per ``req`` (on ``calib``'s tokens
+    when given). Returns the report and the tokens a scan used (None for a report read from disk)."""
+    path = Path(target)
+    if is_report_dir(path):
+        return load_report(path), None
+    return scan_with_progress(replace(req, checkpoint=target), calib, quiet)
