@@ -10,6 +10,7 @@ from attnstab_cli.cli.compare import compare
 from attnstab_cli.cli.info import info
 from attnstab_cli.cli.output import STATE
 from attnstab_cli.cli.scan import scan
+from attnstab_cli.cli.show import show
 
 EPILOG = (
     "Examples:  attnstab info sample_checkpoints/gpt2-tiny  |  "
@@ -43,6 +44,7 @@ def root(
 app.command(epilog=EPILOG)(info)
 app.command(epilog=EPILOG)(scan)
 app.command(epilog=EPILOG)(compare)
+app.command(epilog=EPILOG)(show)
 
 
 def main() -> None:

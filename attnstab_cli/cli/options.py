@@ -48,6 +48,9 @@ EmpiricalSeqs = Annotated[int, typer.Option(
 HashMode = Annotated[str, typer.Option(
     "--hash", help="Weight fingerprint: 'sampled' (headers plus evenly spaced blocks, ~6 MiB per file) or 'full' "
                    "(every byte).")]
+Detail = Annotated[bool, typer.Option(
+    "--detail", help="Also the per-layer tables of every metric family (activations, weights, sensitivity, "
+                     "Lipschitz tiers, fragility, gradients) and the notable heads.")]
 Format = Annotated[str, typer.Option(
     "--format", help="Output on stdout: rich (terminal summary), json or markdown (for CI job summaries).")]
 

@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from attnstab_cli.cli.options import (
-    Arch, BatchSize, Batches, Calib, Checkpoint, Device, Dtype, EmpiricalSeqs, Force, Format, Grad, HashMode, Json,
+    Arch, BatchSize, Batches, Calib, Checkpoint, Detail, Device, Dtype, EmpiricalSeqs, Force, Format, Grad, HashMode, Json,
     NHeads, NKVHeads, NormEps, Out, Quiet, RopeTheta, Seed, SeqLen, Tokens, check_format, config_overrides,
 )
 from attnstab_cli.cli.output import handle_errors, stderr_console
@@ -64,7 +64,8 @@ def scan(
                                "calibration text, one layer resident at a time.")] = False,
     hash_mode: HashMode = "sampled",
     arch: Arch = None, n_heads: NHeads = None, n_kv_heads: NKVHeads = None, norm_eps: NormEps = None,
-    rope_theta: RopeTheta = None, fmt: Format = "rich", json_out: Json = False, quiet: Quiet = False,
+    rope_theta: RopeTheta = None, fmt: Format = "rich", json_out: Json = False, detail: Detail = False,
+    quiet: Quiet = False,
 ) -> None:
     """Scan a checkpoint on calibration text and write/print the per-layer report."""
     fmt = check_format(fmt, json_out)
@@ -84,4 +85,4 @@ def scan(
         report.path = out
         if not quiet:
             err.print(f"report written to {out}", highlight=False)
-    render_report(report, fmt)
+    render_report(report, fmt, detail=detail)

@@ -17,21 +17,26 @@ def _style(value: float | None) -> str:
     return next(style for bound, style in _BANDS if value < bound)
 
 
-def theta_heatmap(heads: list[dict[str, Any]], column: str = "theta_mean", max_heads: int = 24) -> Table:
-    """Layers as rows, heads as columns, each cell the head's ``column`` value on a colour band."""
+def theta_heatmap(heads: list[dict[str, Any]], column: str = "theta_mean", width: int = 100) -> Table:
+    """Layers as rows, heads as columns, each cell the head's ``column`` on a colour band; values printed while they
+    fit ``width`` (up to 18 heads at 100 columns), coloured blocks beyond that (up to 46 heads), then truncated."""
     n_heads = 1 + max(r["head"] for r in heads)
-    shown = min(n_heads, max_heads)
-    table = Table(title=f"{column} by layer x head" + (f" (first {shown} of {n_heads} heads)" if shown < n_heads else ""),
-                  title_justify="left", box=None, padding=(0, 1), pad_edge=False)
+    numbers = 6 + 5 * n_heads <= width
+    shown = n_heads if numbers else min(n_heads, (width - 6) // 2)
+    title = f"{column} by layer x head" + (f" (first {shown} of {n_heads} heads)" if shown < n_heads else "")
+    if not numbers:
+        title += "; " + "  ".join(f"<{b:g}" for b, _ in _BANDS[:-1]) + " by colour, red lowest"
+    table = Table(title=title, title_justify="left", box=None, padding=(0, 1 if numbers else 0), pad_edge=False)
     table.add_column("layer", justify="right", style="bold")
     for h in range(shown):
-        table.add_column(str(h), justify="center", min_width=5)
+        table.add_column(str(h) if numbers else "", justify="center", min_width=4 if numbers else 2)
     by_layer: dict[int, dict[int, Any]] = {}
     for r in heads:
         by_layer.setdefault(r["layer"], {})[r["head"]] = r[column]
     for layer in sorted(by_layer):
-        cells = [Text("  -  " if by_layer[layer].get(h) is None else f"{by_layer[layer][h]:.3f}",
-                      style=_style(by_layer[layer].get(h))) for h in range(shown)]
+        vals = [by_layer[layer].get(h) for h in range(shown)]
+        cells = [Text((" -  " if v is None else f"{v:.2f}") if numbers else "██", style=_style(v) if numbers else
+                      _style(v).split(" on ")[-1]) for v in vals]
         table.add_row(f"{layer} ", *cells)
     return table
 

@@ -93,7 +93,9 @@ def read_table(report: Path, name: str, manifest_version: str | None = None) -> 
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"not a readable Parquet file ({exc})", path=path) from None
-    version = (table.schema.metadata or {}).get(b"schema_version", b"").decode() or "missing"
+    version = (table.schema.metadata or {}).get(b"schema_version", b"").decode()
+    if not version:
+        raise InputError("no schema_version in the file metadata: not an attnstab report table", path=path)
     _check_version(version, path)
     if manifest_version is not None and version != manifest_version:
         raise InputError(f"table schema version {version} disagrees with manifest.json ({manifest_version})",

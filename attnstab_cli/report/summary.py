@@ -1,13 +1,16 @@
-"""Rich terminal summary of a scan (fits a 100-column terminal)."""
+"""Rich terminal summary of a scan (fits a 100-column terminal): the digest (``digest.py``) plus, on request, the
+per-layer tables of every metric family."""
 from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from attnstab_cli.metrics.fragility import RHO_TARGET
 from attnstab_cli.metrics.sensitivity import describe_depth_rule
+from attnstab_cli.report.digest import build_digest
 from attnstab_cli.report.heatmap import notable_heads, theta_heatmap
 
 
@@ -16,16 +19,40 @@ def format_value(x: Any, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]]]) -> None:
-    """Model line, calibration line, the per-layer table and, after a calibrated scan, the θ views."""
-    ck, cal = manifest["checkpoint"], manifest["calibration"]
-    console.print(f"[bold]{ck['checkpoint']}[/]  {ck['family']}  {ck['n_layers']} layers  d={ck['d_model']}  "
-                  f"heads={ck['n_heads']}/{ck['n_kv_heads']}  {ck['norm']} {ck['placement']}", highlight=False)
-    if cal is None:
-        console.print("weights only: no calibration text", highlight=False)
-    else:
-        console.print(f"calibration: {cal['source']}  {cal['n_sequences']} x {cal['seq_len']} tokens  "
-                      f"sha256 {cal['token_sha256'][:12]}", highlight=False)
+def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]]],
+                   detail: bool = False) -> None:
+    """Model and calibration lines, the per-layer table, the θ heatmap and the findings (``digest.py``); with
+    ``detail`` also the per-layer tables of every metric family. Fits a 100-column terminal."""
+    digest = build_digest(manifest, tables)
+    calibrated = manifest.get("calibration") is not None
+    console.print(f"[bold]{digest['model']}[/]", highlight=False)
+    console.print(digest["calibration"], highlight=False)
+    _layer_table(console, "per layer", digest["layers"], digest["layer_columns"], style=box.SIMPLE_HEAD)
+    bp = digest["bound_product"]
+    if bp.get("log_lip_model_calibrated") is not None:
+        console.print(f"end-to-end: log ∏ layer bounds = {bp['log_lip_model_weights']:.4g} (tier 1), "
+                      f"{bp['log_lip_model_calibrated']:.4g} (tier 2, worst sequence)", highlight=False)
+    if digest["grad"] is not None:
+        g = digest["grad"]
+        path = "an identity path (pre-LN / parallel)" if g["identity_path"] else \
+            "no identity path (post-LN: every factor starts with a norm Jacobian, THEORY §9)"
+        console.print(f"gradient flow: {g['loss_kind']} = {g['loss']:.4g}; {path}", highlight=False)
+    if calibrated and tables.get("heads"):
+        console.print(theta_heatmap(tables["heads"]))
+    if digest["theta_note"]:
+        console.print(digest["theta_note"], highlight=False)
+    if digest["findings"]:
+        console.print("[bold]findings[/]")
+        for f in digest["findings"]:
+            mark = "[yellow]![/]" if f["severity"] == "warn" else "·"
+            console.print(f" {mark} {f['text']}", highlight=False)
+    if detail:
+        _detail_tables(console, manifest, tables)
+
+
+def _detail_tables(console: Console, manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]]]) -> None:
+    """Every metric family's per-layer table (``--detail``)."""
+    cal = manifest.get("calibration")
     if cal is not None:
         _layer_table(console, "activations per layer", tables["layers"], {
             "r_resid_mean": "|h| mean", "r_resid_max": "|h| max", "r2_in": "R2 attn in", "r2_ffn_in": "R2 ffn in",
@@ -44,33 +71,18 @@ def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str,
         _layer_table(console, "Lipschitz bounds per layer (‖·‖∞,2; THEORY §7-8)", tables["layers"], {
             "lip_layer_weights": "tier 1 (weights)", "lip_layer_calibrated": "tier 2 (at text)",
             "lip_layer_refined": "tier 2r", "lip_layer_empirical": "tier 3 (lower)", "tightness": "3 ÷ 2"})
-        if model.get("log_lip_model_calibrated") is not None:
-            console.print(f"whole stack: log of the product of layer bounds = {model['log_lip_model_weights']:.4g} "
-                          f"(tier 1), {model['log_lip_model_calibrated']:.4g} (tier 2, worst sequence)",
-                          highlight=False)
         _fragility_lines(console, tables["layers"])
     if model.get("grad_loss_kind") is not None:
-        path = "an identity path (pre-LN / parallel)" if model["identity_grad_path"] else \
-            "no identity path (post-LN: every factor starts with a norm Jacobian, THEORY §9)"
-        console.print(f"gradient flow: {model['grad_loss_kind']} = {model['grad_loss']:.4g}; {path}",
-                      highlight=False)
-        _layer_table(console, "gradient norms per layer", tables["layers"], {"grad_h_in": "‖∂L/∂h_l‖", "grad_attn_params": "‖∇ attn‖",
-                                        "grad_ffn_params": "‖∇ ffn‖", "grad_norm_params": "‖∇ norms‖"})
-    heads = tables.get("heads") or []
-    if heads and cal is not None:
-        console.print(theta_heatmap(heads))
-        console.print(notable_heads(heads))
-        theta = manifest.get("run", {}).get("theta", {})
-        wide = sum(r["theta_wide_rows"] for r in heads)
-        unrefined = theta.get("unrefined_rows", 0)
-        console.print(f"θ: a certified interval for every row (slack {theta.get('slack')}); "
-                      f"{theta.get('refined_rows', 0)} rows refined by A1 or A2+A3; {wide} rows still wider than "
-                      f"{theta.get('tol')}" + (f", {unrefined} of them beyond --theta-rows" if unrefined else ""),
-                      highlight=False)
+        _layer_table(console, "gradient norms per layer", tables["layers"], {
+            "grad_h_in": "‖∂L/∂h_l‖", "grad_attn_params": "‖∇ attn‖", "grad_ffn_params": "‖∇ ffn‖",
+            "grad_norm_params": "‖∇ norms‖"})
+    if tables.get("heads") and cal is not None:
+        console.print(notable_heads(tables["heads"]))
 
 
-def _layer_table(console: Console, title: str, rows: list[dict[str, Any]], columns: dict[str, str]) -> None:
-    table = Table(title=title, title_justify="left")
+def _layer_table(console: Console, title: str, rows: list[dict[str, Any]], columns: dict[str, str],
+                 style: box.Box | None = box.HEAVY_HEAD) -> None:
+    table = Table(title=title, title_justify="left", box=style, padding=(0, 1))
     table.add_column("layer", justify="right")
     for heading in columns.values():
         table.add_column(heading, justify="right")

@@ -1,0 +1,124 @@
+"""Plain-language findings read off a report (issue 5, item 2): which heads, layers and precisions deserve a look.
+
+Each finding states a measured fact and where it is, never a verdict the theory does not support: θ is a sensitivity
+factor, not a health score (THEORY §2), and the depth rule has no threshold (Errata E7). Thresholds used here are
+named constants so the README can quote them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from attnstab_cli.metrics.fragility import RHO_TARGET
+
+N_HEADS_LISTED = 3
+DOMINANT_FACTOR = 1.5            # a layer "dominates" when its share of log ∏ bound exceeds 1.5× the mean share
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One observation: ``kind`` (stable key), ``severity`` (``info`` | ``warn``), the sentence, and where:
+    ``items`` lists ``{"layer", "head", "value"}`` for each place it names (head None for a layer)."""
+
+    kind: str
+    severity: str
+    text: str
+    items: tuple[dict[str, Any], ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compute_findings(manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]]]) -> list[Finding]:
+    """All findings for one report, in display order (non-finite values first)."""
+    layers, heads = tables.get("layers") or [], tables.get("heads") or []
+    out = _non_finite(tables)
+    if manifest.get("calibration") is not None and heads:
+        out += _lowest_theta(heads) + _widest_intervals(heads, manifest)
+    out += _dominant_bound(layers)
+    out += _low_precision(layers)
+    out += _gradient(layers)
+    return out
+
+
+def _non_finite(tables: dict[str, list[dict[str, Any]]]) -> list[Finding]:
+    out = []
+    for name, rows in tables.items():
+        bad = sorted({k for r in rows for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)})
+        if bad:
+            out.append(Finding("non_finite", "warn", f"{name}: non-finite values in {', '.join(bad)}",
+                               tuple({"column": k} for k in bad)))
+    return out
+
+
+def _item(layer: int | None, head: int | None, value: float | None) -> dict[str, Any]:
+    return {"layer": layer, "head": head, "value": value}
+
+
+def _lowest_theta(heads: list[dict[str, Any]]) -> list[Finding]:
+    rated = sorted((r for r in heads if r.get("theta_mean") is not None), key=lambda r: r["theta_mean"])
+    low = rated[:N_HEADS_LISTED]
+    if not low:
+        return []
+    text = "lowest mean θ: " + ", ".join(f"L{r['layer']}H{r['head']} {r['theta_mean']:.3f} (p05 {r['theta_p05']:.3f}, "
+                                         f"p_max {r['pmax_mean']:.2f})" for r in low)
+    return [Finding("lowest_theta", "info", text, tuple(_item(r["layer"], r["head"], r["theta_mean"]) for r in low))]
+
+
+def _widest_intervals(heads: list[dict[str, Any]], manifest: dict[str, Any]) -> list[Finding]:
+    tol = ((manifest.get("run") or {}).get("theta") or {}).get("tol") or 0.0
+    wide = sorted((r for r in heads if (r.get("theta_wide_rows") or 0) > 0),
+                  key=lambda r: -(r.get("theta_width_max") or 0.0))[:N_HEADS_LISTED]
+    if not wide:
+        return [Finding("widest_interval", "info", f"every θ interval is within {tol:g} (plus the rounding slack)")]
+    text = (f"widest θ intervals (rows wider than {tol:g}): "
+            + ", ".join(f"L{r['layer']}H{r['head']} {r['theta_width_max']:.1e} ({r['theta_wide_rows']} rows)"
+                        for r in wide) + "; --theta-rows all refines every row")
+    return [Finding("widest_interval", "info", text,
+                    tuple(_item(r["layer"], r["head"], r["theta_width_max"]) for r in wide))]
+
+
+def _dominant_bound(layers: list[dict[str, Any]]) -> list[Finding]:
+    """Layers carrying an outsized share of log ∏_l (tier-2 bound, else tier 1): where the end-to-end bound grows."""
+    col = "lip_layer_calibrated" if any(r.get("lip_layer_calibrated") for r in layers) else "lip_layer_weights"
+    logs = [(r["layer"], math.log(r[col])) for r in layers if r.get(col) and r[col] > 0 and math.isfinite(r[col])]
+    total = sum(v for _, v in logs if v > 0)
+    tier = "tier-2" if col == "lip_layer_calibrated" else "tier-1"
+    if not logs:
+        return []
+    if total <= 0:
+        return [Finding("dominant_bound", "info", f"every layer's {tier} bound is ≤ 1: the end-to-end bound does "
+                                                  "not grow with depth")]
+    ranked = sorted(logs, key=lambda x: -x[1])
+    top = [(layer, v / total) for layer, v in ranked if v / total >= DOMINANT_FACTOR / len(logs)] or \
+        [(ranked[0][0], ranked[0][1] / total)]
+    text = (f"share of log ∏ {tier} bound (log {total:.3g}): "
+            + ", ".join(f"layer {layer} {share:.0%}" for layer, share in top)
+            + (f" (mean share {1 / len(logs):.0%})" if len(logs) > 1 else ""))
+    return [Finding("dominant_bound", "info", text, tuple(_item(layer, None, share) for layer, share in top))]
+
+
+def _low_precision(layers: list[dict[str, Any]]) -> list[Finding]:
+    out = []
+    for prec in ("bf16", "fp16"):
+        hit = [r for r in layers if (r.get(f"rho_ln_{prec}") or 0.0) > RHO_TARGET]
+        if not hit:
+            continue
+        worst = max(hit, key=lambda r: r[f"rho_ln_{prec}"])
+        text = (f"{prec}: ρ_LN > {RHO_TARGET} in {len(hit)} of {len(layers)} layers (worst: layer {worst['layer']}, "
+                f"{worst[f'rho_ln_{prec}']:.3g}); norm inputs lose precision in {prec} (THEORY §13)")
+        out.append(Finding("low_precision", "warn", text,
+                           tuple(_item(r["layer"], None, r[f"rho_ln_{prec}"]) for r in hit)))
+    return out
+
+
+def _gradient(layers: list[dict[str, Any]]) -> list[Finding]:
+    g = [(r["layer"], r["grad_h_in"]) for r in layers if r.get("grad_h_in")]
+    if len(g) < 2:
+        return []
+    (l0, first), (ln, last) = g[0], g[-1]
+    ratio = first / last
+    text = (f"‖∂L/∂h‖ at layer {l0} is {ratio:.3g}× that at layer {ln} "
+            f"({'grows' if ratio > 1 else 'shrinks'} towards the input)")
+    return [Finding("gradient_profile", "info", text, (_item(l0, None, first), _item(ln, None, last)))]

@@ -1,0 +1,131 @@
+"""Terminal summary, findings, JSON and Markdown views (issue 5, item 2): the same digest in three formats, a
+100-column terminal, findings that point at the right heads and layers."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from attnstab_cli.report.digest import build_digest
+from attnstab_cli.report.findings import DOMINANT_FACTOR, compute_findings
+from attnstab_cli.report.heatmap import theta_heatmap
+from attnstab_cli.report.markdown import render_markdown
+from attnstab_cli.report.read import load_report
+from attnstab_cli.report.summary import render_summary
+from cli.helpers import invoke
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_checkpoints"
+MANIFEST = {"checkpoint": {"checkpoint": "x", "family": "gpt2", "n_layers": 3, "d_model": 8, "n_heads": 2,
+                           "n_kv_heads": 2, "norm": "layernorm", "placement": "pre-norm"},
+            "calibration": {"source": "t", "n_sequences": 1, "seq_len": 4, "token_sha256": "ab" * 32, "seed": 0},
+            "run": {"theta": {"tol": 1e-6, "slack": 1e-6, "refined_rows": 3, "unrefined_rows": 0}}}
+
+
+def _head(layer: int, head: int, theta: float, width: float = 0.0, wide: int = 0) -> dict:
+    return {"layer": layer, "head": head, "theta_mean": theta, "theta_p05": theta / 2, "pmax_mean": 0.5,
+            "theta_width_max": width, "theta_wide_rows": wide}
+
+
+def _tables(lips=(2.0, 50.0, 3.0), rho=(0.1, 0.9, 0.2)) -> dict:
+    heads = [_head(0, 0, 0.9), _head(0, 1, 0.3, 1e-3, 4), _head(1, 0, 0.99), _head(1, 1, 0.5, 1e-5, 1),
+             _head(2, 0, 1.0), _head(2, 1, 0.95)]
+    layers = [{"layer": i, "lip_layer_calibrated": lip, "rho_ln_bf16": r, "rho_ln_fp16": r / 10,
+               "grad_h_in": 4.0 / (i + 1)} for i, (lip, r) in enumerate(zip(lips, rho))]
+    return {"layers": layers, "heads": heads, "model": [{}]}
+
+
+def _by_kind(findings) -> dict:
+    return {f.kind: f for f in findings}
+
+
+def test_findings_point_at_the_right_places() -> None:
+    f = _by_kind(compute_findings(MANIFEST, _tables()))
+    assert [(i["layer"], i["head"]) for i in f["lowest_theta"].items] == [(0, 1), (1, 1), (0, 0)]
+    assert [(i["layer"], i["head"]) for i in f["widest_interval"].items] == [(0, 1), (1, 1)]
+    logs = [math.log(2.0), math.log(50.0), math.log(3.0)]
+    dom = f["dominant_bound"].items
+    assert [i["layer"] for i in dom] == [1] and dom[0]["value"] == pytest.approx(logs[1] / sum(logs))
+    assert dom[0]["value"] > DOMINANT_FACTOR / 3
+    assert f["low_precision"].severity == "warn" and [i["layer"] for i in f["low_precision"].items] == [1]
+    assert f["gradient_profile"].items[0]["value"] == 4.0 and "grows towards the input" in f["gradient_profile"].text
+    assert "non_finite" not in f
+
+
+def test_findings_flag_non_finite_values_and_contractive_stacks() -> None:
+    tables = _tables(lips=(0.5, 0.9, 0.99), rho=(0.1, 0.2, 0.3))
+    tables["layers"][2]["r_ln_mean"] = float("nan")
+    f = _by_kind(compute_findings(MANIFEST, tables))
+    assert f["non_finite"].severity == "warn" and "r_ln_mean" in f["non_finite"].text
+    assert "does not grow with depth" in f["dominant_bound"].text and "low_precision" not in f
+    narrow = _tables()
+    for h in narrow["heads"]:
+        h["theta_wide_rows"] = 0
+    assert "every θ interval is within" in _by_kind(compute_findings(MANIFEST, narrow))["widest_interval"].text
+
+
+@pytest.fixture(scope="module")
+def scanned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("summary") / "r"
+    result = invoke("scan", SAMPLES / "llama-tiny", "--seq-len", "32", "--batches", "1", "--batch-size", "2",
+                    "--empirical-seqs", "1", "--grad", "--out", out, "--quiet", "--json")
+    assert result.exit_code == 0, result.stderr
+    return out, json.loads(result.stdout)
+
+
+def test_show_reprints_what_scan_printed(scanned: tuple[Path, dict]) -> None:
+    out, printed = scanned
+    shown = invoke("show", out, "--json")
+    assert shown.exit_code == 0, shown.stderr
+    assert json.loads(shown.stdout) == printed
+    digest = printed["summary"]
+    assert [r["layer"] for r in digest["layers"]] == [r["layer"] for r in printed["layers"]]
+    for row, layer in zip(digest["layers"], printed["layers"]):
+        assert row["lip_layer_empirical"] == layer["lip_layer_empirical"] and row["grad_h_in"] == layer["grad_h_in"]
+        pmax = [h["pmax_mean"] for h in printed["heads"] if h["layer"] == layer["layer"]]
+        assert row["pmax_mean"] == pytest.approx(sum(pmax) / len(pmax), rel=1e-12)
+    assert digest["theta_mean"][1][2] == next(h["theta_mean"] for h in printed["heads"]
+                                              if (h["layer"], h["head"]) == (1, 2))
+    assert {f["kind"] for f in digest["findings"]} >= {"lowest_theta", "dominant_bound", "gradient_profile"}
+
+
+def test_rich_summary_fits_100_columns(scanned: tuple[Path, dict]) -> None:
+    report = load_report(scanned[0])
+    buf = io.StringIO()
+    render_summary(Console(file=buf, width=100, color_system=None), report.manifest, report.tables, detail=True)
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    for needle in ("per layer", "tier 1", "tier 2", "tier 3", "‖∂L/∂h‖", "theta_mean by layer x head", "findings",
+                   "lowest mean θ", "Lipschitz bounds per layer"):
+        assert needle in text, needle
+
+
+def test_heatmap_of_many_heads_fits_100_columns() -> None:
+    heads = [_head(layer, h, (h % 10) / 10) for layer in range(3) for h in range(40)]
+    buf = io.StringIO()
+    Console(file=buf, width=100, color_system=None).print(theta_heatmap(heads))
+    lines = buf.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 100 and "first" not in lines[0]     # 40 heads as colour blocks
+
+
+def test_markdown_table_matches_the_digest(scanned: tuple[Path, dict]) -> None:
+    report = load_report(scanned[0])
+    shown = invoke("show", scanned[0], "--format", "markdown")
+    assert shown.exit_code == 0 and shown.stdout == render_markdown(report.manifest, report.tables)
+    digest = build_digest(report.manifest, report.tables)
+    rows = [ln for ln in shown.stdout.splitlines() if re.match(r"^\| \d+ \|", ln)]
+    n_cols = len(digest["layer_columns"]) + 1
+    layer_rows = [r for r in rows if len(re.split(r"(?<!\\)\|", r)) - 2 == n_cols]
+    assert len(layer_rows) == len(digest["layers"])
+    first = [c.strip() for c in re.split(r"(?<!\\)\|", layer_rows[0])[1:-1]]
+    assert float(first[1]) == pytest.approx(digest["layers"][0]["theta_bar"], rel=1e-3)
+    assert "### Findings" in shown.stdout and "\\|h\\|" in shown.stdout
+
+
+def test_unknown_format_is_a_usage_error(scanned: tuple[Path, dict]) -> None:
+    result = invoke("show", scanned[0], "--format", "html")
+    assert result.exit_code == 2 and "--format must be rich, json or markdown" in result.stderr
