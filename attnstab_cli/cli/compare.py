@@ -1,52 +1,113 @@
-"""``attnstab compare A B``: two reports side by side, with the sensitivity attribution of THEORY §12."""
+"""``attnstab compare A B``: two reports or checkpoints side by side, with the sensitivity attribution of THEORY §12.
+
+Checkpoints are scanned first, both on identical tokens: A's (from its report's ``tokens.npy``, or built from the
+calibration flags), then B on exactly those ids.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
-from attnstab_cli.cli.options import Json
-from attnstab_cli.cli.output import handle_errors, print_json, stdout_console
-from attnstab_cli.compare import check_comparable, compare_layers
-from attnstab_cli.report.read import load_report
+from attnstab_cli.cli.options import (
+    BatchSize, Batches, Calib, Device, Dtype, EmpiricalSeqs, Force, Grad, HashMode, Json, Quiet, Seed, SeqLen, Tokens,
+)
+from attnstab_cli.cli.output import handle_errors, print_json, stderr_console, stdout_console
+from attnstab_cli.cli.targets import build_scan_request, resolve_target
+from attnstab_cli.compare import Comparison, compare_reports, write_comparison
+from attnstab_cli.report.read import is_report_dir, load_calibration
 from attnstab_cli.report.summary import format_value
+from attnstab_cli.report.write import check_output_dir, write_report
+
+Target = Annotated[str, typer.Argument(help="A report directory (attnstab scan --out) or a checkpoint.",
+                                       show_default=False)]
 
 
 @handle_errors
 def compare(
-    a: Annotated[Path, typer.Argument(help="Report directory A (the reference), written by attnstab scan --out.")],
-    b: Annotated[Path, typer.Argument(help="Report directory B, compared with A.")],
+    a: Target,
+    b: Target,
     allow_different_calibration: Annotated[bool, typer.Option(
         "--allow-different-calibration", help="Compare reports scanned on different tokens.")] = False,
-    json_out: Json = False,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Write the comparison (layers.parquet, heads.parquet, compare.json) to this "
+                            "directory, atomically.")] = None,
+    force: Force = False,
+    save_reports: Annotated[Path | None, typer.Option(
+        "--save-reports", help="Also keep the scans of checkpoint arguments as reports DIR/a and DIR/b.")] = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="Heads listed among the largest movers.")] = 8,
+    calib: Calib = None, tokens: Tokens = None, seq_len: SeqLen = None, batch_size: BatchSize = 4,
+    batches: Batches = 2, seed: Seed = 0, device: Device = "auto", dtype: Dtype = "float32", grad: Grad = False,
+    empirical_seqs: EmpiricalSeqs = 1, hash_mode: HashMode = "sampled", json_out: Json = False,
+    quiet: Quiet = False,
 ) -> None:
-    """Compare two reports layer by layer and attribute the change in attention sensitivity (B relative to A)."""
-    ra, rb = load_report(a), load_report(b)
-    notes = check_comparable(ra, rb, allow_different_calibration)
-    rows = compare_layers(ra, rb)
+    """Compare B with A per layer and per head and attribute the change in attention sensitivity."""
+    if out is not None:
+        check_output_dir(out, force)
+    req = build_scan_request(a, calib=calib, tokens=tokens, seq_len=seq_len, batch_size=batch_size, batches=batches,
+                             seed=seed, device=device, dtype=dtype, grad=grad, empirical_seqs=empirical_seqs,
+                             hash_mode=hash_mode)
+    a_is_report, b_is_report = is_report_dir(Path(a)), is_report_dir(Path(b))
+    if b_is_report and not a_is_report:                 # scan A on B's tokens
+        rb, _ = resolve_target(b, req)
+        ra, _ = resolve_target(a, req, load_calibration(rb), quiet)
+    else:
+        ra, calib_a = resolve_target(a, req, None, quiet)
+        rb, _ = resolve_target(b, req, None if b_is_report else (calib_a or load_calibration(ra)), quiet)
+    if save_reports is not None:
+        for name, report, is_report in (("a", ra, a_is_report), ("b", rb, b_is_report)):
+            if not is_report:
+                write_report(save_reports / name, report.tables, report.manifest, force=force, tokens=report.tokens)
+    comp = compare_reports(ra, rb, allow_different_calibration, labels=(a, b))
+    if out is not None:
+        write_comparison(out, comp, force)
+        if not quiet:
+            stderr_console().print(f"comparison written to {out}", highlight=False)
     if json_out:
-        print_json({"a": str(a), "b": str(b), "notes": notes, "layers": rows})
-        return
+        print_json(comp.as_json())
+    else:
+        render_comparison(comp, top)
+
+
+def render_comparison(comp: Comparison, top: int) -> None:
+    """Side-by-side layers, the attribution sorted by the largest movers, and the heads that moved most."""
     console = stdout_console()
-    console.print(f"A = {a}   B = {b}", highlight=False)
-    for note in notes:
+    console.print(f"A = {comp.a['label']}   B = {comp.b['label']}", highlight=False)
+    for note in comp.notes:
         console.print(f"note: {note}", highlight=False)
-    side = Table(title="side by side (A → B)", title_justify="left")
-    for col in ("layer", "θ̄", "Π", "R normed", "S normed", "tier-2 bound", "‖∂L/∂h_l‖"):
-        side.add_column(col, justify="right")
-    for r in rows:
-        side.add_row(str(r["layer"]), *(f"{format_value(r[c + '_a'], '.3g')}→{format_value(r[c + '_b'], '.3g')}" for c in (
-            "theta_bar", "proj_product_layer", "r_ln_mean", "sens_proxy_ln", "lip_layer_calibrated", "grad_h_in")))
+    side = Table(title="side by side (A → B)", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
+    cols = {"theta_bar": "θ̄", "proj_product_layer": "Π", "r_ln_mean": "R normed", "sens_proxy_ln": "S normed",
+            "lip_layer_calibrated": "tier-2 bound", "grad_h_in": "‖∂L/∂h_l‖"}
+    cols = {c: h for c, h in cols.items() if any(r[c + "_a"] is not None or r[c + "_b"] is not None
+                                                 for r in comp.layers)}
+    for heading in ("layer", *cols.values()):
+        side.add_column(heading, justify="right")
+    for r in comp.layers:
+        side.add_row(str(r["layer"]), *(f"{format_value(r[c + '_a'], '.3g')}→{format_value(r[c + '_b'], '.3g')}"
+                                        for c in cols))
     console.print(side)
-    attr = Table(title="Δlog S = Δlog θ̄ + Δlog Π + 2Δlog R (THEORY §12), R = normed attention input; largest first",
-                 title_justify="left")
-    for col in ("layer", "Δlog S", "Δlog θ̄", "Δlog Π", "2Δlog R", "Δlog R resid"):
+    attr = Table(title="attribution Δlog S = Δlog θ̄ + Δlog Π + 2Δlog R (THEORY §12), largest first",
+                 title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("layer", "Δlog S", "Δlog θ̄", "Δlog Π", "2Δlog R", "Δlog 2s", "Δlog R resid", "main term"):
         attr.add_column(col, justify="right")
-    ranked = sorted(rows, key=lambda r: -abs(r["dlog_sens_ln"] or 0.0))
-    for r in ranked:
+    for r in sorted(comp.layers, key=lambda r: -abs(r["dlog_sens_ln"] or 0.0)):
         two_r = None if r["dlog_r_ln"] is None else 2 * r["dlog_r_ln"]
-        attr.add_row(str(r["layer"]), *(format_value(x, "+.4f") for x in (r["dlog_sens_ln"], r["dlog_theta"], r["dlog_proj"],
-                                                                   two_r, r["dlog_r_resid"])))
+        terms = {"θ": r["dlog_theta"], "Π": r["dlog_proj"], "R": two_r}
+        main = max((k for k in terms if terms[k] is not None), key=lambda k: abs(terms[k]), default="-")
+        attr.add_row(str(r["layer"]), *(format_value(x, "+.4f") for x in (
+            r["dlog_sens_ln"], r["dlog_theta"], r["dlog_proj"], two_r, r["dlog_scale"], r["dlog_r_resid"])), main)
     console.print(attr)
+    if comp.heads:
+        heads = Table(title=f"heads that moved most: |Δlog θ_h + Δlog Π_h|, top {top}", title_justify="left",
+                      box=box.SIMPLE_HEAD, padding=(0, 1))
+        for col in ("layer", "head", "θ A→B", "θ p05 A→B", "p_max A→B", "Π_h A→B", "Δlog θ", "Δlog Π_h"):
+            heads.add_column(col, justify="right")
+        for r in sorted(comp.heads, key=lambda r: -abs(r["dlog_theta_proj"] or 0.0))[:top]:
+            heads.add_row(str(r["layer"]), str(r["head"]),
+                          *(f"{format_value(r[c + '_a'], '.3g')}→{format_value(r[c + '_b'], '.3g')}"
+                            for c in ("theta_mean", "theta_p05", "pmax_mean", "proj_product")),
+                          format_value(r["dlog_theta"], "+.3f"), format_value(r["dlog_proj"], "+.3f"))
+        console.print(heads)

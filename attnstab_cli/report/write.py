@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -47,10 +47,9 @@ def build_table(name: str, records: list[dict[str, Any]], metadata: dict[str, st
     return pa.Table.from_pylist([{c.name: r.get(c.name) for c in TABLES[name]} for r in records], schema=schema)
 
 
-def write_report(out: Path, tables: dict[str, list[dict[str, Any]]], manifest: dict[str, Any],
-                 force: bool = False, tokens: np.ndarray | None = None) -> Path:
-    """Publish ``<table>.parquet`` files, ``manifest.json`` and the calibration ``tokens.npy`` (so another checkpoint
-    can be scanned on identical tokens) under ``out`` in one rename."""
+def publish_directory(out: Path, fill: Callable[[Path], None], force: bool = False) -> Path:
+    """Run ``fill(staging)`` in a hidden sibling of ``out`` and publish it with one rename: ``out`` appears complete
+    or not at all (an exception or Ctrl-C removes the staging directory; a kill leaves only the hidden ``.partial``)."""
     check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -58,16 +57,26 @@ def write_report(out: Path, tables: dict[str, list[dict[str, Any]]], manifest: d
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; a published report gets normal permissions
     try:
-        for name, records in tables.items():
-            pq.write_table(build_table(name, records, file_metadata(manifest)), staging / f"{name}.parquet")
-        if tokens is not None:
-            np.save(staging / "tokens.npy", np.asarray(tokens, dtype=np.int64), allow_pickle=False)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        fill(staging)
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def write_report(out: Path, tables: dict[str, list[dict[str, Any]]], manifest: dict[str, Any],
+                 force: bool = False, tokens: np.ndarray | None = None) -> Path:
+    """Publish ``<table>.parquet`` files, ``manifest.json`` and the calibration ``tokens.npy`` (so another checkpoint
+    can be scanned on identical tokens) under ``out`` in one rename."""
+    def fill(staging: Path) -> None:
+        for name, records in tables.items():
+            pq.write_table(build_table(name, records, file_metadata(manifest)), staging / f"{name}.parquet")
+        if tokens is not None:
+            np.save(staging / "tokens.npy", np.asarray(tokens, dtype=np.int64), allow_pickle=False)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+    return publish_directory(out, fill, force)
 
 
 def _publish(staging: Path, out: Path) -> None:
