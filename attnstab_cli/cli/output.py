@@ -9,6 +9,7 @@ from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from attnstab_cli.errors import AttnstabError
 
@@ -44,9 +45,9 @@ def handle_errors(fn: F) -> F:
             if STATE["debug"]:
                 raise
             err = stderr_console()
-            err.print(f"[bold red]Error:[/] {exc.message}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]Error:[/] {escape(exc.message)}", markup=True, highlight=False, soft_wrap=True)
             if exc.hint:
-                err.print(f"  hint: {exc.hint}", highlight=False, soft_wrap=True)
+                err.print(f"  hint: {exc.hint}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             stderr_console().print("Interrupted; no report was written.")
@@ -56,7 +57,8 @@ def handle_errors(fn: F) -> F:
         except Exception as exc:            # a failure we did not anticipate: the work did not complete (exit 3)
             if STATE["debug"]:
                 raise
-            stderr_console().print(f"[bold red]Error:[/] the run could not complete: {type(exc).__name__}: {exc}",
+            stderr_console().print(f"[bold red]Error:[/] the run could not complete: {type(exc).__name__}: "
+                                   f"{escape(str(exc))}",
                                    markup=True, highlight=False, soft_wrap=True)
             stderr_console().print("  hint: rerun with --debug for the traceback, and please report it",
                                    highlight=False, soft_wrap=True)
