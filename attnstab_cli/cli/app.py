@@ -7,10 +7,13 @@ import typer
 
 from attnstab_cli import __version__
 from attnstab_cli.cli.compare import compare
+from attnstab_cli.cli.gate import GATE_EPILOG, gate
 from attnstab_cli.cli.info import info
 from attnstab_cli.cli.output import STATE
+from attnstab_cli.cli.plot import plot
 from attnstab_cli.cli.scan import scan
 from attnstab_cli.cli.show import show
+from attnstab_cli.cli.track import track
 
 EPILOG = (
     "Examples:  attnstab info sample_checkpoints/gpt2-tiny  |  "
@@ -45,6 +48,9 @@ app.command(epilog=EPILOG)(info)
 app.command(epilog=EPILOG)(scan)
 app.command(epilog=EPILOG)(compare)
 app.command(epilog=EPILOG)(show)
+app.command(epilog=EPILOG)(track)
+app.command(epilog=GATE_EPILOG)(gate)
+app.command(epilog=EPILOG)(plot)
 
 
 def main() -> None:

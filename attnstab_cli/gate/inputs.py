@@ -1,0 +1,75 @@
+"""What a gate compares: complete reports, scanned on the baseline's tokens when it kept them.
+
+An incomplete report (a layer or head missing) is a scan that did not complete: exit 3, never a pass. Relative rules
+compare two reports row by row, which means something only on identical calibration tokens (manifest
+``calibration.token_sha256``); different tokens are refused unless explicitly allowed.
+"""
+from __future__ import annotations
+
+from attnstab_cli.calibration.sources import CalibrationSet
+from attnstab_cli.errors import ScanFailure, UsageError
+from attnstab_cli.gate.rules import Rule
+from attnstab_cli.report.read import Report, load_calibration
+
+
+def check_rules_need(rules: list[Rule], has_baseline: bool) -> None:
+    """At least one rule, and a baseline for every relative rule (usage errors, before any scan)."""
+    if not rules:
+        raise UsageError("no gate rules: give --rule, --config FILE, or an attnstab.toml / pyproject.toml gate table",
+                         hint="e.g. attnstab gate REPORT --rule 'theta_p05 >= 0.2'")
+    relative = [r.text for r in rules if r.relative]
+    if relative and not has_baseline:
+        raise UsageError(f"relative rule(s) {', '.join(repr(t) for t in relative)} need --baseline REPORT")
+
+
+def check_complete(report: Report, role: str) -> None:
+    """Every layer, every head and the model row present, as the manifest's checkpoint says (exit 3 otherwise)."""
+    ck = report.manifest.get("checkpoint") or {}
+    n_layers, n_heads = ck.get("n_layers"), ck.get("n_heads")
+    problems = []
+    if len(report.tables.get("model") or []) != 1:
+        problems.append(f"the model table has {len(report.tables.get('model') or [])} rows, not 1")
+    layers = [r["layer"] for r in report.layers]
+    expected = set(range(n_layers)) if isinstance(n_layers, int) else set(layers)
+    if not layers or len(layers) != len(expected) or set(layers) != expected:
+        missing = sorted(expected - set(layers))
+        problems.append(f"the layers table has {len(layers)} rows for {len(expected)} layers"
+                        + (f" (missing layers {missing})" if missing else ""))
+    heads = {(r["layer"], r["head"]) for r in report.heads}
+    if isinstance(n_heads, int) and (len(heads) != len(report.heads) or
+                                     heads != {(layer, h) for layer in expected for h in range(n_heads)}):
+        problems.append(f"the heads table has {len(report.heads)} rows for {len(expected)} x {n_heads} heads")
+    if problems:
+        raise ScanFailure(f"the {role} report is incomplete: {'; '.join(problems)}", path=report.path,
+                          hint="an incomplete scan never passes a gate: rescan the checkpoint")
+
+
+def choose_calibration(baseline: Report | None, explicit_flags: bool) -> tuple[CalibrationSet | None, str | None]:
+    """The tokens to scan a checkpoint TARGET on: the baseline's own (``tokens.npy``) unless calibration flags were
+    given explicitly; None means "build them from the scan flags". Returns them and a note saying which."""
+    if baseline is None or not baseline.calibrated:
+        return None, None
+    if explicit_flags:
+        return None, "calibration flags given: the target is scanned on them, not on the baseline's tokens"
+    if baseline.tokens is None:
+        return None, "the baseline kept no tokens.npy: the target is scanned on the scan flags' tokens"
+    return load_calibration(baseline), "the target is scanned on the baseline's calibration tokens"
+
+
+def check_calibration(target: Report, baseline: Report, rules: list[Rule], allow_different: bool) -> list[str]:
+    """Refuse relative rules across different calibration tokens unless allowed; notes on what differs."""
+    if not any(r.relative for r in rules):
+        return ["no relative rule: the baseline is not used"]
+    ct, cb = target.manifest.get("calibration"), baseline.manifest.get("calibration")
+    if ct is None or cb is None:
+        return [] if ct is cb else ["one report is weights-only: only weight metrics can be compared"]
+    if ct["token_sha256"] == cb["token_sha256"]:
+        return []
+    if not allow_different:
+        raise UsageError("the target and the baseline were scanned on different calibration tokens "
+                         f"({ct['token_sha256'][:12]} vs {cb['token_sha256'][:12]}): relative rules would mix model "
+                         "and data changes", hint="rescan on the same tokens, or pass --allow-different-calibration")
+    return ["calibration tokens differ (--allow-different-calibration): changes mix model and data"]
+
+
+__all__ = ["check_calibration", "check_complete", "check_rules_need", "choose_calibration"]
