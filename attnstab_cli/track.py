@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -41,7 +39,7 @@ from attnstab_cli.kernel_dispatch import resolve_kernel
 from attnstab_cli.model.load import open_model
 from attnstab_cli.report.read import Report, is_report_dir, load_report
 from attnstab_cli.report.schema import SCHEMA_VERSION, TABLES
-from attnstab_cli.report.write import write_report
+from attnstab_cli.report.write import replace_file, write_report
 from attnstab_cli.scan import ScanRequest, resolve_device, scan_checkpoint
 
 TRACK_KIND, TRACK_VERSION = "attnstab-track", 1
@@ -328,26 +326,13 @@ def build_track_manifest(entries: Sequence[TrackEntry], calib: CalibrationSet,
                              "cache": f"{CACHE_DIR}/{e.key}", "status": e.status} for e in entries]}
 
 
-def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Write a hidden temporary sibling, then ``os.replace`` it over ``path`` (readers see old or new, never half)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_track(out: Path, table: pa.Table, manifest: dict[str, Any]) -> None:
     """``track.parquet`` then ``track.json``, each replaced atomically; the Parquet metadata repeats the identity."""
     meta = {"kind": TRACK_KIND, "track_version": str(TRACK_VERSION), "tool_version": __version__,
             "calibration_token_sha256": manifest["calibration"]["token_sha256"]}
     table = table.replace_schema_metadata(meta)
-    _replace_file(out / TRACK_FILE, lambda p: pq.write_table(table, p))
-    _replace_file(out / TRACK_JSON, lambda p: p.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n"))
+    replace_file(out / TRACK_FILE, lambda p: pq.write_table(table, p))
+    replace_file(out / TRACK_JSON, lambda p: p.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n"))
 
 
 def run_track(points: Sequence[TrackPoint], req: ScanRequest, out: Path, force: bool = False,

@@ -30,9 +30,9 @@ from attnstab_cli.gate.evaluate import describe, format_at, format_observed
 from attnstab_cli.gate.github import (
     annotation, append_step_summary, build_annotations, build_error_summary, build_step_summary,
 )
-from attnstab_cli.gate.junit import build_junit, write_text_atomic
+from attnstab_cli.gate.junit import build_junit
 from attnstab_cli.report.read import Report, is_report_dir, load_report
-from attnstab_cli.report.write import check_output_dir, write_report
+from attnstab_cli.report.write import check_output_dir, write_file_atomic, write_report
 
 GATE_EPILOG = (
     "Examples:  attnstab gate report/ --rule 'theta_p05 >= 0.2' --rule 'layers.lip_layer_calibrated <= 1e4'  |  "
@@ -193,6 +193,6 @@ def _append_summary(markdown: str, err: Any) -> None:
 
 def _write_junit(path: Path, xml: str) -> None:
     try:
-        write_text_atomic(path, xml)
+        write_file_atomic(path, xml)
     except OSError as exc:
         raise UsageError(f"cannot write the JUnit XML ({exc})", path=path) from None

@@ -8,8 +8,9 @@ import typer
 
 from attnstab_cli.cli.options import Quiet
 from attnstab_cli.cli.output import handle_errors, stderr_console
+from attnstab_cli.report.write import write_file_atomic
 from attnstab_cli.report.plots import (
-    check_plot_target, load_plot_input, render_plot, require_matplotlib, write_atomically,
+    check_plot_target, load_plot_input, render_plot, require_matplotlib,
 )
 
 
@@ -29,6 +30,6 @@ def plot(
     suffix = check_plot_target(out, force)
     require_matplotlib()
     data = render_plot(load_plot_input(directory), suffix)
-    write_atomically(out, data)
+    write_file_atomic(out, data)
     if not quiet:
         stderr_console().print(f"plot written to {out}", highlight=False, markup=False, soft_wrap=True)

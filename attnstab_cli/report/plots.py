@@ -17,8 +17,6 @@ import importlib
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -457,26 +455,7 @@ def render_html(inp: PlotInput, svg: str) -> str:
     )
 
 
-def write_atomically(out: Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``out`` and rename it over ``out``: readers see the old file or the
-    new one, never a partial one."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                  # mkstemp makes 0600; a published file gets normal permissions
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
 __all__ = ["FORMATS", "MATPLOTLIB_MISSING", "MatplotlibMissing", "PlotInput", "build_figure", "check_plot_target",
            "column", "detect_input_kind", "head_grid", "load_plot_input", "plot_attribution", "plot_bound_tiers",
            "plot_gradient_profile", "plot_head_heatmap", "plot_theta_and_proj", "plot_theta_delta_heatmap",
-           "plot_theta_heatmap", "plot_track_metric", "render_html", "render_plot", "require_matplotlib",
-           "write_atomically"]
+           "plot_theta_heatmap", "plot_track_metric", "render_html", "render_plot", "require_matplotlib"]

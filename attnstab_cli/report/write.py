@@ -65,6 +65,30 @@ def publish_directory(out: Path, fill: Callable[[Path], None], force: bool = Fal
     return out
 
 
+def replace_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """Have ``write(tmp)`` fill a hidden temporary sibling of ``path``, then ``os.replace`` it over ``path``: readers
+    see the old file or the new one, never half of one (parents created; the temporary file removed on failure)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; a published file gets normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_file_atomic(path: Path, data: bytes | str) -> Path:
+    """``data`` (text as UTF-8) to ``path`` through :func:`replace_file`."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    return replace_file(path, lambda tmp: tmp.write_bytes(raw))
+
+
 def write_report(out: Path, tables: dict[str, list[dict[str, Any]]], manifest: dict[str, Any],
                  force: bool = False, tokens: np.ndarray | None = None) -> Path:
     """Publish ``<table>.parquet`` files, ``manifest.json`` and the calibration ``tokens.npy`` (so another checkpoint

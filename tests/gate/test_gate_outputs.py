@@ -6,7 +6,8 @@ from pathlib import Path
 
 from attnstab_cli.gate.evaluate import Verdict
 from attnstab_cli.gate.github import annotation, build_annotations, build_step_summary
-from attnstab_cli.gate.junit import build_junit, write_text_atomic
+from attnstab_cli.gate.junit import build_junit
+from attnstab_cli.report.write import write_file_atomic
 
 
 def verdict(rule: str, passed: bool, message: str = "m", at: dict | None = None, observed: float | None = 1.0,
@@ -42,8 +43,8 @@ def test_junit_error_when_the_gate_could_not_run() -> None:
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "gate.xml"
-    write_text_atomic(path, "one")
-    write_text_atomic(path, "two")
+    write_file_atomic(path, "one")
+    write_file_atomic(path, "two")
     assert path.read_text() == "two" and [p.name for p in path.parent.iterdir()] == ["gate.xml"]
 
 
