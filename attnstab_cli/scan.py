@@ -19,6 +19,7 @@ from attnstab_cli.calibration.sources import CalibrationSet, check_seq_len, chec
 from attnstab_cli.checkpoints.fingerprint import HashMode, compute_fingerprint
 from attnstab_cli.errors import UsageError
 from attnstab_cli.kernel_dispatch import resolve_kernel
+from attnstab_cli.metrics.curvature_scan import CurvatureOptions, check_fits, compute_curvature
 from attnstab_cli.metrics.fragility import FragilityObserver
 from attnstab_cli.metrics.gradients import GradientFlow
 from attnstab_cli.metrics.lipschitz_scan import LipschitzObserver
@@ -47,6 +48,7 @@ class ScanOptions:
     dtype: str = "float32"
     kernel: str = "auto"                         # auto | torch | triton (resolved against the device)
     grad: bool = False                           # also the streamed gradient-flow pass
+    curvature: CurvatureOptions | None = None    # also the per-block Hessian spectrum (all layers resident)
     empirical_seqs: int = 1                      # sequences per layer for the tier-3 empirical lower bound
     theta: ThetaOptions = field(default_factory=ThetaOptions)
 
@@ -83,6 +85,8 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     """Stream ``calib`` through ``model`` one layer at a time; ``on_step(layer, batch)`` reports progress."""
     device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
     kernel = resolve_kernel(opts.kernel, device)
+    if opts.curvature is not None:
+        check_fits(model, device, opts.curvature)                 # refuse before any work, not after the scan
     magnitudes = MagnitudeObserver()
     theta = ThetaObserver(model.cfg.n_heads, model.cfg.n_kv_heads, replace(opts.theta, kernel=kernel))
     weights = WeightObserver(model.cfg, max_offset=max(calib.seq_len, 1))   # offsets present in the mask (§5.5)
@@ -128,7 +132,12 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
         timings["grad_s"] = time.perf_counter() - t
         layers = merge_records(layers, grad_layers, key=("layer",))
         model_row.update(grad_model)
-    return ScanResult({"layers": layers, "heads": heads, "model": [model_row]}, final, timings, facts)
+    tables = {"layers": layers, "heads": heads, "model": [model_row]}
+    if opts.curvature is not None:
+        t = time.perf_counter()
+        tables["curvature"], facts["curvature"] = compute_curvature(model, list(calib.batches), device, opts.curvature)
+        timings["curvature_s"] = time.perf_counter() - t
+    return ScanResult(tables, final, timings, facts)
 
 
 def run_weights_only(model: OpenModel, opts: ScanOptions,

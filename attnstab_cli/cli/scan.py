@@ -13,6 +13,7 @@ from attnstab_cli.cli.output import handle_errors, stderr_console
 from attnstab_cli.cli.render import render_report
 from attnstab_cli.cli.targets import build_scan_request, scan_with_progress
 from attnstab_cli.errors import UsageError
+from attnstab_cli.metrics.curvature_scan import CurvatureOptions
 from attnstab_cli.metrics.theta_scan import ThetaOptions
 from attnstab_cli.report.write import check_output_dir, write_report
 
@@ -63,6 +64,18 @@ def scan(
         "--weights-only", help="Only the weight metrics (norms, condition numbers, FFN and norm-layer facts): no "
                                "calibration text, one layer resident at a time.")] = False,
     hash_mode: HashMode = "sampled",
+    curvature: Annotated[bool, typer.Option(
+        "--curvature", help="Also the Hessian of the --grad loss per layer and parameter block: top eigenvalue "
+                            "(Lanczos), trace (Hutchinson), gradient norm, and the whole-model top eigenvalue. Keeps "
+                            "every layer resident.")] = False,
+    curvature_iters: Annotated[int, typer.Option(
+        "--curvature-iters", min=1, help="Lanczos steps (Hessian-vector products) per block at most.")] = 40,
+    curvature_tol: Annotated[float, typer.Option(
+        "--curvature-tol", min=0.0, help="Stop Lanczos when the Ritz residual is <= tol x |lambda|.")] = 1e-4,
+    curvature_probes: Annotated[int, typer.Option(
+        "--curvature-probes", min=1, help="Hutchinson probes per block for the trace.")] = 16,
+    curvature_dtype: Annotated[str, typer.Option(
+        "--curvature-dtype", help="float64 (default) or float32 for the curvature pass.")] = "float64",
     arch: Arch = None, n_heads: NHeads = None, n_kv_heads: NKVHeads = None, norm_eps: NormEps = None,
     rope_theta: RopeTheta = None, fmt: Format = "rich", json_out: Json = False, detail: Detail = False,
     quiet: Quiet = False,
@@ -77,7 +90,10 @@ def scan(
                              batches=batches, seed=seed, device=device, dtype=dtype, grad=grad,
                              empirical_seqs=empirical_seqs, hash_mode=hash_mode, theta=theta, kernel=kernel,
                              weights_only=weights_only, arch=arch,
-                             overrides=config_overrides(n_heads, n_kv_heads, norm_eps, rope_theta))
+                             overrides=config_overrides(n_heads, n_kv_heads, norm_eps, rope_theta),
+                             curvature=CurvatureOptions(max_iter=curvature_iters, tol=curvature_tol,
+                                                        probes=curvature_probes, dtype=curvature_dtype, seed=seed)
+                             if curvature else None)
     err = stderr_console()
     report, _ = scan_with_progress(req, quiet=quiet, label="layers" if weights_only else "layers x batches", err=err)
     if out is not None:

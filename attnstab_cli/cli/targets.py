@@ -11,6 +11,7 @@ from attnstab_cli.calibration.build import CalibrationRequest
 from attnstab_cli.calibration.sources import CalibrationSet
 from attnstab_cli.cli.output import stderr_console
 from attnstab_cli.errors import UsageError
+from attnstab_cli.metrics.curvature_scan import CurvatureOptions
 from attnstab_cli.metrics.theta_scan import ThetaOptions
 from attnstab_cli.report.read import Report, is_report_dir, load_report
 from attnstab_cli.scan import ScanOptions, ScanRequest, resolve_device, resolve_dtype, scan_checkpoint
@@ -21,7 +22,7 @@ def build_scan_request(checkpoint: str, *, calib: str | None = None, tokens: Pat
                        device: str = "auto", dtype: str = "float32", grad: bool = False, empirical_seqs: int = 1,
                        hash_mode: str = "sampled", theta: ThetaOptions | None = None, kernel: str = "auto",
                        weights_only: bool = False, arch: str | None = None,
-                       overrides: dict | None = None) -> ScanRequest:
+                       overrides: dict | None = None, curvature: CurvatureOptions | None = None) -> ScanRequest:
     """The shared scan flags as a :class:`ScanRequest`; device and dtype are checked before any work."""
     from attnstab_cli.kernel_dispatch import resolve_kernel
 
@@ -33,7 +34,7 @@ def build_scan_request(checkpoint: str, *, calib: str | None = None, tokens: Pat
                        CalibrationRequest(calib=calib, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                                           batches=batches, seed=seed),
                        ScanOptions(device=device, dtype=dtype, kernel=kernel, grad=grad,
-                                   empirical_seqs=empirical_seqs, theta=theta),
+                                   empirical_seqs=empirical_seqs, theta=theta, curvature=curvature),
                        weights_only=weights_only, hash_mode=hash_mode, arch=arch, overrides=overrides)
 
 

@@ -110,7 +110,7 @@ class GradientFlow:
         self.model, self.cfg, self.device, self.dtype, self.seed = model, model.cfg, device, dtype, seed
         self.loss = plan_loss(model, batches, seed)
 
-    def _load_top(self, stream: LayerStream) -> dict[str, Any]:
+    def load_top(self, stream: LayerStream) -> dict[str, Any]:
         """The tensors above the last layer, loaded once for every batch: final norm, MLM transform, head, probe."""
         names, load = self.model.names, stream.loader.tensor
         top: dict[str, Any] = {"norm_final": stream.loader.norm("norm_final") if names.find("norm_final.weight")
@@ -125,7 +125,7 @@ class GradientFlow:
         top["head_b"] = load("lm_head.bias") if names.find("lm_head.bias") else None
         return top
 
-    def _top_loss(self, top: dict[str, Any], h: torch.Tensor, b: int) -> torch.Tensor:
+    def top_loss(self, top: dict[str, Any], h: torch.Tensor, b: int) -> torch.Tensor:
         """Loss of batch ``b`` from the last hidden state (final norm, head) — a sum, normalised by the caller."""
         cfg = self.cfg
         if top["norm_final"] is not None:
@@ -142,6 +142,11 @@ class GradientFlow:
         return F.cross_entropy(logits.flatten(0, 1), target.to(self.device).flatten(), ignore_index=-100,
                                reduction="sum")
 
+    def count(self) -> int:
+        """The loss normaliser: predicted tokens (CE, MLM) or token count (probe)."""
+        return sum(int((t != -100).sum()) if t is not None else t_in.numel()
+                   for t, t_in in zip(self.loss.targets, self.loss.inputs))
+
     def run(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         stream = LayerStream(self.model, self.loss.inputs, self.device, self.dtype)
         boundaries = [[h.detach() for h in stream.embed()]]                 # h_0 per batch
@@ -150,12 +155,11 @@ class GradientFlow:
             boundaries.append([run_layer(h, w, self.cfg, layer, b, stream.rope(h.shape[1]), stream.masks[b])
                                .resid_out.detach() for b, h in enumerate(boundaries[-1])])
             del w
-        count = sum(int((t != -100).sum()) if t is not None else t_in.numel()
-                    for t, t_in in zip(self.loss.targets, self.loss.inputs))
-        grads, total, top = [], 0.0, self._load_top(stream)
+        count = self.count()
+        grads, total, top = [], 0.0, self.load_top(stream)
         for b, h in enumerate(boundaries[-1]):
             h = h.clone().requires_grad_(True)
-            loss = self._top_loss(top, h, b) / count
+            loss = self.top_loss(top, h, b) / count
             loss.backward()
             total += float(loss.detach())
             grads.append(h.grad)

@@ -78,6 +78,27 @@ def theta_note(manifest: dict[str, Any], heads: list[dict[str, Any]]) -> str | N
             + (f", {unrefined} of them beyond --theta-rows" if unrefined else ""))
 
 
+def compute_curvature_rows(curvature: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per layer, the sharpest block (largest lambda_max) and the layer's total trace; the model row last."""
+    by_layer: dict[int, list[dict[str, Any]]] = {}
+    for r in curvature:
+        if r["layer"] is not None:
+            by_layer.setdefault(r["layer"], []).append(r)
+    rows = []
+    for layer, blocks in sorted(by_layer.items()):
+        top = max(blocks, key=lambda r: r["lambda_max"])
+        rows.append({"layer": layer, "sharpest_block": top["block"], "lambda_max": top["lambda_max"],
+                     "trace_est": sum(r["trace_est"] for r in blocks),
+                     "trace_se": sum(r["trace_se"] ** 2 for r in blocks) ** 0.5,
+                     "grad_norm": sum(r["grad_norm"] ** 2 for r in blocks) ** 0.5,
+                     "converged": all(r["converged"] for r in blocks)})
+    model = next((r for r in curvature if r["layer"] is None), None)
+    if model is not None:
+        rows.append({"layer": None, "sharpest_block": "model", **{k: model.get(k) for k in (
+            "lambda_max", "trace_est", "trace_se", "grad_norm", "converged")}})
+    return rows
+
+
 def build_digest(manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Everything the summary shows, as JSON-ready data."""
     heads = tables.get("heads") or []
@@ -95,4 +116,5 @@ def build_digest(manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]
             "identity_path": model.get("identity_grad_path")},
         "theta_note": theta_note(manifest, heads),
         "findings": [f.as_dict() for f in compute_findings(manifest, tables)],
+        "curvature": compute_curvature_rows(tables.get("curvature") or []),
     }

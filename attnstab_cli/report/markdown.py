@@ -44,6 +44,12 @@ def render_markdown(manifest: dict[str, Any], tables: dict[str, list[dict[str, A
         out += ["", "</details>", ""]
     if d["theta_note"]:
         out += [d["theta_note"], ""]
+    if d["curvature"]:
+        out += ["| layer | sharpest block | λ_max | trace | ± se | ‖∇‖ | converged |", "|---:" * 7 + "|"]
+        out += ["| " + " | ".join(_cell(x) for x in ("all" if r["layer"] is None else r["layer"], r["sharpest_block"],
+                                                     r["lambda_max"], r["trace_est"], r["trace_se"], r["grad_norm"],
+                                                     r["converged"])) + " |" for r in d["curvature"]]
+        out.append("")
     if d["findings"]:
         out += ["### Findings", ""]
         out += [f"- {'⚠️ ' if f['severity'] == 'warn' else ''}{f['text']}" for f in d["findings"]]

@@ -19,7 +19,7 @@ import torch
 
 from attnstab_cli.calibration.sources import CalibrationSet
 from attnstab_cli.errors import InputError
-from attnstab_cli.report.schema import SCHEMA_HISTORY, SCHEMA_VERSION, arrow_schema
+from attnstab_cli.report.schema import OPTIONAL_TABLES, SCHEMA_HISTORY, SCHEMA_VERSION, arrow_schema
 
 GRAINS = ("layers", "heads", "model")
 TOKENS_FILE = "tokens.npy"
@@ -129,6 +129,9 @@ def load_report(path: Path) -> Report:
     for name in GRAINS:
         table, more = read_table(path, name, str(manifest["schema_version"]))
         tables[name], notes = table.to_pylist(), notes + more
+    for name in OPTIONAL_TABLES:
+        if (path / f"{name}.parquet").is_file():
+            tables[name] = read_table(path, name, str(manifest["schema_version"]))[0].to_pylist()
     tokens = None
     if (path / TOKENS_FILE).is_file():
         try:

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 # Columns each version added, per table (what a reader fills with null for an older report). Version 2 added no
 # column: its manifest gained the weight fingerprint, the calibration source hash and per-stage timings, and each
 # Parquet file's metadata the tool version, checkpoint fingerprint, family, calibration id, seed, device, versions.
-SCHEMA_HISTORY: dict[str, dict[str, tuple[str, ...]]] = {"1": {}, "2": {}}
+# Version 3 added the optional curvature table (``scan --curvature``); older reports simply have none.
+SCHEMA_HISTORY: dict[str, dict[str, tuple[str, ...]]] = {"1": {}, "2": {}, "3": {}}
 
 
 @dataclass(frozen=True)
@@ -164,11 +165,30 @@ MODEL_COLUMNS: tuple[Column, ...] = (
 
 TABLES: dict[str, tuple[Column, ...]] = {"layers": LAYER_COLUMNS, "heads": HEAD_COLUMNS, "model": MODEL_COLUMNS}
 
+CURVATURE_COLUMNS: tuple[Column, ...] = (
+    Column("layer", I64, "index", "0-based layer index (null for the whole-model row)"),
+    Column("block", pa.string(), "text", "parameter block: attn_qkv, attn_out, ffn_in, ffn_out, norm_attn.gamma, "
+                                         "norm_attn.beta, norm_ffn.gamma, norm_ffn.beta, or model (all blocks)"),
+    Column("n_params", I64, "count", "parameters in the block"),
+    Column("lambda_max", F64, "loss / param^2",
+           "largest eigenvalue of the block's Hessian diagonal block (Lanczos top Ritz value, never above it)"),
+    Column("lambda_residual", F64, "loss / param^2", "||H y - lambda_max y|| of the Ritz vector y: an eigenvalue lies "
+                                                    "within this of lambda_max"),
+    Column("trace_est", F64, "loss / param^2", "Hutchinson estimate of the block's Hessian trace (Rademacher probes)"),
+    Column("trace_se", F64, "loss / param^2", "standard error of trace_est (std of the probes / sqrt(probes))"),
+    Column("grad_norm", F64, "loss / param", "l2 norm of the loss gradient over the block"),
+    Column("iterations", I64, "count", "Lanczos steps (Hessian-vector products) for lambda_max"),
+    Column("converged", pa.bool_(), "flag", "lambda_residual <= tol * |lambda_max|, or an invariant Krylov space"),
+)
+# Tables a report holds only when the scan was asked for them.
+OPTIONAL_TABLES: dict[str, tuple[Column, ...]] = {"curvature": CURVATURE_COLUMNS}
+ALL_TABLES: dict[str, tuple[Column, ...]] = {**TABLES, **OPTIONAL_TABLES}
+
 
 def arrow_schema(table: str, file_metadata: dict[str, str] | None = None) -> pa.Schema:
     """The pyarrow schema of ``table`` with per-field unit/description metadata (plus ``file_metadata``)."""
     return pa.schema(
         [pa.field(c.name, c.type, nullable=True, metadata={"unit": c.unit, "description": c.description})
-         for c in TABLES[table]],
+         for c in ALL_TABLES[table]],
         metadata={**(file_metadata or {}), "schema_version": SCHEMA_VERSION, "table": table},
     )

@@ -41,6 +41,8 @@ def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str,
         console.print(theta_heatmap(tables["heads"]))
     if digest["theta_note"]:
         console.print(digest["theta_note"], highlight=False)
+    if digest["curvature"]:
+        _curvature_table(console, digest["curvature"])
     if digest["findings"]:
         console.print("[bold]findings[/]")
         for f in digest["findings"]:
@@ -48,6 +50,21 @@ def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str,
             console.print(f" {mark} {f['text']}", highlight=False)
     if detail:
         _detail_tables(console, manifest, tables)
+
+
+def _curvature_table(console: Console, rows: list[dict[str, Any]]) -> None:
+    """Where the loss surface is sharpest: per layer its sharpest block, and the whole model."""
+    table = Table(title="curvature: Hessian of the --grad loss per block (λ_max by Lanczos, trace by Hutchinson)",
+                  title_justify="left",
+                  box=box.SIMPLE_HEAD, padding=(0, 1))
+    for heading in ("layer", "sharpest block", "λ_max", "trace (sum of blocks)", "± se", "‖∇‖", "converged"):
+        table.add_column(heading, justify="right")
+    for r in rows:
+        table.add_row("all" if r["layer"] is None else str(r["layer"]), r["sharpest_block"],
+                      format_value(r["lambda_max"]), format_value(r["trace_est"]), format_value(r["trace_se"], ".2g"),
+                      format_value(r["grad_norm"]), "-" if r["converged"] is None else
+                      ("yes" if r["converged"] else "[yellow]no[/]"))
+    console.print(table)
 
 
 def _detail_tables(console: Console, manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]]]) -> None:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from attnstab_cli.errors import UsageError
-from attnstab_cli.report.schema import TABLES, arrow_schema
+from attnstab_cli.report.schema import ALL_TABLES, arrow_schema
 
 
 def check_output_dir(out: Path, force: bool) -> None:
@@ -44,7 +44,7 @@ def build_table(name: str, records: list[dict[str, Any]], metadata: dict[str, st
     extra = {k for r in records for k in r} - set(schema.names)
     if extra:
         raise ValueError(f"records for {name!r} carry undocumented columns {sorted(extra)}")
-    return pa.Table.from_pylist([{c.name: r.get(c.name) for c in TABLES[name]} for r in records], schema=schema)
+    return pa.Table.from_pylist([{c.name: r.get(c.name) for c in ALL_TABLES[name]} for r in records], schema=schema)
 
 
 def publish_directory(out: Path, fill: Callable[[Path], None], force: bool = False) -> Path:
