@@ -41,6 +41,20 @@ _DLOG_HEAD = {"dlog_theta": "Δlog theta_mean (B − A)", "dlog_proj": "Δlog pr
               "dlog_theta_proj": "Δlog(theta_mean proj_product) = dlog_theta + dlog_proj"}
 
 
+_LOSS_FIELDS = {
+    "dw_norm": ("param", "||w_B - w_A|| over the block"),
+    "first_order": ("loss", "g_A . dw restricted to the block"),
+    "second_order": ("loss", "dw_b . (g_A + H_A dw / 2)_b: the block's share of the expansion at A"),
+    "symmetric": ("loss", "dw_b . ((g_A + g_B) / 2 + (H_A dw - H_B dw) / 12)_b: the block's share of the corrected "
+                          "trapezoid rule"),
+}
+LOSS_SCHEMA = pa.schema(
+    [pa.field("layer", pa.int64(), metadata={"unit": "index", "description": "0-based layer index"}),
+     pa.field("block", pa.string(), metadata={"unit": "text", "description": "parameter block"})]
+    + [pa.field(k, pa.float64(), metadata={"unit": u, "description": d}) for k, (u, d) in _LOSS_FIELDS.items()],
+    metadata={"kind": COMPARE_KIND, "table": "loss"})
+
+
 @dataclass
 class Comparison:
     """The aligned rows (B relative to A), who A and B are, and what could not be aligned."""
@@ -50,10 +64,15 @@ class Comparison:
     layers: list[dict[str, Any]]
     heads: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    loss_blocks: list[dict[str, Any]] | None = None      # compare --loss: the Taylor terms per (layer, block)
+    loss_totals: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"kind": COMPARE_KIND, "a": self.a, "b": self.b, "notes": self.notes, "layers": self.layers,
-                "heads": self.heads}
+        out = {"kind": COMPARE_KIND, "a": self.a, "b": self.b, "notes": self.notes, "layers": self.layers,
+               "heads": self.heads}
+        if self.loss_totals is not None:
+            out["loss"] = {"totals": self.loss_totals, "blocks": self.loss_blocks}
+        return out
 
 
 def _dlog(a: float | None, b: float | None) -> float | None:
@@ -175,7 +194,11 @@ def write_comparison(out: Path, comp: Comparison, force: bool = False) -> Path:
             schema = _schema(grain, metrics, dlogs)
             pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema),
                            staging / f"{grain}.parquet")
+        if comp.loss_blocks is not None:
+            pq.write_table(pa.Table.from_pylist(comp.loss_blocks, schema=LOSS_SCHEMA), staging / "loss.parquet")
         meta = {k: v for k, v in comp.as_json().items() if k not in ("layers", "heads")}
+        if "loss" in meta:
+            meta["loss"] = {"totals": meta["loss"]["totals"]}
         (staging / "compare.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     return publish_directory(out, fill, force)

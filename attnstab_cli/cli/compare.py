@@ -18,6 +18,11 @@ from attnstab_cli.cli.options import (
 from attnstab_cli.cli.output import handle_errors, print_json, stderr_console, stdout_console
 from attnstab_cli.cli.targets import build_scan_request, resolve_target
 from attnstab_cli.compare import Comparison, compare_reports, write_comparison
+from attnstab_cli.errors import UsageError
+from attnstab_cli.metrics.curvature.loss import ModelLoss
+from attnstab_cli.metrics.curvature.taylor import compute_taylor
+from attnstab_cli.model.load import open_model
+from attnstab_cli.scan import resolve_device, resolve_dtype
 from attnstab_cli.report.read import is_report_dir, load_calibration
 from attnstab_cli.report.summary import format_value
 from attnstab_cli.report.write import check_output_dir, write_report
@@ -39,6 +44,10 @@ def compare(
     save_reports: Annotated[Path | None, typer.Option(
         "--save-reports", help="Also keep the scans of checkpoint arguments as reports DIR/a and DIR/b.")] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Heads listed among the largest movers.")] = 8,
+    loss: Annotated[bool, typer.Option(
+        "--loss", help="Also the Taylor account of the loss change (A and B checkpoints of one architecture): "
+                       "actual change, first-order, second-order at A and symmetric predictions, per layer and "
+                       "block (one Hessian-vector product at A and one at B; every layer resident).")] = False,
     calib: Calib = None, tokens: Tokens = None, seq_len: SeqLen = None, batch_size: BatchSize = 4,
     batches: Batches = 2, seed: Seed = 0, device: Device = "auto", dtype: Dtype = "float32", grad: Grad = False,
     empirical_seqs: EmpiricalSeqs = 1, hash_mode: HashMode = "sampled", json_out: Json = False,
@@ -51,6 +60,8 @@ def compare(
                              seed=seed, device=device, dtype=dtype, grad=grad, empirical_seqs=empirical_seqs,
                              hash_mode=hash_mode)
     a_is_report, b_is_report = is_report_dir(Path(a)), is_report_dir(Path(b))
+    if loss and (a_is_report or b_is_report):
+        raise UsageError("--loss needs A and B as checkpoints (the weights), not reports")
     if b_is_report and not a_is_report:                 # scan A on B's tokens
         rb, _ = resolve_target(b, req)
         ra, _ = resolve_target(a, req, load_calibration(rb), quiet)
@@ -62,6 +73,13 @@ def compare(
             if not is_report:
                 write_report(save_reports / name, report.tables, report.manifest, force=force, tokens=report.tokens)
     comp = compare_reports(ra, rb, allow_different_calibration, labels=(a, b))
+    if loss:
+        calib = load_calibration(ra)
+        dtype = resolve_dtype(dtype if dtype != "float32" else "float64")      # the expansion wants float64
+        dev = resolve_device(device)
+        comp.loss_blocks, comp.loss_totals = compute_taylor(
+            ModelLoss(open_model(a), list(calib.batches), dev, dtype, seed),
+            ModelLoss(open_model(b), list(calib.batches), dev, dtype, seed))
     if out is not None:
         write_comparison(out, comp, force)
         if not quiet:
@@ -111,3 +129,24 @@ def render_comparison(comp: Comparison, top: int) -> None:
                             for c in ("theta_mean", "theta_p05", "pmax_mean", "proj_product")),
                           format_value(r["dlog_theta"], "+.3f"), format_value(r["dlog_proj"], "+.3f"))
         console.print(heads)
+    if comp.loss_totals is not None:
+        render_loss(comp)
+
+
+def render_loss(comp: Comparison) -> None:
+    """The Taylor account: totals and residuals, then the blocks sorted by their second-order contribution."""
+    console, t = stdout_console(), comp.loss_totals
+    console.print(f"loss ({t['loss_kind']}): A {t['loss_a']:.6g} → B {t['loss_b']:.6g}, ΔL = {t['delta_loss']:+.4g} "
+                  f"= {t['delta_loss_layers']:+.4g} (layers, expanded below) {t['embeddings_and_head']:+.4g} "
+                  f"(embeddings and head)", highlight=False)
+    for p, name in (("first_order", "first order gᵀΔw"), ("second_order", "second order at A"),
+                    ("symmetric", "symmetric (corrected trapezoid)")):
+        console.print(f"  {name:32} {t[p]:+.6g}   residual {t['residual_' + p]:+.3g}", highlight=False)
+    table = Table(title="Taylor terms per block, largest second-order contribution first", title_justify="left",
+                  box=box.SIMPLE_HEAD, padding=(0, 1))
+    for heading in ("layer", "block", "‖Δw‖", "first order", "second order", "symmetric"):
+        table.add_column(heading, justify="right")
+    for r in sorted(comp.loss_blocks, key=lambda r: -abs(r["second_order"])):
+        table.add_row(str(r["layer"]), r["block"], format_value(r["dw_norm"], ".3g"),
+                      *(format_value(r[k], "+.4g") for k in ("first_order", "second_order", "symmetric")))
+    console.print(table)

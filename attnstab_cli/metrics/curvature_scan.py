@@ -20,7 +20,8 @@ import torch
 
 from attnstab_cli.errors import UsageError
 from attnstab_cli.metrics.curvature.loss import ModelLoss
-from attnstab_cli.metrics.curvature.spectrum import flat_operator, gradient, hutchinson_trace, lanczos_top
+from attnstab_cli.metrics.curvature.spectrum import (cpu_threads_for, flat_operator, gradient, hutchinson_trace,
+                                                     lanczos_top)
 from attnstab_cli.model.load import OpenModel
 
 GRAPH_FACTOR = 12          # bytes resident per parameter byte: weights, gradient, tangents, saved activations (rough)
@@ -74,6 +75,16 @@ def compute_curvature(model: OpenModel, batches: list[torch.Tensor], device: tor
     dtype = resolve_curvature_dtype(opts)
     need = check_fits(model, device, opts)
     loss = ModelLoss(model, batches, device, dtype, opts.seed)
+    with cpu_threads_for(sum(v.numel() for v in loss.params.values()), device):
+        records = _blocks_and_model(loss, device, dtype, opts, on_block)
+    facts = {**asdict(opts), "loss": loss.kind, "loss_value": float(loss().detach()),
+             "memory_estimate_bytes": need, "method": "Lanczos (full reorthogonalisation) and Hutchinson "
+                                                     "(Rademacher) on forward-over-reverse Hessian-vector products"}
+    return records, facts
+
+
+def _blocks_and_model(loss: ModelLoss, device: torch.device, dtype: torch.dtype, opts: CurvatureOptions,
+                      on_block: Callable[[int | None, str], None] | None) -> list[dict[str, Any]]:
     grads = gradient(loss, loss.params)
     records, traces, ses = [], 0.0, 0.0
     for i, ((layer, block), names) in enumerate(loss.blocks().items()):
@@ -100,7 +111,4 @@ def compute_curvature(model: OpenModel, batches: list[torch.Tensor], device: tor
         if on_block:
             on_block(None, "model")
     records.append(model_row)
-    facts = {**asdict(opts), "loss": loss.kind, "loss_value": float(loss().detach()),
-             "memory_estimate_bytes": need, "method": "Lanczos (full reorthogonalisation) and Hutchinson "
-                                                     "(Rademacher) on forward-over-reverse Hessian-vector products"}
-    return records, facts
+    return records

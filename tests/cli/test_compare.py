@@ -143,3 +143,21 @@ def test_shape_mismatch_compares_what_both_share(reports: dict[str, Path]) -> No
 
 def test_a_missing_target_is_an_input_error(tmp_path: Path) -> None:
     assert_input_error(invoke("compare", tmp_path / "nope", tmp_path / "nope2", *SMALL), "nope")
+
+
+def test_loss_taylor_account_of_the_two_sample_steps(reports: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    result = invoke("compare", SAMPLES / "gpt2-tiny-step200", SAMPLES / "gpt2-tiny-step800", "--seq-len", "16",
+                    "--batches", "1", "--batch-size", "1", "--empirical-seqs", "0", "--quiet", "--loss", "--json",
+                    "--out", out)
+    assert result.exit_code == 0, result.stderr
+    loss = json.loads(result.stdout)["loss"]
+    totals, blocks = loss["totals"], loss["blocks"]
+    for p in ("first_order", "second_order", "symmetric"):
+        assert sum(b[p] for b in blocks) == pytest.approx(totals[p], rel=1e-12)
+        assert totals[f"residual_{p}"] == pytest.approx(totals["delta_loss_layers"] - totals[p], abs=1e-15)
+    assert totals["delta_loss"] == pytest.approx(totals["delta_loss_layers"] + totals["embeddings_and_head"])
+    assert pq.read_table(out / "loss.parquet").to_pylist() == blocks
+    assert json.loads((out / "compare.json").read_text())["loss"]["totals"] == totals
+    refused = invoke("compare", reports["gpt2-tiny-step200"], reports["gpt2-tiny-step800"], "--loss")
+    assert_input_error(refused, "--loss needs A and B as checkpoints")
