@@ -142,11 +142,11 @@ def render_loss(comp: Comparison) -> None:
     for p, name in (("first_order", "first order gᵀΔw"), ("second_order", "second order at A"),
                     ("symmetric", "symmetric (corrected trapezoid)")):
         console.print(f"  {name:32} {t[p]:+.6g}   residual {t['residual_' + p]:+.3g}", highlight=False)
-    table = Table(title="Taylor terms per block, largest second-order contribution first", title_justify="left",
+    table = Table(title="Taylor terms per block, largest symmetric contribution first", title_justify="left",
                   box=box.SIMPLE_HEAD, padding=(0, 1))
     for heading in ("layer", "block", "‖Δw‖", "first order", "second order", "symmetric"):
         table.add_column(heading, justify="right")
-    for r in sorted(comp.loss_blocks, key=lambda r: -abs(r["second_order"])):
+    for r in sorted(comp.loss_blocks, key=lambda r: -abs(r["symmetric"])):        # the most accurate of the three
         table.add_row(str(r["layer"]), r["block"], format_value(r["dw_norm"], ".3g"),
                       *(format_value(r[k], "+.4g") for k in ("first_order", "second_order", "symmetric")))
     console.print(table)

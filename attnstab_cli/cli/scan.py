@@ -82,6 +82,8 @@ def scan(
 ) -> None:
     """Scan a checkpoint on calibration text and write/print the per-layer report."""
     fmt = check_format(fmt, json_out)
+    if curvature and weights_only:
+        raise UsageError("--curvature needs calibration text (the Hessian is of the loss on it); drop --weights-only")
     if out is not None:
         check_output_dir(out, force)
     theta = ThetaOptions(min_keys=min_keys, tol=theta_tol, rows_per_head=parse_theta_rows(theta_rows), top_k=top_k,

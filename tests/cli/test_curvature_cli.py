@@ -46,3 +46,8 @@ def test_a_model_that_does_not_fit_is_refused_before_any_work(tmp_path: Path, mo
     result = invoke("scan", SAMPLES / "gpt2-tiny", *ARGS, "--out", tmp_path / "r")
     assert_input_error(result, "--curvature keeps every layer resident", "GiB")
     assert not (tmp_path / "r").exists()
+
+
+def test_curvature_without_calibration_is_a_usage_error() -> None:
+    assert_input_error(invoke("scan", SAMPLES / "gpt2-tiny", "--weights-only", "--curvature"),
+                       "--curvature needs calibration text")
