@@ -167,7 +167,7 @@ TABLES: dict[str, tuple[Column, ...]] = {"layers": LAYER_COLUMNS, "heads": HEAD_
 
 CURVATURE_COLUMNS: tuple[Column, ...] = (
     Column("layer", I64, "index", "0-based layer index (null for the whole-model row)"),
-    Column("block", pa.string(), "text", "parameter block: attn_qkv, attn_out, ffn_in, ffn_out, norm_attn.gamma, "
+    Column("block", pa.string(), "text", "parameter block: attn_q, attn_k, attn_v, attn_out, ffn_in, ffn_out, norm_attn.gamma, "
                                          "norm_attn.beta, norm_ffn.gamma, norm_ffn.beta, or model (all blocks)"),
     Column("n_params", I64, "count", "parameters in the block"),
     Column("lambda_max", F64, "loss / param^2",

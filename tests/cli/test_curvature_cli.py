@@ -24,7 +24,7 @@ def test_scan_writes_curvature_and_show_renders_it(tmp_path: Path) -> None:
     table = pq.read_table(out / "curvature.parquet")
     rows = table.to_pylist()
     assert rows == printed["curvature"] == load_report(out).tables["curvature"]
-    assert len(rows) == 4 * 8 + 1 and rows[-1]["block"] == "model" and rows[-1]["layer"] is None
+    assert len(rows) == 4 * 10 + 1 and rows[-1]["block"] == "model" and rows[-1]["layer"] is None
     assert all(r["iterations"] <= 6 for r in rows)
     run = printed["manifest"]["run"]
     assert run["curvature"]["max_iter"] == 6 and run["curvature"]["probes"] == 2 and "curvature_s" in run["timings"]

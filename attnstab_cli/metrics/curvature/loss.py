@@ -5,7 +5,7 @@ Same loss as ``scan --grad`` (next-token CE, masked-LM CE, or the probe; ``metri
 cannot stream one layer at a time. Embeddings and the head are constants; the parameters are the per-layer blocks
 below, named ``"<layer>.<block>.<tensor>"``:
 
-``attn_qkv`` (W_Q, W_K, W_V and their biases), ``attn_out`` (W_O, b_O), ``ffn_in`` (W_in, b_in or W_gate, W_up),
+``attn_q``, ``attn_k``, ``attn_v`` (W_Q, W_K, W_V, each with its bias), ``attn_out`` (W_O, b_O), ``ffn_in`` (W_in, b_in or W_gate, W_up),
 ``ffn_out`` (W_out, b_out), ``norm_attn.gamma``, ``norm_attn.beta``, ``norm_ffn.gamma``, ``norm_ffn.beta`` (β only for
 LayerNorm).
 """
@@ -24,7 +24,9 @@ from attnstab_cli.model.stream import LayerStream
 from attnstab_cli.model.weights import LayerWeights, NormWeights
 
 BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
-    "attn_qkv": ("wq", "wk", "wv", "bq", "bk", "bv"),
+    "attn_q": ("wq", "bq"),
+    "attn_k": ("wk", "bk"),
+    "attn_v": ("wv", "bv"),
     "attn_out": ("wo", "bo"),
     "ffn_in": ("ffn.w_in", "ffn.b_in", "ffn.w_gate", "ffn.w_up"),
     "ffn_out": ("ffn.w_out", "ffn.b_out"),

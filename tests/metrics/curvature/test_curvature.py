@@ -44,7 +44,7 @@ def _dense(loss: ModelLoss, params: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def test_names_split_into_layer_block_and_field(loss: ModelLoss) -> None:
     blocks = loss.blocks()
-    assert {b for _, b in blocks} >= {"attn_qkv", "attn_out", "ffn_in", "ffn_out", "norm_attn.gamma",
+    assert {b for _, b in blocks} >= {"attn_q", "attn_k", "attn_v", "attn_out", "ffn_in", "ffn_out", "norm_attn.gamma",
                                       "norm_ffn.gamma"}
     assert split_name("1.norm_attn.gamma.norm_attn.weight") == (1, "norm_attn.gamma", "norm_attn.weight")
     assert block_of("0.ffn_in.ffn.w_gate") == (0, "ffn_in")
@@ -65,9 +65,9 @@ def test_hvp_matches_the_dense_hessian_across_layers(loss: ModelLoss) -> None:
 
 
 def test_hvp_on_a_matrix_block_matches_finite_differences_of_the_gradient(loss: ModelLoss) -> None:
-    """attn_qkv of layer 1 (thousands of parameters, no dense Hessian): central differences of the gradient along v
+    """W_Q, W_K, W_V of layer 1 (thousands of parameters, no dense Hessian): central differences of the gradient along v
     agree with H v to O(h²)."""
-    params = {k: v for k, v in loss.params.items() if block_of(k) == (1, "attn_qkv")}
+    params = {k: v for k, v in loss.params.items() if block_of(k) in {(1, "attn_q"), (1, "attn_k"), (1, "attn_v")}}
     gen = torch.Generator().manual_seed(3)
     v = {k: torch.randn(p.shape, generator=gen, dtype=F64) for k, p in params.items()}
     scale = math.sqrt(sum(float(t.pow(2).sum()) for t in v.values()))
@@ -123,7 +123,7 @@ def test_compute_curvature_records(tiny_checkpoints) -> None:
     records, facts = compute_curvature(model, [ids], torch.device("cpu"), CurvatureOptions(max_iter=60, tol=1e-8,
                                                                                           probes=8))
     blocks = [r for r in records if r["layer"] is not None]
-    assert {r["block"] for r in blocks} == {"attn_qkv", "attn_out", "ffn_in", "ffn_out", "norm_attn.gamma",
+    assert {r["block"] for r in blocks} == {"attn_q", "attn_k", "attn_v", "attn_out", "ffn_in", "ffn_out", "norm_attn.gamma",
                                             "norm_ffn.gamma"}                  # RMSNorm: no β blocks
     model_row = records[-1]
     assert model_row["block"] == "model" and model_row["n_params"] == sum(r["n_params"] for r in blocks)
@@ -136,7 +136,7 @@ def test_compute_curvature_records(tiny_checkpoints) -> None:
     assert facts["loss_value"] == pytest.approx(model_rec["grad_loss"], rel=1e-10)
     for rec in layers:                                  # block gradient norms recombine to the --grad columns
         mine = {r["block"]: r["grad_norm"] for r in blocks if r["layer"] == rec["layer"]}
-        attn = math.hypot(mine["attn_qkv"], mine["attn_out"])
+        attn = math.hypot(mine["attn_q"], mine["attn_k"], mine["attn_v"], mine["attn_out"])
         ffn = math.hypot(mine["ffn_in"], mine["ffn_out"])
         assert attn == pytest.approx(rec["grad_attn_params"], rel=1e-9)
         assert ffn == pytest.approx(rec["grad_ffn_params"], rel=1e-9)

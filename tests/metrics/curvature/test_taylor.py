@@ -51,7 +51,7 @@ def test_orders_of_the_residuals_and_block_sums(setup) -> None:
         assert tot["embeddings_and_head"] == 0.0 and tot["delta_loss"] == tot["delta_loss_layers"]
         for p in PREDICTIONS:
             assert sum(r[p] for r in rows) == pytest.approx(tot[p], rel=1e-12, abs=1e-15)
-        assert {r["block"] for r in rows} >= {"attn_qkv", "attn_out", "ffn_in", "ffn_out", "norm_attn.gamma"}
+        assert {r["block"] for r in rows} >= {"attn_q", "attn_k", "attn_v", "attn_out", "ffn_in", "ffn_out", "norm_attn.gamma"}
         res[t] = {p: abs(tot[f"residual_{p}"]) for p in PREDICTIONS} | {"delta": abs(tot["delta_loss"])}
     ratio = {p: res[4e-2][p] / res[2e-2][p] for p in PREDICTIONS}
     assert 3.0 < ratio["first_order"] < 5.5, ratio                 # O(t²): halving t divides by 4
