@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich import box
 from rich.table import Table
@@ -22,7 +23,7 @@ from attnstab_cli.errors import UsageError
 from attnstab_cli.metrics.curvature.loss import ModelLoss
 from attnstab_cli.metrics.curvature.taylor import compute_taylor
 from attnstab_cli.model.load import open_model
-from attnstab_cli.scan import resolve_device, resolve_dtype
+from attnstab_cli.scan import resolve_device
 from attnstab_cli.report.read import is_report_dir, load_calibration
 from attnstab_cli.report.summary import format_value
 from attnstab_cli.report.write import check_output_dir, write_report
@@ -75,11 +76,10 @@ def compare(
     comp = compare_reports(ra, rb, allow_different_calibration, labels=(a, b))
     if loss:
         calib = load_calibration(ra)
-        dtype = resolve_dtype(dtype if dtype != "float32" else "float64")      # the expansion wants float64
-        dev = resolve_device(device)
+        dev = resolve_device(device)            # the expansion runs in float64 whatever the scans' --dtype
         comp.loss_blocks, comp.loss_totals = compute_taylor(
-            ModelLoss(open_model(a), list(calib.batches), dev, dtype, seed),
-            ModelLoss(open_model(b), list(calib.batches), dev, dtype, seed))
+            ModelLoss(open_model(a), list(calib.batches), dev, torch.float64, seed),
+            ModelLoss(open_model(b), list(calib.batches), dev, torch.float64, seed))
     if out is not None:
         write_comparison(out, comp, force)
         if not quiet:
