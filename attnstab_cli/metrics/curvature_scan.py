@@ -20,8 +20,7 @@ import torch
 
 from attnstab_cli.errors import UsageError
 from attnstab_cli.metrics.curvature.loss import ModelLoss
-from attnstab_cli.metrics.curvature.spectrum import (cpu_threads_for, flat_operator, gradient, hutchinson_trace,
-                                                     lanczos_top)
+from attnstab_cli.metrics.curvature.spectrum import flat_operator, gradient, hutchinson_trace, lanczos_top
 from attnstab_cli.model.load import OpenModel
 
 GRAPH_FACTOR = 12          # bytes resident per parameter byte: weights, gradient, tangents, saved activations (rough)
@@ -75,8 +74,7 @@ def compute_curvature(model: OpenModel, batches: list[torch.Tensor], device: tor
     dtype = resolve_curvature_dtype(opts)
     need = check_fits(model, device, opts)
     loss = ModelLoss(model, batches, device, dtype, opts.seed)
-    with cpu_threads_for(sum(v.numel() for v in loss.params.values()), device):
-        records = _blocks_and_model(loss, device, dtype, opts, on_block)
+    records = _blocks_and_model(loss, device, dtype, opts, on_block)
     facts = {**asdict(opts), "loss": loss.kind, "loss_value": float(loss().detach()),
              "memory_estimate_bytes": need, "method": "Lanczos (full reorthogonalisation) and Hutchinson "
                                                      "(Rademacher) on forward-over-reverse Hessian-vector products"}

@@ -12,31 +12,13 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 Params = dict[str, torch.Tensor]
-SMALL_MODEL = 5_000_000       # parameters: below this, Hessian-vector products are many tiny ops on the CPU
 Operator = Callable[[torch.Tensor], torch.Tensor]      # flat vector [n] -> flat vector [n]
-
-
-@contextmanager
-def cpu_threads_for(n_params: int, device: torch.device | str) -> Iterator[None]:
-    """One intra-op thread for small models on the CPU: their Hessian-vector products are thousands of tiny ops,
-    where OpenMP's fork-join costs more than it saves (measured 100x slower with two threads on a busy 2-core
-    machine); larger models and GPUs keep the default."""
-    if torch.device(device).type != "cpu" or n_params >= SMALL_MODEL:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def hvp(loss: Callable[[Params], torch.Tensor], params: Params, v: Params) -> Params:

@@ -25,7 +25,7 @@ import torch
 
 from attnstab_cli.errors import UsageError
 from attnstab_cli.metrics.curvature.loss import ModelLoss, block_of
-from attnstab_cli.metrics.curvature.spectrum import cpu_threads_for, gradient, hvp
+from attnstab_cli.metrics.curvature.spectrum import gradient, hvp
 
 PREDICTIONS = ("first_order", "second_order", "symmetric")
 
@@ -36,11 +36,6 @@ def _dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names: list[str
 
 def compute_taylor(loss_a: ModelLoss, loss_b: ModelLoss) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per-block rows (layer, block, and each prediction's term) and the totals with the actual changes."""
-    with cpu_threads_for(sum(v.numel() for v in loss_a.params.values()), loss_a.h0[0].device):
-        return _compute_taylor(loss_a, loss_b)
-
-
-def _compute_taylor(loss_a: ModelLoss, loss_b: ModelLoss) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     wa, wb = loss_a.params, loss_b.params
     if wa.keys() != wb.keys() or any(wa[k].shape != wb[k].shape for k in wa):
         raise UsageError("--loss needs two checkpoints of the same architecture (their layer parameters differ in "
