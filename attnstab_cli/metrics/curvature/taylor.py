@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from attnstab_cli.errors import UsageError
-from attnstab_cli.metrics.curvature.loss import ModelLoss, block_of
+from attnstab_cli.metrics.curvature.loss import ModelLoss
 from attnstab_cli.metrics.curvature.spectrum import gradient, hvp
 
 PREDICTIONS = ("first_order", "second_order", "symmetric")
@@ -50,10 +50,7 @@ def compute_taylor(loss_a: ModelLoss, loss_b: ModelLoss) -> tuple[list[dict[str,
     ga, gb = gradient(loss_a, wa), gradient(loss_a, wb)
     ha, hb = hvp(loss_a, wa, dw), hvp(loss_a, wb, dw)
     rows = []
-    blocks: dict[tuple[int, str], list[str]] = {}
-    for k in wa:
-        blocks.setdefault(block_of(k), []).append(k)
-    for (layer, block), names in blocks.items():
+    for (layer, block), names in loss_a.blocks().items():
         first = _dot(ga, dw, names)
         quad_a, quad_b = _dot(ha, dw, names), _dot(hb, dw, names)
         rows.append({"layer": layer, "block": block,
