@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from attnstab_cli.errors import InputError, UsageError
+from attnstab_cli.track import load_track
 
 FORMATS = (".png", ".svg", ".html")
 MATPLOTLIB_MISSING = "attnstab plot needs matplotlib: pip install 'attnstab[plot]'"
@@ -173,7 +174,7 @@ def _load_compare(path: Path) -> PlotInput:
 
 def _load_track(path: Path) -> PlotInput:
     meta = _read_json(path / "track.json")
-    track = _read_parquet(path / "track.parquet", ("step", "checkpoint", "layer", "head", "metric", "value"))
+    track = load_track(path)
     order = track.drop_duplicates("checkpoint").sort_values("step")
     checkpoints = [str(c) for c in order["checkpoint"]]
     steps = order["step"].dropna()

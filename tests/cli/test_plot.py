@@ -75,7 +75,8 @@ def _write_track(root: Path) -> Path:
                      "value": 99.0})
     schema = pa.schema([("step", pa.int64()), ("checkpoint", pa.string()), ("layer", pa.int64()),
                         ("head", pa.int64()), ("metric", pa.string()), ("value", pa.float64())])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / "track.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema.with_metadata({"kind": "attnstab-track"})),
+                   root / "track.parquet")
     (root / "track.json").write_text(json.dumps({"kind": "attnstab-track", "calibration": {"token_sha256": TOKEN}}))
     return root
 
