@@ -51,3 +51,9 @@ def test_a_model_that_does_not_fit_is_refused_before_any_work(tmp_path: Path, mo
 def test_curvature_without_calibration_is_a_usage_error() -> None:
     assert_input_error(invoke("scan", SAMPLES / "gpt2-tiny", "--weights-only", "--curvature"),
                        "--curvature needs calibration text")
+
+
+def test_bad_hash_mode_and_curvature_dtype_are_usage_errors() -> None:
+    assert_input_error(invoke("scan", SAMPLES / "gpt2-tiny", "--hash", "partial"), "--hash must be 'sampled' or 'full'")
+    assert_input_error(invoke("scan", SAMPLES / "gpt2-tiny", *ARGS, "--curvature-dtype", "bfloat16"),
+                       "--curvature-dtype must be float64 or float32")
