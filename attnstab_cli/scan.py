@@ -25,7 +25,7 @@ from attnstab_cli.metrics.gradients import GradientFlow
 from attnstab_cli.metrics.lipschitz_scan import LipschitzObserver
 from attnstab_cli.metrics.magnitudes import MagnitudeObserver
 from attnstab_cli.metrics.sensitivity import ScaleObserver, compute_sensitivity
-from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
+from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions, resolve_paper_rows
 from attnstab_cli.metrics.weights_scan import WeightObserver
 from attnstab_cli.model.load import OpenModel, open_model
 from attnstab_cli.model.stream import LayerStream
@@ -40,6 +40,11 @@ class Observer(Protocol):
     """Anything that consumes layer traces and returns report records."""
 
     def observe(self, trace: LayerTrace) -> None: ...
+
+
+# on_progress(stage, done, total): ``done`` of ``total`` steps of the named stage are finished (layers of the scan's
+# stream, layers of each --grad stream, curvature blocks). A stage may report total = 0 when its size is unknown.
+ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -81,31 +86,41 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
-             on_step: Callable[[int, int], None] | None = None) -> ScanResult:
-    """Stream ``calib`` through ``model`` one layer at a time; ``on_step(layer, batch)`` reports progress."""
+             on_progress: ProgressFn | None = None) -> ScanResult:
+    """Stream ``calib`` through ``model`` one layer at a time; ``on_progress`` hears of every finished layer, --grad
+    stream step and curvature block."""
     device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
     kernel = resolve_kernel(opts.kernel, device)
     if opts.curvature is not None:
         check_fits(model, device, opts.curvature)                 # refuse before any work, not after the scan
     magnitudes = MagnitudeObserver()
-    theta = ThetaObserver(model.cfg.n_heads, model.cfg.n_kv_heads, replace(opts.theta, kernel=kernel))
+    theta = ThetaObserver(model.cfg.n_heads, model.cfg.n_kv_heads,
+                          replace(opts.theta, kernel=kernel, paper_rows=resolve_paper_rows(opts.theta, device)))
     weights = WeightObserver(model.cfg, max_offset=max(calib.seq_len, 1))   # offsets present in the mask (§5.5)
     scales = ScaleObserver()
     fragility = FragilityObserver(model.cfg.d_model, n_batches=len(calib.batches), seed=opts.theta.seed)
-    lipschitz = LipschitzObserver(model, theta, empirical_seqs=opts.empirical_seqs, seed=opts.theta.seed)
+    lipschitz = LipschitzObserver(model, theta, empirical_seqs=opts.empirical_seqs, seed=opts.theta.seed,
+                                  tokens_per_layer=calib.n_tokens)
     observers: dict[str, Observer] = {"magnitudes": magnitudes, "theta": theta, "weights": weights, "scales": scales,
                                       "fragility": fragility, "lipschitz": lipschitz}   # theta before lipschitz
     spent = dict.fromkeys(observers, 0.0)
+    flow = GradientFlow(model, list(calib.batches), device, dtype, opts.theta.seed) if opts.grad else None
+    wanted = flow.checkpoint_layers() if flow is not None else set()
+    kept: dict[int, list[torch.Tensor]] = {}      # --grad's checkpoint boundaries, taken from this stream
     t0 = time.perf_counter()
     stream = LayerStream(model, list(calib.batches), device, dtype)
     stream.embed()
+    if 0 in wanted:
+        kept[0] = list(stream.hidden)             # a copy of the list: the stream replaces its entries
     for trace in stream.layers():
         for name, obs in observers.items():
             t = time.perf_counter()
             obs.observe(trace)
             spent[name] += time.perf_counter() - t
-        if on_step:
-            on_step(trace.layer, trace.batch)
+        if trace.layer + 1 in wanted:             # traces come layer-major, batch-minor
+            kept.setdefault(trace.layer + 1, []).append(trace.resid_out.detach())
+        if on_progress and trace.batch == len(calib.batches) - 1:
+            on_progress("scan: layers", trace.layer + 1, model.cfg.n_layers)
         del trace  # hold nothing while the stream loads the next layer: one layer's weights resident
     final = stream.final_hidden()
     total = time.perf_counter() - t0
@@ -115,7 +130,11 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
              "theta": {"min_keys": theta.opts.min_keys, "tol": theta.opts.tol,
                        "rows_per_head": theta.opts.rows_per_head, "top_k": theta.opts.top_k,
                        "slack": theta.opts.slack, "refined_rows": theta.refined_rows,
-                       "unrefined_rows": theta.unrefined_rows},
+                       "unrefined_rows": theta.unrefined_rows,
+                       "paper_rows": "all" if theta.opts.paper_rows is None else
+                       f"{theta.opts.paper_rows} sampled per head and sequence (seeded)",
+                       "paper_sampled_rows": theta.paper_sampled_rows},
+             "tier3": lipschitz.budget_facts(),
              "peak_resident_weight_bytes": model.reader.peak_live_bytes}
     layers = merge_records(magnitudes.records(), weights.layers, key=("layer",))
     heads = merge_records(theta.records(), weights.heads, key=("layer", "head"))
@@ -126,22 +145,33 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     layers = merge_records(layers, lip_layers, key=("layer",))
     heads = merge_records(heads, lipschitz.head_records(), key=("layer", "head"))
     model_row = {**weights.model_record(), **nf_model, **lip_model}
-    if opts.grad:
+    if flow is not None:
         t = time.perf_counter()
-        grad_layers, grad_model = GradientFlow(model, list(calib.batches), device, dtype, opts.theta.seed).run()
+        flow.on_layer = on_progress
+        grad_layers, grad_model = flow.run(kept)
+        del kept
         timings["grad_s"] = time.perf_counter() - t
+        facts["grad"] = {"checkpoint_every": flow.checkpoint_every, "streams": flow.streams,
+                         "layer_loads": flow.layer_loads, "peak_boundaries": flow.peak_boundaries}
         layers = merge_records(layers, grad_layers, key=("layer",))
         model_row.update(grad_model)
     tables = {"layers": layers, "heads": heads, "model": [model_row]}
     if opts.curvature is not None:
         t = time.perf_counter()
-        tables["curvature"], facts["curvature"] = compute_curvature(model, list(calib.batches), device, opts.curvature)
+        blocks = iter(range(1, 1 << 30))
+
+        def on_block(layer: int | None, block: str) -> None:
+            if on_progress:
+                on_progress("curvature: blocks", next(blocks), 0)
+
+        tables["curvature"], facts["curvature"] = compute_curvature(model, list(calib.batches), device, opts.curvature,
+                                                                    on_block)
         timings["curvature_s"] = time.perf_counter() - t
     return ScanResult(tables, final, timings, facts)
 
 
 def run_weights_only(model: OpenModel, opts: ScanOptions,
-                     on_step: Callable[[int, int], None] | None = None) -> ScanResult:
+                     on_progress: ProgressFn | None = None) -> ScanResult:
     """``scan --weights-only``: the weight metrics of every layer, one layer resident at a time, no text."""
     device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
     weights = WeightObserver(model.cfg)
@@ -149,8 +179,8 @@ def run_weights_only(model: OpenModel, opts: ScanOptions,
     t0 = time.perf_counter()
     for layer in range(model.cfg.n_layers):
         weights.observe_weights(loader.layer(layer))
-        if on_step:
-            on_step(layer, 0)
+        if on_progress:
+            on_progress("weights: layers", layer + 1, model.cfg.n_layers)
     timings = {"total_s": time.perf_counter() - t0}
     facts = {"device": str(device), "dtype": opts.dtype, "weights_only": True,
              "peak_resident_weight_bytes": model.reader.peak_live_bytes}
@@ -206,12 +236,11 @@ class ScanRequest:
 
 
 def scan_checkpoint(req: ScanRequest, calib: CalibrationSet | None = None,
-                    on_start: Callable[[OpenModel, int], None] | None = None,
-                    on_step: Callable[[int, int], None] | None = None) -> tuple[Report, CalibrationSet | None]:
+                    on_progress: ProgressFn | None = None) -> tuple[Report, CalibrationSet | None]:
     """Open, fingerprint and scan ``req.checkpoint``; returns the report (not yet written) and the tokens it used.
 
     ``calib`` reuses another scan's tokens exactly (compare, track), checked against this model's vocabulary and
-    context. ``on_start(model, steps)`` announces the number of ``on_step`` calls to come. Stage timings (open,
+    context. ``on_progress(stage, done, total)`` reports each finished step of each stage. Stage timings (open,
     fingerprint, calibration, the scan's own stages) land in the manifest.
     """
     stages: dict[str, float] = {}
@@ -222,9 +251,7 @@ def scan_checkpoint(req: ScanRequest, calib: CalibrationSet | None = None,
     fingerprint = compute_fingerprint(model.files.weight_files, req.hash_mode)
     stages["fingerprint_s"] = time.perf_counter() - t
     if req.weights_only:
-        if on_start:
-            on_start(model, model.cfg.n_layers)
-        result = run_weights_only(model, req.options, on_step)
+        result = run_weights_only(model, req.options, on_progress)
     else:
         t = time.perf_counter()
         if calib is None:
@@ -235,9 +262,7 @@ def scan_checkpoint(req: ScanRequest, calib: CalibrationSet | None = None,
             for batch in calib.batches:
                 check_token_range(batch, model.cfg.vocab_size, f"calibration tokens ({calib.source})")
         stages["calibration_s"] = time.perf_counter() - t
-        if on_start:
-            on_start(model, model.cfg.n_layers * len(calib.batches))
-        result = run_scan(model, calib, req.options, on_step)
+        result = run_scan(model, calib, req.options, on_progress)
     result.timings = {**stages, **result.timings}
     manifest = build_manifest(model, calib, result, req.calibration.seed, fingerprint)
     manifest["run"]["hash_mode"] = req.hash_mode

@@ -16,7 +16,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from attnstab_cli.reference.row_stats import FLOAT_FIELDS, RowStats, check_row_stats_inputs
 
-__all__ = ["attn_row_stats", "is_interpreted"]
+__all__ = ["attn_row_stats", "compute_logit_theta_err", "is_interpreted"]
 
 _FIELD = {name: i for i, name in enumerate(FLOAT_FIELDS)}
 
@@ -67,8 +67,8 @@ def _online_pass(
     offs_k0 = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     m = tl.full([BLOCK_Q], -float("inf"), ACC)
-    z = tl.zeros([BLOCK_Q], ACC)
-    t = tl.zeros([BLOCK_Q], ACC)
+    z = tl.zeros([BLOCK_Q], tl.float64)  # sums over keys accumulate in float64 whatever ACC is
+    t = tl.zeros([BLOCK_Q], tl.float64)
     n = tl.zeros([BLOCK_Q], tl.int32)
     for start_k in range(lo, hi, BLOCK_K):
         s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
@@ -80,14 +80,14 @@ def _online_pass(
         is_new = m_blk > m
         m_new = tl.maximum(m, m_blk)
         m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)  # finite stand-in for empty rows
-        alpha = tl.exp(m - m_sub)  # 1 if the max stays, 0 on the first allowed key
-        shift = tl.where(m == -float("inf"), 0.0, m - m_sub)  # m − m' without −inf
+        alpha = tl.exp(m - m_sub).to(tl.float64)  # 1 if the max stays, 0 on the first allowed key
+        shift = tl.where(m == -float("inf"), 0.0, m - m_sub).to(tl.float64)  # m − m' without −inf
         d = tl.where(valid, s - m_sub[:, None], 0.0)  # [BLOCK_Q, BLOCK_K] s_j − m'
         e = tl.where(valid, tl.exp(d), 0.0)  # [BLOCK_Q, BLOCK_K]
         arg = tl.min(tl.where(s_m == m_blk[:, None], offs_k0[None, :], BLOCK_K), axis=1)  # first argmax
         drop = is_new[:, None] & (offs_k0[None, :] == arg[:, None])  # the new maximum is the "1", not in z
-        t = tl.where(is_new, alpha * (t + (1.0 + z) * shift), t) + tl.sum(e * d, axis=1)
-        z = tl.where(is_new, alpha * (z + 1.0), z) + tl.sum(tl.where(drop, 0.0, e), axis=1)
+        t = tl.where(is_new, alpha * (t + (1.0 + z) * shift), t) + tl.sum((e * d).to(tl.float64), axis=1)
+        z = tl.where(is_new, alpha * (z + 1.0), z) + tl.sum(tl.where(drop, 0.0, e).to(tl.float64), axis=1)
         m = m_new
     return m, z, t, n
 
@@ -99,32 +99,43 @@ def _prefix_pass(
     HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Pass 2 over keys [lo, hi): (c_{j*−1}, p_{j*}, Σ_{j>j*} p_j, found) at the first prefix c_{j*} ≥ ½."""
+    """Pass 2 over keys [lo, hi): at the first prefix c_{j*} ≥ ½ (float64 cumulative sums) keep c_{j*−1}, p_{j*}
+    and Σ_{j>j*} p_j; among the later keys keep the first p_r closest to the gap ½ − c_{j*−1} (the completion)."""
     offs_k0 = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    c_off = tl.zeros([BLOCK_Q], ACC)  # c before this block
-    p_before = tl.zeros([BLOCK_Q], ACC)
-    p_at = tl.zeros([BLOCK_Q], ACC)
-    p_after = tl.zeros([BLOCK_Q], ACC)
+    c_off = tl.zeros([BLOCK_Q], tl.float64)  # c before this block
+    p_before = tl.zeros([BLOCK_Q], tl.float64)
+    p_at = tl.zeros([BLOCK_Q], tl.float64)
+    p_after = tl.zeros([BLOCK_Q], tl.float64)
+    p_r = tl.zeros([BLOCK_Q], tl.float64)
+    best_miss = tl.full([BLOCK_Q], float("inf"), tl.float64)
     found = tl.zeros([BLOCK_Q], tl.int32)
     for start_k in range(lo, hi, BLOCK_K):
         s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
                                 stride_kd, stride_pt, q_offset, scale, window, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
                                 UPCAST, ACC, INPUT_PRECISION)
-        p = tl.where(valid, tl.exp(tl.where(valid, s - lse[:, None], 0.0)), 0.0)  # [BLOCK_Q, BLOCK_K]
+        p = tl.where(valid, tl.exp(tl.where(valid, s - lse[:, None], 0.0).to(ACC)), 0.0).to(tl.float64)
         c = c_off[:, None] + tl.cumsum(p, axis=1)  # [BLOCK_Q, BLOCK_K]
         j_star = tl.min(tl.where((c >= 0.5) & valid, offs_k0[None, :], BLOCK_K), axis=1)  # [BLOCK_Q]
         new = (found == 0) & (j_star < BLOCK_K)
         before = tl.sum(tl.where(offs_k0[None, :] < j_star[:, None], p, 0.0), axis=1)
         at = tl.sum(tl.where(offs_k0[None, :] == j_star[:, None], p, 0.0), axis=1)
-        after = tl.sum(tl.where(offs_k0[None, :] > j_star[:, None], p, 0.0), axis=1)
-        blk = before + at + after  # all of p; j_star = BLOCK_K puts everything in `before`
+        blk = tl.sum(p, axis=1)
+        after = blk - before - at  # float64: no cancellation worth the name
         p_before = tl.where(new, c_off + before, p_before)
         p_at = tl.where(new, at, p_at)
         p_after += tl.where(found != 0, blk, tl.where(new, after, 0.0))  # once found, every later key is in Q
+        later = valid & ((found != 0)[:, None] | (new[:, None] & (offs_k0[None, :] > j_star[:, None])))
+        miss = tl.where(later, tl.abs(p - (0.5 - p_before)[:, None]), float("inf"))  # [BLOCK_Q, BLOCK_K]
+        blk_miss = tl.min(miss, axis=1)
+        blk_arg = tl.min(tl.where(miss == blk_miss[:, None], offs_k0[None, :], BLOCK_K), axis=1)
+        blk_p = tl.sum(tl.where(offs_k0[None, :] == blk_arg[:, None], p, 0.0), axis=1)
+        better = blk_miss < best_miss  # strict: the first key wins ties, as in the reference
+        best_miss = tl.where(better, blk_miss, best_miss)
+        p_r = tl.where(better, blk_p, p_r)
         c_off += blk
         found = tl.where(new, 1, found)
-    return p_before, p_at, p_after, found
+    return p_before, p_at, p_after, p_r, best_miss, found
 
 
 @triton.jit
@@ -150,7 +161,9 @@ def _attn_row_stats_kernel(
     H = log1p(z) − t/(1+z), and the θ stream bounds 4z/(1+z)² (exact, z ≤ 1) or z·max(4, z+2)/(1+z)².
     Pass 2, prefix crossing: p_j = e^{s_j − lse}; a tl.cumsum inside the block plus a carried offset gives c_j; at the
     first c_j* ≥ ½ keep P = c_{j*−1}, p_{j*}, then sum every later p into Q, and evaluate 4PQ/(P+Q)² for both
-    prefixes. Everything accumulates in ACC (float32; float64 for float64 inputs).
+    prefixes; the completion adds to {j < j*} the first later key r whose p_r is closest to ½ − c_{j*−1}.
+    Logits and exponentials are in ACC (float32; float64 for float64 inputs); every sum over keys, z, t and the
+    cumulative sums, accumulates in float64, and every output is float64.
     """
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -178,24 +191,30 @@ def _attn_row_stats_kernel(
     empty = n == 0
     log1p_z = _log1p(z)
     lse = tl.where(empty, 0.0, m + log1p_z)  # finite stand-in for empty rows
-    p_before, p_at, p_after, found = _prefix_pass(q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt,
-                                                  stride_kd, stride_pt, q_offset, scale, window, lse, BLOCK_Q,
-                                                  BLOCK_K, BLOCK_D, IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST, ACC,
-                                                  INPUT_PRECISION)
+    p_before, p_at, p_after, p_r, best_miss, found = _prefix_pass(
+        q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window,
+        lse.to(tl.float64), BLOCK_Q, BLOCK_K, BLOCK_D, IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
 
     total = p_before + p_at + p_after
+    norm = tl.where(total > 0.0, total * total, 1.0)
     best = tl.maximum(p_before * (p_at + p_after), (p_before + p_at) * p_after)
     short = n <= 1
-    prefix = tl.where((found != 0) & (n > 1), 4.0 * best / tl.where(total > 0.0, total * total, 1.0), 0.0)
+    prefix = tl.where((found != 0) & (n > 1), 4.0 * best / norm, 0.0)
+    plus_q = tl.maximum(p_after - p_r, 0.0)
+    plus = tl.where((found != 0) & (n > 1) & (best_miss < float("inf")),
+                    4.0 * (p_before + p_r) * (p_at + plus_q) / norm, 0.0)
+    plus = tl.maximum(prefix, plus)
     one_z = 1.0 + z
     exact = 4.0 * z / (one_z * one_z)  # θ when p_max ≥ ½ (z ≤ 1)
     peaked = z <= 1.0
     lo_stream = tl.where(short, 0.0, tl.where(peaked, exact, z * tl.maximum(z + 2.0, 4.0) / (one_z * one_z)))
     hi_stream = tl.where(short, 0.0, tl.where(peaked, exact, 1.0))
-    theta_lo = tl.where(short, 0.0, tl.where(peaked, exact, tl.maximum(lo_stream, prefix)))
+    theta_lo = tl.where(short, 0.0, tl.where(peaked, exact, tl.maximum(lo_stream, plus)))
 
     out = STATS + pid_bh.to(tl.int64) * T_q + offs_q  # [BLOCK_Q] field 0; field f at + f · stride_field
     row = offs_q < T_q
+    m = m.to(tl.float64)
+    lse = m + log1p_z
     tl.store(out + 0 * stride_field, m, mask=row)
     tl.store(out + 1 * stride_field, tl.where(empty, -float("inf"), lse), mask=row)
     tl.store(out + 2 * stride_field, tl.where(empty, float("nan"), 1.0 / one_z), mask=row)
@@ -204,13 +223,14 @@ def _attn_row_stats_kernel(
     tl.store(out + 5 * stride_field, lo_stream, mask=row)
     tl.store(out + 6 * stride_field, hi_stream, mask=row)
     tl.store(out + 7 * stride_field, prefix, mask=row)
-    tl.store(out + 8 * stride_field, theta_lo, mask=row)
+    tl.store(out + 8 * stride_field, plus, mask=row)
+    tl.store(out + 9 * stride_field, theta_lo, mask=row)
     tl.store(N_KEYS + pid_bh.to(tl.int64) * T_q + offs_q, n, mask=row)
 
 
 # The kernel stores fields by position; keep that order tied to RowStats.
 if FLOAT_FIELDS != ("row_max", "lse", "pmax", "one_minus_pmax", "entropy", "theta_lo_stream", "theta_hi_stream",
-                    "theta_prefix", "theta_lo"):
+                    "theta_prefix", "theta_prefix_plus", "theta_lo"):
     raise ImportError(f"RowStats field order changed ({FLOAT_FIELDS}); update _attn_row_stats_kernel's stores")
 
 
@@ -251,19 +271,38 @@ def attn_row_stats(
 
     q `# [B, H, T_q, D]` and k `# [B, H_kv, T_k, D]` in float32, float16, bfloat16 (or float64, accumulated in
     float64), on CUDA, or on CPU under TRITON_INTERPRET=1. `block_q` sets BLOCK_Q (power of two ≥ 16).
-    Returns `RowStats` of `# [B, H, T_q]` tensors, float32 (float64 for float64 inputs); n_keys int32.
+    Returns `RowStats` of `# [B, H, T_q]` float64 tensors (n_keys int32); `theta_err` bounds what the rounding of
+    the kernel's logits can do to θ (:func:`compute_logit_theta_err`).
     """
     B, H, H_kv, T_q, T_k, D = check_row_stats_inputs(q, k, key_padding_mask, window)
     if q.dtype != k.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"q and k must share a float dtype (fp32/fp16/bf16/fp64); got {q.dtype}, {k.dtype}")
     if not is_interpreted() and not (q.is_cuda and k.is_cuda):
         raise ValueError("attn_row_stats needs CUDA tensors, or TRITON_INTERPRET=1 (set before import) for CPU ones")
-    acc_torch = torch.float64 if q.dtype == torch.float64 else torch.float32
-    stats = torch.empty(len(FLOAT_FIELDS), B, H, T_q, dtype=acc_torch, device=q.device)  # [F, B, H, T_q]
+    stats = torch.empty(len(FLOAT_FIELDS), B, H, T_q, dtype=torch.float64, device=q.device)  # [F, B, H, T_q]
     n_keys = torch.empty(B, H, T_q, dtype=torch.int32, device=q.device)  # [B, H, T_q]
     if T_q > 0:
         _launch(q, k, scale, causal, key_padding_mask, window, block_q, stats, n_keys)
-    return RowStats(**{name: stats[i] for name, i in _FIELD.items()}, n_keys=n_keys)
+    return RowStats(**{name: stats[i] for name, i in _FIELD.items()}, n_keys=n_keys,
+                    theta_err=compute_logit_theta_err(q, k, scale))
+
+
+def compute_logit_theta_err(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """How far the kernel's rounded logits can move θ of each row, float64 `# [B, H, T_q]` (THEORY §3.7).
+
+    The dot product of D terms accumulates in float32 (float64 for float64 inputs; half-precision inputs are exact
+    in it), then one product with the scale: |ŝ_ij − s_ij| ≤ δ_i = γ_{D+1} · scale · ‖q_i‖ · max_j ‖k_j‖ with
+    γ_n = n·u/(1 − n·u). Then p'_j/p_j ∈ [e^{−2δ}, e^{2δ}], ‖p' − p‖₁ ≤ e^{2δ} − 1, and θ moves by at most twice that.
+    """
+    u = 2.0 ** -53 if q.dtype == torch.float64 else 2.0 ** -24
+    n = q.shape[-1] + 1
+    gamma = n * u / (1.0 - n * u)
+    group = q.shape[1] // k.shape[1]
+    q_norm = torch.linalg.vector_norm(q.to(torch.float64), dim=-1)  # [B, H, T_q]
+    k_norm = torch.linalg.vector_norm(k.to(torch.float64), dim=-1)  # [B, H_kv, T_k]
+    k_max = k_norm.amax(-1) if k_norm.shape[-1] else k_norm.new_zeros(k_norm.shape[:-1])  # [B, H_kv]
+    delta = gamma * abs(scale) * q_norm * k_max.repeat_interleave(group, dim=1)[..., None]
+    return 2.0 * torch.expm1(2.0 * delta)
 
 
 def _launch(

@@ -97,7 +97,7 @@ def scan(
                                                         probes=curvature_probes, dtype=curvature_dtype, seed=seed)
                              if curvature else None)
     err = stderr_console()
-    report, _ = scan_with_progress(req, quiet=quiet, label="layers" if weights_only else "layers x batches", err=err)
+    report, _ = scan_with_progress(req, quiet=quiet, err=err)
     if out is not None:
         write_report(out, report.tables, report.manifest, force=force, tokens=report.tokens)
         report.path = out

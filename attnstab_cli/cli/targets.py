@@ -1,8 +1,10 @@
 """Turn a command's TARGET (a report directory or a checkpoint) into a report, scanning with a progress bar."""
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -38,15 +40,47 @@ def build_scan_request(checkpoint: str, *, calib: str | None = None, tokens: Pat
                        weights_only=weights_only, hash_mode=hash_mode, arch=arch, overrides=overrides)
 
 
+class ProgressReport:
+    """Progress of the scan's stages on stderr: a transient bar per stage on a terminal, otherwise one line per
+    stage step at most every ``LINE_EVERY_S`` seconds (and always its last step); nothing when quiet."""
+
+    LINE_EVERY_S = 1.0
+
+    def __init__(self, err: Console, label: str, quiet: bool) -> None:
+        self.err, self.label, self.quiet = err, label, quiet
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=err, disable=quiet or not err.is_terminal, transient=True)
+        self.tasks: dict[str, Any] = {}
+        self.last_line = 0.0
+
+    def __enter__(self) -> ProgressReport:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.err.is_terminal:
+            if stage not in self.tasks:
+                self.tasks[stage] = self.bar.add_task(f"{self.label} {stage}", total=total or None)
+            self.bar.update(self.tasks[stage], completed=done, total=total or None)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= self.LINE_EVERY_S or (total and done == total):
+            self.last_line = now
+            self.err.print(f"{self.label} {stage} {done}" + (f"/{total}" if total else ""), markup=False,
+                           highlight=False)
+
+
 def scan_with_progress(req: ScanRequest, calib: CalibrationSet | None = None, quiet: bool = False,
                        label: str | None = None, err: Console | None = None) -> tuple[Report, CalibrationSet | None]:
-    """:func:`scan_checkpoint` with a transient progress bar on stderr (none when quiet or not a terminal)."""
+    """:func:`scan_checkpoint` reporting each stage's progress on stderr (:class:`ProgressReport`)."""
     err = err or stderr_console()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, disable=quiet or not err.is_terminal, transient=True) as progress:
-        task = progress.add_task(label or req.checkpoint, total=None)
-        return scan_checkpoint(req, calib, on_start=lambda model, n: progress.update(task, total=n),
-                               on_step=lambda layer, batch: progress.advance(task))
+    with ProgressReport(err, label or Path(req.checkpoint).name, quiet) as progress:
+        return scan_checkpoint(req, calib, on_progress=progress)
 
 
 def resolve_target(target: str, req: ScanRequest, calib: CalibrationSet | None = None,

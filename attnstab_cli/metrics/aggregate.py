@@ -116,7 +116,7 @@ class Moments:
                        self.hist + other.hist)
 
 
-_INT_FIELDS = ("n_rows", "n_rows_short", "theta_exact_count", "peaked_count", "log_hist")
+_INT_FIELDS = ("n_rows", "n_rows_short", "theta_exact_count", "peaked_count", "log_hist", "theta_paper_count")
 _SUM_FIELDS = ("theta_paper_sum", "entropy_sum")
 _MAX_FIELDS = ("theta_tilde_lo", "theta_tilde_hi", "theta_width_max")
 _MOMENT_FIELDS = ("theta_lo", "theta_hi", "pmax", "entropy_norm")
@@ -143,8 +143,9 @@ class HeadAggregate:
     theta_width_max: Tensor                # float64 [H]
     theta_exact_count: Tensor              # int64 [H]
     peaked_count: Tensor                   # int64 [H], p_max ≥ 1/2
-    theta_paper_sum: Tensor                # float64 [H], Σ A5 estimate
+    theta_paper_sum: Tensor                # float64 [H], Σ A5 estimate over the rows that have one
     entropy_sum: Tensor                    # float64 [H], Σ entropy in nats
+    theta_paper_count: Tensor              # int64 [H], aggregated rows with an A5 estimate (it may be sampled)
 
     @classmethod
     def create(cls, n_heads: int, min_keys: int = DEFAULT_MIN_KEYS) -> HeadAggregate:
@@ -154,7 +155,7 @@ class HeadAggregate:
         neg = torch.full((n_heads,), -math.inf, dtype=torch.float64)
         return cls(min_keys, *(Moments.empty(n_heads) for _ in _MOMENT_FIELDS),
                    torch.zeros(n_heads, N_LOG_BINS, dtype=torch.int64), i64, i64.clone(), neg, neg.clone(),
-                   neg.clone(), i64.clone(), i64.clone(), f64, f64.clone())
+                   neg.clone(), i64.clone(), i64.clone(), f64, f64.clone(), i64.clone())
 
     @property
     def n_heads(self) -> int:
@@ -163,8 +164,8 @@ class HeadAggregate:
 
     def update(self, head: Tensor | None, *, theta_lo: Tensor, theta_hi: Tensor, pmax: Tensor, entropy: Tensor,
                n_keys: Tensor, theta_paper: Tensor, exact: Tensor | None = None) -> None:
-        """Add rows: head (int64 [R]) and per-row float θ_lo, θ_hi, p_max, entropy (nats), n_keys, A5 estimate;
-        ``exact`` (bool [R]) overrides the width test θ_hi − θ_lo ≤ 1e-12 (e.g. to ignore `theta_slack`)."""
+        """Add rows: head (int64 [R]) and per-row float θ_lo, θ_hi, p_max, entropy (nats), n_keys, A5 estimate
+        (NaN for a row left out of the A5 sample); ``exact`` (bool [R]) overrides the width test θ_hi − θ_lo ≤ 1e-12 (e.g. to ignore `theta_slack`)."""
         rows = _flatten_rows(head, self.n_heads, theta_lo=theta_lo, theta_hi=theta_hi, pmax=pmax,
                              entropy=entropy, n_keys=n_keys, theta_paper=theta_paper, exact=exact)
         head, lo, hi = rows["head"], rows["theta_lo"], rows["theta_hi"]
@@ -185,7 +186,9 @@ class HeadAggregate:
         is_exact = sel["exact"] if exact is not None else width <= EXACT_WIDTH
         self.theta_exact_count += torch.bincount(head[is_exact], minlength=self.n_heads)
         self.peaked_count += torch.bincount(head[sel["pmax"] >= PEAKED_PMAX], minlength=self.n_heads)
-        self.theta_paper_sum.index_add_(0, head, sel["theta_paper"])
+        has_paper = ~torch.isnan(sel["theta_paper"])
+        self.theta_paper_count += torch.bincount(head[has_paper], minlength=self.n_heads)
+        self.theta_paper_sum.index_add_(0, head[has_paper], sel["theta_paper"][has_paper])
         self.entropy_sum.index_add_(0, head, sel["entropy"])
 
     def merge(self, other: HeadAggregate) -> HeadAggregate:
@@ -223,7 +226,8 @@ class HeadAggregate:
             "theta_mean": self.theta_lo.total / n, "theta_hi_mean": self.theta_hi.total / n,
             "theta_lo_min": self.theta_lo.minimum, "theta_width_max": self.theta_width_max,
             "theta_exact_frac": self.theta_exact_count / n, "theta_tilde_lo": self.theta_tilde_lo,
-            "theta_tilde_hi": self.theta_tilde_hi, "theta_paper_mean": self.theta_paper_sum / n,
+            "theta_tilde_hi": self.theta_tilde_hi,
+            "theta_paper_mean": self.theta_paper_sum / self.theta_paper_count.to(torch.float64),
             "pmax_mean": self.pmax.total / n, "pmax_max": self.pmax.maximum, "peaked_frac": self.peaked_count / n,
             "entropy_mean": self.entropy_sum / n}
         for q, tag in ((0.05, "p05"), (0.5, "p50")):
@@ -233,6 +237,8 @@ class HeadAggregate:
         out = {}
         for name in COLUMNS:
             valid = any_row if name.startswith("theta_tilde") else self.n_rows > 0
+            if name == "theta_paper_mean":
+                valid = self.theta_paper_count > 0
             values = cols[name].tolist()
             out[name] = [v if ok or name.startswith("n_rows") else None for v, ok in zip(values, valid.tolist())]
         return out
@@ -256,6 +262,6 @@ def _flatten_rows(head: Tensor | None, n_heads: int, **rows: Tensor | None) -> d
         out[name] = x.detach().reshape(-1).to("cpu", dtype)
     if out["head"].numel() and not (0 <= int(out["head"].min()) and int(out["head"].max()) < n_heads):
         raise ValueError(f"head index out of range [0, {n_heads})")
-    if any(bool(torch.isnan(v).any()) for k, v in out.items() if v.dtype == torch.float64):
-        raise ValueError("row statistics must not be NaN")
+    if any(bool(torch.isnan(v).any()) for k, v in out.items() if v.dtype == torch.float64 and k != "theta_paper"):
+        raise ValueError("row statistics must not be NaN (theta_paper may be, for rows outside its sample)")
     return out

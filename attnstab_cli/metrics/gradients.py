@@ -1,11 +1,14 @@
 """Gradient flow, streamed layer by layer (THEORY §9; issue 4, item 4).
 
-Forward: the layer stream keeps only the boundary activations h_0 … h_N of the calibration batch (one layer's weights
-resident). Loss at the top: next-token cross-entropy for causal LMs with an LM head; the masked-LM loss for encoders
-that ship an MLM head (15% of positions, seeded, replaced by the tokenizer's mask token; no 80/10/10 split);
-otherwise the probe loss ½·mean_t ‖h_N,t P‖² with P a seeded Gaussian d × 16 matrix scaled by 1/√d. Backward: for
-l = N−1 … 0 the layer is loaded again and recomputed from h_l under autograd, and the gradient flowing into h_{l+1}
-is pulled back to h_l and to the layer's parameters; then the layer is dropped.
+Forward: one layer's weights resident; of the boundary activations h_0 … h_N of the calibration batches only the
+checkpoints h_0, h_k, h_2k, … and h_N are kept (k = ⌈√N⌉ by default), taken from the main scan's stream when it hands
+them over, else from a stream of this pass's own. Loss at the top: next-token cross-entropy for causal LMs with an LM
+head; the masked-LM loss for encoders that ship an MLM head (15% of positions, seeded, replaced by the tokenizer's mask
+token; no 80/10/10 split); otherwise the probe loss ½·mean_t ‖h_N,t P‖² with P a seeded Gaussian d × 16 matrix
+scaled by 1/√d. Backward: segment by segment from the top, the boundaries between two checkpoints are recomputed from
+the lower one; then for each layer l of the segment, top down, the layer is loaded again and recomputed from h_l under
+autograd, and the gradient flowing into h_{l+1} is pulled back to h_l and to the layer's parameters; then the layer and
+h_l are dropped.
 
 Per layer: ``grad_h_in`` = ‖∂L/∂h_l‖_F over all calibration tokens, and the parameter-gradient norms of the attention
 projections, the FFN and the norm layers. Per model: the loss, its kind, and whether the wiring has an identity
@@ -16,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,7 @@ MLM_FRACTION = 0.15
 LOSS_CE = "next-token cross-entropy (mean over predicted tokens)"
 LOSS_MLM = "masked-LM cross-entropy (15% of positions, seeded, all replaced by the mask token)"
 LOSS_PROBE = "probe 0.5 * mean_t ||h_N,t P||^2, P ~ N(0, 1)^(d x 16) / sqrt(d), seeded"
+PASSES = ("forward", "recompute", "backward")   # the streams of the model a run may make
 
 
 def make_probe(d_model: int, seed: int) -> torch.Tensor:
@@ -102,13 +106,69 @@ def _group_norm(tensors: list[torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.grad.double().pow(2).sum()) for t in tensors if t.grad is not None))
 
 
+class _Boundaries:
+    """The boundary activations held at one time, l -> h_l per batch ([B, T, d] each), and the peak count held."""
+
+    def __init__(self) -> None:
+        self.held: dict[int, list[torch.Tensor]] = {}
+        self.peak = 0
+
+    def put(self, layer: int, hidden: list[torch.Tensor]) -> None:
+        self.held[layer] = hidden
+        self.peak = max(self.peak, len(self.held))
+
+    def get(self, layer: int) -> list[torch.Tensor]:
+        return self.held[layer]
+
+    def drop(self, layer: int) -> None:
+        del self.held[layer]
+
+
 class GradientFlow:
-    """Runs the streamed forward and backward passes and returns per-layer and model records."""
+    """Runs the streamed forward and backward passes and returns per-layer and model records.
+
+    Memory: activation checkpointing every k layers (``checkpoint_every``, default ⌈√N⌉). Only h_0, h_k, h_2k, … and
+    h_N are kept; for each segment [s, min(s+k, N)), top down, its inner boundaries are recomputed from h_s just before
+    its backward and dropped as the backward passes them. At most ⌈N/k⌉ + k boundaries (plus one in flight) are held
+    instead of N+1; ``peak_boundaries`` records the most held at once.
+
+    Streams of the model (``streams``: 1 when the pass loaded any layer, else 0; ``layer_loads``: layer loads per pass):
+
+    * ``forward`` — produces the checkpoints. Skipped when ``run`` is handed them: the main scan's stream already
+      computes every h_l. Needed for the masked-LM loss, whose masked inputs the main scan never runs
+      (``checkpoint_layers`` is then empty), and when no checkpoints are given.
+    * ``recompute`` — the price of bounded memory: the boundaries between checkpoints were not kept, so each segment's
+      are computed again from its checkpoint (layers s … s+k−2; none for k = 1).
+    * ``backward`` — one layer resident means each layer's weights are gone by the time the reverse pass reaches it,
+      so they are loaded again and the layer recomputed from h_l under autograd to pull the gradient back.
+    """
 
     def __init__(self, model: OpenModel, batches: list[torch.Tensor], device: torch.device, dtype: torch.dtype,
-                 seed: int = 0) -> None:
+                 seed: int = 0, checkpoint_every: int | None = None) -> None:
         self.model, self.cfg, self.device, self.dtype, self.seed = model, model.cfg, device, dtype, seed
         self.loss = plan_loss(model, batches, seed)
+        n = self.cfg.n_layers
+        k = math.ceil(math.sqrt(n)) if checkpoint_every is None else checkpoint_every
+        if k < 1:
+            raise ValueError(f"checkpoint_every must be at least 1, not {k}")
+        self.checkpoint_every = min(k, max(n, 1))
+        self.shares_inputs = len(batches) == len(self.loss.inputs) and all(
+            a is b or torch.equal(a, b) for a, b in zip(batches, self.loss.inputs))   # False for the MLM loss
+        self.streams: dict[str, int] = dict.fromkeys(PASSES, 0)
+        self.layer_loads: dict[str, int] = dict.fromkeys(PASSES, 0)
+        self.on_layer: Callable[[str, int, int], None] | None = None   # progress: (stage, done, total)
+        self.peak_boundaries = 0
+
+    def boundaries(self) -> list[int]:
+        """The checkpoint boundaries 0, k, 2k, … below N, and N itself (the loss needs h_N)."""
+        n = self.cfg.n_layers
+        return sorted(set(range(0, n, self.checkpoint_every)) | {n})
+
+    def checkpoint_layers(self) -> set[int]:
+        """The boundaries ``run`` wants handed in from a stream of the calibration batches (h_0 = the stream's
+        hidden states after ``embed``, h_{l+1} = layer l's ``resid_out``); empty when the loss runs other inputs
+        (masked LM), so that ``run`` streams its own forward."""
+        return set(self.boundaries()) if self.shares_inputs else set()
 
     def load_top(self, stream: LayerStream) -> dict[str, Any]:
         """The tensors above the last layer, loaded once for every batch: final norm, MLM transform, head, probe."""
@@ -147,41 +207,104 @@ class GradientFlow:
         return sum(int((t != -100).sum()) if t is not None else t_in.numel()
                    for t, t_in in zip(self.loss.targets, self.loss.inputs))
 
-    def run(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def run(self, checkpoints: dict[int, list[torch.Tensor]] | None = None
+            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Per-layer gradient records (layer order) and the model record. ``checkpoints`` maps a boundary l to h_l
+        per calibration batch ([B, T, d] each) and must hold every l of ``checkpoint_layers()``; with them (and a
+        non-empty ``checkpoint_layers()``) no forward stream is made, else this pass streams its own forward."""
+        n, k = self.cfg.n_layers, self.checkpoint_every
+        self.layer_loads = dict.fromkeys(PASSES, 0)
         stream = LayerStream(self.model, self.loss.inputs, self.device, self.dtype)
-        boundaries = [[h.detach() for h in stream.embed()]]                 # h_0 per batch
+        held = _Boundaries()
+        if checkpoints is not None and self.checkpoint_layers():
+            self._adopt(checkpoints, held)
+        else:
+            self._forward(stream, held)
+        grads, total = self._top_grads(stream, held.get(n))                # ∂L/∂h_N per batch, [B, T, d]
+        held.drop(n)
+        records: list[dict[str, Any]] = []
+        for start in reversed(self.boundaries()[:-1]):
+            end = min(start + k, n)
+            self._recompute(stream, held, start, end)
+            for layer in reversed(range(start, end)):
+                grads, record = self._backward_layer(stream, layer, held.get(layer), grads)
+                held.drop(layer)                                            # below here, h_layer is not needed
+                records.append(record)
+        self.peak_boundaries = held.peak
+        self.streams = {name: int(loads > 0) for name, loads in self.layer_loads.items()}
+        model_rec = {"grad_loss": total, "grad_loss_kind": self.loss.kind,
+                     "identity_grad_path": self.cfg.layout.residual is not Residual.POST}
+        return records[::-1], model_rec
+
+    def _load(self, stream: LayerStream, layer: int, stream_name: str) -> LayerWeights:
+        """Layer ``layer``'s weights, counted against the pass ``stream_name`` (and reported to ``on_layer``)."""
+        self.layer_loads[stream_name] += 1
+        if self.on_layer is not None:
+            n = self.cfg.n_layers
+            total = n - math.ceil(n / self.checkpoint_every) if stream_name == "recompute" else n
+            self.on_layer(f"grad: {stream_name}", self.layer_loads[stream_name], total)
+        return stream.loader.layer(layer)
+
+    def _step(self, stream: LayerStream, w: LayerWeights, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """h_{l+1} from h_l for every batch (no autograd graph: the weights do not require grad here)."""
+        return [run_layer(h, w, self.cfg, w.layer, b, stream.rope(h.shape[1]), stream.masks[b]).resid_out.detach()
+                for b, h in enumerate(hidden)]                              # [B, T, d] each
+
+    def _forward(self, stream: LayerStream, held: _Boundaries) -> None:
+        """Own forward stream: h_0 … h_N, keeping only the checkpoint boundaries."""
+        keep = set(self.boundaries())
+        held.put(0, [h.detach() for h in stream.embed()])                  # h_0, [B, T, d] each
         for layer in range(self.cfg.n_layers):
-            w = stream.loader.layer(layer)
-            boundaries.append([run_layer(h, w, self.cfg, layer, b, stream.rope(h.shape[1]), stream.masks[b])
-                               .resid_out.detach() for b, h in enumerate(boundaries[-1])])
+            w = self._load(stream, layer, "forward")
+            held.put(layer + 1, self._step(stream, w, held.get(layer)))
+            if layer not in keep:
+                held.drop(layer)
             del w
-        count = self.count()
-        grads, total, top = [], 0.0, self.load_top(stream)
-        for b, h in enumerate(boundaries[-1]):
-            h = h.clone().requires_grad_(True)
+
+    def _adopt(self, checkpoints: dict[int, list[torch.Tensor]], held: _Boundaries) -> None:
+        """Take the wanted boundaries from outside (detached, on this pass's device and dtype)."""
+        wanted = self.checkpoint_layers()
+        if missing := wanted - checkpoints.keys():
+            raise ValueError(f"checkpoints lack the boundaries {sorted(missing)} (wanted {sorted(wanted)})")
+        for layer in sorted(wanted):
+            hidden = checkpoints[layer]
+            if len(hidden) != len(self.loss.inputs):
+                raise ValueError(f"checkpoint h_{layer} has {len(hidden)} batches, not {len(self.loss.inputs)}")
+            held.put(layer, [h.detach().to(self.device, self.dtype) for h in hidden])
+
+    def _recompute(self, stream: LayerStream, held: _Boundaries, start: int, end: int) -> None:
+        """h_{start+1} … h_{end−1} again from the checkpoint h_start (layers start … end−2 loaded once more)."""
+        for layer in range(start, end - 1):
+            w = self._load(stream, layer, "recompute")
+            held.put(layer + 1, self._step(stream, w, held.get(layer)))
+            del w
+
+    def _top_grads(self, stream: LayerStream, h_top: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        """∂L/∂h_N per batch and the loss L (mean over the normaliser of ``count``)."""
+        count, top = self.count(), self.load_top(stream)
+        grads, total = [], 0.0
+        for b, h in enumerate(h_top):
+            h = h.clone().requires_grad_(True)                             # [B, T, d]
             loss = self.top_loss(top, h, b) / count
             loss.backward()
             total += float(loss.detach())
             grads.append(h.grad)
-        del top
-        records: list[dict[str, Any]] = []
-        for layer in reversed(range(self.cfg.n_layers)):
-            w = stream.loader.layer(layer)
-            groups = _parameters(w)
-            for t in (t for ts in groups.values() for t in ts):
-                t.requires_grad_(True)
-            new_grads = []
-            for b, h in enumerate(boundaries[layer]):
-                h = h.clone().requires_grad_(True)
-                out = run_layer(h, w, self.cfg, layer, b, stream.rope(h.shape[1]), stream.masks[b]).resid_out
-                out.backward(grads[b])
-                new_grads.append(h.grad)
-            grads = new_grads
-            records.append({"layer": layer,
-                            "grad_h_in": math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads)),
-                            "grad_attn_params": _group_norm(groups["attn"]),
-                            "grad_ffn_params": _group_norm(groups["ffn"]), "grad_norm_params": _group_norm(groups["norm"])})
-            del w, groups
-        model_rec = {"grad_loss": total, "grad_loss_kind": self.loss.kind,
-                     "identity_grad_path": self.cfg.layout.residual is not Residual.POST}
-        return records[::-1], model_rec
+        return grads, total
+
+    def _backward_layer(self, stream: LayerStream, layer: int, inputs: list[torch.Tensor],
+                        grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """Pull ∂L/∂h_{l+1} back through layer l (recomputed from h_l under autograd): ∂L/∂h_l and the record."""
+        w = self._load(stream, layer, "backward")
+        groups = _parameters(w)
+        for t in (t for ts in groups.values() for t in ts):
+            t.requires_grad_(True)
+        new_grads = []
+        for b, h in enumerate(inputs):
+            h = h.clone().requires_grad_(True)                             # [B, T, d]
+            out = run_layer(h, w, self.cfg, layer, b, stream.rope(h.shape[1]), stream.masks[b]).resid_out
+            out.backward(grads[b])
+            new_grads.append(h.grad)
+        record = {"layer": layer, "grad_h_in": math.sqrt(sum(float(g.double().pow(2).sum()) for g in new_grads)),
+                  "grad_attn_params": _group_norm(groups["attn"]), "grad_ffn_params": _group_norm(groups["ffn"]),
+                  "grad_norm_params": _group_norm(groups["norm"])}
+        return new_grads, record

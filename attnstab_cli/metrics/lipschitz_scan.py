@@ -1,23 +1,26 @@
 """Lipschitz bounds of every layer in the three tiers, streamed (THEORY §7, §8; issue 4, item 2).
 
-Tier 1 once per layer from the weights (θ = 1, global norm constants, the magnitude-reset radius); tier 2 and 2r at
-every calibration sequence, with θ̃_h = max θ_hi over that sequence's rows (from the θ pass of the same trace), the
-measured radius and the local norm constants; tier 3, the certified empirical lower bound by alternating
-maximisation, on the first ``empirical_seqs`` sequences in float64, with the tightness ratios of §8.4 (a ratio above
-1 + tolerance is an error: a bound used outside its hypotheses). Columns report the max over sequences; the model
+Tier 1 and the head norms once per layer from the weights (θ = 1, global norm constants, the magnitude-reset
+radius); tier 2 and 2r at every calibration sequence, with θ̃_h = max θ_hi over that sequence's rows (from the θ pass
+of the same trace), the measured radius and the local norm constants; tier 3, the certified empirical lower bound
+by alternating maximisation, on the first ``empirical_seqs`` sequences: searched in float32 on a causal prefix
+within about one forward pass of the layer, certified by one float64 jvp (§8.3 "Budget"), with the tightness ratios
+of §8.4 (a ratio above 1 + tolerance is an error: a bound used outside its hypotheses). Columns report the max over sequences; the model
 totals are the products over layers (and their logs): tier 1, and max over sequences of the tier-2 product.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from typing import Any
 
 import torch
 
 from attnstab_cli.arch.spec import Residual
-from attnstab_cli.metrics.lipschitz import (compute_first_layer_radius, compute_layer_empirical,
-                                            compute_layer_lipschitz, compute_mean_tightness, compute_r2_in_reset)
+from attnstab_cli.metrics.lipschitz import (EmpiricalBudget, HeadNorms, WeightsTier, compute_first_layer_radius,
+                                            compute_layer_empirical_budgeted, compute_layer_head_norms,
+                                            compute_layer_lipschitz, compute_mean_tightness, compute_r2_in_reset,
+                                            compute_weights_tier)
 from attnstab_cli.metrics.theta_scan import ThetaObserver
 from attnstab_cli.model.load import OpenModel
 from attnstab_cli.model.rope import compute_rope_cos_sin
@@ -38,11 +41,11 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
-def to_float64(w: LayerWeights) -> LayerWeights:
-    """A float64 CPU copy of one layer's weights (tier 3 runs the layer in float64, THEORY §8.3)."""
+def to_dtype(w: LayerWeights, dtype: torch.dtype) -> LayerWeights:
+    """A CPU copy of one layer's weights in ``dtype`` (tier 3 searches in float32 and certifies in float64, §8.3)."""
     def cast(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return value.to("cpu", F64)
+            return value.to("cpu", dtype)
         if isinstance(value, NormWeights):
             return NormWeights(cast(value.weight), None if value.bias is None else cast(value.bias))
         if isinstance(value, dict):
@@ -51,19 +54,34 @@ def to_float64(w: LayerWeights) -> LayerWeights:
     return replace(w, **{f.name: cast(getattr(w, f.name)) for f in fields(w)})
 
 
+@dataclass
+class LayerContext:
+    """What depends on one layer's weights alone, built once on its first batch: head norms, tier 1, the reset
+    radius, and the float32 / float64 CPU copies of the weights tier 3 runs on."""
+
+    norms: HeadNorms
+    weights_tier: WeightsTier
+    r2_reset: float
+    weights32: LayerWeights
+    weights64: LayerWeights
+
+
 class LipschitzObserver:
     """Per-layer tier columns; reads the per-row θ_hi the :class:`ThetaObserver` kept for the same trace."""
 
-    def __init__(self, model: OpenModel, theta: ThetaObserver, empirical_seqs: int = 2, seed: int = 0) -> None:
+    def __init__(self, model: OpenModel, theta: ThetaObserver, empirical_seqs: int = 2, seed: int = 0,
+                 tokens_per_layer: int = 0) -> None:
         self.model, self.cfg, self.theta = model, model.cfg, theta
-        self.empirical_seqs, self.seed = empirical_seqs, seed
+        self.empirical_seqs, self.seed, self.tokens_per_layer = empirical_seqs, seed, tokens_per_layer
         self.first_radius: float | None = None
         self.prev_norm_ffn: NormWeights | None = None              # layer l-1's LN2 while layer l is observed
         self.r2_reset: dict[int, float] = {}                       # layer -> magnitude-reset radius (per layer)
+        self.ctx: tuple[int, LayerContext] | None = None           # the current layer's context
         self.rows: dict[int, dict[str, Any]] = {}
         self.log_calibrated: dict[tuple[int, int], float] = {}     # (batch, seq) -> Σ_l log lip_layer_calibrated
         self.tightness: dict[int, dict[str, list[float]]] = {}
         self.head_terms: dict[int, dict[str, torch.Tensor]] = {}   # layer -> column -> [H], max over sequences
+        self.budgets: list[EmpiricalBudget] = []                   # tier 3, per searched sequence
 
     def _r2_in_reset(self, w: LayerWeights) -> float:
         if self.cfg.layout.residual is Residual.POST and w.layer == 0 and self.first_radius is None:
@@ -75,18 +93,29 @@ class LipschitzObserver:
             self.first_radius = compute_first_layer_radius(self.cfg.layout.norm, norm, tok, pos)
         return compute_r2_in_reset(self.cfg, w, self.prev_norm_ffn, self.first_radius)
 
+    def _context(self, w: LayerWeights) -> LayerContext:
+        """The layer's context; on its first batch the previous layer's LN2 still gives the post-LN reset radius."""
+        if self.ctx is not None and self.ctx[0] == w.layer:
+            return self.ctx[1]
+        r2_reset = self._r2_in_reset(w)
+        self.r2_reset[w.layer] = r2_reset
+        self.prev_norm_ffn = NormWeights(w.norm_ffn.weight.detach().clone(),
+                                         None if w.norm_ffn.bias is None else w.norm_ffn.bias.detach().clone())
+        norms = compute_layer_head_norms(w, self.cfg).to("cpu")
+        ctx = LayerContext(norms, compute_weights_tier(w, self.cfg, r2_reset, norms), r2_reset,
+                           to_dtype(w, torch.float32), to_dtype(w, F64))
+        self.ctx = (w.layer, ctx)
+        return ctx
+
     def observe(self, trace: LayerTrace) -> None:
         if trace.attn.q.device.type != "cpu":
             trace = to_cpu(trace)                              # per-layer bound arithmetic is small: host it
         w, layer = trace.weights, trace.layer
         assert w is not None, "the layer stream hands every trace its weights"
-        if layer not in self.r2_reset:                         # first batch of this layer: the previous layer's LN2
-            self.r2_reset[layer] = self._r2_in_reset(w)
-            self.prev_norm_ffn = NormWeights(w.norm_ffn.weight.detach().clone(),
-                                             None if w.norm_ffn.bias is None else w.norm_ffn.bias.detach().clone())
-        r2_reset = self.r2_reset[layer]
+        ctx = self._context(w)
         for b in range(trace.resid_in.shape[0]):
-            result = compute_layer_lipschitz(w, self.cfg, r2_reset, trace, self.theta.last_theta_hi[b], b)
+            result = compute_layer_lipschitz(w, self.cfg, ctx.r2_reset, trace, self.theta.last_theta_hi[b], b,
+                                             norms=ctx.norms, weights_tier=ctx.weights_tier)
             rec = asdict(result.record)
             row = self.rows.setdefault(layer, {})
             for key, value in rec.items():
@@ -102,21 +131,39 @@ class LipschitzObserver:
             self.log_calibrated[key] = self.log_calibrated.get(key, 0.0) + math.log(rec["lip_layer_calibrated"])
             done = len(self.tightness.get(layer, {}).get("lower", []))
             if done < self.empirical_seqs:
-                self._empirical(trace, w, b, result)
+                self._empirical(trace, ctx, b, result)
 
-    def _empirical(self, trace: LayerTrace, w: LayerWeights, b: int, result: Any) -> None:
-        """Tier 3 on sequence ``b`` of this trace, with the tier-2r row terms as candidate scores (§8.3)."""
-        t = trace.resid_in.shape[1]
-        rope = None if self.cfg.rope is None else compute_rope_cos_sin(self.cfg.rope, torch.arange(t), F64)
+    def _empirical(self, trace: LayerTrace, ctx: LayerContext, b: int, result: Any) -> None:
+        """Tier 3 on sequence ``b`` of this trace under the budget of §8.3, the tier-2r row terms as scores."""
+        rope_cfg = self.cfg.rope
+
+        def rope(t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+            return None if rope_cfg is None else compute_rope_cos_sin(rope_cfg, torch.arange(t), dtype)
+
         kpm = None if trace.attn.key_padding_mask is None else trace.attn.key_padding_mask[b:b + 1].cpu()
-        scores = result.calibrated_tier.refined.row_terms.cpu() if result.calibrated_tier is not None else None
-        emp = compute_layer_empirical(to_float64(w), self.cfg, trace.layer, trace.resid_in[b].to(F64).cpu(),
-                                      rope, kpm, scores=scores, seed=self.seed)
         ct = result.calibrated_tier
+        scores = ct.refined.row_terms.cpu() if ct is not None else None
+        tokens = self.tokens_per_layer or trace.resid_in.shape[0] * trace.resid_in.shape[1]
+        emp, budget = compute_layer_empirical_budgeted(ctx.weights32, ctx.weights64, self.cfg, trace.layer,
+                                                       trace.resid_in[b].cpu(), rope, kpm, scores, tokens,
+                                                       seed=self.seed)
+        self.budgets.append(budget)
         acc = self.tightness.setdefault(trace.layer, {"lower": [], "b2": [], "b2r": []})
         acc["lower"].append(emp.lip_layer_empirical)
         acc["b2"].append(ct.lip_layer_calibrated)
         acc["b2r"].append(ct.lip_layer_refined)
+
+    def budget_facts(self) -> dict[str, Any]:
+        """Tier 3's prefix and budget for the manifest (§8.3 "Budget")."""
+        if not self.budgets:
+            return {"sequences": 0}
+        first = self.budgets[0]
+        return {"sequences": len(self.budgets), "search_dtype": first.search_dtype,
+                "certificate_dtype": "float64", "prefix_tokens": max(x.prefix for x in self.budgets),
+                "span": "whole sequence (bidirectional or short)" if first.whole_sequence else
+                "causal prefix (exact for the rows inside it)",
+                "lanes": first.lanes, "allowed_lane_iters_per_sequence": first.allowed_lane_iters,
+                "used_lane_iters": sum(x.used_lane_iters for x in self.budgets)}
 
     def head_records(self) -> list[dict[str, Any]]:
         """Per (layer, head): Λ_h, Φ_h and the tier-2 head term c_h of §5.2, each the max over sequences."""

@@ -2,36 +2,37 @@
 
 Per (layer, batch):
 
-1. **Row statistics** (fused Triton kernel on CUDA, chunked torch reference elsewhere; both accumulate in the compute
-   dtype, float32 by default) give every row's key count and which rows the streaming interval does not yet pin to
-   ``tol``: the candidates for refinement.
-2. **Float64 rows.** Per query block (all heads, never an n × n matrix per head set) the probabilities are formed in
-   float64 from the recorded q, k: p_max, 1 − p_max (accumulated) and entropy; θ exactly where p_max ≥ ½; elsewhere
-   θ_lo the best of the same streaming bounds recomputed in float64 — max(4p(1−p), (1−p)(1+p)) and the natural-order
-   prefix crossing — and the paper's sorted-prefix estimate A5 (computed for every row; a concrete subset, so also a
-   lower bound); θ_hi = 1.
-3. **Refinement.** Among the rows step 1 left wider than ``tol``: A1 (n ≤ 20) or A2 + A3, for all rows with n ≤ 20
-   and up to ``rows_per_head`` others per head and sequence (a seeded random choice when more qualify, so means stay
-   unbiased; ``None`` refines every wide row).
+1. **Full coverage.** One pass of the row statistics over the keys per query block, vectorised over rows and heads,
+   on the layer's device (fused Triton kernel on CUDA, the chunked torch reference elsewhere): p_max, 1 − p_max,
+   entropy, θ exactly where p_max ≥ ½, and elsewhere θ_lo the best of the streaming bound and the O(n) natural-order
+   subsets (§3.5), θ_hi = 1. Each path states how far its logits' rounding can move θ (``RowStats.theta_err``: 0 for
+   float64 logits); that amount widens the row's interval.
+2. **Refinement.** Every row with n ≤ 20 keys that is not yet exact (A1 is cheap there) and up to ``rows_per_head``
+   rows per head and sequence still wider than ``tol`` (a seeded random choice when more qualify, so means stay
+   unbiased; ``None`` refines every wide row) are recomputed in float64 from the recorded q, k, batched, and get A1
+   (n ≤ 20) or A2 + A3.
+3. **The paper's estimator** A5 needs a sort: computed on every row on an accelerator, on a seeded sample of
+   ``paper_rows`` rows per head and sequence on the CPU (the paper itself sampled rows, App. E.1).
 4. **Slack and aggregation.** θ_lo − slack, θ_hi + slack (``theta_slack``, §3.1), then a mergeable per-head summary;
    θ̃ uses every row, the descriptive columns only rows with at least ``min_keys`` keys.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from attnstab_cli.kernel_dispatch import attn_row_stats
 from attnstab_cli.metrics.aggregate import EXACT_WIDTH, HeadAggregate
-from attnstab_cli.metrics.theta import (DEFAULT_TOP_K, EXACT_MAX_KEYS, THETA_SLACK, compute_balanced,
-                                        compute_pmax_entropy, compute_theta_interval, compute_theta_paper)
-from attnstab_cli.model.masks import compute_allowed
-from attnstab_cli.reference.row_stats import compute_prefix_crossing
+from attnstab_cli.metrics.theta import DEFAULT_TOP_K, EXACT_MAX_KEYS, THETA_SLACK, compute_theta_interval, \
+    compute_theta_paper
 from attnstab_cli.model.traces import AttentionTrace, LayerTrace
+from attnstab_cli.reference.attention_rows import compute_row_probabilities
 
-_BLOCK_ELEMENTS = 1 << 20   # float64 probabilities per query block, all heads together (8 MiB)
+_BLOCK_ELEMENTS = 1 << 20   # float64 probabilities per batch of recomputed rows (8 MiB)
+PAPER_ROWS_CPU = 32         # A5 rows sampled per head and sequence where sorting every row is not cheap
 
 
 @dataclass(frozen=True)
@@ -44,22 +45,46 @@ class ThetaOptions:
     rows_per_head: int | None = 256     # refinement budget per head per sequence; None = every wide row
     top_k: int = DEFAULT_TOP_K          # A3 enumeration size
     slack: float = THETA_SLACK          # `theta_slack`: upstream float32 rounding of q, k (§3.1)
-    seed: int = 0                       # choice of refined rows when more than the budget qualify
+    seed: int = 0                       # choice of refined and of A5-sampled rows
+    paper_rows: int | None | Literal["auto"] = "auto"   # A5 rows per head and sequence; None = every row;
+                                                         # "auto" = resolve_paper_rows(device) (§3.7)
 
 
-def compute_row_probabilities(a: AttentionTrace, b: int, rows: slice) -> Tensor:
-    """Float64 softmax rows ``[H, R, T_k]`` of sequence ``b`` for query ``rows``: p = exp(s − lse) with s recomputed
-    from the recorded q, k (§3.1); masked keys are exactly 0, as are all keys of a row with none allowed."""
-    h, h_kv = a.q.shape[1], a.k.shape[1]
-    q = a.q[b, :, rows].double().unflatten(0, (h_kv, h // h_kv))           # [H_kv, G, R, D]
-    k = a.k[b].double()[:, None]                                            # [H_kv, 1, T_k, D] (GQA by broadcast)
-    logits = (a.scale * q @ k.transpose(-1, -2)).flatten(0, 1)              # [H, R, T_k]
-    pad = a.key_padding_mask[b:b + 1] if a.key_padding_mask is not None else None
-    allowed = compute_allowed(rows.start, rows.stop, a.q.shape[2], a.k.shape[2], causal=a.causal, window=a.window,
-                              key_padding_mask=pad, device=a.q.device)[0, 0]   # [R, T_k]
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)                     # [H, R, 1]
-    return torch.exp(logits - lse).nan_to_num(0.0)                          # fully masked rows: NaN -> 0
+def resolve_paper_rows(opts: ThetaOptions, device: torch.device) -> int | None:
+    """``paper_rows`` for ``device``: "auto" is every row where sorting is cheap (an accelerator), else
+    PAPER_ROWS_CPU sampled rows per head and sequence (§3.7)."""
+    if opts.paper_rows != "auto":
+        return opts.paper_rows
+    return None if device.type == "cuda" else PAPER_ROWS_CPU
+
+
+@dataclass
+class RowValues:
+    """Per-row values of one batch, float64 ``[B, H, T]`` (before the slack); ``paper`` NaN where not sampled."""
+
+    lo: Tensor
+    hi: Tensor
+    pmax: Tensor
+    entropy: Tensor
+    paper: Tensor
+    n_keys: Tensor
+
+
+def _select_rows(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(b, h, i) int64 index tensors of the True entries of ``mask [B, H, T]``."""
+    idx = torch.nonzero(mask)
+    return idx[:, 0], idx[:, 1], idx[:, 2]
+
+
+def _row_chunks(n_rows: int, t_k: int) -> list[slice]:
+    step = max(1, _BLOCK_ELEMENTS // max(1, t_k))
+    return [slice(s, min(n_rows, s + step)) for s in range(0, n_rows, step)]
+
+
+def _probabilities(a: AttentionTrace, b: Tensor, h: Tensor, i: Tensor) -> Tensor:
+    p, _ = compute_row_probabilities(a.q, a.k, a.scale, b, h, i, causal=a.causal, window=a.window,
+                                     key_padding_mask=a.key_padding_mask)
+    return p                                                                # [R, T_k] float64
 
 
 class ThetaObserver:
@@ -72,71 +97,85 @@ class ThetaObserver:
         self.gen = torch.Generator().manual_seed(opts.seed)
         self.refined_rows = 0                           # rows given A1 or A2 + A3
         self.unrefined_rows = 0                         # wide rows left out by the rows_per_head budget
+        self.paper_sampled_rows = 0                     # rows that got the A5 estimate
         self.last_theta_hi: list[Tensor] = []           # per sequence of the last trace: θ_hi + slack, [H, T]
 
     def observe(self, trace: LayerTrace) -> None:
-        a, o = trace.attn, self.opts
-        stats = attn_row_stats(a.q, a.k, a.scale, causal=a.causal, key_padding_mask=a.key_padding_mask,
-                               window=a.window, kernel=o.kernel)
-        wide_stream = (stats.theta_hi_stream - stats.theta_lo).cpu() > o.tol  # [B, H, T], refinement candidates
-        n_keys = stats.n_keys.cpu()
+        o = self.opts
+        v = self.measure(trace.attn)
+        width = v.hi - v.lo                                                 # [B, H, T]
+        lo = (v.lo - o.slack).clamp(0.0, 1.0)
+        hi = (v.hi + o.slack).clamp(0.0, 1.0)
+        self.last_theta_hi = list(hi.unbind(0))                             # the bound input of tier 2 (§5.2)
         agg = self.layers.setdefault(trace.layer, HeadAggregate.create(self.n_heads, min_keys=o.min_keys))
         wide = self.wide_rows.setdefault(trace.layer, torch.zeros(self.n_heads, dtype=torch.int64))
-        self.last_theta_hi = []
-        for b in range(a.q.shape[0]):
-            rows = self._measure_sequence(a, b, n_keys[b], wide_stream[b])
-            width = rows["hi"] - rows["lo"]
-            wide += (width > o.tol).sum(-1)
-            self.last_theta_hi.append((rows["hi"] + o.slack).clamp(0.0, 1.0))   # the bound input of tier 2 (§5.2)
-            agg.update(None, theta_lo=(rows["lo"] - o.slack).clamp(0.0, 1.0),
-                       theta_hi=(rows["hi"] + o.slack).clamp(0.0, 1.0), pmax=rows["pmax"], entropy=rows["entropy"],
-                       n_keys=n_keys[b], theta_paper=rows["paper"], exact=width <= EXACT_WIDTH)
+        wide += (width > o.tol).sum((0, 2))
 
-    def _measure_sequence(self, a: AttentionTrace, b: int, n_keys: Tensor, wide_stream: Tensor) -> dict[str, Tensor]:
-        """Float64 per-row values ``[H, T]`` of sequence ``b`` (lo, hi, pmax, entropy, paper), one query block at a
-        time: p_max, 1 − p_max and entropy from the rows, θ exact where p_max ≥ ½, A5 for every row, A1 or A2 + A3
-        for the chosen rows among those the row-statistics path left wider than ``tol``."""
-        o, t_q, t_k = self.opts, a.q.shape[2], a.k.shape[2]
-        block = max(1, _BLOCK_ELEMENTS // max(1, self.n_heads * t_k))
-        chosen = self._choose(wide_stream, n_keys)                          # [H, T]
-        self.unrefined_rows += int((wide_stream & ~chosen).sum())
-        out = {name: torch.zeros(self.n_heads, t_q, dtype=torch.float64)
-               for name in ("lo", "hi", "pmax", "entropy", "paper")}
-        for start in range(0, t_q, block):
-            rows = slice(start, min(t_q, start + block))
-            p = compute_row_probabilities(a, b, rows)                       # [H, R, T_k] float64
-            shape = p.shape[:2]
-            st = compute_pmax_entropy(p.flatten(0, 1))                      # float64 [H·R] each, on the CPU
-            exact = compute_balanced(st.pmax, st.one_minus_pmax).view(shape)
-            peaked = (st.pmax >= st.one_minus_pmax).view(shape)             # p_max ≥ ½, or fewer than 2 keys
-            paper = compute_theta_paper(p.flatten(0, 1)).view(shape).cpu()
-            rest = st.one_minus_pmax                                        # accumulated, no cancellation
-            bound = torch.maximum(4.0 * st.pmax * rest, rest * (1.0 + st.pmax)).view(shape)  # §2.4(3), float64
-            prefix = compute_prefix_crossing(p, p > 0).cpu()                 # natural key order, float64
-            lo = torch.where(peaked, exact, torch.maximum(torch.maximum(prefix, paper), bound))
-            hi = torch.where(peaked, exact, 1.0)
-            pick = chosen[:, rows] & ~peaked
-            if bool(pick.any()):
-                iv = compute_theta_interval(p[pick.to(p.device)], top_k=o.top_k, slack=0.0, tol=o.tol)
-                lo[pick] = torch.maximum(lo[pick], iv.lo)
-                hi[pick] = torch.minimum(hi[pick], iv.hi)
-                self.refined_rows += int(pick.sum())
-            for name, value in (("lo", lo), ("hi", hi), ("pmax", st.pmax.view(shape)),
-                                ("entropy", st.entropy.view(shape)), ("paper", paper)):
-                out[name][:, rows] = value
-        return out
+        def heads_first(x: Tensor) -> Tensor:
+            return x.transpose(0, 1).flatten(1)                             # [B, H, T] -> [H, B·T]
+
+        agg.update(None, theta_lo=heads_first(lo), theta_hi=heads_first(hi), pmax=heads_first(v.pmax),
+                   entropy=heads_first(v.entropy), n_keys=heads_first(v.n_keys), theta_paper=heads_first(v.paper),
+                   exact=heads_first(width <= EXACT_WIDTH))
+
+    def measure(self, a: AttentionTrace) -> RowValues:
+        """Per-row values of every row of one batch: full coverage, then refinement and A5 (module docstring)."""
+        o = self.opts
+        st = attn_row_stats(a.q, a.k, a.scale, causal=a.causal, key_padding_mask=a.key_padding_mask,
+                            window=a.window, kernel=o.kernel)
+        err = st.theta_err                                                  # [B, H, T], logit rounding (§3.7)
+        lo = (st.theta_lo - err).clamp_min(0.0).cpu()
+        hi = torch.where(st.theta_hi_stream >= 1.0, 1.0, (st.theta_hi_stream + err).clamp_max(1.0)).cpu()
+        n_keys = st.n_keys.cpu()
+        self._refine(a, lo, hi, n_keys)
+        return RowValues(lo, hi, st.pmax.cpu().nan_to_num(0.0), st.entropy.cpu().nan_to_num(0.0),
+                         self._paper(a, n_keys), n_keys)
+
+    def _refine(self, a: AttentionTrace, lo: Tensor, hi: Tensor, n_keys: Tensor) -> None:
+        """A1 or A2 + A3 in float64 on the chosen wide rows, in place on ``lo``, ``hi`` ``[B, H, T]``."""
+        o = self.opts
+        width = hi - lo
+        wide = width > o.tol
+        chosen = self._choose(wide, n_keys) | ((width > EXACT_WIDTH) & (n_keys <= EXACT_MAX_KEYS))
+        self.unrefined_rows += int((wide & ~chosen).sum())
+        b, h, i = _select_rows(chosen)
+        for rows in _row_chunks(b.numel(), a.k.shape[2]):
+            p = _probabilities(a, b[rows], h[rows], i[rows])                # [r, T_k]
+            iv = compute_theta_interval(p, top_k=o.top_k, slack=0.0, tol=o.tol)
+            at = (b[rows], h[rows], i[rows])
+            lo[at] = torch.maximum(lo[at], iv.lo)
+            hi[at] = torch.minimum(hi[at], iv.hi)
+        self.refined_rows += int(b.numel())
 
     def _choose(self, wide: Tensor, n_keys: Tensor) -> Tensor:
-        """Wide rows to refine (bool ``[H, T]``): all with ≤ 20 keys, plus up to ``rows_per_head`` others per head."""
-        chosen = wide & (n_keys <= EXACT_MAX_KEYS)
+        """Wide rows to refine (bool ``[B, H, T]``): all with ≤ 20 keys, plus up to ``rows_per_head`` others per head
+        and sequence, drawn at random (seeded) when more qualify."""
         if self.opts.rows_per_head is None:
             return wide
-        for h in range(wide.shape[0]):
-            idx = torch.nonzero(wide[h] & ~chosen[h]).flatten()
-            if idx.numel() > self.opts.rows_per_head:
-                idx = idx[torch.randperm(idx.numel(), generator=self.gen)[: self.opts.rows_per_head]]
-            chosen[h, idx] = True
-        return chosen
+        short = wide & (n_keys <= EXACT_MAX_KEYS)
+        rest = wide & ~short
+        score = torch.rand(rest.shape, generator=self.gen, dtype=torch.float64).masked_fill(~rest, -1.0)
+        k = min(self.opts.rows_per_head, rest.shape[-1])
+        top = score.topk(k, dim=-1).indices                                # [B, H, k]
+        picked = torch.zeros_like(rest).scatter_(-1, top, True) & rest
+        return short | picked
+
+    def _paper(self, a: AttentionTrace, n_keys: Tensor) -> Tensor:
+        """A5 (§3.6) of the sampled rows (every row when ``paper_rows`` is None), NaN elsewhere, ``[B, H, T]``."""
+        o = self.opts
+        eligible = n_keys >= o.min_keys
+        if o.paper_rows is None or o.paper_rows == "auto":
+            chosen = eligible
+        else:
+            score = torch.rand(eligible.shape, generator=self.gen, dtype=torch.float64).masked_fill(~eligible, -1.0)
+            top = score.topk(min(o.paper_rows, eligible.shape[-1]), dim=-1).indices
+            chosen = torch.zeros_like(eligible).scatter_(-1, top, True) & eligible
+        out = torch.full(n_keys.shape, float("nan"), dtype=torch.float64)
+        b, h, i = _select_rows(chosen)
+        for rows in _row_chunks(b.numel(), a.k.shape[2]):
+            out[b[rows], h[rows], i[rows]] = compute_theta_paper(_probabilities(a, b[rows], h[rows], i[rows])).cpu()
+        self.paper_sampled_rows += int(b.numel())
+        return out
 
     def records(self) -> list[dict]:
         """One record per (layer, head) with the θ columns of THEORY §0.3."""

@@ -2,16 +2,20 @@
 
 For every query row of every head the scan needs the softmax's largest probability, its entropy and certified bounds on
 the balanced-mass factor θ (Definition 4.1), without ever keeping the attention matrix. This module computes them the
-slow, clear way: query blocks of full logit rows, accumulated in float32 (float64 for float64 inputs). The fused Triton
-kernel `attnstab_kernels.row_stats.attn_row_stats` streams the same quantities with the online update of §3.5 and must
-agree with `attn_row_stats_ref` (same signature, same `RowStats`).
+slow, clear way: query blocks of full logit rows, all in float64 (§3.7: float32 products are exact there, so the
+logits carry no rounding to cover, and neither the exponentials nor the sums over keys lose anything the slack
+would have to absorb). Only the recorded q, k carry their compute dtype's rounding. The fused Triton kernel `attnstab_kernels.row_stats.attn_row_stats`
+streams the same quantities with the online update of §3.5 and must agree with `attn_row_stats_ref` (same signature,
+same `RowStats`).
 
 Closed forms in terms of z = z_rest = Σ_{j≠argmax} e^{s_j − max s} (every one cancellation-free, §3.1, §3.5):
   p_max = 1/(1+z),  1 − p_max = z/(1+z),  lse = max s + log1p(z),  H = log1p(z) − t/(1+z) with t = Σ_j e^{s_j−m}(s_j−m);
   p_max ≥ ½ (z ≤ 1): θ = 4 p_max q/(p_max+q)² = 4z/(1+z)² exactly (§2.3, §3.3.1);
   p_max < ½ (z > 1): θ ≥ max{4 p_max(1−p_max), 1 − p_max²} = z·max(4, z+2)/(1+z)² and θ ≤ 1 (§2.4.3).
 The natural-order prefix crossing (§2.4.2, §3.5) evaluates the two key-order prefixes around the first c_j ≥ ½ as
-concrete subsets, 4PQ/(P+Q)² with P and Q accumulated separately.
+concrete subsets, 4PQ/(P+Q)² with P and Q accumulated separately; its O(n) completion adds the one later key that
+best fills the lower prefix's gap (another concrete subset, no sort). Keys outside the causal / window band of a
+query block are never scored.
 
 Conventions: a row with n_keys = 0 (fully masked) has row_max = lse = −inf, p_max, 1 − p_max and entropy NaN (not
 applicable), n_keys = 0 and all θ fields 0; rows with n_keys ≤ 1 have θ = 0 (§3.1).
@@ -26,16 +30,17 @@ from torch import Tensor
 
 from attnstab_cli.model.masks import compute_allowed
 
-__all__ = ["FLOAT_FIELDS", "RowStats", "attn_row_stats_ref", "check_row_stats_inputs", "compute_prefix_crossing",
-           "compute_theta_fields"]
+__all__ = ["FLOAT_FIELDS", "RowStats", "attn_row_stats_ref", "check_row_stats_inputs", "compute_key_band",
+           "compute_prefix_crossing", "compute_theta_fields"]
 
 # Budget for one chunk of logits, in elements (B · H · block_q · T_k): 4 MiB per float32 temporary, 8 MiB in float64.
 _CHUNK_ELEMENTS = 1 << 20
+_MASKED = -1e300  # the logit of a masked key inside a chunk: exp underflows to exactly 0, and 0 · _MASKED = 0
 
 
 @dataclass(frozen=True)
 class RowStats:
-    """Per-row softmax statistics; every field is `# [B, H, T_q]`, float32 (float64 for float64 inputs)."""
+    """Per-row softmax statistics; every field is `# [B, H, T_q]` float64 (the reported per-row values)."""
 
     row_max: Tensor  # max_j s_ij over unmasked keys, s = scale · q·k
     lse: Tensor  # log Σ_j e^{s_ij}
@@ -45,8 +50,10 @@ class RowStats:
     theta_lo_stream: Tensor  # §3.5: exact when pmax ≥ ½, else max{4pmax(1−pmax), 1−pmax²}
     theta_hi_stream: Tensor  # §3.5: exact when pmax ≥ ½, else 1
     theta_prefix: Tensor  # §3.5: natural-order prefix crossing (a concrete subset, so a lower bound)
-    theta_lo: Tensor  # best certified lower bound: exact if pmax ≥ ½, else max(theta_lo_stream, theta_prefix)
+    theta_prefix_plus: Tensor  # the crossing's lower prefix plus the one later key closing its gap best (≥ prefix)
+    theta_lo: Tensor  # best certified lower bound: exact if pmax ≥ ½, else max(theta_lo_stream, theta_prefix_plus)
     n_keys: Tensor  # int32 count of unmasked keys
+    theta_err: Tensor  # bound on how far the logits' rounding moves θ of the row: 0 for float64 logits (§3.7)
 
     def to_dict(self) -> dict[str, Tensor]:
         """Field name -> tensor, in declaration order."""
@@ -54,7 +61,7 @@ class RowStats:
 
 
 # The float fields in declaration order; the kernel writes them as planes of one [len(FLOAT_FIELDS), B, H, T_q] buffer.
-FLOAT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RowStats) if f.name != "n_keys")
+FLOAT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RowStats) if f.name not in ("n_keys", "theta_err"))
 
 
 def check_row_stats_inputs(
@@ -77,28 +84,42 @@ def check_row_stats_inputs(
     return B, H, H_kv, T_q, T_k, D
 
 
-def compute_prefix_crossing(p: Tensor, valid: Tensor) -> Tensor:
-    """Natural-order prefix crossing (§2.4.2, §3.5): `p`, `valid` `# [..., T_k]` -> `# [...]`.
+def compute_prefix_crossing(p: Tensor) -> tuple[Tensor, Tensor]:
+    """Natural-order prefix crossing and its one-key completion (§2.4(1), §2.4(2), §3.5): `p` `# [..., T_k]`
+    (masked keys exactly 0) -> (theta_prefix, theta_prefix_plus), each `# [...]` float64.
 
-    j* is the first key with c_{j*} = Σ_{j≤j*} p_j ≥ ½. The prefixes {j < j*} and {j ≤ j*} are concrete subsets, each
-    evaluated as 4PQ/(P+Q)² with P (before/at j*) and Q (after j*) summed separately, so 1 − c never cancels.
-    Rows without a crossing (no keys) give 0.
+    j* is the first key with c_{j*} = Σ_{j≤j*} p_j ≥ ½ (cumulative sums in float64). The prefixes {j < j*} and
+    {j ≤ j*} are concrete subsets, each evaluated as 4PQ/(P+Q)² with P = c_{j*−1} or c_{j*} and Q the mass after
+    them summed on its own, so 1 − c never cancels. The completion adds to {j < j*} the one later key r > j* whose p_r is closest to
+    the gap ½ − c_{j*−1} (first such key on ties): another concrete subset, and on diffuse rows the gap then falls
+    from O(p_max) to about the spacing of the p_j. Rows without a crossing (no keys) give 0.
     """
-    c = torch.cumsum(p, dim=-1)  # [..., T_k]
-    hit = (c >= 0.5) & valid  # [..., T_k]
-    found = hit.any(dim=-1)  # [...]
-    j_star = torch.argmax(hit.to(torch.int8), dim=-1, keepdim=True)  # [..., 1] first True
-    idx = torch.arange(p.shape[-1], device=p.device)  # [T_k]
-    p_before = torch.where(idx < j_star, p, 0.0).sum(-1)  # [...] c_{j*−1}
-    p_at = torch.gather(p, -1, j_star).squeeze(-1)  # [...] p_{j*}
-    p_after = torch.where(idx > j_star, p, 0.0).sum(-1)  # [...] 1 − c_{j*}
+    f64 = torch.float64
+    n = p.shape[-1]
+    c = torch.cumsum(p, dim=-1, dtype=f64)  # [..., T_k]
+    total = c[..., -1:]  # [..., 1]
+    j_star = torch.searchsorted(c, torch.full_like(total, 0.5)).clamp_(max=n - 1)  # [..., 1] first c_j ≥ ½
+    found = (c.gather(-1, j_star) >= 0.5).squeeze(-1)  # [...]
+    p_at = p.gather(-1, j_star).to(f64)  # [..., 1] p_{j*}
+    p_before = torch.where(j_star > 0, c.gather(-1, (j_star - 1).clamp_(min=0)), 0.0)  # [..., 1] c_{j*−1}
+    later = torch.arange(n, device=p.device) > j_star  # [..., T_k] keys after j*
+    p_after = torch.where(later, p, 0.0).sum(-1, keepdim=True, dtype=f64)  # [..., 1] summed, never 1 − c
+    tiny = torch.finfo(f64).tiny
     total = p_before + p_at + p_after
+    norm = (total * total).clamp_min(tiny)
     best = torch.maximum(p_before * (p_at + p_after), (p_before + p_at) * p_after)
-    return torch.where(found, 4.0 * best / (total * total).clamp_min(torch.finfo(p.dtype).tiny), 0.0)
+    prefix = torch.where(found, (4.0 * best / norm).squeeze(-1), 0.0)
+    miss = (p - (0.5 - p_before).to(p.dtype)).abs_().masked_fill_(~later, math.inf)  # [..., T_k] |p_j − gap|
+    r = miss.argmin(dim=-1, keepdim=True)  # [..., 1]
+    has_r = found & torch.isfinite(miss.gather(-1, r)).squeeze(-1)
+    p_r = p.gather(-1, r).to(f64)  # [..., 1]
+    plus = (4.0 * (p_before + p_r) * (p_at + (p_after - p_r).clamp_min(0.0)) / norm).squeeze(-1)
+    return prefix, torch.maximum(prefix, torch.where(has_r, plus, 0.0))
 
 
 def compute_theta_fields(z: Tensor, theta_prefix: Tensor, n_keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(theta_lo_stream, theta_hi_stream, theta_lo) from z = z_rest (§3.5); rows with n_keys ≤ 1 get 0 (§3.1)."""
+    """(theta_lo_stream, theta_hi_stream, theta_lo) from z = z_rest (§3.5) and the best natural-order subset value
+    ``theta_prefix``; rows with n_keys ≤ 1 get 0 (§3.1)."""
     one_z2 = (1.0 + z) * (1.0 + z)
     exact = 4.0 * z / one_z2  # θ when pmax ≥ ½, i.e. z ≤ 1
     peaked = z <= 1.0
@@ -110,47 +131,62 @@ def compute_theta_fields(z: Tensor, theta_prefix: Tensor, n_keys: Tensor) -> tup
 
 
 def _stats_chunk(s: Tensor, allowed: Tensor) -> dict[str, Tensor]:
-    """All fields for one chunk of logits `s` `# [B, H, T_chunk, T_k]` (accumulation dtype) with its mask."""
-    s = s.masked_fill(~allowed, -math.inf)  # [B, H, T_chunk, T_k]
-    valid = allowed.expand_as(s)  # [B, H, T_chunk, T_k]
-    n_keys = valid.sum(-1, dtype=torch.int32)  # [B, H, T_chunk]
+    """All fields for one chunk of float64 logits `s` `# [B, H, T_chunk, T_k]` with its mask (consumed in place).
+
+    Masked logits become a huge finite negative number rather than −inf, so e = 0 and e·(s − m) = 0 need no extra
+    pass; rows without any key are overwritten by the empty-row conventions at the end.
+    """
+    s.masked_fill_(~allowed, _MASKED)  # [B, H, T_chunk, T_k]
+    n_keys = allowed.sum(-1, dtype=torch.int32).expand(s.shape[:-1])  # [B, H, T_chunk]
     empty = n_keys == 0
-    m = s.amax(-1)  # [B, H, T_chunk]
-    m_sub = torch.where(empty, 0.0, m)
-    d = torch.where(valid, s - m_sub[..., None], 0.0)  # [B, H, T_chunk, T_k] s_j − m, 0 where masked
-    e = torch.where(valid, torch.exp(d), 0.0)  # [B, H, T_chunk, T_k]
-    arg = torch.argmax(s, dim=-1, keepdim=True)  # [B, H, T_chunk, 1] one argmax; ties count in z_rest
-    z = e.scatter(-1, arg, 0.0).sum(-1)  # [B, H, T_chunk] z_rest, no 1 is ever subtracted
-    t = (e * d).sum(-1)  # [B, H, T_chunk] ≤ 0
+    m, arg = s.max(dim=-1, keepdim=True)  # [B, H, T_chunk, 1] one argmax; ties count in z_rest
+    d = s.sub_(m)  # [B, H, T_chunk, T_k] s_j − m ≤ 0
+    e = torch.exp(d)  # masked keys 0
+    e.scatter_(-1, arg, 0.0)  # leave out the argmax: z_rest, no 1 is ever subtracted
+    z = e.sum(-1)  # [B, H, T_chunk]
+    t = torch.linalg.vecdot(e, d)  # [B, H, T_chunk] Σ e (s − m) ≤ 0 (the argmax term is 0)
+    del d
+    one_z = 1.0 + z
     log1p_z = torch.log1p(z)
-    lse = m_sub + log1p_z
-    p = torch.where(valid, torch.exp(torch.where(valid, s - lse[..., None], 0.0)), 0.0)  # [B, H, T_chunk, T_k]
-    theta_prefix = torch.where(n_keys <= 1, 0.0, compute_prefix_crossing(p, valid))
-    lo_stream, hi_stream, lo = compute_theta_fields(z, theta_prefix, n_keys)
+    p = e.div_(one_z[..., None]).scatter_(-1, arg, (1.0 / one_z)[..., None])  # [B, H, T_chunk, T_k] softmax
+    short = n_keys <= 1
+    prefix, plus = (torch.where(short, 0.0, x) for x in compute_prefix_crossing(p))
+    lo_stream, hi_stream, lo = compute_theta_fields(z, plus, n_keys)
+    m = m.squeeze(-1)
     nan = torch.full_like(z, math.nan)
     return {
-        "row_max": m,
-        "lse": torch.where(empty, -math.inf, lse),
-        "pmax": torch.where(empty, nan, 1.0 / (1.0 + z)),
-        "one_minus_pmax": torch.where(empty, nan, z / (1.0 + z)),
-        "entropy": torch.where(empty, nan, log1p_z - t / (1.0 + z)),
+        "row_max": torch.where(empty, -math.inf, m),
+        "lse": torch.where(empty, -math.inf, m + log1p_z),
+        "pmax": torch.where(empty, nan, 1.0 / one_z),
+        "one_minus_pmax": torch.where(empty, nan, z / one_z),
+        "entropy": torch.where(empty, nan, log1p_z - t / one_z),
         "theta_lo_stream": lo_stream,
         "theta_hi_stream": hi_stream,
-        "theta_prefix": theta_prefix,
+        "theta_prefix": prefix,
+        "theta_prefix_plus": plus,
         "theta_lo": lo,
-        "n_keys": n_keys,
+        "n_keys": n_keys.contiguous(),
     }
 
 
-def _all_rows_empty(B: int, H: int, T_q: int, dtype: torch.dtype, device: torch.device) -> RowStats:
+def compute_key_band(i0: int, i1: int, t_q: int, t_k: int, causal: bool, window: int | None) -> tuple[int, int]:
+    """Keys [j0, j1) that the causal / window band allows to some query row of [i0, i1); every other key is masked
+    for all of these rows, so a chunk need not compute their logits."""
+    offset = t_k - t_q
+    j1 = max(0, min(t_k, i1 + offset)) if causal else t_k
+    j0 = min(j1, max(0, i0 + offset - window + 1)) if window is not None else 0
+    return j0, j1
+
+
+def _all_rows_empty(B: int, H: int, T_q: int, device: torch.device) -> RowStats:
     """RowStats where no row has a key (T_q = 0 or T_k = 0), with the module's empty-row conventions."""
     def fill(value: float) -> Tensor:
-        return torch.full((B, H, T_q), value, dtype=dtype, device=device)  # [B, H, T_q]
+        return torch.full((B, H, T_q), value, dtype=torch.float64, device=device)  # [B, H, T_q]
 
     values = {"row_max": -math.inf, "lse": -math.inf, "pmax": math.nan, "one_minus_pmax": math.nan,
               "entropy": math.nan}
     return RowStats(**{name: fill(values.get(name, 0.0)) for name in FLOAT_FIELDS},
-                    n_keys=torch.zeros(B, H, T_q, dtype=torch.int32, device=device))
+                    n_keys=torch.zeros(B, H, T_q, dtype=torch.int32, device=device), theta_err=fill(0.0))
 
 
 def attn_row_stats_ref(
@@ -168,23 +204,27 @@ def attn_row_stats_ref(
     q `# [B, H, T_q, D]`, k `# [B, H_kv, T_k, D]` (query head h reads key head h // (H // H_kv), grouped-query
     attention by a view, never a copy per head); `causal` bottom-right aligned (query i sees keys j ≤ i + T_k − T_q);
     `key_padding_mask` bool `# [B, T_k]`, True = real token; `window` Mistral sliding window (position − j < window).
-    `block_q` query rows per chunk; default keeps each chunk near 4M logits. Accumulates in float32, float64 for
-    float64 inputs. Returns `RowStats` of `# [B, H, T_q]` tensors.
+    `block_q` query rows per chunk; default keeps each chunk near 1M logits. Precision as in the module docstring.
+    Returns `RowStats` of `# [B, H, T_q]` float64 tensors (n_keys int32).
     """
     B, H, H_kv, T_q, T_k, D = check_row_stats_inputs(q, k, key_padding_mask, window)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     G = H // H_kv
     if block_q is None:
         block_q = max(1, _CHUNK_ELEMENTS // max(1, B * H * T_k))
-    k_t = k.to(acc).transpose(-1, -2)  # [B, H_kv, D, T_k]
     if T_q == 0 or T_k == 0:
-        return _all_rows_empty(B, H, T_q, acc, q.device)
+        return _all_rows_empty(B, H, T_q, q.device)
+    k_t = k.to(torch.float64).transpose(-1, -2)  # [B, H_kv, D, T_k]; float32 products are exact in float64
     parts: list[dict[str, Tensor]] = []
     for i0 in range(0, T_q, block_q):
         i1 = min(T_q, i0 + block_q)
-        q_c = q[:, :, i0:i1].to(acc).reshape(B, H_kv, G * (i1 - i0), D)  # [B, H_kv, G·T_chunk, D]
-        s = (q_c @ k_t).reshape(B, H, i1 - i0, T_k) * scale  # [B, H, T_chunk, T_k]
+        j0, j1 = compute_key_band(i0, i1, T_q, T_k, causal, window)
+        if j1 == j0:  # no key in the band for any row of the chunk
+            parts.append(_all_rows_empty(B, H, i1 - i0, q.device).to_dict())
+            continue
+        q_c = q[:, :, i0:i1].to(torch.float64).reshape(B, H_kv, G * (i1 - i0), D)  # [B, H_kv, G·T_chunk, D]
+        s = ((q_c * scale) @ k_t[..., j0:j1]).reshape(B, H, i1 - i0, j1 - j0)  # [B, H, T_chunk, T_band] float64
         allowed = compute_allowed(i0, i1, T_q, T_k, causal=causal, key_padding_mask=key_padding_mask, window=window,
-                                  device=q.device)
+                                  device=q.device)[..., j0:j1]
         parts.append(_stats_chunk(s, allowed))
-    return RowStats(**{name: torch.cat([p[name] for p in parts], dim=-1) for name in parts[0]})
+    cols = {name: torch.cat([p[name] for p in parts], dim=-1) for name in (*FLOAT_FIELDS, "n_keys")}
+    return RowStats(**cols, theta_err=torch.zeros_like(cols["theta_lo"]))  # float64 logits: no rounding to cover

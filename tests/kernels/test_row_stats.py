@@ -193,6 +193,7 @@ def test_reference_theta_guarantees() -> None:
         theta = exhaustive_theta(want["p"]) if n > 1 else 0.0
         up = theta * (1 + REL) + 1e-300
         assert got["theta_lo_stream"] <= up and got["theta_prefix"] <= up and got["theta_lo"] <= up
+        assert got["theta_prefix"] <= got["theta_prefix_plus"] <= up  # the completion is a concrete subset too
         assert theta <= got["theta_hi_stream"] * (1 + REL) + 1e-300
         if n <= 1:
             assert got["theta_lo"] == got["theta_hi_stream"] == 0.0
@@ -205,7 +206,7 @@ def test_reference_theta_guarantees() -> None:
             assert got["theta_lo_stream"] >= (1 - want["pmax"] ** 2) * (1 - REL)
             assert got["theta_lo_stream"] >= 4 * want["pmax"] * want["one_minus_pmax"] * (1 - REL)
         assert got["theta_prefix"] >= (1 - want["p_star"] ** 2) * (1 - REL) - 1e-15  # §2.4(2), natural order
-        assert got["theta_lo"] == max(got["theta_lo_stream"], got["theta_prefix"]) or want["pmax"] >= 0.5
+        assert got["theta_lo"] == max(got["theta_lo_stream"], got["theta_prefix_plus"]) or want["pmax"] >= 0.5
         H = got["entropy"]
         if H <= math.log(2):  # §2.4(6)
             checked_entropy += 1

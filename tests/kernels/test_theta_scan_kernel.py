@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
+from tolerances import TOLERANCES
 from test_row_stats import KERNEL_DEVICE, requires_kernel
 from trace_helpers import make_trace
 
@@ -29,9 +30,14 @@ def test_kernel_path_matches_torch_path(causal: bool, pad: bool) -> None:
         results[kernel] = obs.records()
     for ref, ker in zip(results["torch"], results["triton"]):
         assert ker["n_rows"] == ref["n_rows"] and ker["n_rows_short"] == ref["n_rows_short"]
-        # both paths form the same float64 rows; only the choice of rows to refine comes from the float32 row
-        # statistics, so a row on the tolerance's edge may be refined on one path only: θ agrees to ~tol
+        # full coverage comes from each path's row statistics (the kernel's exponentials in float32, the
+        # reference's in float64; THEORY §3.7), and which rows are refined follows from them, so a row on the
+        # tolerance's edge may be refined on one path only: θ agrees to ~tol, p_max and entropy to the float32
+        # row-statistics tolerance; the paper's estimator is recomputed in float64 on both paths from the same rows
         for col in ("theta_mean", "theta_hi_mean", "theta_lo_min", "theta_tilde_lo", "theta_tilde_hi"):
             assert ker[col] == pytest.approx(ref[col], abs=1e-5), col
-        for col in ("pmax_mean", "pmax_max", "entropy_mean", "theta_paper_mean", "peaked_frac"):
+        for col in ("pmax_mean", "pmax_max", "entropy_mean"):
+            tol = TOLERANCES[torch.float32]
+            assert ker[col] == pytest.approx(ref[col], rel=tol["rtol"], abs=tol["atol"]), col
+        for col in ("theta_paper_mean", "peaked_frac"):
             assert ker[col] == pytest.approx(ref[col], abs=1e-12), col

@@ -1,6 +1,7 @@
 """Lipschitz bounds of transformer layers (THEORY §4–§9): norm layers, MHA, FFN, per-layer tiers 1/2/2r, tier 3."""
-from attnstab_cli.metrics.lipschitz.empirical import (Certificate, EmpiricalResult, TightnessError,
+from attnstab_cli.metrics.lipschitz.empirical import (Certificate, EmpiricalBudget, EmpiricalResult, TightnessError,
                                                       compute_empirical_lipschitz, compute_layer_empirical,
+                                                      compute_layer_empirical_budgeted,
                                                       compute_mean_tightness, compute_tightness, evaluate_certificate,
                                                       make_layer_function, select_candidate_rows)
 from attnstab_cli.metrics.lipschitz.layer import (CalibratedTier, LayerLipschitz, LayerLipschitzResult, WeightsTier,
@@ -11,7 +12,8 @@ from attnstab_cli.metrics.lipschitz.mha import (HeadNorms, MHABound, RefinedMHAB
                                                 compute_layer_head_norms, compute_mha_bound, compute_mha_refined)
 
 __all__ = [
-    "Certificate", "EmpiricalResult", "TightnessError", "compute_empirical_lipschitz", "compute_layer_empirical",
+    "Certificate", "EmpiricalBudget", "EmpiricalResult", "TightnessError", "compute_empirical_lipschitz",
+    "compute_layer_empirical", "compute_layer_empirical_budgeted",
     "compute_mean_tightness", "compute_tightness", "evaluate_certificate", "make_layer_function",
     "select_candidate_rows", "CalibratedTier", "LayerLipschitz", "LayerLipschitzResult", "WeightsTier",
     "combine_layer_bound", "compute_calibrated_tier", "compute_first_layer_radius", "compute_layer_lipschitz",

@@ -90,19 +90,21 @@ def _initial_directions(n_lanes: int, d: int, seed: int, like: torch.Tensor) -> 
 
 def compute_empirical_lipschitz(f: LayerFn, x: torch.Tensor, rows: list[int], restarts: int = 3,
                                 max_iter: int = 100, rtol: float = 1e-6, seed: int = 0,
-                                chunk_size: int | None = None) -> EmpiricalResult:
-    """Alternating maximisation of §8.3 for ``f`` at ``x [T, d]`` over the output ``rows``, ``restarts`` each."""
-    x = x.to(F64)
+                                chunk_size: int | None = None, dtype: torch.dtype = F64) -> EmpiricalResult:
+    """Alternating maximisation of §8.3 for ``f`` at ``x [T, d]`` over the output ``rows``, ``restarts`` each, in
+    ``dtype`` (``f``'s weights must match it; only a float64 run certifies its own value, see
+    :func:`compute_layer_empirical_budgeted`)."""
+    x = x.to(dtype)
     t, d = x.shape
     _, vjp_fn = vjp(f, x)
     lane_rows = torch.tensor([i for i in rows for _ in range(restarts)], device=x.device)   # [lanes]
     n = lane_rows.numel()
-    onehot = torch.nn.functional.one_hot(lane_rows, t).to(F64)                            # [lanes, T]
+    onehot = torch.nn.functional.one_hot(lane_rows, t).to(dtype)                          # [lanes, T]
     backward = vmap(lambda c: vjp_fn(c)[0], chunk_size=chunk_size)
     forward = vmap(lambda u: jvp(f, (x,), (u,))[1], chunk_size=chunk_size)
-    y = _initial_directions(n, d, seed, x)
-    best = torch.full((n,), -1.0, dtype=F64, device=x.device)
-    best_delta = torch.zeros(n, t, d, dtype=F64, device=x.device)
+    y = _initial_directions(n, d, seed, x).to(dtype)
+    best = torch.full((n,), -1.0, dtype=dtype, device=x.device)
+    best_delta = torch.zeros(n, t, d, dtype=dtype, device=x.device)
     active = torch.ones(n, dtype=torch.bool, device=x.device)
     iterates: list[list[float]] = [[] for _ in range(n)]
     for _ in range(max_iter):
@@ -116,7 +118,7 @@ def compute_empirical_lipschitz(f: LayerFn, x: torch.Tensor, rows: list[int], re
         best_delta[idx[improved]] = delta[improved]
         done = (v - best[idx]) <= rtol * v
         best[idx] = torch.maximum(best[idx], v)
-        y[idx] = torch.where(v[:, None] > 0, z / v.clamp_min(torch.finfo(F64).tiny)[:, None], y[idx])
+        y[idx] = torch.where(v[:, None] > 0, z / v.clamp_min(torch.finfo(dtype).tiny)[:, None], y[idx])
         active[idx[done]] = False
         if not active.any():
             break
@@ -143,6 +145,65 @@ def compute_layer_empirical(weights: LayerWeights, cfg: ModelConfig, layer: int,
     f = make_layer_function(weights, cfg, layer, rope_cs, key_padding_mask)
     rows = select_candidate_rows(hidden.shape[0], scores, seed=seed)
     return compute_empirical_lipschitz(f, hidden, rows, restarts=restarts, seed=seed, **kwargs)
+
+
+SEARCH_PREFIX = 128          # tokens the tier-3 search runs on (causal layers), THEORY §8.3 "Budget"
+SEARCH_RTOL = 1e-4           # early stop of a lane in the float32 search (its iterates rise by less than this)
+MIN_LANE_ITERS = 8           # the budget never drops below this many lane-iterations
+
+
+@dataclass(frozen=True)
+class EmpiricalBudget:
+    """How tier 3 ran on one sequence (recorded in the manifest): the search's prefix and dtype, the lane-iterations
+    the budget allowed and those it used, and whether the prefix is exact for the layer (causal) or the whole
+    sequence was searched (bidirectional)."""
+
+    prefix: int
+    search_dtype: str
+    lanes: int
+    allowed_lane_iters: int
+    used_lane_iters: int
+    whole_sequence: bool
+
+
+def plan_lane_iterations(tokens_per_layer: int, prefix: int) -> int:
+    """Lane-iterations that cost about one forward pass of the layer over its calibration tokens: one iteration of
+    one lane is a vjp and a jvp on ``prefix`` tokens, about three forward passes of those tokens (§8.3 "Budget")."""
+    return max(MIN_LANE_ITERS, tokens_per_layer // max(1, 3 * prefix))
+
+
+def compute_layer_empirical_budgeted(
+    weights: LayerWeights, weights64: LayerWeights, cfg: ModelConfig, layer: int, hidden: torch.Tensor,
+    rope: Callable[[int, torch.dtype], tuple[torch.Tensor, torch.Tensor] | None],
+    key_padding_mask: torch.Tensor | None, scores: torch.Tensor | None, tokens_per_layer: int, seed: int = 0,
+) -> tuple[EmpiricalResult, EmpiricalBudget]:
+    """Tier 3 under the budget of THEORY §8.3: search in float32, certify in float64.
+
+    Causal layers are searched on the first ``SEARCH_PREFIX`` tokens (output rows inside a prefix depend only on
+    it, so their Jacobian rows are those of the whole sequence); bidirectional layers on the whole sequence. The
+    candidate rows are the best-scored row (``scores [T]``, the tier-2r row terms) and the last row of the searched
+    span, one restart each; iterations stop early per lane and at the lane-iteration budget of
+    :func:`plan_lane_iterations`. The best certificate is then re-evaluated by one float64 ``jvp`` (``weights64``),
+    and that value is the result.
+    """
+    t = hidden.shape[0]
+    whole = not cfg.layout.causal or t <= SEARCH_PREFIX
+    n = t if whole else SEARCH_PREFIX
+    kpm = None if key_padding_mask is None else key_padding_mask.reshape(-1)[:n]
+    x32 = hidden[:n].to(torch.float32)
+    f32 = make_layer_function(weights, cfg, layer, rope(n, torch.float32), kpm)
+    rows = select_candidate_rows(n, None if scores is None else scores[:n], n_top=1, n_random=0, seed=seed)
+    allowed = plan_lane_iterations(tokens_per_layer, n)
+    search = compute_empirical_lipschitz(f32, x32, rows, restarts=1, max_iter=max(1, allowed // len(rows)),
+                                         rtol=SEARCH_RTOL, seed=seed, dtype=torch.float32)
+    used = sum(len(v) for v in search.iterates)
+    f64 = make_layer_function(weights64, cfg, layer, rope(n, F64), kpm)
+    delta = search.certificate.delta.to(F64)
+    delta = delta / torch.linalg.vector_norm(delta, dim=-1, keepdim=True).clamp_min(1.0)   # rows of norm ≤ 1
+    value = evaluate_certificate(f64, hidden[:n].to(F64), Certificate(search.certificate.row, delta, 0.0))
+    cert = Certificate(search.certificate.row, delta, value)
+    budget = EmpiricalBudget(n, "float32", len(rows), allowed, used, whole)
+    return EmpiricalResult(value, cert, search.rows, search.iterates), budget
 
 
 class TightnessError(ScanFailure):

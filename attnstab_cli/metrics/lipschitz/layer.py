@@ -168,10 +168,15 @@ class LayerLipschitzResult:
 
 def compute_layer_lipschitz(weights: LayerWeights, cfg: ModelConfig, r2_in_reset: float,
                             trace: LayerTrace | None = None, theta_hi: torch.Tensor | None = None,
-                            batch: int = 0) -> LayerLipschitzResult:
-    """All tiers of one layer; tiers 2/2r only when ``trace`` and ``theta_hi [H, T]`` (sequence ``batch``) are given."""
-    norms = _cpu_head_norms(weights, cfg, None)
-    wt = compute_weights_tier(weights, cfg, r2_in_reset, norms)
+                            batch: int = 0, norms: HeadNorms | None = None,
+                            weights_tier: WeightsTier | None = None) -> LayerLipschitzResult:
+    """All tiers of one layer; tiers 2/2r only when ``trace`` and ``theta_hi [H, T]`` (sequence ``batch``) are given.
+
+    ``norms`` and ``weights_tier`` depend on the weights alone: a scan computes them once per layer and passes them
+    for every sequence.
+    """
+    norms = _cpu_head_norms(weights, cfg, norms)
+    wt = weights_tier or compute_weights_tier(weights, cfg, r2_in_reset, norms)
     ct = None
     if trace is not None and theta_hi is not None:
         ct = compute_calibrated_tier(trace, cfg, theta_hi, batch, norms)

@@ -151,21 +151,36 @@ class RefinedMHABound:
     value_spread: torch.Tensor   # [H, T] V_i
 
 
-def _masked_max(x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    return x.masked_fill(~allowed, float("-inf")).amax(dim=-1)
+def _max_distance(centres: torch.Tensor, points: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``max_{j allowed} ||points_j − centres_i||`` as ``[H, c]`` for ``centres [H, c, D]``, ``points [H, T, D]``,
+    ``allowed [c, T]``, all float64, through one matmul: ||k||² − 2 k·c + ||c||² (never below 0), raised by the
+    rounding bound γ_{D+3}(||k|| + ||c||)² of that form, so the result stays an upper bound."""
+    sq = points.pow(2).sum(-1)                                                          # [H, T]
+    g = torch.baddbmm(sq[:, None, :], centres, points.transpose(1, 2), alpha=-2.0)     # [H, c, T]
+    g.masked_fill_(~allowed, float("-inf"))
+    c_sq = centres.pow(2).sum(-1)                                                       # [H, c]
+    n = centres.shape[-1] + 3
+    gamma = n * 2.0 ** -53 / (1.0 - n * 2.0 ** -53)
+    reach = (sq.amax(-1, keepdim=True).sqrt() + c_sq.sqrt()) ** 2                      # [H, c]
+    return (g.amax(-1) + c_sq + gamma * reach).clamp_min(0.0).sqrt()
 
 
-def _spreads(p: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norms: HeadNorms,
-             allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_key_max(values: torch.Tensor, allowed: torch.Tensor, causal_rows: slice | None) -> torch.Tensor:
+    """``max_{j allowed} values_j`` as ``[H, c]`` for per-key ``values [H, T]``; on a plain causal mask (rows given
+    as ``causal_rows``) the running maximum, else a masked maximum over ``allowed [c, T]``."""
+    if causal_rows is not None:
+        return values.cummax(dim=-1).values[:, causal_rows]
+    return values[:, None, :].masked_fill(~allowed, float("-inf")).amax(dim=-1)
+
+
+def _spreads(p: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norms: HeadNorms, allowed: torch.Tensor,
+             causal_rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``K_i`` and ``V_i`` of §5.5 for a block of query rows: ``[H, c]`` each (p ``[H, c, T]``, k, v ``[H, T, D]``)."""
-    exact = "donot_use_mm_for_euclid_dist"
     k_bar, o = p @ k, p @ v                                                             # [H, c, D]
     k_pass = torch.linalg.vector_norm(k - norms.per_query(norms.bk_pass)[:, None], dim=-1)   # [H, T]
     v_bias = torch.linalg.vector_norm(v - norms.per_query(norms.bv)[:, None], dim=-1)        # [H, T]
-    key = torch.minimum(_masked_max(torch.cdist(k_bar, k, compute_mode=exact), allowed),
-                        _masked_max(k_pass[:, None, :].expand_as(p), allowed))
-    val = torch.minimum(_masked_max(torch.cdist(o, v, compute_mode=exact), allowed),
-                        _masked_max(v_bias[:, None, :].expand_as(p), allowed))
+    key = torch.minimum(_max_distance(k_bar, k, allowed), _masked_key_max(k_pass, allowed, causal_rows))
+    val = torch.minimum(_max_distance(o, v, allowed), _masked_key_max(v_bias, allowed, causal_rows))
     return key, val
 
 
@@ -176,12 +191,14 @@ def compute_mha_refined(norms: HeadNorms, q: torch.Tensor, k: torch.Tensor, v: t
     q64, norms = q.to(F64), norms.to(q.device)
     k64, v64 = norms.per_query(k.to(F64)), norms.per_query(v.to(F64))                 # [H, T, D]
     allowed = allowed.to(q.device)
+    t = allowed.shape[-1]
+    causal = allowed.shape[0] == t and torch.equal(allowed, torch.ones_like(allowed).tril())
     wq, wk, wv = norms.wq[:, None], norms.per_query(norms.wk)[:, None], norms.per_query(norms.wv)[:, None]
     keys, vals = [], []
     for start in range(0, q64.shape[1], block):
         rows = slice(start, start + block)
         p = compute_attention_probabilities(q64[:, rows], k64, scale, allowed[rows])    # [H, c, T]
-        key, val = _spreads(p, k64, v64, norms, allowed[rows])
+        key, val = _spreads(p, k64, v64, norms, allowed[rows], rows if causal else None)
         keys.append(key)
         vals.append(val)
     key_spread, value_spread = torch.cat(keys, dim=1), torch.cat(vals, dim=1)           # [H, T]

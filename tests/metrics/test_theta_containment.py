@@ -1,0 +1,68 @@
+"""The θ pass's per-row intervals contain the exact values of the full float64 algorithm (THEORY §3.3, §3.7).
+
+The independent computation is the previous policy run on every row: the layer's attention probabilities formed
+densely in float64 from the recorded q, k and A1 / A2 + A3 (``compute_theta_interval``) on every row. Where that
+pins a row (width ≤ 1e-12) its value must lie in the scan's interval widened by ``theta_slack``; everywhere the two
+certified intervals must intersect. Run on every tiny family and every bundled sample checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnstab_cli.metrics.theta import compute_theta_interval
+from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
+from attnstab_cli.model.load import open_model
+from attnstab_cli.model.masks import compute_allowed
+from attnstab_cli.model.stream import LayerStream
+from tiny_models import FAMILIES
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_checkpoints"
+SAMPLE_NAMES = ("gpt2-tiny", "bert-tiny", "llama-tiny", "pythia-tiny")
+
+
+def dense_rows(a, b: int) -> torch.Tensor:
+    """Every attention row of sequence ``b`` in float64, ``[H·T, T]``, masked keys exactly 0."""
+    h, h_kv, t = a.q.shape[1], a.k.shape[1], a.q.shape[2]
+    k = a.k[b].double().repeat_interleave(h // h_kv, dim=0)                       # [H, T, D]
+    s = a.scale * a.q[b].double() @ k.transpose(-1, -2)                            # [H, T, T]
+    pad = None if a.key_padding_mask is None else a.key_padding_mask[b:b + 1]
+    allowed = compute_allowed(0, t, t, t, causal=a.causal, window=a.window, key_padding_mask=pad, device="cpu")
+    p = torch.softmax(s.masked_fill(~allowed[0], float("-inf")), dim=-1).nan_to_num(0.0)
+    return p.reshape(h * t, t)
+
+
+def check_model(path: Path, batches: list[torch.Tensor]) -> int:
+    model = open_model(path)
+    cfg = model.cfg
+    opts = ThetaOptions(slack=1e-6)
+    obs = ThetaObserver(cfg.n_heads, cfg.n_kv_heads, opts)
+    checked = 0
+    for trace in LayerStream(model, batches).layers():
+        v = obs.measure(trace.attn)
+        for b in range(trace.attn.q.shape[0]):
+            ref = compute_theta_interval(dense_rows(trace.attn, b), slack=0.0)
+            lo, hi = v.lo[b].reshape(-1) - opts.slack, v.hi[b].reshape(-1) + opts.slack   # [H·T]
+            exact = (ref.hi - ref.lo) <= 1e-12
+            assert bool((lo[exact] <= ref.lo[exact] + 1e-12).all() and (ref.hi[exact] <= hi[exact] + 1e-12).all())
+            assert bool((lo <= ref.hi + 1e-12).all() and (ref.lo <= hi + 1e-12).all())
+            checked += int(exact.sum())
+    return checked
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_theta_intervals_contain_exact_values_tiny(family: str, tiny_checkpoints: dict) -> None:
+    path, _ = tiny_checkpoints[family]
+    vocab = open_model(path).cfg.vocab_size
+    tokens = torch.randint(0, vocab, (1, 40), generator=torch.Generator().manual_seed(3))
+    assert check_model(path, [tokens]) > 0
+
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_theta_intervals_contain_exact_values_samples(name: str) -> None:
+    path = SAMPLES / name
+    vocab = open_model(path).cfg.vocab_size
+    tokens = torch.randint(0, vocab, (1, 80), generator=torch.Generator().manual_seed(5))
+    assert check_model(path, [tokens]) > 0
