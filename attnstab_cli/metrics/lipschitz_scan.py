@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from attnstab_cli.arch.spec import Residual
+from attnstab_cli.metrics.lipschitz.ffn import compute_ffn_norms
 from attnstab_cli.metrics.lipschitz import (EmpiricalBudget, HeadNorms, WeightsTier, compute_first_layer_radius,
                                             compute_layer_empirical_budgeted, compute_layer_head_norms,
                                             compute_layer_lipschitz, compute_mean_tightness, compute_r2_in_reset,
@@ -60,6 +61,7 @@ class LayerContext:
     radius, and the float32 / float64 CPU copies of the weights tier 3 runs on."""
 
     norms: HeadNorms
+    ffn_norms: dict[str, float]
     weights_tier: WeightsTier
     r2_reset: float
     weights32: LayerWeights
@@ -102,8 +104,9 @@ class LipschitzObserver:
         self.prev_norm_ffn = NormWeights(w.norm_ffn.weight.detach().clone(),
                                          None if w.norm_ffn.bias is None else w.norm_ffn.bias.detach().clone())
         norms = compute_layer_head_norms(w, self.cfg).to("cpu")
-        ctx = LayerContext(norms, compute_weights_tier(w, self.cfg, r2_reset, norms), r2_reset,
-                           to_dtype(w, torch.float32), to_dtype(w, F64))
+        tier1 = compute_weights_tier(w, self.cfg, r2_reset, norms)
+        ctx = LayerContext(norms, compute_ffn_norms(w.ffn), tier1, r2_reset, to_dtype(w, torch.float32),
+                           to_dtype(w, F64))
         self.ctx = (w.layer, ctx)
         return ctx
 
@@ -115,7 +118,7 @@ class LipschitzObserver:
         ctx = self._context(w)
         for b in range(trace.resid_in.shape[0]):
             result = compute_layer_lipschitz(w, self.cfg, ctx.r2_reset, trace, self.theta.last_theta_hi[b], b,
-                                             norms=ctx.norms, weights_tier=ctx.weights_tier)
+                                             norms=ctx.norms, weights_tier=ctx.weights_tier, ffn_norms=ctx.ffn_norms)
             rec = asdict(result.record)
             row = self.rows.setdefault(layer, {})
             for key, value in rec.items():

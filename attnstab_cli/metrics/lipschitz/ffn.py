@@ -70,14 +70,26 @@ def compute_mlp_bound_weights(w_in: torch.Tensor, w_out: torch.Tensor, activatio
     return activation_lipschitz(activation) * float(spectral_norm(w_in) * spectral_norm(w_out))
 
 
+def compute_ffn_norms(ffn: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Spectral norms of the FFN's matrices (``w_in``, ``w_gate``, ``w_up``, ``w_out``, whichever exist): they depend
+    on the weights alone, so a scan computes them once per layer and hands them to every per-token bound."""
+    return {name: float(spectral_norm(ffn[name])) for name in ("w_in", "w_gate", "w_up", "w_out") if name in ffn}
+
+
+def _norm(w: torch.Tensor, norms: dict[str, float] | None, name: str) -> float:
+    return norms[name] if norms is not None else float(spectral_norm(w))
+
+
 def compute_mlp_bound_tokens(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
-                             w_out: torch.Tensor, activation: str) -> torch.Tensor:
-    """Tier 2 per token: ``||W1|| max_k |phi'(a_{t,k})| ||W2||`` for FFN inputs ``x [T, d]``: ``[T]``."""
+                             w_out: torch.Tensor, activation: str,
+                             norms: dict[str, float] | None = None) -> torch.Tensor:
+    """Tier 2 per token: ``||W1|| max_k |phi'(a_{t,k})| ||W2||`` for FFN inputs ``x [T, d]``: ``[T]``
+    (``norms`` from :func:`compute_ffn_norms`, else computed here)."""
     a = x.to(F64) @ w_in.to(F64)                                                   # [T, m]
     if b_in is not None:
         a = a + b_in.to(F64)
     slope = activation_derivative(a, activation).abs().amax(dim=-1)                # [T]
-    return spectral_norm(w_in) * slope * spectral_norm(w_out)
+    return _norm(w_in, norms, "w_in") * slope * _norm(w_out, norms, "w_out")
 
 
 def _gated_preacts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,12 +98,13 @@ def _gated_preacts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) ->
 
 
 def compute_swiglu_local_tokens(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                                w_out: torch.Tensor) -> torch.Tensor:
-    """Tier 2 per token (§6.2): ``||Wd|| (||Wg|| ||silu'(a) b||_inf + ||Wu|| ||silu(a)||_inf)``: ``[T]``."""
+                                w_out: torch.Tensor, norms: dict[str, float] | None = None) -> torch.Tensor:
+    """Tier 2 per token (§6.2): ``||Wd|| (||Wg|| ||silu'(a) b||_inf + ||Wu|| ||silu(a)||_inf)``: ``[T]``
+    (``norms`` from :func:`compute_ffn_norms`, else computed here)."""
     a, b = _gated_preacts(x, w_gate, w_up)
-    gate_term = spectral_norm(w_gate) * (silu_derivative(a) * b).abs().amax(dim=-1)
-    up_term = spectral_norm(w_up) * torch.nn.functional.silu(a).abs().amax(dim=-1)
-    return spectral_norm(w_out) * (gate_term + up_term)
+    gate_term = _norm(w_gate, norms, "w_gate") * (silu_derivative(a) * b).abs().amax(dim=-1)
+    up_term = _norm(w_up, norms, "w_up") * torch.nn.functional.silu(a).abs().amax(dim=-1)
+    return _norm(w_out, norms, "w_out") * (gate_term + up_term)
 
 
 def compute_swiglu_stacked_tokens(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -139,9 +152,9 @@ def compute_ffn_bound_weights(ffn: dict[str, torch.Tensor], kind: FFNKind, activ
 
 
 def compute_ffn_bound_tokens(ffn: dict[str, torch.Tensor], kind: FFNKind, activation: str,
-                             x: torch.Tensor) -> torch.Tensor:
+                             x: torch.Tensor, norms: dict[str, float] | None = None) -> torch.Tensor:
     """Tier-2 per-token FFN bound at the FFN inputs ``x [T, d]`` (§6.1, §6.2 local form): ``[T]``."""
     if kind is FFNKind.GATED:
         _check_gated(activation)
-        return compute_swiglu_local_tokens(x, ffn["w_gate"], ffn["w_up"], ffn["w_out"])
-    return compute_mlp_bound_tokens(x, ffn["w_in"], ffn.get("b_in"), ffn["w_out"], activation)
+        return compute_swiglu_local_tokens(x, ffn["w_gate"], ffn["w_up"], ffn["w_out"], norms)
+    return compute_mlp_bound_tokens(x, ffn["w_in"], ffn.get("b_in"), ffn["w_out"], activation, norms)

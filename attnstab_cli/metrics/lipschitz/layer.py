@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from attnstab_cli.arch.spec import NormKind, Residual
-from attnstab_cli.metrics.lipschitz.ffn import compute_ffn_bound_tokens, compute_ffn_bound_weights
+from attnstab_cli.metrics.lipschitz.ffn import compute_ffn_bound_tokens, compute_ffn_bound_weights, compute_ffn_norms
 from attnstab_cli.metrics.lipschitz.mha import (HeadNorms, MHABound, RefinedMHABound, compute_attention_allowed,
                                                 compute_layer_head_norms, compute_mha_bound, compute_mha_refined)
 from attnstab_cli.metrics.lipschitz.norms import (compute_embedding_radius, compute_norm_lip_global,
@@ -134,8 +134,10 @@ class CalibratedTier:
 
 
 def compute_calibrated_tier(trace: LayerTrace, cfg: ModelConfig, theta_hi: torch.Tensor, batch: int = 0,
-                            norms: HeadNorms | None = None) -> CalibratedTier:
-    """Tier 2 / 2r of sequence ``batch`` of ``trace``; ``theta_hi [H, T]`` are certified per-row upper values."""
+                            norms: HeadNorms | None = None,
+                            ffn_norms: dict[str, float] | None = None) -> CalibratedTier:
+    """Tier 2 / 2r of sequence ``batch`` of ``trace``; ``theta_hi [H, T]`` are certified per-row upper values;
+    ``norms`` and ``ffn_norms`` (weights alone) are computed here when not given."""
     w, a, b = trace.weights, trace.attn, batch
     norms = _cpu_head_norms(w, cfg, norms)
     n1, n2 = trace.norms["norm_attn"], trace.norms["norm_ffn"]
@@ -148,7 +150,8 @@ def compute_calibrated_tier(trace: LayerTrace, cfg: ModelConfig, theta_hi: torch
     kpm = None if a.key_padding_mask is None else a.key_padding_mask[b].cpu()           # the mask is built on the CPU
     allowed = compute_attention_allowed(a.x.shape[1], a.causal, a.window, kpm)           # [T, T]
     refined = compute_mha_refined(norms, a.q[b], a.k[b], a.v[b], a.scale, allowed, theta_hi)
-    ffn = float(compute_ffn_bound_tokens(w.ffn, cfg.layout.ffn, cfg.activation, trace.ffn_in[b]).max())
+    ffn = float(compute_ffn_bound_tokens(w.ffn, cfg.layout.ffn, cfg.activation, trace.ffn_in[b],
+                                         ffn_norms or compute_ffn_norms(w.ffn)).max())
     residual = cfg.layout.residual
     return CalibratedTier(
         ln1, ln2, r2, theta_tilde, mha, refined, ffn,
@@ -169,17 +172,18 @@ class LayerLipschitzResult:
 def compute_layer_lipschitz(weights: LayerWeights, cfg: ModelConfig, r2_in_reset: float,
                             trace: LayerTrace | None = None, theta_hi: torch.Tensor | None = None,
                             batch: int = 0, norms: HeadNorms | None = None,
-                            weights_tier: WeightsTier | None = None) -> LayerLipschitzResult:
+                            weights_tier: WeightsTier | None = None,
+                            ffn_norms: dict[str, float] | None = None) -> LayerLipschitzResult:
     """All tiers of one layer; tiers 2/2r only when ``trace`` and ``theta_hi [H, T]`` (sequence ``batch``) are given.
 
-    ``norms`` and ``weights_tier`` depend on the weights alone: a scan computes them once per layer and passes them
-    for every sequence.
+    ``norms``, ``weights_tier`` and ``ffn_norms`` depend on the weights alone: a scan computes them once per layer
+    and passes them for every sequence.
     """
     norms = _cpu_head_norms(weights, cfg, norms)
     wt = weights_tier or compute_weights_tier(weights, cfg, r2_in_reset, norms)
     ct = None
     if trace is not None and theta_hi is not None:
-        ct = compute_calibrated_tier(trace, cfg, theta_hi, batch, norms)
+        ct = compute_calibrated_tier(trace, cfg, theta_hi, batch, norms, ffn_norms)
     record = LayerLipschitz(
         layer=weights.layer, ln1_lip_global=wt.ln1_lip_global, ln1_lip_local=ct and ct.ln1_lip_local,
         ln2_lip_global=wt.ln2_lip_global, ln2_lip_local=ct and ct.ln2_lip_local, lip_mha_weights=wt.mha.lip_mha,
