@@ -30,6 +30,22 @@ def _log1p(x):
 
 
 @triton.jit
+def _theta_hi_count(pmax, pmin, n):
+    """The cardinality upper bound on θ of `compute_theta_hi_count` (same formula, float64 `# [BLOCK_Q]`)."""
+    nf = n.to(tl.float64)
+    pmin = tl.maximum(pmin, 1e-300)
+    k1 = tl.maximum(tl.ceil(0.5 / pmax) - 1.0, tl.ceil(nf - 0.5 / pmin) - 1.0)
+    k1 = tl.minimum(tl.maximum(k1, -1.0), nf)
+    k2 = tl.minimum(tl.floor(0.5 / pmin) + 1.0, tl.floor(nf - 0.5 / pmax) + 1.0)
+    k2 = tl.minimum(tl.maximum(k2, 0.0), nf + 1.0)
+    u = tl.minimum(k1 * pmax, 1.0 - (nf - k1) * pmin)
+    lo = tl.maximum(k2 * pmin, 1.0 - (nf - k2) * pmax)
+    g = tl.minimum(0.5 - u, lo - 0.5) - 16.0 * nf * 1.1102230246251565e-16
+    ok = (k2 == k1 + 1.0) & (k1 >= 0.0) & (k2 <= nf) & (g > 0.0) & (n >= 2)
+    return tl.where(ok, 1.0 - 4.0 * g * g, 1.0)
+
+
+@triton.jit
 def _score_block(
     q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset,
     scale, window,
@@ -67,6 +83,7 @@ def _online_pass(
     offs_k0 = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     m = tl.full([BLOCK_Q], -float("inf"), ACC)
+    m_min = tl.full([BLOCK_Q], float("inf"), ACC)  # smallest allowed logit (the cardinality bound's p_min)
     z = tl.zeros([BLOCK_Q], tl.float64)  # sums over keys accumulate in float64 whatever ACC is
     t = tl.zeros([BLOCK_Q], tl.float64)
     n = tl.zeros([BLOCK_Q], tl.int32)
@@ -77,6 +94,7 @@ def _online_pass(
         n += tl.sum(valid.to(tl.int32), axis=1)
         s_m = tl.where(valid, s, -float("inf"))  # [BLOCK_Q, BLOCK_K]
         m_blk = tl.max(s_m, axis=1)  # [BLOCK_Q]
+        m_min = tl.minimum(m_min, tl.min(tl.where(valid, s, float("inf")), axis=1))
         is_new = m_blk > m
         m_new = tl.maximum(m, m_blk)
         m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)  # finite stand-in for empty rows
@@ -89,7 +107,7 @@ def _online_pass(
         t = tl.where(is_new, alpha * (t + (1.0 + z) * shift), t) + tl.sum((e * d).to(tl.float64), axis=1)
         z = tl.where(is_new, alpha * (z + 1.0), z) + tl.sum(tl.where(drop, 0.0, e).to(tl.float64), axis=1)
         m = m_new
-    return m, z, t, n
+    return m, z, t, n, m_min
 
 
 @triton.jit
@@ -110,6 +128,7 @@ def _prefix_pass(
     p_r = tl.zeros([BLOCK_Q], tl.float64)
     best_miss = tl.full([BLOCK_Q], float("inf"), tl.float64)
     found = tl.zeros([BLOCK_Q], tl.int32)
+    j_abs = tl.zeros([BLOCK_Q], tl.int32)  # absolute key index of j*
     for start_k in range(lo, hi, BLOCK_K):
         s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
                                 stride_kd, stride_pt, q_offset, scale, window, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
@@ -124,6 +143,7 @@ def _prefix_pass(
         after = blk - before - at  # float64: no cancellation worth the name
         p_before = tl.where(new, c_off + before, p_before)
         p_at = tl.where(new, at, p_at)
+        j_abs = tl.where(new, start_k + j_star, j_abs)
         p_after += tl.where(found != 0, blk, tl.where(new, after, 0.0))  # once found, every later key is in Q
         later = valid & ((found != 0)[:, None] | (new[:, None] & (offs_k0[None, :] > j_star[:, None])))
         miss = tl.where(later, tl.abs(p - (0.5 - p_before)[:, None]), float("inf"))  # [BLOCK_Q, BLOCK_K]
@@ -135,7 +155,37 @@ def _prefix_pass(
         p_r = tl.where(better, blk_p, p_r)
         c_off += blk
         found = tl.where(new, 1, found)
-    return p_before, p_at, p_after, p_r, best_miss, found
+    return p_before, p_at, p_after, p_r, best_miss, found, j_abs
+
+
+@triton.jit
+def _removal_pass(
+    q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window, lse,
+    j_star, excess,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Pass 3 over keys [lo, hi): among the keys j < j* (absolute index) the first p_a closest to the excess
+    c_{j*} − ½ of the prefix {j ≤ j*}, for the removal completion (and whether there was one)."""
+    offs_k0 = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    p_a = tl.zeros([BLOCK_Q], tl.float64)
+    best_miss = tl.full([BLOCK_Q], float("inf"), tl.float64)
+    for start_k in range(lo, hi, BLOCK_K):
+        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
+                                stride_kd, stride_pt, q_offset, scale, window, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                UPCAST, ACC, INPUT_PRECISION)
+        p = tl.where(valid, tl.exp(tl.where(valid, s - lse[:, None], 0.0).to(ACC)), 0.0).to(tl.float64)
+        before = (start_k + offs_k0)[None, :] < j_star[:, None]  # [BLOCK_Q, BLOCK_K]
+        miss = tl.where(before, tl.abs(p - excess[:, None]), float("inf"))
+        blk_miss = tl.min(miss, axis=1)
+        blk_arg = tl.min(tl.where(miss == blk_miss[:, None], offs_k0[None, :], BLOCK_K), axis=1)
+        blk_p = tl.sum(tl.where(offs_k0[None, :] == blk_arg[:, None], p, 0.0), axis=1)
+        better = blk_miss < best_miss
+        best_miss = tl.where(better, blk_miss, best_miss)
+        p_a = tl.where(better, blk_p, p_a)
+    return p_a, best_miss
 
 
 @triton.jit
@@ -162,6 +212,7 @@ def _attn_row_stats_kernel(
     Pass 2, prefix crossing: p_j = e^{s_j − lse}; a tl.cumsum inside the block plus a carried offset gives c_j; at the
     first c_j* ≥ ½ keep P = c_{j*−1}, p_{j*}, then sum every later p into Q, and evaluate 4PQ/(P+Q)² for both
     prefixes; the completion adds to {j < j*} the first later key r whose p_r is closest to ½ − c_{j*−1}.
+    Pass 3 (lse and j* known) removes from {j ≤ j*} the first key a < j* whose p_a is closest to c_{j*} − ½.
     Logits and exponentials are in ACC (float32; float64 for float64 inputs); every sum over keys, z, t and the
     cumulative sums, accumulates in float64, and every output is float64.
     """
@@ -185,15 +236,20 @@ def _attn_row_stats_kernel(
     if HAS_WINDOW:
         lo = tl.maximum(0, pid_q * BLOCK_Q + q_offset - window + 1) // BLOCK_K * BLOCK_K
 
-    m, z, t, n = _online_pass(q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt,
+    m, z, t, n, m_min = _online_pass(q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt,
                               q_offset, scale, window, BLOCK_Q, BLOCK_K, BLOCK_D, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
                               UPCAST, ACC, INPUT_PRECISION)
     empty = n == 0
     log1p_z = _log1p(z)
     lse = tl.where(empty, 0.0, m + log1p_z)  # finite stand-in for empty rows
-    p_before, p_at, p_after, p_r, best_miss, found = _prefix_pass(
+    lse64 = lse.to(tl.float64)
+    p_before, p_at, p_after, p_r, best_miss, found, j_abs = _prefix_pass(
         q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window,
-        lse.to(tl.float64), BLOCK_Q, BLOCK_K, BLOCK_D, IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
+        lse64, BLOCK_Q, BLOCK_K, BLOCK_D, IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
+    excess = p_before + p_at - 0.5
+    p_a, a_miss = _removal_pass(q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset,
+                        scale, window, lse64, tl.where(found != 0, j_abs, -1), excess, BLOCK_Q, BLOCK_K, BLOCK_D,
+                        IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
 
     total = p_before + p_at + p_after
     norm = tl.where(total > 0.0, total * total, 1.0)
@@ -203,13 +259,17 @@ def _attn_row_stats_kernel(
     plus_q = tl.maximum(p_after - p_r, 0.0)
     plus = tl.where((found != 0) & (n > 1) & (best_miss < float("inf")),
                     4.0 * (p_before + p_r) * (p_at + plus_q) / norm, 0.0)
-    plus = tl.maximum(prefix, plus)
+    minus = tl.where((found != 0) & (n > 1) & (a_miss < float("inf")),
+                     4.0 * (tl.maximum(p_before - p_a, 0.0) + p_at) * (p_after + p_a) / norm, 0.0)
+    plus = tl.maximum(prefix, tl.maximum(plus, minus))
     one_z = 1.0 + z
     exact = 4.0 * z / (one_z * one_z)  # θ when p_max ≥ ½ (z ≤ 1)
     peaked = z <= 1.0
     lo_stream = tl.where(short, 0.0, tl.where(peaked, exact, z * tl.maximum(z + 2.0, 4.0) / (one_z * one_z)))
     hi_stream = tl.where(short, 0.0, tl.where(peaked, exact, 1.0))
     theta_lo = tl.where(short, 0.0, tl.where(peaked, exact, tl.maximum(lo_stream, plus)))
+    pmin = tl.exp((m_min - m).to(tl.float64)) / one_z
+    theta_hi = tl.where(short, 0.0, tl.where(peaked, exact, _theta_hi_count(1.0 / one_z, pmin, n)))
 
     out = STATS + pid_bh.to(tl.int64) * T_q + offs_q  # [BLOCK_Q] field 0; field f at + f · stride_field
     row = offs_q < T_q
@@ -225,12 +285,13 @@ def _attn_row_stats_kernel(
     tl.store(out + 7 * stride_field, prefix, mask=row)
     tl.store(out + 8 * stride_field, plus, mask=row)
     tl.store(out + 9 * stride_field, theta_lo, mask=row)
+    tl.store(out + 10 * stride_field, theta_hi, mask=row)
     tl.store(N_KEYS + pid_bh.to(tl.int64) * T_q + offs_q, n, mask=row)
 
 
 # The kernel stores fields by position; keep that order tied to RowStats.
 if FLOAT_FIELDS != ("row_max", "lse", "pmax", "one_minus_pmax", "entropy", "theta_lo_stream", "theta_hi_stream",
-                    "theta_prefix", "theta_prefix_plus", "theta_lo"):
+                    "theta_prefix", "theta_prefix_plus", "theta_lo", "theta_hi"):
     raise ImportError(f"RowStats field order changed ({FLOAT_FIELDS}); update _attn_row_stats_kernel's stores")
 
 

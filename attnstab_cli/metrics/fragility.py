@@ -17,6 +17,7 @@ from torch import Tensor
 
 from attnstab_cli.model.masks import compute_allowed
 from attnstab_cli.model.traces import LayerTrace
+from attnstab_cli.metrics.threads import single_threaded
 
 F64 = torch.float64
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,11 +32,12 @@ def compute_kappa_score(q: Tensor, k: Tensor) -> Tensor:
     """‖Q‖₂‖K‖₂/‖QKᵀ‖₂ per (batch, head) of q ``[B, H, T, D]``, k ``[B, H_kv, T, D]`` (the scale cancels), float64
     ``[B, H]``; inf where QKᵀ = 0. With Q = U_Q R_Q and K = U_K R_K, ‖QKᵀ‖ = ‖R_Q R_Kᵀ‖."""
     group = q.shape[1] // k.shape[1]
-    r_q = torch.linalg.qr(q.to(F64), mode="r").R                               # [B, H, r, D]
-    r_k = torch.linalg.qr(k.to(F64), mode="r").R.repeat_interleave(group, 1)   # [B, H, r, D]
-    n_q = torch.linalg.matrix_norm(r_q, ord=2)
-    n_k = torch.linalg.matrix_norm(r_k, ord=2)
-    n_s = torch.linalg.matrix_norm(r_q @ r_k.transpose(-1, -2), ord=2)
+    with single_threaded():
+        r_q = torch.linalg.qr(q.to(F64), mode="r").R                           # [B, H, r, D]
+        r_k = torch.linalg.qr(k.to(F64), mode="r").R.repeat_interleave(group, 1)   # [B, H, r, D]
+        n_q = torch.linalg.matrix_norm(r_q, ord=2)
+        n_k = torch.linalg.matrix_norm(r_k, ord=2)
+        n_s = torch.linalg.matrix_norm(r_q @ r_k.transpose(-1, -2), ord=2)
     return torch.where(n_s > 0, n_q * n_k / n_s.clamp_min(torch.finfo(F64).tiny), math.inf)
 
 
@@ -58,7 +60,8 @@ def compute_softmax_lambda_max(p: Tensor) -> Tensor:
 
 def compute_kappa_v(v: Tensor) -> Tensor:
     """σ_max(V)/(σ_min(V) + 1e-6) per (batch, KV head) of v ``[B, H_kv, T, D]`` (float64 ``[B, H_kv]``)."""
-    s = torch.linalg.svdvals(v.to(F64))                                        # [B, H_kv, min(T, D)]
+    with single_threaded():
+        s = torch.linalg.svdvals(v.to(F64))                                    # [B, H_kv, min(T, D)]
     return s[..., 0] / (s[..., -1] + KAPPA_V_RIDGE)
 
 

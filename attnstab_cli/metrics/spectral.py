@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from attnstab_cli.metrics.threads import single_threaded
 
 EXACT_MAX_DIM = 4096
 
@@ -53,7 +54,8 @@ def _as_stack(w: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 def singular_values(w: torch.Tensor) -> torch.Tensor:
     """All ``min(m, n)`` singular values of ``w [..., m, n]``, descending, float64: ``[..., min(m, n)]``."""
-    return torch.linalg.svdvals(w.to(torch.float64))
+    with single_threaded():
+        return torch.linalg.svdvals(w.to(torch.float64))
 
 
 def condition_number(w: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
@@ -174,7 +176,8 @@ def spectral_norm(w: torch.Tensor, *, rtol: float = 1e-6, max_iter: int = 100, m
         return SpectralNorm(zeros.reshape(batch), zeros.reshape(batch), torch.ones_like(zeros, dtype=torch.bool)
                             .reshape(batch), "svd")
     if min(stack.shape[-2:]) <= exact_max_dim:
-        s = torch.linalg.svdvals(stack)[..., 0]                                  # [N]
+        with single_threaded():
+            s = torch.linalg.svdvals(stack)[..., 0]                              # [N]
         return SpectralNorm(s.reshape(batch), s.reshape(batch), torch.ones_like(s, dtype=torch.bool).reshape(batch),
                             "svd")
     lower, _, iters = power_iteration(stack, rtol=rtol, max_iter=max_iter, seed=seed)

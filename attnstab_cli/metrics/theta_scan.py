@@ -5,7 +5,7 @@ Per (layer, batch):
 1. **Full coverage.** One pass of the row statistics over the keys per query block, vectorised over rows and heads,
    on the layer's device (fused Triton kernel on CUDA, the chunked torch reference elsewhere): p_max, 1 − p_max,
    entropy, θ exactly where p_max ≥ ½, and elsewhere θ_lo the best of the streaming bound and the O(n) natural-order
-   subsets (§3.5), θ_hi = 1. Each path states how far its logits' rounding can move θ (``RowStats.theta_err``: 0 for
+   subsets (§3.5), θ_hi the cardinality bound from n, p_max and p_min (1 unless no subset can reach mass ½). Each path states how far its logits' rounding can move θ (``RowStats.theta_err``: 0 for
    float64 logits); that amount widens the row's interval.
 2. **Refinement.** Every row with n ≤ 20 keys that is not yet exact (A1 is cheap there) and up to ``rows_per_head``
    rows per head and sequence still wider than ``tol`` (a seeded random choice when more qualify, so means stay
@@ -125,7 +125,7 @@ class ThetaObserver:
                             window=a.window, kernel=o.kernel)
         err = st.theta_err                                                  # [B, H, T], logit rounding (§3.7)
         lo = (st.theta_lo - err).clamp_min(0.0).cpu()
-        hi = torch.where(st.theta_hi_stream >= 1.0, 1.0, (st.theta_hi_stream + err).clamp_max(1.0)).cpu()
+        hi = torch.where(st.theta_hi >= 1.0, 1.0, (st.theta_hi + err).clamp_max(1.0)).cpu()
         n_keys = st.n_keys.cpu()
         self._refine(a, lo, hi, n_keys)
         return RowValues(lo, hi, st.pmax.cpu().nan_to_num(0.0), st.entropy.cpu().nan_to_num(0.0),

@@ -25,6 +25,7 @@ from attnstab_cli.metrics.spectral import norm_2_to_inf, singular_values, spectr
 from attnstab_cli.model.config import ModelConfig, RopeConfig
 from attnstab_cli.model.rope import apply_rope, compute_inv_freq
 from attnstab_cli.model.weights import LayerWeights, NormWeights
+from attnstab_cli.metrics.threads import single_threaded
 
 F64 = torch.float64
 KAPPA_EFF_RIDGE = 1e-6                 # THEORY §13: kappa(W) = sigma_max / (sigma_min + 1e-6)
@@ -161,7 +162,8 @@ def _chunk_max_sigma(m: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     floor = torch.maximum(floor, lower.amax(dim=1))                              # [H]
     keep = upper * (1 + 1e-9) >= floor[:, None]                                  # [H, C]
     head = torch.arange(m.shape[0], device=m.device)[:, None].expand_as(keep)[keep]          # [S]
-    exact = scale[keep] * torch.linalg.eigvalsh(a[keep])[..., -1].clamp_min(0).sqrt()       # [S]
+    with single_threaded():
+        exact = scale[keep] * torch.linalg.eigvalsh(a[keep])[..., -1].clamp_min(0).sqrt()   # [S]
     return floor.scatter_reduce(0, head, exact, reduce="amax")
 
 
@@ -174,8 +176,9 @@ def compute_qk_norms(wq: torch.Tensor, wk: torch.Tensor, kv_of_head: torch.Tenso
     ``G_Q`` exactly as the model rotates a query (``x P = apply_rope(x)``). Offsets are vectorised in chunks and the
     maximum is exact (:func:`_chunk_max_sigma`). ``rope=None``: Delta = 0 only, i.e. ``||W^Q_h W^K_g^T||_2``.
     """
-    g_q = torch.linalg.qr(wq.to(F64), mode="r")[1]                                # [H, k, D]
-    g_k = torch.linalg.qr(wk.to(F64), mode="r")[1][kv_of_head]                    # [H, k, D]
+    with single_threaded():
+        g_q = torch.linalg.qr(wq.to(F64), mode="r")[1]                            # [H, k, D]
+        g_k = torch.linalg.qr(wk.to(F64), mode="r")[1][kv_of_head]                # [H, k, D]
     g_kt = g_k.transpose(-1, -2).unsqueeze(1)                                     # [H, 1, D, k]
     if rope is None:
         return torch.linalg.matrix_norm(g_q @ g_kt.squeeze(1), ord=2)             # [H]

@@ -31,7 +31,7 @@ from torch import Tensor
 from attnstab_cli.model.masks import compute_allowed
 
 __all__ = ["FLOAT_FIELDS", "RowStats", "attn_row_stats_ref", "check_row_stats_inputs", "compute_key_band",
-           "compute_prefix_crossing", "compute_theta_fields"]
+           "compute_prefix_crossing", "compute_theta_fields", "compute_theta_hi_count"]
 
 # Budget for one chunk of logits, in elements (B · H · block_q · T_k): 4 MiB per float32 temporary, 8 MiB in float64.
 _CHUNK_ELEMENTS = 1 << 20
@@ -52,6 +52,7 @@ class RowStats:
     theta_prefix: Tensor  # §3.5: natural-order prefix crossing (a concrete subset, so a lower bound)
     theta_prefix_plus: Tensor  # the crossing's lower prefix plus the one later key closing its gap best (≥ prefix)
     theta_lo: Tensor  # best certified lower bound: exact if pmax ≥ ½, else max(theta_lo_stream, theta_prefix_plus)
+    theta_hi: Tensor  # best certified upper bound: exact if pmax ≥ ½, else the cardinality bound (≤ 1)
     n_keys: Tensor  # int32 count of unmasked keys
     theta_err: Tensor  # bound on how far the logits' rounding moves θ of the row: 0 for float64 logits (§3.7)
 
@@ -90,9 +91,10 @@ def compute_prefix_crossing(p: Tensor) -> tuple[Tensor, Tensor]:
 
     j* is the first key with c_{j*} = Σ_{j≤j*} p_j ≥ ½ (cumulative sums in float64). The prefixes {j < j*} and
     {j ≤ j*} are concrete subsets, each evaluated as 4PQ/(P+Q)² with P = c_{j*−1} or c_{j*} and Q the mass after
-    them summed on its own, so 1 − c never cancels. The completion adds to {j < j*} the one later key r > j* whose p_r is closest to
-    the gap ½ − c_{j*−1} (first such key on ties): another concrete subset, and on diffuse rows the gap then falls
-    from O(p_max) to about the spacing of the p_j. Rows without a crossing (no keys) give 0.
+    them summed on its own, so 1 − c never cancels. Two completions, each a concrete subset: add to {j < j*} the one
+    later key r > j* whose p_r is closest to the gap ½ − c_{j*−1}, and remove from {j ≤ j*} the key a < j* whose p_a
+    is closest to its excess c_{j*} − ½ (first such key on ties). On diffuse rows the discrepancy then falls from
+    O(p_max) to about the spacing of the p_j. Rows without a crossing (no keys) give 0.
     """
     f64 = torch.float64
     n = p.shape[-1]
@@ -114,7 +116,14 @@ def compute_prefix_crossing(p: Tensor) -> tuple[Tensor, Tensor]:
     has_r = found & torch.isfinite(miss.gather(-1, r)).squeeze(-1)
     p_r = p.gather(-1, r).to(f64)  # [..., 1]
     plus = (4.0 * (p_before + p_r) * (p_at + (p_after - p_r).clamp_min(0.0)) / norm).squeeze(-1)
-    return prefix, torch.maximum(prefix, torch.where(has_r, plus, 0.0))
+    excess = (p_before + p_at - 0.5).to(p.dtype)  # [..., 1] mass {j ≤ j*} holds beyond ½
+    miss = (p - excess).abs_().masked_fill_(~(torch.arange(n, device=p.device) < j_star), math.inf)  # j < j*
+    a = miss.argmin(dim=-1, keepdim=True)  # [..., 1]
+    has_a = found & torch.isfinite(miss.gather(-1, a)).squeeze(-1)
+    p_a = p.gather(-1, a).to(f64)
+    minus = (4.0 * ((p_before - p_a).clamp_min(0.0) + p_at) * (p_after + p_a) / norm).squeeze(-1)
+    best_plus = torch.maximum(torch.where(has_r, plus, 0.0), torch.where(has_a, minus, 0.0))
+    return prefix, torch.maximum(prefix, best_plus)
 
 
 def compute_theta_fields(z: Tensor, theta_prefix: Tensor, n_keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -136,6 +145,7 @@ def _stats_chunk(s: Tensor, allowed: Tensor) -> dict[str, Tensor]:
     Masked logits become a huge finite negative number rather than −inf, so e = 0 and e·(s − m) = 0 need no extra
     pass; rows without any key are overwritten by the empty-row conventions at the end.
     """
+    s_min = s.masked_fill(~allowed, math.inf).amin(-1)  # [B, H, T_chunk] smallest allowed logit
     s.masked_fill_(~allowed, _MASKED)  # [B, H, T_chunk, T_k]
     n_keys = allowed.sum(-1, dtype=torch.int32).expand(s.shape[:-1])  # [B, H, T_chunk]
     empty = n_keys == 0
@@ -153,6 +163,8 @@ def _stats_chunk(s: Tensor, allowed: Tensor) -> dict[str, Tensor]:
     prefix, plus = (torch.where(short, 0.0, x) for x in compute_prefix_crossing(p))
     lo_stream, hi_stream, lo = compute_theta_fields(z, plus, n_keys)
     m = m.squeeze(-1)
+    pmin = torch.exp(s_min - m) / one_z  # [B, H, T_chunk]
+    hi = torch.where(hi_stream >= 1.0, compute_theta_hi_count(1.0 / one_z, pmin, n_keys), hi_stream)
     nan = torch.full_like(z, math.nan)
     return {
         "row_max": torch.where(empty, -math.inf, m),
@@ -165,8 +177,35 @@ def _stats_chunk(s: Tensor, allowed: Tensor) -> dict[str, Tensor]:
         "theta_prefix": prefix,
         "theta_prefix_plus": plus,
         "theta_lo": lo,
+        "theta_hi": torch.where(n_keys <= 1, 0.0, hi),
         "n_keys": n_keys.contiguous(),
     }
+
+
+def compute_theta_hi_count(pmax: Tensor, pmin: Tensor, n_keys: Tensor) -> Tensor:
+    """Upper bound on θ from the key count and the extreme probabilities alone (no sort), float64 `# [...]`.
+
+    A subset of k of the n keys has mass in [L_k, U_k] with L_k = max(k·p_min, 1 − (n−k)·p_max) and
+    U_k = min(k·p_max, 1 − (n−k)·p_min), both non-decreasing in k. So the k with U_k < ½ form a prefix ending at k1,
+    those with L_k > ½ a suffix starting at k2; if k2 = k1 + 1 no subset reaches mass ½ and
+    g = min(½ − U_{k1}, L_{k2} − ½) > 0 bounds every |p(S) − ½| from below: θ ≤ 1 − 4g² (§2.1). Tight on the
+    near-uniform rows with an odd number of keys, where θ ≈ 1 − 1/n² and no subset heuristic narrows θ_hi = 1.
+    A margin of 16·n·2⁻⁵³ on g covers the rounding of these few float64 operations; otherwise 1.
+    """
+    f64 = torch.float64
+    n = n_keys.to(f64)
+    pmax, pmin = pmax.to(f64), pmin.to(f64).clamp_min(1e-300)  # p_min = 0 leaves only the p_max conditions
+    # k1 = largest k with U_k < ½: k·p_max < ½ or (n − k)·p_min > ½
+    k1 = torch.maximum(torch.ceil(0.5 / pmax) - 1.0, torch.ceil(n - 0.5 / pmin) - 1.0)
+    k1 = torch.minimum(k1.clamp_min(-1.0), n)
+    # k2 = smallest k with L_k > ½: k·p_min > ½ or (n − k)·p_max < ½
+    k2 = torch.minimum(torch.floor(0.5 / pmin) + 1.0, torch.floor(n - 0.5 / pmax) + 1.0)
+    k2 = torch.minimum(k2.clamp_min(0.0), n + 1.0)
+    u = torch.minimum(k1 * pmax, 1.0 - (n - k1) * pmin)
+    lo = torch.maximum(k2 * pmin, 1.0 - (n - k2) * pmax)
+    g = torch.minimum(0.5 - u, lo - 0.5) - 16.0 * n * 2.0 ** -53
+    ok = (k2 == k1 + 1.0) & (k1 >= 0.0) & (k2 <= n) & (g > 0.0) & (n >= 2)
+    return torch.where(ok, 1.0 - 4.0 * g * g, 1.0)
 
 
 def compute_key_band(i0: int, i1: int, t_q: int, t_k: int, causal: bool, window: int | None) -> tuple[int, int]:
