@@ -7,12 +7,14 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 # Columns each version added, per table (what a reader fills with null for an older report). Version 2 added no
 # column: its manifest gained the weight fingerprint, the calibration source hash and per-stage timings, and each
 # Parquet file's metadata the tool version, checkpoint fingerprint, family, calibration id, seed, device, versions.
 # Version 3 added the optional curvature table (``scan --curvature``); older reports simply have none.
-SCHEMA_HISTORY: dict[str, dict[str, tuple[str, ...]]] = {"1": {}, "2": {}, "3": {}}
+# Version 4 added no column: ``theta_paper_mean`` became the mean over a seeded sample of rows on the CPU (every row
+# on CUDA; the manifest's run.theta.paper_rows says which), where it had been over every row.
+SCHEMA_HISTORY: dict[str, dict[str, tuple[str, ...]]] = {"1": {}, "2": {}, "3": {}, "4": {}}
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,9 @@ HEAD_COLUMNS: tuple[Column, ...] = (
     Column("theta_exact_frac", F64, "fraction", "fraction of rows with width <= 1e-12"),
     Column("theta_tilde_lo", F64, "1", "max over ALL rows of theta_lo (lower end of the bracket of max theta)"),
     Column("theta_tilde_hi", F64, "1", "max over ALL rows of theta_hi (used by the Lipschitz bounds)"),
-    Column("theta_paper_mean", F64, "1", "mean of the paper's sorted-prefix estimate (not a bound; comparability)"),
+    Column("theta_paper_mean", F64, "1", "mean of the paper's sorted-prefix estimate (not a bound; comparability): "
+           "over every row on CUDA, over a seeded sample of 32 rows per head and sequence on the CPU "
+           "(manifest run.theta.paper_rows)"),
     Column("pmax_mean", F64, "probability", "mean largest attention probability"),
     Column("pmax_max", F64, "probability", "largest attention probability of any aggregated row"),
     Column("peaked_frac", F64, "fraction", "fraction of rows with p_max >= 1/2 (theta exact there)"),
