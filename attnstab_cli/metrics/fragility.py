@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnstab_cli.model.masks import compute_allowed
 from attnstab_cli.model.traces import LayerTrace
 from attnstab_cli.metrics.threads import single_threaded
+from attnstab_cli.reference.attention_rows import compute_row_logits
 
 F64 = torch.float64
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,22 +107,14 @@ class FragilityObserver:
         a = trace.attn
         b, h, t = a.q.shape[:3]
         picks = torch.randperm(b * h * t, generator=self.gen)[:min(self.rows_per_batch, b * h * t)]
-        group = h // a.k.shape[1]
-        out: list[float] = []
-        for bh in torch.unique(picks // t).tolist():
-            bi, hi = divmod(bh, h)
-            rows = (picks[picks // t == bh] % t).tolist()
-            pad = a.key_padding_mask[bi:bi + 1] if a.key_padding_mask is not None else None
-            allowed = torch.cat([compute_allowed(i, i + 1, t, a.k.shape[2], causal=a.causal, window=a.window,
-                                                 key_padding_mask=pad, device=a.q.device)[0, 0] for i in rows])
-            s = a.scale * a.q[bi, hi, rows].to(F64) @ a.k[bi, hi // group].to(F64).T      # [r, T_k]
-            s = s.masked_fill(~allowed, -math.inf)
-            p = torch.softmax(s, dim=-1).nan_to_num(0.0)                                # [r, T_k]
-            keep = allowed.any(-1)
-            lam = compute_softmax_lambda_max(p[keep])
-            s_norm = torch.where(allowed, s, 0.0)[keep].norm(dim=-1)
-            out.extend((lam * s_norm / p[keep].norm(dim=-1)).cpu().tolist())
-        return out
+        bi, hi, ti = picks // (h * t), picks // t % h, picks % t
+        s, allowed = compute_row_logits(a.q, a.k, a.scale, bi, hi, ti, causal=a.causal, window=a.window,
+                                        key_padding_mask=a.key_padding_mask)          # [r, T_k] float64
+        keep = allowed.any(-1)
+        p = torch.softmax(s[keep], dim=-1)                                             # [r', T_k]
+        lam = compute_softmax_lambda_max(p)
+        s_norm = torch.where(allowed[keep], s[keep], 0.0).norm(dim=-1)
+        return (lam * s_norm / p.norm(dim=-1)).cpu().tolist()
 
     def records(self, layers: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Per-layer NF records (needs ``wo_full_norm``, ``kappa_eff``, ``ffn_w1_norm``, ``ffn_w2_norm`` of
