@@ -25,6 +25,7 @@ from attnstab_cli.metrics.gradients import GradientFlow
 from attnstab_cli.metrics.lipschitz_scan import LipschitzObserver
 from attnstab_cli.metrics.magnitudes import MagnitudeObserver
 from attnstab_cli.metrics.sensitivity import ScaleObserver, compute_sensitivity
+from attnstab_cli.metrics.spectral import shared_spectra
 from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions, resolve_paper_rows
 from attnstab_cli.metrics.weights_scan import WeightObserver
 from attnstab_cli.model.load import OpenModel, open_model
@@ -113,10 +114,11 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     if 0 in wanted:
         kept[0] = list(stream.hidden)             # a copy of the list: the stream replaces its entries
     for trace in stream.layers():
-        for name, obs in observers.items():
-            t = time.perf_counter()
-            obs.observe(trace)
-            spent[name] += time.perf_counter() - t
+        with shared_spectra():                    # the layer's weight norms are computed once for all observers
+            for name, obs in observers.items():
+                t = time.perf_counter()
+                obs.observe(trace)
+                spent[name] += time.perf_counter() - t
         if trace.layer + 1 in wanted:             # traces come layer-major, batch-minor
             kept.setdefault(trace.layer + 1, []).append(trace.resid_out.detach())
         if on_progress and trace.batch == len(calib.batches) - 1:

@@ -1,8 +1,9 @@
 """Fused Triton kernel: per-row softmax statistics of attention without the attention matrix (THEORY §3.5, §3.7).
 
-Flash-attention style: one program owns BLOCK_Q query rows of one (batch, head) and walks the key blocks twice,
+Flash-attention style: one program owns BLOCK_Q query rows of one (batch, head) and walks the key blocks three times,
 keeping O(BLOCK_Q) state per program, so memory is O(B · H · T_q) and the T_q × T_k matrix never exists.
-Pass 1 runs the online update of §3.5; pass 2 knows the log-sum-exp and finds the natural-order prefix crossing.
+Pass 1 runs the online update of §3.5; pass 2 knows the log-sum-exp and finds the natural-order prefix crossing and
+its adding completion; pass 3 knows the crossing and finds the removing completion.
 `attn_row_stats` shares its signature and its `RowStats` with `attnstab_cli.reference.row_stats.attn_row_stats_ref`,
 the plain-torch reference the tests hold it to.
 """
@@ -247,9 +248,10 @@ def _attn_row_stats_kernel(
         q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window,
         lse64, BLOCK_Q, BLOCK_K, BLOCK_D, IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
     excess = p_before + p_at - 0.5
-    p_a, a_miss = _removal_pass(q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset,
-                        scale, window, lse64, tl.where(found != 0, j_abs, -1), excess, BLOCK_Q, BLOCK_K, BLOCK_D,
-                        IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
+    p_a, a_miss = _removal_pass(
+        q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window,
+        lse64, tl.where(found != 0, j_abs, -1), excess, BLOCK_Q, BLOCK_K, BLOCK_D, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+        UPCAST, ACC, INPUT_PRECISION)
 
     total = p_before + p_at + p_after
     norm = tl.where(total > 0.0, total * total, 1.0)

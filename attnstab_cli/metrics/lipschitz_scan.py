@@ -1,12 +1,12 @@
-"""Lipschitz bounds of every layer in the three tiers, streamed (THEORY §7, §8; issue 4, item 2).
+"""Lipschitz bounds of every layer in the three tiers, streamed (THEORY §7, §8).
 
-Tier 1 and the head norms once per layer from the weights (θ = 1, global norm constants, the magnitude-reset
-radius); tier 2 and 2r at every calibration sequence, with θ̃_h = max θ_hi over that sequence's rows (from the θ pass
-of the same trace), the measured radius and the local norm constants; tier 3, the certified empirical lower bound
-by alternating maximisation, on the first ``empirical_seqs`` sequences: searched in float32 on a causal prefix
-within about one forward pass of the layer, certified by one float64 jvp (§8.3 "Budget"), with the tightness ratios
-of §8.4 (a ratio above 1 + tolerance is an error: a bound used outside its hypotheses). Columns report the max over sequences; the model
-totals are the products over layers (and their logs): tier 1, and max over sequences of the tier-2 product.
+Tier 1 and the head norms once per layer from the weights (θ = 1, global norm constants, the magnitude-reset radius);
+tier 2 and 2r at every calibration sequence, with θ̃_h = max θ_hi over that sequence's rows (from the θ pass of the same
+trace), the measured radius and the local norm constants; tier 3, the certified empirical lower bound by alternating
+maximisation, on the first ``empirical_seqs`` sequences: searched in float32 on a causal prefix within about one forward
+pass of the layer, certified by one float64 jvp (§8.3 "Budget"), with the tightness ratios of §8.4 (a ratio above 1 +
+tolerance is an error: a bound used outside its hypotheses). Columns report the max over sequences; the model totals are
+the products over layers (and their logs): tier 1, and max over sequences of the tier-2 product.
 """
 from __future__ import annotations
 

@@ -20,7 +20,10 @@ always computed with one float64 SVD. ``||W||_{2->inf}`` (THEORY §6.2) is the l
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 from attnstab_cli.metrics.threads import single_threaded
@@ -52,10 +55,42 @@ def _as_stack(w: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return w.reshape(-1, *w.shape[-2:]).to(torch.float64), batch
 
 
+_SHARED: ContextVar[dict[tuple, tuple[torch.Tensor, Any]] | None] = ContextVar("attnstab_shared_spectra",
+                                                                               default=None)
+
+
+@contextmanager
+def shared_spectra() -> Iterator[None]:
+    """Within the block, each weight tensor's SVD and spectral norm are computed once and shared by every caller.
+
+    One layer's metrics ask for the same norms several times (weight columns, head norms, tier 1, the per-token FFN
+    bound); the scan wraps each trace's metrics in this block. Entries are keyed by the tensor object and its version
+    counter and keep the tensor alive, so an id is never reused while its entry exists; the block's end drops them.
+    """
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _shared(kind: tuple, w: torch.Tensor, compute: Callable[[], Any]) -> Any:
+    cache = _SHARED.get()
+    if cache is None:
+        return compute()
+    key = (kind, id(w), w._version, tuple(w.shape), w.dtype, str(w.device))
+    if key not in cache:
+        cache[key] = (w, compute())
+    return cache[key][1]
+
+
 def singular_values(w: torch.Tensor) -> torch.Tensor:
     """All ``min(m, n)`` singular values of ``w [..., m, n]``, descending, float64: ``[..., min(m, n)]``."""
-    with single_threaded():
-        return torch.linalg.svdvals(w.to(torch.float64))
+    def compute() -> torch.Tensor:
+        with single_threaded():
+            return torch.linalg.svdvals(w.to(torch.float64))
+
+    return _shared(("svdvals",), w, compute)
 
 
 def condition_number(w: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
@@ -170,14 +205,19 @@ def spectral_norm(w: torch.Tensor, *, rtol: float = 1e-6, max_iter: int = 100, m
     ``certify=False`` on the power path skips the Gram squarings and reports the cheap rigorous upper bound
     ``min(||W||_F, sqrt(||W||_1 ||W||_inf))``; ``certified`` is then true only where that bound already meets ``rtol``.
     """
+    kind = ("spectral_norm", rtol, max_iter, max_squarings, exact_max_dim, certify, seed)
+    return _shared(kind, w, lambda: _spectral_norm(w, rtol, max_iter, max_squarings, exact_max_dim, certify, seed))
+
+
+def _spectral_norm(w: torch.Tensor, rtol: float, max_iter: int, max_squarings: int, exact_max_dim: int,
+                   certify: bool, seed: int) -> SpectralNorm:
     stack, batch = _as_stack(w)                                                  # [N, m, n]
     if stack.shape[0] == 0 or min(stack.shape[-2:]) == 0:
         zeros = torch.zeros(stack.shape[0], dtype=torch.float64, device=stack.device)
         return SpectralNorm(zeros.reshape(batch), zeros.reshape(batch), torch.ones_like(zeros, dtype=torch.bool)
                             .reshape(batch), "svd")
     if min(stack.shape[-2:]) <= exact_max_dim:
-        with single_threaded():
-            s = torch.linalg.svdvals(stack)[..., 0]                              # [N]
+        s = singular_values(w).reshape(-1, min(stack.shape[-2:]))[..., 0]        # [N]
         return SpectralNorm(s.reshape(batch), s.reshape(batch), torch.ones_like(s, dtype=torch.bool).reshape(batch),
                             "svd")
     lower, _, iters = power_iteration(stack, rtol=rtol, max_iter=max_iter, seed=seed)

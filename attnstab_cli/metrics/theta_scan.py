@@ -5,12 +5,13 @@ Per (layer, batch):
 1. **Full coverage.** One pass of the row statistics over the keys per query block, vectorised over rows and heads,
    on the layer's device (fused Triton kernel on CUDA, the chunked torch reference elsewhere): p_max, 1 − p_max,
    entropy, θ exactly where p_max ≥ ½, and elsewhere θ_lo the best of the streaming bound and the O(n) natural-order
-   subsets (§3.5), θ_hi the cardinality bound from n, p_max and p_min (1 unless no subset can reach mass ½). Each path states how far its logits' rounding can move θ (``RowStats.theta_err``: 0 for
-   float64 logits); that amount widens the row's interval.
+   subsets (§3.5), θ_hi the cardinality bound from n, p_max and p_min (1 unless no subset can reach mass ½). Each path
+   states how far its logits' rounding can move θ (``RowStats.theta_err``: 0 for float64 logits); that amount widens the
+   row's interval.
 2. **Refinement.** Rows still wider than ``tol``: all with n ≤ 20 keys and up to ``rows_per_head`` others per head
-   and sequence (a seeded random choice when more qualify, so means stay unbiased; ``None`` refines every wide row)
-   are recomputed in float64 from the recorded q, k, batched, and get A1 (n ≤ 20) or A2 + A3. ``tol = 0`` refines
-   every row not yet exact.
+   and sequence (a seeded random choice when more qualify, so means stay unbiased; ``None`` refines every wide row) are
+   recomputed in float64 from the recorded q, k, batched, and get A1 (n ≤ 20) or A2 + A3. ``tol = 0`` refines every row
+   not yet exact.
 3. **The paper's estimator** A5 needs a sort: computed on every row on an accelerator, on a seeded sample of
    ``paper_rows`` rows per head and sequence on the CPU (the paper itself sampled rows, App. E.1).
 4. **Slack and aggregation.** θ_lo − slack, θ_hi + slack (``theta_slack``, §3.1), then a mergeable per-head summary;

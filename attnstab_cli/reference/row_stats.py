@@ -2,20 +2,21 @@
 
 For every query row of every head the scan needs the softmax's largest probability, its entropy and certified bounds on
 the balanced-mass factor θ (Definition 4.1), without ever keeping the attention matrix. This module computes them the
-slow, clear way: query blocks of full logit rows, all in float64 (§3.7: float32 products are exact there, so the
-logits carry no rounding to cover, and neither the exponentials nor the sums over keys lose anything the slack
-would have to absorb). Only the recorded q, k carry their compute dtype's rounding. The fused Triton kernel `attnstab_kernels.row_stats.attn_row_stats`
-streams the same quantities with the online update of §3.5 and must agree with `attn_row_stats_ref` (same signature,
-same `RowStats`).
+slow, clear way: query blocks of full logit rows, all in float64 (§3.7: float32 products are exact there, so the logits
+carry no rounding to cover, and neither the exponentials nor the sums over keys lose anything the slack would have to
+absorb). Only the recorded q, k carry their compute dtype's rounding. The fused Triton kernel
+`attnstab_kernels.row_stats.attn_row_stats` streams the same quantities with the online update of §3.5 and must agree
+with `attn_row_stats_ref` (same signature, same `RowStats`).
 
 Closed forms in terms of z = z_rest = Σ_{j≠argmax} e^{s_j − max s} (every one cancellation-free, §3.1, §3.5):
   p_max = 1/(1+z),  1 − p_max = z/(1+z),  lse = max s + log1p(z),  H = log1p(z) − t/(1+z) with t = Σ_j e^{s_j−m}(s_j−m);
   p_max ≥ ½ (z ≤ 1): θ = 4 p_max q/(p_max+q)² = 4z/(1+z)² exactly (§2.3, §3.3.1);
   p_max < ½ (z > 1): θ ≥ max{4 p_max(1−p_max), 1 − p_max²} = z·max(4, z+2)/(1+z)² and θ ≤ 1 (§2.4.3).
 The natural-order prefix crossing (§2.4.2, §3.5) evaluates the two key-order prefixes around the first c_j ≥ ½ as
-concrete subsets, 4PQ/(P+Q)² with P and Q accumulated separately; its O(n) completion adds the one later key that
-best fills the lower prefix's gap (another concrete subset, no sort). Keys outside the causal / window band of a
-query block are never scored.
+concrete subsets, 4PQ/(P+Q)² with P and Q accumulated separately; its two O(n) completions (add one later key, remove
+one earlier key) are further concrete subsets, and the cardinality bound (:func:`compute_theta_hi_count`) an upper
+bound below 1 where no subset can reach mass ½; none needs a sort. Keys outside the causal / window band of a query
+block are never scored.
 
 Conventions: a row with n_keys = 0 (fully masked) has row_max = lse = −inf, p_max, 1 − p_max and entropy NaN (not
 applicable), n_keys = 0 and all θ fields 0; rows with n_keys ≤ 1 have θ = 0 (§3.1).
