@@ -1,0 +1,476 @@
+"""CPU cost of a whole ``attnstab scan`` against what a user would otherwise run, as ratios from ONE run on one machine.
+
+Why: the issue sets budgets on what a scan costs relative to running the model at all (a real-size LLaMA-family
+model on the CPU: at most 3x the wall time and 1.5x the peak RSS of a plain ``transformers`` forward pass over the
+same tokens), relative to the plain θ script (transformers eager + ``output_attentions=True`` + sort-based θ: attnstab
+at least 5x faster and at most 1/5 of its peak RSS), and in absolute terms (the README's first command within 20 s on
+2 cores; an 8192-token scan under 4 GB). This script measures all of them in one run so each ratio compares figures
+taken on the same machine, tokens and thread count.
+
+Every measurement is a fresh subprocess timed from process start to exit (Python start, imports, loading and, for
+the scan, the report written): peak RSS is that process's own ``ru_maxrss`` from ``os.wait4``, so it belongs to that
+measurement alone. The scan runs through the venv's ``attnstab`` entry point with default options, except
+``--tokens FILE`` and an explicit ``--batch-size`` (equal to the default, 4) so the plain baseline can run exactly
+the same batches. Random-weight checkpoints are written by ``transformers`` into temporary directories (removed at
+the end). A subprocess that runs past ``--timeout`` is killed and recorded as a failed figure.
+
+Figures (``--only NAME``): ``real_size`` (SmolLM2-135M-shaped LLaMA, 8x256 and 1x2048 tokens), ``plain_theta``
+(GPT-2-width 6-layer model, 2x1024), ``readme`` (the README's first command), ``memory`` (llama-tiny's architecture
+at 1x8192), ``threads`` (the 8x256 scan with 1 and all threads, idle and under load; ``--threads-study`` runs only
+this, ``--quick`` skips it).
+
+Run:  python bench/scan_cost.py [--quick] [--only NAME] [--threads-study] [--timeout 1800] [--out-json PATH]
+Writes bench/results/scan_cost_cpu.json and .md (the markdown table, also printed; ``--only NAME`` writes
+scan_cost_cpu_NAME.json/.md instead) after every figure and, with the thread study, bench/results/scan_threads_cpu.json
+and .md. The whole run takes about 30 min on 2 busy cores at the time of writing. Never run as a test. MB here means
+MiB (2^20 bytes).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+SCAN_BATCH_SIZE = 4  # attnstab scan's default --batch-size, passed explicitly so the baselines batch identically
+
+# SmolLM2-135M's configuration (HuggingFaceTB/SmolLM2-135M config.json), random weights.
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_act="silu",
+                    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192,
+                    bos_token_id=0, eos_token_id=0)
+# GPT-2-small width, 6 layers, GPT-2's own vocabulary size.
+GPT2_6L = dict(n_layer=6, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
+LLAMA_TINY = ROOT / "sample_checkpoints" / "llama-tiny"
+GPT2_TINY = ROOT / "sample_checkpoints" / "gpt2-tiny"
+
+
+# ----------------------------------------------------------------------------------------------- child processes
+
+def child_build(kind: str, directory: Path) -> dict:
+    """Write a seeded random-weight checkpoint of ``kind`` to ``directory`` (safetensors)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "smollm2-135m":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_135M))
+    elif kind == "gpt2-6l":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_6L))
+    elif kind == "llama-tiny-8k":
+        cfg = transformers.LlamaConfig.from_pretrained(LLAMA_TINY)
+        cfg.max_position_embeddings = 8192
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(directory, safe_serialization=True)
+    return {"kind": kind, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def sorted_theta_head_means(p: Any) -> Any:
+    """Sort-based θ estimate of every row of ``p`` [B, H, n, n], mean over batch and rows: [H]."""
+    c = p.sort(dim=-1, descending=True).values.cumsum(-1)
+    k = (c - 0.5).abs().argmin(dim=-1, keepdim=True)
+    ck = c.gather(-1, k).squeeze(-1)
+    return (4 * ck * (1 - ck)).mean(dim=(0, 2))
+
+
+def child_plain(model_dir: Path, tokens: Path, batch_size: int, theta: bool) -> dict:
+    """The baseline a user would write: a float32 ``transformers`` forward over the tokens in ``batch_size`` rows
+    (SDPA), or with ``theta`` eager attention, ``output_attentions=True`` and the sort-based θ per head."""
+    t0 = time.perf_counter()
+    import numpy as np
+    import torch
+    import transformers
+
+    t1 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, attn_implementation="eager" if theta else "sdpa", dtype=torch.float32).eval()
+    ids = torch.from_numpy(np.load(tokens, allow_pickle=False)).long()
+    t2 = time.perf_counter()
+    sums = None
+    with torch.no_grad():
+        for batch in ids.split(batch_size):
+            out = model(batch, output_attentions=theta)
+            if theta:
+                means = torch.stack([sorted_theta_head_means(p) for p in out.attentions]) * batch.shape[0]
+                sums = means if sums is None else sums + means
+            del out
+    t3 = time.perf_counter()
+    res = {"import_s": t1 - t0, "load_s": t2 - t1, "forward_s": t3 - t2, "torch_threads": torch.get_num_threads(),
+           "tokens": list(ids.shape), "attn_implementation": "eager" if theta else "sdpa"}
+    if theta:
+        res["theta_sorted_head_means"] = [[round(float(v), 6) for v in row] for row in sums / ids.shape[0]]
+    return res
+
+
+def child_main(argv: list[str]) -> int:
+    mode, *rest = argv
+    if mode == "--_build":
+        res = child_build(rest[0], Path(rest[1]))
+    elif mode in ("--_plain", "--_plain-theta"):
+        res = child_plain(Path(rest[0]), Path(rest[1]), int(rest[2]), theta=mode == "--_plain-theta")
+    else:
+        raise SystemExit(f"unknown child mode {mode}")
+    print(json.dumps(res))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- measurement
+
+@dataclass
+class Run:
+    """One subprocess: wall time from start to exit, its own peak RSS, exit status."""
+
+    cmd: list[str]
+    wall_s: float
+    peak_rss_mb: float
+    rc: int | None
+    timed_out: bool
+    stdout: str = ""
+    stderr_tail: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0 and not self.timed_out
+
+    def record(self) -> dict:
+        rec = {"cmd": shlex.join(self.cmd), "wall_s": round(self.wall_s, 3), "peak_rss_mb": round(self.peak_rss_mb, 1),
+               "rc": self.rc, "timed_out": self.timed_out, **self.extra}
+        if not self.ok:
+            rec["stderr_tail"] = self.stderr_tail
+        return rec
+
+
+def measure(cmd: list[str], env: dict[str, str], timeout: float) -> Run:
+    """Run ``cmd`` in its own session; kill its process group after ``timeout`` s. Peak RSS from ``os.wait4``."""
+    fired = threading.Event()
+
+    def kill() -> None:
+        fired.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT, start_new_session=True)
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            kill()
+            proc.wait()
+            raise
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    return Run(cmd, wall, usage.ru_maxrss / 1024, proc.returncode, fired.is_set(), stdout, stderr[-2000:],
+               {"loadavg_1min_before": round(load, 2)})
+
+
+@contextlib.contextmanager
+def cpu_load(n: int) -> Iterator[list[int]]:
+    """``n`` busy-loop Python processes (one per core) for the duration of the block, killed by pid afterwards."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(n)]
+    time.sleep(1.0)  # let them reach the spin loop before the measurement starts
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+@dataclass
+class Ctx:
+    """What every figure needs: options, the thread count, the child environment, where to write."""
+
+    timeout: float
+    threads: int
+    seed: int
+    tmp: Path
+    scan_cmd: list[str]
+    threads_model: str = "smollm2-135m"
+
+    def env(self, threads: int | None = None) -> dict[str, str]:
+        n = str(threads or self.threads)
+        return {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+
+
+def attnstab_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "attnstab"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "attnstab_cli"]
+
+
+def build(ctx: Ctx, kind: str) -> tuple[Path, dict]:
+    """Write checkpoint ``kind`` under the run's temp dir (in a child, so this process stays small)."""
+    path = ctx.tmp / kind
+    out = subprocess.run([sys.executable, __file__, "--_build", kind, str(path)], env=ctx.env(), cwd=ROOT,
+                         check=True, capture_output=True, text=True)
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    info["config"] = json.loads((path / "config.json").read_text())
+    return path, info
+
+
+def make_tokens(ctx: Ctx, model_dir: Path, shape: tuple[int, int]) -> Path:
+    import numpy as np
+
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    ids = np.random.default_rng(ctx.seed).integers(0, vocab, size=shape, dtype=np.int64)
+    path = ctx.tmp / f"tokens_{model_dir.name}_{shape[0]}x{shape[1]}.npy"
+    np.save(path, ids)
+    return path
+
+
+def run_scan(ctx: Ctx, ckpt: Path, tokens: Path | None, threads: int | None = None,
+             extra: tuple[str, ...] = ("--batch-size", str(SCAN_BATCH_SIZE))) -> Run:
+    """``attnstab scan CKPT [--tokens FILE] --out OUT --force``; attaches the manifest's ``run.timings``."""
+    out = ctx.tmp / f"report_{ckpt.name}_{time.monotonic_ns()}"
+    cmd = [*ctx.scan_cmd, "scan", str(ckpt), *(["--tokens", str(tokens)] if tokens else []), "--out", str(out),
+           "--force", *extra]
+    run = measure(cmd, ctx.env(threads), ctx.timeout)
+    manifest = out / "manifest.json"
+    run.extra["out"] = str(out)
+    run.extra["timings"] = json.loads(manifest.read_text())["run"].get("timings") if run.ok else None
+    return run
+
+
+def run_plain(ctx: Ctx, model_dir: Path, tokens: Path, theta: bool = False) -> Run:
+    mode = "--_plain-theta" if theta else "--_plain"
+    run = measure([sys.executable, __file__, mode, str(model_dir), str(tokens), str(SCAN_BATCH_SIZE)], ctx.env(),
+                  ctx.timeout)
+    if run.ok:
+        run.extra["phases"] = json.loads(run.stdout.strip().splitlines()[-1])
+    return run
+
+
+def check(name: str, value: float | None, op: str, bound: float, unit: str = "") -> dict:
+    ok = value is not None and (value <= bound if op == "<=" else value >= bound if op == ">=" else value < bound)
+    return {"name": name, "value": None if value is None else round(value, 4), "budget": f"{op} {bound}{unit}",
+            "pass": bool(ok)}
+
+
+def ratio(a: Run, b: Run | None, attr: str) -> float | None:
+    if b is None or not (a.ok and b.ok):
+        return None
+    return getattr(a, attr) / getattr(b, attr)
+
+
+def record(name: str, what: str, shape: list[int] | None, measured: Run, baseline: Run | None, checks: list[dict],
+           ctx: Ctx, **extra: Any) -> dict:
+    return {"figure": name, "what": what, "tokens": shape, "threads": ctx.threads,
+            "measured": measured.record(), "baseline": baseline.record() if baseline else None,
+            "checks": checks, "pass": all(c["pass"] for c in checks) and measured.ok, **extra, "env": environment()}
+
+
+# ------------------------------------------------------------------------------------------------------ figures
+
+def fig_real_size(ctx: Ctx) -> list[dict]:
+    """1. SmolLM2-135M-shaped LLaMA: scan <= 3x the wall and <= 1.5x the peak RSS of a plain SDPA forward."""
+    model, info = build(ctx, "smollm2-135m")
+    recs = []
+    for shape in ((8, 256), (1, 2048)):
+        tokens = make_tokens(ctx, model, shape)
+        plain, scan = run_plain(ctx, model, tokens), run_scan(ctx, model, tokens)
+        checks = [check("ratio_wall", ratio(scan, plain, "wall_s"), "<=", 3),
+                  check("ratio_rss", ratio(scan, plain, "peak_rss_mb"), "<=", 1.5)]
+        recs.append(record(f"real_size_{shape[0]}x{shape[1]}",
+                           "attnstab scan (defaults) vs plain transformers SDPA float32 forward, whole processes",
+                           list(shape), scan, plain, checks, ctx, model={"kind": "smollm2-135m (random weights)",
+                                                                          "parameters": info["parameters"]}))
+    return recs
+
+
+def fig_plain_theta(ctx: Ctx) -> list[dict]:
+    """2. GPT-2-width 6 layers at 2x1024: attnstab >= 5x faster and <= 1/5 the peak RSS of the plain θ script."""
+    model, info = build(ctx, "gpt2-6l")
+    tokens = make_tokens(ctx, model, (2, 1024))
+    plain, scan = run_plain(ctx, model, tokens, theta=True), run_scan(ctx, model, tokens)
+    checks = [check("speedup_plain_over_scan", ratio(plain, scan, "wall_s"), ">=", 5),
+              check("ratio_rss_scan_over_plain", ratio(scan, plain, "peak_rss_mb"), "<=", 0.2)]
+    return [record("plain_theta_2x1024", "attnstab scan (defaults) vs transformers eager output_attentions=True + "
+                   "sort-based θ per row, float32, whole processes", [2, 1024], scan, plain, checks, ctx,
+                   model={"kind": "gpt2 6-layer, n_embd 768, 12 heads, vocab 50257 (random weights)",
+                          "parameters": info["parameters"]})]
+
+
+def fig_readme(ctx: Ctx) -> list[dict]:
+    """3. The README's first command (bundled corpus, all defaults) within 20 s, Python start included."""
+    scan = run_scan(ctx, GPT2_TINY, None, extra=())
+    plain = run_plain(ctx, GPT2_TINY, Path(scan.extra["out"]) / "tokens.npy") if scan.ok else None
+    checks = [check("wall_s", scan.wall_s if scan.ok else None, "<=", 20, " s")]
+    shape = list(plain.extra["phases"]["tokens"]) if plain and plain.ok else None
+    return [record("readme", "attnstab scan sample_checkpoints/gpt2-tiny --out DIR --force (absolute budget; the "
+                   "baseline, a plain SDPA forward on the scan's tokens.npy, is for context)", shape, scan, plain,
+                   checks, ctx, info={"ratio_wall_vs_plain": ratio(scan, plain, "wall_s")})]
+
+
+def fig_memory(ctx: Ctx) -> list[dict]:
+    """4. llama-tiny's architecture at 1x8192 tokens: the scan completes with peak RSS < 4 GB."""
+    model, info = build(ctx, "llama-tiny-8k")
+    tokens = make_tokens(ctx, model, (1, 8192))
+    scan = run_scan(ctx, model, tokens)
+    plain = run_plain(ctx, model, tokens)
+    checks = [check("peak_rss_mb", scan.peak_rss_mb if scan.ok else None, "<", 4096, " MB")]
+    return [record("memory_1x8192", "attnstab scan (defaults) of llama-tiny's architecture (random weights, "
+                   "max_position_embeddings 8192); absolute budget, plain SDPA forward for context", [1, 8192],
+                   scan, plain, checks, ctx, model={"kind": "llama-tiny-8k", "parameters": info["parameters"]},
+                   info={"ratio_rss_vs_plain": ratio(scan, plain, "peak_rss_mb")})]
+
+
+def fig_threads(ctx: Ctx) -> list[dict]:
+    """5. The 8x256 scan of ``--threads-model`` with 1 and ``--threads`` threads, idle and with a busy loop per core
+    (no budget: how much the default thread count loses when other work holds the cores)."""
+    model, info = build(ctx, ctx.threads_model)
+    tokens = make_tokens(ctx, model, (8, 256))
+    runs: dict[tuple[int, bool], Run] = {}
+    for load in (False, True):
+        for threads in (1, ctx.threads):
+            with cpu_load(os.cpu_count() or 1) if load else contextlib.nullcontext():
+                runs[(threads, load)] = run_scan(ctx, model, tokens, threads)
+    base = runs[(ctx.threads, False)]
+    what = (f"attnstab scan (defaults) of {ctx.threads_model} (random weights) on 8x256 tokens with OMP_NUM_THREADS="
+            f"MKL_NUM_THREADS=threads; load: {os.cpu_count()} busy-loop processes; baseline: {ctx.threads} threads, "
+            "idle")
+    recs = []
+    for (threads, load), run in runs.items():
+        ctx_t = replace(ctx, threads=threads)
+        recs.append(record(f"threads_{threads}_{'load' if load else 'idle'}", what, [8, 256], run, base, [], ctx_t,
+                           load=load, model={"kind": ctx.threads_model, "parameters": info["parameters"]},
+                           info={"ratio_wall_vs_default_idle": ratio(run, base, "wall_s")}))
+    return recs
+
+
+FIGURES: dict[str, Callable[[Ctx], list[dict]]] = {
+    "readme": fig_readme, "memory": fig_memory, "plain_theta": fig_plain_theta, "real_size": fig_real_size,
+    "threads": fig_threads}
+
+
+# ------------------------------------------------------------------------------------------------------- output
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.rstrip("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment() -> dict:
+    """Versions, machine and date; the commit plus the files then modified (others may be editing the tree)."""
+    dirty = _git("status", "--porcelain", "--", "attnstab_cli", "kernels")
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": _git("rev-parse", "--short", "HEAD"),
+            "git_modified": None if dirty is None else [line[3:] for line in dirty.splitlines()],
+            "python": platform.python_version(), "torch": _version("torch"), "transformers": _version("transformers"),
+            "attnstab": _version("attnstab"), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "machine": platform.processor() or platform.machine()}
+
+
+def _fmt(v: float | None, nd: int = 2) -> str:
+    return "—" if v is None else f"{v:.{nd}f}"
+
+
+def _status(m: dict) -> str:
+    return " (timeout)" if m["timed_out"] else f" (error rc={m['rc']})" if m["rc"] != 0 else ""
+
+
+def markdown(records: list[dict]) -> str:
+    """One table row per budget check (a figure without a budget gets one row with its ratio to the baseline)."""
+    lines = ["| figure | tokens | threads | scan s | baseline s | scan peak MB | baseline peak MB | check | value | "
+             "budget | pass |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        m, b = r["measured"], r["baseline"] or {}
+        checks = r["checks"] or [{"name": "wall / baseline wall", "value": r.get("info", {}).get(
+            "ratio_wall_vs_default_idle"), "budget": "—", "pass": None}]
+        for c in checks:
+            verdict = "—" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
+            lines.append(f"| {r['figure']} | {'x'.join(map(str, r['tokens'] or []))} | {r['threads']} | "
+                         f"{_fmt(m['wall_s'], 1)}{_status(m)} | {_fmt(b.get('wall_s'), 1)} | "
+                         f"{_fmt(m['peak_rss_mb'], 0)} | {_fmt(b.get('peak_rss_mb'), 0)} | {c['name']} | "
+                         f"{_fmt(c['value'], 2)} | {c['budget']} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(path: Path, records: list[dict], options: dict) -> None:
+    doc = {"benchmark": "bench/scan_cost.py", "about": __doc__.splitlines()[0], "env": environment(),
+           "options": options, "all_pass": all(r["pass"] for r in records), "figures": records}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, text in ((path, json.dumps(doc, indent=2) + "\n"), (path.with_suffix(".md"), markdown(records))):
+        tmp = target.with_name(f".{target.name}.partial")
+        tmp.write_text(text)
+        os.replace(tmp, target)  # readers (and a concurrent run) never see a half-written file
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("--_"):
+        return child_main(sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=sorted(FIGURES), help="run one figure")
+    ap.add_argument("--quick", action="store_true", help="skip the thread study")
+    ap.add_argument("--threads-study", action="store_true", help="run only the thread study")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every figure and baseline")
+    ap.add_argument("--threads-model", choices=["smollm2-135m", "gpt2-6l"], default="smollm2-135m",
+                    help="model of the thread study (gpt2-6l: figure 2's, when the real-size scan is too slow)")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess before it is killed")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    ap.add_argument("--out-json", type=Path, help="default bench/results/scan_cost_cpu.json; with --only NAME, "
+                    "bench/results/scan_cost_cpu_NAME.json (a partial run leaves the full run's file alone)")
+    ap.add_argument("--threads-json", type=Path, default=RESULTS / "scan_threads_cpu.json")
+    args = ap.parse_args()
+    names = [args.only] if args.only else ["threads"] if args.threads_study else [
+        n for n in FIGURES if not (args.quick and n == "threads")]
+    default_json = f"scan_cost_cpu_{args.only}.json" if args.only else "scan_cost_cpu.json"
+    args.out_json = args.out_json or RESULTS / default_json
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    records: list[dict] = []
+    threads_recs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="scan_cost_") as tmp:
+        ctx = Ctx(args.timeout, args.threads, args.seed, Path(tmp), attnstab_cmd(), args.threads_model)
+        for name in names:
+            print(f"[scan_cost] {name} ...", file=sys.stderr, flush=True)
+            recs = FIGURES[name](ctx)
+            if name == "threads":
+                threads_recs = recs
+                write_outputs(args.threads_json, recs, options)
+            else:
+                records += recs
+                write_outputs(args.out_json, records, options)
+            print(markdown(recs), file=sys.stderr, flush=True)
+    for recs_all, label in ((records, args.out_json), (threads_recs, args.threads_json)):
+        if recs_all:
+            print(f"{label}:\n\n{markdown(recs_all)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
