@@ -431,9 +431,14 @@ def write_outputs(path: Path, records: list[dict], options: dict) -> None:
         os.replace(tmp, target)  # readers (and a concurrent run) never see a half-written file
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds: the running child's group is killed, temp dirs removed
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1].startswith("--_"):
         return child_main(sys.argv[1:])
+    signal.signal(signal.SIGTERM, _terminate)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=sorted(FIGURES), help="run one figure")
     ap.add_argument("--quick", action="store_true", help="skip the thread study")
