@@ -11,7 +11,7 @@ the products over layers (and their logs): tier 1, and max over sequences of the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -58,14 +58,20 @@ def to_dtype(w: LayerWeights, dtype: torch.dtype) -> LayerWeights:
 @dataclass
 class LayerContext:
     """What depends on one layer's weights alone, built once on its first batch: head norms, tier 1, the reset
-    radius, and the float32 / float64 CPU copies of the weights tier 3 runs on."""
+    radius, and (on demand) the float32 / float64 CPU copies of the weights tier 3 runs on."""
 
     norms: HeadNorms
     ffn_norms: dict[str, float]
     weights_tier: WeightsTier
     r2_reset: float
-    weights32: LayerWeights
-    weights64: LayerWeights
+    weights: LayerWeights
+    copies: dict[torch.dtype, LayerWeights] = field(default_factory=dict)
+
+    def weights_in(self, dtype: torch.dtype) -> LayerWeights:
+        """A CPU copy of the layer's weights in ``dtype``, made once and only when tier 3 runs."""
+        if dtype not in self.copies:
+            self.copies[dtype] = to_dtype(self.weights, dtype)
+        return self.copies[dtype]
 
 
 class LipschitzObserver:
@@ -105,8 +111,7 @@ class LipschitzObserver:
                                          None if w.norm_ffn.bias is None else w.norm_ffn.bias.detach().clone())
         norms = compute_layer_head_norms(w, self.cfg).to("cpu")
         tier1 = compute_weights_tier(w, self.cfg, r2_reset, norms)
-        ctx = LayerContext(norms, compute_ffn_norms(w.ffn), tier1, r2_reset, to_dtype(w, torch.float32),
-                           to_dtype(w, F64))
+        ctx = LayerContext(norms, compute_ffn_norms(w.ffn), tier1, r2_reset, w)
         self.ctx = (w.layer, ctx)
         return ctx
 
@@ -147,9 +152,9 @@ class LipschitzObserver:
         ct = result.calibrated_tier
         scores = ct.refined.row_terms.cpu() if ct is not None else None
         tokens = self.tokens_per_layer or trace.resid_in.shape[0] * trace.resid_in.shape[1]
-        emp, budget = compute_layer_empirical_budgeted(ctx.weights32, ctx.weights64, self.cfg, trace.layer,
-                                                       trace.resid_in[b].cpu(), rope, kpm, scores, tokens,
-                                                       seed=self.seed)
+        w32, w64 = ctx.weights_in(torch.float32), ctx.weights_in(F64)
+        emp, budget = compute_layer_empirical_budgeted(w32, w64, self.cfg, trace.layer, trace.resid_in[b].cpu(), rope,
+                                                       kpm, scores, tokens, seed=self.seed)
         self.budgets.append(budget)
         acc = self.tightness.setdefault(trace.layer, {"lower": [], "b2": [], "b2r": []})
         acc["lower"].append(emp.lip_layer_empirical)
