@@ -375,3 +375,22 @@ def test_kernel_compiled_matches_reference_on_gpu(case: tuple) -> None:
     B, H, H_kv, T_q, T_k, D, causal, pad, window, dtype = case
     got, want = run_both(Case(B, H, H_kv, T_q, T_k, D, causal=causal, pad=pad, window=window, seed=T_q), dtype)
     assert_stats_close(got, want, **TOLERANCES[dtype])
+
+
+@pytest.mark.skipif(attn_row_stats is None, reason="needs triton")
+def test_logit_theta_err_bounds_float32_logit_rounding() -> None:
+    """theta_err = 2(e^{2δ} − 1) with δ ≥ every |ŝ_ij − s_ij| of a float32 dot product (THEORY §3.7): recover δ from
+    it and compare with the observed rounding of float32 logits against float64 ones."""
+    from attnstab_kernels.row_stats import compute_logit_theta_err
+
+    g = torch.Generator().manual_seed(23)
+    q = torch.randn(2, 4, 50, 64, generator=g) * 8.0                       # large logits: rounding is visible
+    k = torch.randn(2, 2, 50, 64, generator=g) * 8.0
+    scale = 64 ** -0.5
+    err = compute_logit_theta_err(q, k, scale)                             # [B, H, T_q]
+    delta = torch.log1p(err / 2.0) / 2.0
+    k_full = k.repeat_interleave(2, dim=1)
+    s32 = (q @ k_full.transpose(-1, -2)) * scale                           # float32 logits
+    s64 = (q.double() @ k_full.double().transpose(-1, -2)) * scale
+    observed = (s32.double() - s64).abs().amax(-1)                         # [B, H, T_q]
+    assert bool((observed <= delta).all()) and float(observed.max()) > 0
