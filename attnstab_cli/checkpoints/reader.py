@@ -7,7 +7,6 @@ one layer resident at a time.
 """
 from __future__ import annotations
 
-import pickle
 import weakref
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from attnstab_cli.checkpoints.file_format import load_torch_file
 from attnstab_cli.checkpoints.resolve import CheckpointFiles
 from attnstab_cli.checkpoints.safetensors_header import TensorInfo, read_safetensors_header
 from attnstab_cli.errors import InputError
@@ -93,18 +93,9 @@ class TensorReader:
 
 
 def load_bin_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Open a pickle-based ``.bin`` safely: ``weights_only=True`` refuses any object that would run code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"refused: this .bin needs arbitrary pickle code to load, which attnstab never runs ({first})",
-            path=path, hint="convert it to safetensors with a trusted tool",
-        ) from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise InputError(f"cannot load .bin weights: {str(exc).splitlines()[0] if str(exc) else exc!r}",
-                         path=path) from exc
+    """Open a pickle-based ``.bin`` safely (:func:`~attnstab_cli.checkpoints.file_format.load_torch_file`:
+    ``weights_only=True``, so no object that would run code is ever built)."""
+    state = load_torch_file(path, "torch checkpoint")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

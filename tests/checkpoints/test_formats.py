@@ -99,11 +99,12 @@ def test_repo_id_from_local_hub_cache(reference, tmp_path: Path, monkeypatch: py
     """A repo id resolves through ``HF_HUB_CACHE`` (snapshot files are symlinks into ``blobs/``)."""
     root, _, expected = reference
     repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
-    snap = repo / "snapshots" / "abc123"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / commit
     (repo / "blobs").mkdir(parents=True)
     snap.mkdir(parents=True)
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("abc123")
+    (repo / "refs" / "main").write_text(commit)
     for f in (root / "single").iterdir():
         blob = repo / "blobs" / f"blob-{f.name}"
         shutil.copy(f, blob)
