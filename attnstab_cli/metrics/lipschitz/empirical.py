@@ -5,7 +5,8 @@ RoPE, math SDPA so forward-mode AD works). ``||J_f(X)||_{inf,2} = max_i max_{||d
 approached by alternating maximisation per candidate row ``i``: backward ``G = vjp(e_i (x) y)``, feasible direction
 ``dx_j = G_j / ||G_j||``, forward ``z = jvp(dX)_i``, ``y = z / ||z||``. Every iterate ``v_t = ||z_t||`` is the output
 norm of a feasible perturbation, hence a lower bound, and ``v_t >= v_{t-1}``. The best ``(i, dX)`` is the certificate.
-All candidate rows and restarts run together as one ``torch.func.vmap`` batch ("lanes").
+All candidate rows and restarts run together as one batch ("lanes"): the layer function takes a leading lane
+dimension, so one graph serves every lane, and both products are plain reverse-mode autograd (:class:`Linearization`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.func import jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnstab_cli.errors import ScanFailure
@@ -29,16 +29,19 @@ LayerFn = Callable[[torch.Tensor], torch.Tensor]
 def make_layer_function(weights: LayerWeights, cfg: ModelConfig, layer: int,
                         rope_cs: tuple[torch.Tensor, torch.Tensor] | None = None,
                         key_padding_mask: torch.Tensor | None = None) -> LayerFn:
-    """``f(X [T, d]) -> [T, d]``: :func:`run_layer` on a batch of one (``key_padding_mask [T]`` or None).
+    """``f(X [..., T, d]) -> [..., T, d]``: :func:`run_layer` on each sequence of the leading (lane) dimension, all
+    with the same ``key_padding_mask [T]`` (or None).
 
-    Weights and RoPE tables should be float64 like ``X``; attention is pinned to the math SDPA backend because the
-    fused CPU/GPU kernels have no forward-mode derivative.
+    Weights and RoPE tables should match ``X``'s dtype; attention is pinned to the math SDPA backend, whose double
+    backward (used for the jvp, :class:`Linearization`) is defined everywhere.
     """
     kpm = None if key_padding_mask is None else key_padding_mask.reshape(1, -1).bool()
 
     def f(x: torch.Tensor) -> torch.Tensor:
+        batch = x.reshape(-1, *x.shape[-2:])                                                  # [L, T, d]
+        mask = None if kpm is None else kpm.expand(batch.shape[0], -1)
         with sdpa_kernel(SDPBackend.MATH):
-            return run_layer(x[None], weights, cfg, layer, 0, rope_cs, kpm).resid_out[0]    # [T, d]
+            return run_layer(batch, weights, cfg, layer, 0, rope_cs, mask).resid_out.reshape(x.shape)
 
     return f
 
@@ -89,20 +92,48 @@ def _initial_directions(n_lanes: int, d: int, seed: int, like: torch.Tensor) -> 
     return (y / torch.linalg.vector_norm(y, dim=-1, keepdim=True)).to(like.device)   # [lanes, d]
 
 
+class Linearization:
+    """``J_f(x)`` at ``lanes`` copies of ``x [T, d]``: ``vjp(c) = J^T c`` and ``jvp(u) = J u``, lane by lane.
+
+    ``f`` must map ``[L, T, d] -> [L, T, d]`` lane by lane. The vjp is one backward through ``f``'s graph; the jvp
+    uses the double-backward identity ``J u = d/dc <J^T c, u>`` on a graph of ``J^T c`` built once at ``c = 0`` (it is
+    linear in ``c``). Forward-mode AD would do the jvp in one pass, but in torch it loads the compiler stack
+    (about 1.5 s per process) and needs functorch's vmap for the lanes; this way both products are batched kernels.
+    """
+
+    def __init__(self, f: LayerFn, x: torch.Tensor, lanes: int) -> None:
+        with torch.enable_grad():
+            self.x = x.detach().expand(lanes, *x.shape).clone().requires_grad_(True)          # [L, T, d]
+            self.y = f(self.x)
+            self.c = torch.zeros_like(self.y, requires_grad=True)
+            self.g = torch.autograd.grad(self.y, self.x, self.c, create_graph=True)[0]      # J^T c
+
+    def vjp(self, c: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(self.y, self.x, c, retain_graph=True)[0]
+
+    def jvp(self, u: torch.Tensor) -> torch.Tensor:
+        if not self.g.requires_grad:                  # f constant in x: J = 0
+            return torch.zeros_like(self.y)
+        out = torch.autograd.grad(self.g, self.c, u, retain_graph=True, allow_unused=True)[0]
+        return torch.zeros_like(self.y) if out is None else out
+
+
 def compute_empirical_lipschitz(f: LayerFn, x: torch.Tensor, rows: list[int], restarts: int = 3,
                                 max_iter: int = 100, rtol: float = 1e-6, seed: int = 0,
                                 chunk_size: int | None = None, dtype: torch.dtype = F64) -> EmpiricalResult:
     """Alternating maximisation of §8.3 for ``f`` at ``x [T, d]`` over the output ``rows``, ``restarts`` each, in
     ``dtype`` (``f``'s weights must match it; only a float64 run certifies its own value, see
-    :func:`compute_layer_empirical_budgeted`)."""
+    :func:`compute_layer_empirical_budgeted`). ``f`` maps ``[L, T, d] -> [L, T, d]`` lane by lane; ``chunk_size``
+    lanes share one graph (all lanes when None)."""
     x = x.to(dtype)
     t, d = x.shape
-    _, vjp_fn = vjp(f, x)
     lane_rows = torch.tensor([i for i in rows for _ in range(restarts)], device=x.device)   # [lanes]
     n = lane_rows.numel()
     onehot = torch.nn.functional.one_hot(lane_rows, t).to(dtype)                          # [lanes, T]
-    backward = vmap(lambda c: vjp_fn(c)[0], chunk_size=chunk_size)
-    forward = vmap(lambda u: jvp(f, (x,), (u,))[1], chunk_size=chunk_size)
+    step = n if chunk_size is None else max(1, chunk_size)
+    chunks = [(s, Linearization(f, x, min(step, n - s))) for s in range(0, n, step)]
+    backward = lambda c: torch.cat([lin.vjp(c[s:s + lin.x.shape[0]]) for s, lin in chunks])  # noqa: E731
+    forward = lambda u: torch.cat([lin.jvp(u[s:s + lin.x.shape[0]]) for s, lin in chunks])   # noqa: E731
     y = _initial_directions(n, d, seed, x).to(dtype)
     best = torch.full((n,), -1.0, dtype=dtype, device=x.device)
     best_delta = torch.zeros(n, t, d, dtype=dtype, device=x.device)
@@ -110,8 +141,9 @@ def compute_empirical_lipschitz(f: LayerFn, x: torch.Tensor, rows: list[int], re
     iterates: list[list[float]] = [[] for _ in range(n)]
     for _ in range(max_iter):
         idx = active.nonzero().flatten()
-        delta = _unit_rows(backward(onehot[idx, :, None] * y[idx, None, :]))              # [a, T, d]
-        z = forward(delta)[torch.arange(idx.numel()), lane_rows[idx]]                      # [a, d]
+        every = _unit_rows(backward(onehot[:, :, None] * y[:, None, :]))                 # [lanes, T, d]
+        delta = every[idx]                                                                  # [a, T, d]
+        z = forward(every)[idx, lane_rows[idx]]                                            # [a, d]
         v = torch.linalg.vector_norm(z, dim=-1)                                           # [a]
         for lane, value in zip(idx.tolist(), v.tolist()):
             iterates[lane].append(value)
@@ -133,7 +165,7 @@ def evaluate_certificate(f: LayerFn, x: torch.Tensor, certificate: Certificate) 
     row_norms = torch.linalg.vector_norm(certificate.delta, dim=-1)
     if float(row_norms.max()) > 1.0 + 1e-12:
         raise ValueError("certificate perturbation has a row of norm > 1: not feasible")
-    z = jvp(f, (x.to(F64),), (certificate.delta,))[1]
+    z = Linearization(f, x.to(F64), 1).jvp(certificate.delta[None])[0]
     return float(torch.linalg.vector_norm(z[certificate.row]))
 
 
@@ -195,7 +227,7 @@ def compute_layer_empirical_budgeted(
     f32 = make_layer_function(weights, cfg, layer, rope(n, torch.float32), kpm)
     rows = select_candidate_rows(n, None if scores is None else scores[:n], n_top=1, n_random=0, seed=seed)
     allowed = plan_lane_iterations(tokens_per_layer, n)
-    with single_threaded():   # many small functorch ops: one thread was 2-10x faster than two on 2 cores
+    with single_threaded():   # many small ops: one thread was 2-10x faster than two on 2 cores
         search = compute_empirical_lipschitz(f32, x32, rows, restarts=1, max_iter=max(1, allowed // len(rows)),
                                              rtol=SEARCH_RTOL, seed=seed, dtype=torch.float32)
         f64 = make_layer_function(weights64, cfg, layer, rope(n, F64), kpm)
