@@ -146,19 +146,37 @@ def _bits_to_mask(index: Tensor, k: int) -> Tensor:
 def _enumerate_exact(vals: Tensor) -> tuple[Tensor, Tensor]:
     """A1 on rows of m sorted keys [r, m] (m ≥ 2): θ and the optimal subset [r, m] (§3.2).
 
-    Enumerates the 2^(m−1) subsets that exclude the last key; Q is the complement's subset sum plus the last key
-    (accumulated, not 1 − P). As P + Q is fixed, the optimum maximises min(P, Q) (one pass, no cancellation or
-    underflow; argmin |P − Q| would tie on near one-hot rows); its value is then evaluated as 4PQ/(P+Q)².
+    Searches the 2^(m−1) subsets that exclude the last key by meeting in the middle: the first m − 1 keys split into
+    halves A and B; for every subset a of A the subsets b of B whose mass is just below and just above
+    W/2 − p(a) are found by binary search in B's sorted subset sums, and one of them maximises min(P, Q) for that a.
+    Cost O(2^(m/2)·m) per row instead of O(2^m). P = p(a) + p(b) and Q = p(A∖a) + p(B∖b) + p_last are each
+    accumulated from their own subset sums (no 1 − P, no cancellation or underflow; argmin |P − Q| would tie on near
+    one-hot rows); the optimum's value is then evaluated as 4PQ/(P+Q)².
     """
     r, m = vals.shape
-    rows_per_chunk = max(1, _CHUNK_ELEMS // (1 << (m - 1)))
+    na = (m - 1) // 2
+    nb = m - 1 - na
+    full_a, full_b = (1 << na) - 1, (1 << nb) - 1
+    rows_per_chunk = max(1, _CHUNK_ELEMS // (8 << max(na, nb)))
     theta, masks = [], []
     for v in vals.split(rows_per_chunk):
-        P = _subset_sums(v[:, :-1])                                        # [c, 2^(m−1)]
-        Q = P.flip(-1) + v[:, -1:]                                         # [c, 2^(m−1)]
-        best = torch.minimum(P, Q).argmax(-1, keepdim=True)                # [c, 1]
-        theta.append(_balanced(P.gather(1, best)[:, 0], Q.gather(1, best)[:, 0]))
-        masks.append(torch.nn.functional.pad(_bits_to_mask(best[:, 0], m - 1), (0, 1)))  # last key ∉ S
+        sa = _subset_sums(v[:, :na])                                       # [c, 2^na]
+        sb = _subset_sums(v[:, na:m - 1])                                  # [c, 2^nb]
+        sb_sorted, order = sb.sort(-1)                                     # [c, 2^nb]
+        half = (v.sum(-1, keepdim=True) * 0.5)                             # [c, 1]
+        j = torch.searchsorted(sb_sorted, (half - sa).contiguous())        # [c, 2^na]
+        cand = torch.stack([(j - 1).clamp(min=0), j.clamp(max=full_b)], -1)   # [c, 2^na, 2] sorted positions
+        ib = order.gather(1, cand.flatten(1)).view_as(cand)                # [c, 2^na, 2] subset indices of B
+        ia = torch.arange(1 << na).expand_as(sa)[..., None].expand_as(ib)  # [c, 2^na, 2]
+        flat = lambda t, idx: t.gather(1, idx.flatten(1)).view_as(idx)     # noqa: E731
+        P = flat(sa, ia) + flat(sb, ib)                                    # [c, 2^na, 2]
+        Q = flat(sa, full_a - ia) + flat(sb, full_b - ib) + v[:, -1:, None]
+        score = torch.minimum(P, Q).flatten(1)                             # [c, 2^(na+1)]
+        best = score.argmax(-1, keepdim=True)                              # [c, 1]
+        theta.append(_balanced(P.flatten(1).gather(1, best)[:, 0], Q.flatten(1).gather(1, best)[:, 0]))
+        a_idx, b_idx = ia.flatten(1).gather(1, best)[:, 0], ib.flatten(1).gather(1, best)[:, 0]
+        masks.append(torch.nn.functional.pad(torch.cat([_bits_to_mask(a_idx, na), _bits_to_mask(b_idx, nb)], -1),
+                                             (0, 1)))                       # last key ∉ S
     return torch.cat(theta), torch.cat(masks)
 
 
