@@ -10,7 +10,8 @@ ridge 1e-6; gated FFN: W1 = [W_g W_u], W2 = W_d), FFN norms (§6; ``||.||_{2->in
 stats (§4) and ``norm_eps``. Per model: ``depth_budget`` = N max_l Pi_l (§10).
 
 All math runs in float64 on the weights' device. Spectral norms of full matrices come from
-:func:`~attnstab_cli.metrics.spectral.spectral_norm_value` (exact SVD up to 4096, certified power iteration beyond).
+:func:`~attnstab_cli.metrics.spectral.spectral_norm_value` (certified: exact SVD, Gram eigenvalue bracket or
+power iteration, by size).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from attnstab_cli.metrics.spectral import (
     condition_number, gram_upper_bound, norm_2_to_inf, power_iteration, relative_gap, singular_values,
-    smallest_singular_value, spectral_norm, spectral_norm_value,
+    shared_spectra, smallest_singular_value, spectral_norm, spectral_norm_value,
 )
 
 F64 = torch.float64
@@ -71,6 +71,24 @@ def test_exact_path_matches_matrix_norm(name: str) -> None:
     torch.testing.assert_close(est.value, exact, rtol=1e-13, atol=1e-300)
     torch.testing.assert_close(est.upper, est.value, rtol=0, atol=0)
     torch.testing.assert_close(spectral_norm_value(w), exact, rtol=1e-13, atol=1e-300)
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (192, 576), (1536, 200), (2, 256, 130)])
+def test_gram_path_brackets_exact_norm(shape: tuple[int, ...]) -> None:
+    """Medium matrices take the Gram eigenvalue path: ``value <= sigma_max <= upper``, ~1e-10 apart, unless the SVD
+    of the same tensor is already shared, which then serves the norm exactly."""
+    g = torch.Generator().manual_seed(sum(shape))
+    w = torch.randn(*shape, generator=g, dtype=F64) * torch.logspace(-3, 0, shape[-1], dtype=F64)
+    exact = torch.linalg.matrix_norm(w, ord=2)
+    est = spectral_norm(w)
+    assert est.method == "gram" and bool(est.certified.all())
+    assert bool((est.value <= exact * (1 + ROUND)).all()) and bool((est.upper >= exact * (1 - ROUND)).all())
+    assert bool((est.upper <= exact * (1 + 1e-9)).all()) and bool((est.value >= exact * (1 - 1e-9)).all())
+    with shared_spectra():
+        singular_values(w)
+        shared = spectral_norm(w)
+    assert shared.method == "svd"
+    torch.testing.assert_close(shared.value, exact, rtol=1e-13, atol=0)
 
 
 def test_power_iteration_is_a_lower_bound_and_converges_on_a_gap() -> None:
