@@ -58,26 +58,25 @@ class TensorReader:
     def __contains__(self, name: str) -> bool:
         return name in self.infos
 
+    def stored(self, name: str) -> torch.Tensor:
+        """One tensor as stored (its own dtype, on the CPU), not counted as resident: for a pass over every tensor."""
+        info = self.infos[name]
+        if info.file in self._bin:
+            return self._bin[info.file][name]
+        try:
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+            return handle.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise InputError(f"cannot read tensor {name!r}: {exc}", path=info.file) from exc
+
     def load(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              check_finite: bool = True) -> torch.Tensor:
         """Read one tensor, convert it to ``dtype`` on ``device``; non-finite values are an :class:`InputError`."""
-        info = self.infos[name]
-        if info.file in self._bin:
-            raw = self._bin[info.file][name]
-        else:
-            try:
-                handle = self._handles.get(info.file)
-                if handle is None:
-                    handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-                raw = handle.get_tensor(name)
-            except (SafetensorError, OSError, RuntimeError) as exc:
-                raise InputError(f"cannot read tensor {name!r}: {exc}", path=info.file) from exc
-        tensor = raw.to(device=device, dtype=dtype, copy=True)
+        tensor = self.stored(name).to(device=device, dtype=dtype, copy=True)
         if check_finite and tensor.is_floating_point():
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                raise InputError(f"tensor {name!r} contains {bad} NaN/Inf values", path=info.file,
-                                 hint="the checkpoint is numerically broken; attnstab reports it instead of scanning")
+            check_all_finite(tensor, name, self.infos[name].file)
         self._track(tensor)
         return tensor
 
@@ -90,6 +89,14 @@ class TensorReader:
 
     def _release(self, nbytes: int) -> None:
         self.live_bytes -= nbytes
+
+
+def check_all_finite(tensor: torch.Tensor, name: str, path: Path) -> None:
+    """An :class:`InputError` naming the tensor and how many of its values are NaN or infinite, if any are."""
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise InputError(f"tensor {name!r} contains {bad} NaN/Inf values", path=path,
+                         hint="the checkpoint is numerically broken; attnstab reports it instead of scanning")
 
 
 def load_bin_state_dict(path: Path) -> dict[str, torch.Tensor]:
