@@ -32,6 +32,8 @@ F64 = torch.float64
 KAPPA_EFF_RIDGE = 1e-6                 # THEORY §13: kappa(W) = sigma_max / (sigma_min + 1e-6)
 OFFSET_CHUNK_ELEMENTS = 1 << 23        # [H, C, D, D] float64 elements per offset chunk (64 MiB per tensor)
 QK_PRUNE_SQUARINGS = 4                 # offsets pruned with ||A^16||_F before the exact eigvalsh
+QK_EXACT_ROUND = 4                     # offsets per head evaluated exactly between two pruning steps
+QK_PRUNE_MARGIN = 1e-3                 # relative widening of the float32 pruning brackets
 
 
 @dataclass(frozen=True)
@@ -144,54 +146,92 @@ def rope_cos_sin(rope: RopeConfig, offsets: torch.Tensor,
 
 
 def _chunk_max_sigma(m: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
-    """``max(floor_h, max_c sigma_max(m[h, c]))`` for ``m [H, C, k, k]``, exact; ``floor [H]`` is a known lower bound.
+    """``max(floor_h, max_c sigma_max(m[h, c]))`` for ``m [H, C, k, k]`` float64, exact; ``floor [H]`` is a known
+    lower bound.
 
     Pruning (no effect on the result): with ``A = M M^T / s^2`` (``s = ||M||_F``, so no overflow) and ``B = A^K``,
-    ``K = 2^QK_PRUNE_SQUARINGS``, every offset satisfies ``max_i B_ii^(1/2K) <= sigma_max / s <= ||B||_F^(1/2K)``. An
-    offset whose upper value is below the best lower value of its head cannot hold the maximum; the survivors (always
-    including the maximiser) get an exact ``eigvalsh`` of ``A`` (relative error ~ k eps on sigma_max).
+    ``K = 2^QK_PRUNE_SQUARINGS``, every offset satisfies ``max_i B_ii^(1/2K) <= sigma_max / s <= ||B||_F^(1/2K)``.
+    These brackets are computed in float32 (renormalised every squaring, the scale kept as a float64 logarithm) and
+    widened by ``QK_PRUNE_MARGIN`` (relative), far more than float32
+    rounding moves them (~``2^K k^1.5 eps_32`` on ``B``, divided by ``2K`` by the root). Offsets are then evaluated
+    exactly (float64 ``eigvalsh`` of ``A``, relative error ~ k eps on sigma_max) in rounds, each head's highest
+    upper values first; after every round an offset whose upper value is below its head's best exact value cannot
+    hold the maximum and is dropped. The maximiser always survives.
     """
     scale = m.norm(dim=(-2, -1)).clamp_min(torch.finfo(F64).tiny)                # [H, C]
-    unit = m / scale[..., None, None]
-    a = unit @ unit.transpose(-1, -2)                                            # [H, C, k, k]  eigenvalues (sigma/s)^2
-    b = a
-    for _ in range(QK_PRUNE_SQUARINGS):
-        b = b @ b
+    unit = (m / scale[..., None, None]).float()
+    b = unit @ unit.transpose(-1, -2)                                            # [H, C, k, k]  float32 A
+    log_norm = torch.zeros(scale.shape, dtype=F64, device=m.device)              # log ||A^K||_F, tracked in float64
+    for step in range(QK_PRUNE_SQUARINGS + 1):
+        if step:
+            b = b @ b
+            log_norm = 2 * log_norm
+        nb = b.norm(dim=(-2, -1)).clamp_min(torch.finfo(torch.float32).tiny)    # renormalised: no float32 underflow
+        b = b / nb[..., None, None]
+        log_norm = log_norm + nb.to(F64).log()
     root = 1.0 / 2 ** (QK_PRUNE_SQUARINGS + 1)
-    upper = scale * b.norm(dim=(-2, -1)) ** root                                 # [H, C]
-    lower = scale * b.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(0) ** root   # [H, C]
-    floor = torch.maximum(floor, lower.amax(dim=1))                              # [H]
-    keep = upper * (1 + 1e-9) >= floor[:, None]                                  # [H, C]
-    head = torch.arange(m.shape[0], device=m.device)[:, None].expand_as(keep)[keep]          # [S]
-    with single_threaded():
-        exact = scale[keep] * torch.linalg.eigvalsh(a[keep])[..., -1].clamp_min(0).sqrt()   # [S]
-    return floor.scatter_reduce(0, head, exact, reduce="amax")
+    upper = scale * (log_norm * root).exp() * (1 + QK_PRUNE_MARGIN)              # [H, C]
+    diag = b.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(torch.float32).tiny).to(F64)
+    lower = scale * ((diag.log() + log_norm) * root).exp() * (1 - QK_PRUNE_MARGIN)   # [H, C]
+    best = torch.maximum(floor, lower.amax(dim=1))                               # [H]
+    n_heads, n_off = upper.shape
+    order = upper.argsort(dim=1, descending=True)                                # [H, C]
+    done = 0
+    while done < n_off:
+        cols = order[:, done:done + QK_EXACT_ROUND]                              # [H, r]
+        live = upper.gather(1, cols) >= best[:, None]                            # [H, r]
+        if not bool(live.any()):
+            break                                             # sorted: every later offset is below its head's best
+        head = torch.arange(n_heads, device=m.device)[:, None].expand_as(cols)[live]     # [S]
+        u = m[head, cols[live]] / scale[head, cols[live], None, None]          # [S, k, k] float64
+        with single_threaded():
+            exact = scale[head, cols[live]] * torch.linalg.eigvalsh(u @ u.transpose(-1, -2))[..., -1].clamp_min(0).sqrt()
+        best = best.scatter_reduce(0, head, exact, reduce="amax")
+        done += QK_EXACT_ROUND
+    return best
 
 
 def compute_qk_norms(wq: torch.Tensor, wk: torch.Tensor, kv_of_head: torch.Tensor, rope: RopeConfig | None,
                      offsets: torch.Tensor) -> torch.Tensor:
     """``qk_norm`` per query head (THEORY §5.5): ``max_Delta ||W^Q_h P_Delta W^K_g^T||_2`` -> ``[H]`` float64.
 
-    QR-factor ``W^Q_h = U_Q G_Q`` and ``W^K_g = U_K G_K``; orthonormal ``U`` drop out of the spectral norm, so each
-    offset costs one ``k x k`` product ``(G_Q P_Delta) G_K^T`` (k = min(d, D)); ``G_Q P_Delta`` rotates the rows of
-    ``G_Q`` exactly as the model rotates a query (``x P = apply_rope(x)``). Offsets are vectorised in chunks and the
-    maximum is exact (:func:`_chunk_max_sigma`). ``rope=None``: Delta = 0 only, i.e. ``||W^Q_h W^K_g^T||_2``.
+    QR-factor ``W^Q_h = U_Q G_Q`` and ``W^K_g = U_K G_K``; orthonormal ``U`` drop out of the spectral norm, leaving
+    the ``k x k`` matrices ``M_Delta = (G_Q P_Delta) G_K^T`` (k = min(d, D)). The model's rotation is affine in the
+    per-frequency ``cos, sin`` (``x P = apply_rope(x)``), so ``M_Delta = B_0 + sum_j cos_j(Delta) B^c_j +
+    sin_j(Delta) B^s_j`` with ``2 r/2 + 1`` fixed matrices found by applying ``apply_rope`` itself to unit ``cos, sin``
+    patterns (no convention is restated here); every chunk of offsets is then one matrix product. The maximum over
+    offsets is exact (:func:`_chunk_max_sigma`). ``rope=None``: Delta = 0 only, i.e. ``||W^Q_h W^K_g^T||_2``.
     """
     with single_threaded():
         g_q = torch.linalg.qr(wq.to(F64), mode="r")[1]                            # [H, k, D]
         g_k = torch.linalg.qr(wk.to(F64), mode="r")[1][kv_of_head]                # [H, k, D]
-    g_kt = g_k.transpose(-1, -2).unsqueeze(1)                                     # [H, 1, D, k]
+    g_kt = g_k.transpose(-1, -2)                                                  # [H, D, k]
     if rope is None:
-        return torch.linalg.matrix_norm(g_q @ g_kt.squeeze(1), ord=2)             # [H]
-    n_heads, k, dim = g_q.shape
-    chunk = max(1, OFFSET_CHUNK_ELEMENTS // (n_heads * k * dim))
+        return torch.linalg.matrix_norm(g_q @ g_kt, ord=2)                        # [H]
+    n_heads, k, _ = g_q.shape
+    basis = _rotation_basis(g_q, rope) @ g_kt                                     # [2F+1, H, k, k]
+    basis = basis.reshape(basis.shape[0], -1)                                     # [2F+1, H k k]
+    chunk = max(1, OFFSET_CHUNK_ELEMENTS // (n_heads * k * k))
     best = torch.zeros(n_heads, dtype=F64, device=wq.device)                      # [H]
     for start in range(0, offsets.numel(), chunk):
-        cos, sin = rope_cos_sin(rope, offsets[start:start + chunk], wq.device)    # [C, r/2]
-        rows = g_q.unsqueeze(1).expand(n_heads, cos.shape[0], k, dim)             # [H, C, k, D]
-        rotated = apply_rope(rows, cos[:, None, :], sin[:, None, :], rope)        # [H, C, k, D]  G_Q P_Delta
-        best = _chunk_max_sigma(rotated @ g_kt, best)                             # [H, C, k, k] -> [H]
+        cos, sin = rope_cos_sin(rope, offsets[start:start + chunk], wq.device)    # [C, F]
+        trig = torch.cat([torch.ones_like(cos[:, :1]), cos, sin], dim=1)          # [C, 2F+1]
+        m = (trig @ basis).reshape(-1, n_heads, k, k).transpose(0, 1)             # [H, C, k, k]  M_Delta
+        best = _chunk_max_sigma(m, best)                                          # [H]
     return best
+
+
+def _rotation_basis(rows: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """``[B_0; B^c_1..B^c_F; B^s_1..B^s_F]`` with ``apply_rope(rows, cos, sin) = B_0 + sum_j cos_j B^c_j + sin_j B^s_j``
+    for ``rows [..., D]`` (F = rotary_dim / 2): ``[2F+1, ..., D]``."""
+    f = rope.rotary_dim // 2
+    eye = torch.eye(f, dtype=rows.dtype, device=rows.device)
+    zero = torch.zeros(1, f, dtype=rows.dtype, device=rows.device)
+    cos = torch.cat([zero, eye, torch.zeros_like(eye)])                           # [2F+1, F]
+    sin = torch.cat([zero, torch.zeros_like(eye), eye])                           # [2F+1, F]
+    lead = (slice(None),) + (None,) * (rows.dim() - 1)
+    out = apply_rope(rows.unsqueeze(0).expand(2 * f + 1, *rows.shape), cos[lead], sin[lead], rope)  # [2F+1, ..., D]
+    return torch.cat([out[:1], out[1:] - out[:1]])
 
 
 def _kappa(svals: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:

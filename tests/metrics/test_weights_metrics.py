@@ -291,6 +291,27 @@ def test_offset_pruning_is_exact_at_extreme_scales() -> None:
     torch.testing.assert_close(_chunk_max_sigma(m, floor), floor, rtol=0, atol=0)
 
 
+def test_offset_pruning_is_exact_at_model_size() -> None:
+    """At head size 64 the float32 pruning brackets neither underflow nor drop the maximiser: the pruned maximum
+    equals the dense one, on random heads and on heads whose offsets differ by less than the pruning margin."""
+    g = torch.Generator().manual_seed(4)
+    m = torch.randn(2, 96, 64, 64, generator=g, dtype=F64)
+    near = m[1, :1] * (1 + 1e-5 * torch.rand(96, 1, 1, generator=g, dtype=F64))   # head 1: nearly tied offsets
+    m[1] = near
+    dense = torch.linalg.matrix_norm(m, ord=2).amax(dim=1)                       # [H]
+    torch.testing.assert_close(_chunk_max_sigma(m, torch.zeros(2, dtype=F64)), dense, rtol=1e-13, atol=0)
+
+
+def test_qk_norm_equals_brute_force_at_model_size() -> None:
+    """``qk_norm`` of 64-dimensional RoPE heads over 160 offsets equals the dense maximum of the full products."""
+    rope = RopeConfig(theta=1e5, rotary_dim=64, style=RopeStyle.HALF_SPLIT)
+    cfg = make_config(d=96, n_heads=3, n_kv_heads=1, head_dim=64, rope=rope, causal=True, max_positions=160)
+    w = make_weights(cfg, seed=11)
+    expected = brute_force_qk(w, cfg, range(160), lambda delta: explicit_rotation(rope, 64, delta))
+    got = [h.qk_norm for h in compute_head_weight_metrics(w, cfg)]
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
 def test_qk_norm_without_rope_is_the_plain_product() -> None:
     cfg = make_config(d=10, n_heads=4, n_kv_heads=1, head_dim=6)
     w = make_weights(cfg, seed=4)
