@@ -217,7 +217,8 @@ def build_manifest(model: OpenModel, calib: CalibrationSet | None, result: ScanR
         "calibration": None if calib is None else {
             "source": calib.source, "source_sha256": calib.source_hash, "token_sha256": calib.token_hash,
             "n_tokens": calib.n_tokens,
-            "n_sequences": calib.n_sequences, "seq_len": calib.seq_len, "seed": seed,
+            "n_sequences": calib.n_sequences, "n_sequences_requested": calib.requested, "seq_len": calib.seq_len,
+            "seed": seed,
             "batch_sizes": [int(b.shape[0]) for b in calib.batches]},
         "run": {**result.facts, "timings": result.timings, "torch": torch.__version__, "triton": triton_version,
                 "python": platform.python_version()},

@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -45,6 +47,8 @@ from attnstab_cli.scan import ScanRequest, resolve_device, scan_checkpoint
 TRACK_KIND, TRACK_VERSION = "attnstab-track", 1
 TRACK_FILE, TRACK_JSON, CACHE_DIR = "track.parquet", "track.json", "cache"
 KEY_CHARS = 20                                     # 80 bits of the sha256: no collision among a run's checkpoints
+CACHE_KEY = re.compile(f"[0-9a-f]{{{KEY_CHARS}}}")
+STEP_SOURCES = ("name", "trainer_state", "order", "given")
 STEP_NAME = re.compile(r"^(?:checkpoint-(\d+)|(?:.*[-_])?step[-_]?(\d+))$", re.IGNORECASE)
 VIEW_METRICS = ("theta_bar", "proj_product_layer", "r_ln_mean")   # θ̄, Π, R of S = 2 s θ̄ R² Π (THEORY §12)
 TRACK_SCHEMA = pa.schema([
@@ -199,17 +203,29 @@ def plan_track(points: Sequence[TrackPoint], req: ScanRequest) -> tuple[list[Tra
     return [TrackEntry(p, fp, compute_cache_key(fp, settings)) for p, fp in pending], calib, settings
 
 
-def load_cached_report(path: Path, fingerprint: str, token_hash: str) -> Report | None:
-    """The cached report at ``path`` if it is readable and of these weights and tokens, else None (scan again)."""
-    if not is_report_dir(path):
-        return None
+def load_cached_report(path: Path, fingerprint: str, token_hash: str) -> tuple[Report | None, str | None]:
+    """The cached report at ``path`` if it is readable and of these weights and tokens; else None and why it cannot
+    be used (None when there is no entry at all). An unusable entry is a cache miss: the checkpoint is scanned
+    again and the entry replaced."""
+    if not os.path.lexists(path):
+        return None, None
+    if path.is_symlink() or not is_report_dir(path):
+        return None, "not a report directory"
     try:
         report = load_report(path)
-    except InputError:
-        return None
+    except InputError as exc:
+        return None, f"unreadable ({exc.message})"
     same = (report.manifest.get("checkpoint") or {}).get("fingerprint") == fingerprint and \
         (report.manifest.get("calibration") or {}).get("token_sha256") == token_hash
-    return report if same else None
+    return (report, None) if same else (None, "a scan of other weights or tokens")
+
+
+def discard_cache_entry(path: Path) -> None:
+    """Remove an unusable entry of the track's own cache (a symlink is removed, never followed)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
 
 
 def report_to_long(report: Report) -> list[tuple[int | None, int | None, str, float]]:
@@ -261,16 +277,13 @@ def carry_over(out: Path, previous: dict[str, Any] | None, entries: Sequence[Tra
     Refuses (:class:`UsageError`) a previous track made with other tokens or settings."""
     if previous is None:
         return [], [], []
+    check_track_manifest(previous, out / TRACK_JSON)
     now, before = json.loads(json.dumps(settings, default=str)), previous.get("settings") or {}
     changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
     if changed:
         raise UsageError(f"{out} tracks another calibration or scan settings (differs in {', '.join(changed)})",
                          hint="pass --force to start the track afresh (cached scans are kept), or use another --out")
-    listed = previous.get("checkpoints")
-    if not isinstance(listed, list) or not all(isinstance(c, dict) and {"step", "checkpoint", "fingerprint",
-                                                                        "cache_key"} <= c.keys() for c in listed):
-        raise InputError("malformed track.json (its checkpoints list)", path=out / TRACK_JSON,
-                         hint="pass --force to start the track afresh")
+    listed = previous["checkpoints"]
     if "order" in {e.point.step_source for e in entries} | {c.get("step_source") for c in listed}:
         return [], [], ["steps from argument order: the previous track is replaced, not extended"]
     steps, notes = {e.point.step: e for e in entries}, []
@@ -291,17 +304,55 @@ def carry_over(out: Path, previous: dict[str, Any] | None, entries: Sequence[Tra
     return kept, parts, notes
 
 
+# track.json's checkpoints entries: key -> (what it must be, the test)
+LISTED_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "step": ("a non-negative integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "checkpoint": ("a string", lambda v: isinstance(v, str)),
+    "fingerprint": ("a string", lambda v: isinstance(v, str)),
+    "cache_key": (f"{KEY_CHARS} hex digits", lambda v: isinstance(v, str) and CACHE_KEY.fullmatch(v) is not None),
+}
+
+
+def check_track_manifest(manifest: dict[str, Any], file: Path) -> None:
+    """A previous ``track.json`` has the types a re-run relies on: ``settings`` an object, ``checkpoints`` a list of
+    entries with :data:`LISTED_FIELDS` (and a known ``step_source``); otherwise an :class:`InputError` naming the
+    field."""
+    hint = "pass --force to start the track afresh"
+    if not isinstance(manifest.get("settings", {}), dict):
+        raise InputError("malformed track.json: settings must be an object", path=file, hint=hint)
+    listed = manifest.get("checkpoints")
+    if not isinstance(listed, list):
+        raise InputError("malformed track.json (its checkpoints list): checkpoints must be a list", path=file,
+                         hint=hint)
+    for i, entry in enumerate(listed):
+        if not isinstance(entry, dict):
+            raise InputError(f"malformed track.json (its checkpoints list): checkpoints[{i}] must be an object",
+                             path=file, hint=hint)
+        for key, (expected, ok) in LISTED_FIELDS.items():
+            if key not in entry or not ok(entry[key]):
+                got = "missing" if key not in entry else f"got {entry[key]!r}"[:60]
+                raise InputError(f"malformed track.json (its checkpoints list): checkpoints[{i}].{key} must be "
+                                 f"{expected}, {got}", path=file, hint=hint)
+        if entry.get("step_source", "name") not in STEP_SOURCES:
+            raise InputError(f"malformed track.json: checkpoints[{i}].step_source must be one of "
+                             f"{', '.join(STEP_SOURCES)}", path=file, hint=hint)
+
+
 def collect_reports(entries: Sequence[TrackEntry], calib: CalibrationSet, req: ScanRequest, out: Path,
                     scan: ScanFn | None = None,
-                    on_entry: Callable[[TrackEntry], None] | None = None) -> list[pa.Table]:
-    """Each entry's long rows, from its cached report or from a fresh scan on ``calib`` (then cached); ``on_entry``
-    is called once an entry is ``cached`` or ``scanned``."""
+                    on_entry: Callable[[TrackEntry], None] | None = None) -> tuple[list[pa.Table], list[str]]:
+    """Each entry's long rows, from its cached report or from a fresh scan on ``calib`` (then cached), and a note for
+    each cache entry that could not be used and was replaced; ``on_entry`` is called once an entry is ``cached`` or
+    ``scanned``."""
     scan = scan or (lambda r, c: scan_checkpoint(r, c)[0])
-    parts = []
+    parts, notes = [], []
     for e in entries:
         cache = out / CACHE_DIR / e.key
-        report = load_cached_report(cache, e.fingerprint, calib.token_hash)
+        report, unusable = load_cached_report(cache, e.fingerprint, calib.token_hash)
         e.status = "cached"
+        if unusable is not None:
+            discard_cache_entry(cache)
+            notes.append(f"step {e.point.step}: cache entry {CACHE_DIR}/{e.key} was {unusable}; scanned again")
         if report is None:
             fresh = scan(replace(req, checkpoint=e.point.checkpoint), calib)
             if fresh.manifest["checkpoint"]["fingerprint"] != e.fingerprint:
@@ -311,7 +362,7 @@ def collect_reports(entries: Sequence[TrackEntry], calib: CalibrationSet, req: S
         parts.append(build_long_table(e.point, report))
         if on_entry:
             on_entry(e)
-    return parts
+    return parts, notes
 
 
 def build_track_manifest(entries: Sequence[TrackEntry], calib: CalibrationSet,
@@ -342,7 +393,8 @@ def run_track(points: Sequence[TrackPoint], req: ScanRequest, out: Path, force: 
     entries, calib, settings = plan_track(points, req)
     kept, kept_parts, notes = carry_over(out, previous, entries, settings)
     (out / CACHE_DIR).mkdir(parents=True, exist_ok=True)
-    parts = collect_reports(entries, calib, req, out, scan, on_entry)
+    parts, rescanned = collect_reports(entries, calib, req, out, scan, on_entry)
+    notes += rescanned
     ordered = sorted(zip([*entries, *kept], [*parts, *kept_parts]), key=lambda ep: ep[0].point.step)
     table = pa.concat_tables([t for _, t in ordered]) if ordered else TRACK_SCHEMA.empty_table()
     manifest = build_track_manifest([e for e, _ in ordered], calib, settings)

@@ -37,13 +37,14 @@ def build_calibration(req: CalibrationRequest, vocab_size: int, max_positions: i
         if req.calib is not None:
             raise UsageError("give either --calib or --tokens, not both")
         return _from_token_file(req, vocab_size, max_positions)
-    seq_len = req.seq_len or min(DEFAULT_SEQ_LEN, max_positions or DEFAULT_SEQ_LEN)
+    seq_len = req.seq_len if req.seq_len is not None else min(DEFAULT_SEQ_LEN, max_positions or DEFAULT_SEQ_LEN)
     check_seq_len(seq_len, max_positions)
     n_seq = req.batch_size * req.batches
     if req.calib == "random":
         gen = torch.Generator().manual_seed(req.seed)
         seqs = torch.randint(0, vocab_size, (n_seq, seq_len), generator=gen)
-        return CalibrationSet(split_batches(seqs, req.batch_size), f"random(seed={req.seed})", seq_len)
+        return CalibrationSet(split_batches(seqs, req.batch_size), f"random(seed={req.seed})", seq_len,
+                              requested=n_seq)
     if req.calib is None:
         text, source = read_bundled_corpus(), "bundled corpus"
     else:
@@ -57,7 +58,7 @@ def build_calibration(req: CalibrationRequest, vocab_size: int, max_positions: i
     seqs = windows(tokenize(text, tokenizer_path), seq_len, n_seq, source)
     check_token_range(seqs, vocab_size, str(tokenizer_path))
     return CalibrationSet(split_batches(seqs, req.batch_size), source, seq_len,
-                          hashlib.sha256(text.encode("utf-8")).hexdigest())
+                          hashlib.sha256(text.encode("utf-8")).hexdigest(), requested=n_seq)
 
 
 def _from_token_file(req: CalibrationRequest, vocab_size: int, max_positions: int | None) -> CalibrationSet:

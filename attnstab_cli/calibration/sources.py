@@ -26,6 +26,7 @@ class CalibrationSet:
     source: str
     seq_len: int
     source_hash: str | None = None      # sha256 of the text or token file read (None for random ids)
+    requested: int | None = None        # sequences asked for (None: a token file, used as given)
 
     @property
     def n_tokens(self) -> int:
@@ -92,13 +93,17 @@ def _jsonl_texts(path: Path) -> list[str]:
 
 
 def tokenize(text: str, tokenizer_path: Path) -> torch.Tensor:
-    """Token ids ``[N]`` of ``text`` with the checkpoint's tokenizer (no special tokens)."""
+    """Token ids ``[N]`` of ``text`` with the checkpoint's tokenizer (no special tokens). The tokenizer.json's own
+    truncation and padding are switched off: they serve the model's inference inputs (sentence-transformers truncate
+    to 128 or 256 tokens), while calibration needs the whole text, cut into windows afterwards."""
     from tokenizers import Tokenizer
 
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed files
         raise InputError(f"cannot load tokenizer: {exc}", path=tokenizer_path) from exc
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     return torch.tensor(ids, dtype=torch.int64)
 

@@ -24,7 +24,8 @@ from attnstab_cli.cli.output import handle_errors, print_json, stderr_console, s
 from attnstab_cli.cli.targets import build_scan_request, resolve_target
 from attnstab_cli.errors import AttnstabError, UsageError
 from attnstab_cli.gate import (
-    Verdict, check_calibration, check_complete, check_rules_need, choose_calibration, collect_rules, evaluate_gate,
+    Verdict, check_aligned, check_calibration, check_complete, check_rules_need, choose_calibration, collect_rules,
+    evaluate_gate,
 )
 from attnstab_cli.gate.evaluate import describe, format_at, format_observed
 from attnstab_cli.gate.github import (
@@ -86,6 +87,7 @@ def gate(
         notes = ([f"rules from {config_path}"] if config_path is not None else []) + notes
         check_complete(report, "target")
         if base is not None:
+            check_aligned(report, base, rules)
             notes += check_calibration(report, base, rules, allow_different_calibration)
         verdicts = evaluate_gate(rules, report, base)
     except Exception as exc:

@@ -55,6 +55,18 @@ Format = Annotated[str, typer.Option(
     "--format", help="Output on stdout: rich (terminal summary), json or markdown (for CI job summaries).")]
 
 
+SEED_MAX = 2**64 - 1            # torch, numpy and Python's random all take a seed in [0, 2^64)
+
+
+def check_seed(seed: int) -> None:
+    """``--seed`` must fit the 64 bits every random generator of the scan is seeded with."""
+    from attnstab_cli.errors import UsageError
+
+    if not 0 <= seed <= SEED_MAX:
+        shown = str(seed) if len(str(seed)) <= 24 else f"{str(seed)[:12]}… ({len(str(seed))} digits)"
+        raise UsageError(f"--seed must be an integer from 0 to 2^64 - 1, got {shown}")
+
+
 def check_format(value: str, json_flag: bool = False) -> str:
     """``--format`` (with ``--json`` as a shorthand for ``--format json``)."""
     from attnstab_cli.errors import UsageError

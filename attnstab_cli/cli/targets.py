@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from attnstab_cli.calibration.build import CalibrationRequest
+from attnstab_cli.calibration.shortfall import describe_shortfall
 from attnstab_cli.calibration.sources import CalibrationSet
+from attnstab_cli.cli.options import check_seed
 from attnstab_cli.cli.output import stderr_console
 from attnstab_cli.errors import UsageError
 from attnstab_cli.metrics.curvature_scan import CurvatureOptions
@@ -29,6 +31,7 @@ def build_scan_request(checkpoint: str, *, calib: str | None = None, tokens: Pat
     from attnstab_cli.kernel_dispatch import resolve_kernel
 
     resolve_kernel(kernel, resolve_device(device)), resolve_dtype(dtype)
+    check_seed(seed)
     if hash_mode not in ("sampled", "full"):
         raise UsageError(f"--hash must be 'sampled' or 'full', got {hash_mode!r}")
     theta = replace(theta or ThetaOptions(), seed=seed)
@@ -77,10 +80,15 @@ class ProgressReport:
 
 def scan_with_progress(req: ScanRequest, calib: CalibrationSet | None = None, quiet: bool = False,
                        label: str | None = None, err: Console | None = None) -> tuple[Report, CalibrationSet | None]:
-    """:func:`scan_checkpoint` reporting each stage's progress on stderr (:class:`ProgressReport`)."""
+    """:func:`scan_checkpoint` reporting each stage's progress on stderr (:class:`ProgressReport`), and a warning,
+    even when quiet, if the calibration holds fewer sequences than asked for."""
     err = err or stderr_console()
     with ProgressReport(err, label or Path(req.checkpoint).name, quiet) as progress:
-        return scan_checkpoint(req, calib, on_progress=progress)
+        report, used = scan_checkpoint(req, calib, on_progress=progress)
+    short = None if used is None else describe_shortfall(used.source, used.n_sequences, used.requested, used.seq_len)
+    if short is not None:
+        err.print(f"warning: {short}", markup=False, highlight=False, soft_wrap=True)
+    return report, used
 
 
 def resolve_target(target: str, req: ScanRequest, calib: CalibrationSet | None = None,

@@ -17,7 +17,7 @@ from attnstab_cli.cli.output import handle_errors, print_json, stderr_console, s
 from attnstab_cli.cli.targets import build_scan_request, scan_with_progress
 from attnstab_cli.errors import UsageError
 from attnstab_cli.report.sparklines import render_sparkline
-from attnstab_cli.report.summary import format_value
+from attnstab_cli.report.cells import format_value
 from attnstab_cli.track import (
     TrackEntry, TrackResult, compute_layer_series, discover_checkpoints, read_track_manifest, resolve_steps, run_track,
     track_frame, track_records,

@@ -1,14 +1,16 @@
 """What a gate compares: complete reports, scanned on the baseline's tokens when it kept them.
 
-An incomplete report (a layer or head missing) is a scan that did not complete: exit 3, never a pass. Relative rules
-compare two reports row by row, which means something only on identical calibration tokens (manifest
-``calibration.token_sha256``); different tokens are refused unless explicitly allowed.
+An incomplete report (a layer or head missing, or a manifest that does not say how many there are) is a scan that
+did not complete: exit 3, never a pass. Relative rules compare two reports row by row, which means something only for
+the same architecture and depth (another family, depth or head count is refused: nothing would be compared) and on
+identical calibration tokens (manifest ``calibration.token_sha256``; different tokens are refused unless explicitly
+allowed).
 """
 from __future__ import annotations
 
 from attnstab_cli.calibration.sources import CalibrationSet
-from attnstab_cli.errors import ScanFailure, UsageError
-from attnstab_cli.gate.rules import Rule
+from attnstab_cli.errors import InputError, ScanFailure, UsageError
+from attnstab_cli.gate.rules import KEYS, Rule
 from attnstab_cli.report.read import Report, load_calibration
 
 
@@ -26,7 +28,8 @@ def check_complete(report: Report, role: str) -> None:
     """Every layer, every head and the model row present, as the manifest's checkpoint says (exit 3 otherwise)."""
     ck = report.manifest.get("checkpoint") or {}
     n_layers, n_heads = ck.get("n_layers"), ck.get("n_heads")
-    problems = []
+    problems = [f"manifest.json gives no checkpoint.{k}, so completeness cannot be checked"
+                for k, v in (("n_layers", n_layers), ("n_heads", n_heads)) if not isinstance(v, int)]
     if len(report.tables.get("model") or []) != 1:
         problems.append(f"the model table has {len(report.tables.get('model') or [])} rows, not 1")
     layers = [r["layer"] for r in report.layers]
@@ -42,6 +45,26 @@ def check_complete(report: Report, role: str) -> None:
     if problems:
         raise ScanFailure(f"the {role} report is incomplete: {'; '.join(problems)}", path=report.path,
                           hint="an incomplete scan never passes a gate: rescan the checkpoint")
+
+
+def check_aligned(target: Report, baseline: Report, rules: list[Rule]) -> None:
+    """Relative rules need a baseline whose rows pair with the target's: the same family, depth and head count, and
+    a baseline row for every target row of each level a relative rule reads (exit 2 otherwise)."""
+    levels = sorted({r.level for r in rules if r.relative})
+    if not levels:
+        return
+    ct, cb = target.manifest.get("checkpoint") or {}, baseline.manifest.get("checkpoint") or {}
+    for key in ("family", "n_layers", "n_heads"):
+        if ct.get(key) != cb.get(key):
+            raise InputError(f"{key} {cb.get(key)!r} in the baseline, {ct.get(key)!r} in the target: relative rules "
+                             "cannot pair their rows", path=baseline.path or "baseline",
+                             hint="compare with a baseline report of the same architecture and depth")
+    for level in levels:
+        have = {tuple(row[k] for k in KEYS[level]) for row in baseline.tables.get(level) or []}
+        missing = [row for row in target.tables.get(level) or [] if tuple(row[k] for k in KEYS[level]) not in have]
+        if missing:
+            raise InputError(f"{len(missing)} {level} rows of the target have no baseline row: relative rules "
+                             "cannot compare them", path=baseline.path or "baseline")
 
 
 def choose_calibration(baseline: Report | None, explicit_flags: bool) -> tuple[CalibrationSet | None, str | None]:
@@ -72,4 +95,4 @@ def check_calibration(target: Report, baseline: Report, rules: list[Rule], allow
     return ["calibration tokens differ (--allow-different-calibration): changes mix model and data"]
 
 
-__all__ = ["check_calibration", "check_complete", "check_rules_need", "choose_calibration"]
+__all__ = ["check_aligned", "check_calibration", "check_complete", "check_rules_need", "choose_calibration"]

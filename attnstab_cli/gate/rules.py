@@ -1,9 +1,10 @@
 """Gate rules: parse ``[level.]column OP number`` (absolute) and ``[level.]column growth|drop <= N%`` (relative to a
 baseline report) from ``--rule`` flags, and validate every column against the report schema before any scan runs.
 
-A rule names a report column (``report/schema.py``); the level (``heads``, ``layers``, ``model``) may be left out when
-the column lives in exactly one table. Relative limits are fractions of the baseline value: ``growth <= 20%`` holds
-for a row when ``target <= baseline + 0.20 |baseline|``, ``drop <= 5%`` when ``target >= baseline - 0.05 |baseline|``.
+A rule names a report column (``report/schema.py``, listed by ``attnstab show --columns``); the level (``heads``,
+``layers``, ``model``) may be left out when the column lives in exactly one table. Relative limits are fractions of
+the baseline value: ``growth <= 20%`` holds for a row when ``target <= baseline + 0.20 |baseline|``, ``drop <= 5%``
+when ``target >= baseline - 0.05 |baseline|``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 RELATIVE = ("growth", "drop")
 SYNTAX = "[heads.|layers.|model.]COLUMN OP NUMBER (OP one of >= <= > < ==) or COLUMN growth|drop <= N%"
+COLUMNS_HINT = "list the columns with: attnstab show --columns (or attnstab show REPORT --columns)"
 
 _RULE = re.compile(r"^\s*(?:(?P<level>[A-Za-z_]\w*)\.)?(?P<column>[A-Za-z_]\w*)"
                    r"(?:\s+(?P<kind>growth|drop))?\s*(?P<op>>=|<=|==|>|<)\s*(?P<value>[^\s<>=]\S*)\s*$")
@@ -114,11 +116,12 @@ def resolve_level(column: str, level: str | None, text: str) -> str:
             raise UsageError(f"unknown level {level!r} in rule {text!r}", hint="levels: heads, layers, model")
         if column not in _columns(level):
             where = f"it is in {' and '.join(holders)}" if holders else _suggest(column)
-            raise UsageError(f"unknown column {column!r} in the {level} table (rule {text!r}); {where}")
+            raise UsageError(f"unknown column {column!r} in the {level} table (rule {text!r}); {where}",
+                             hint=COLUMNS_HINT)
         holders = [level]
     if not holders:
         raise UsageError(f"unknown column {column!r} in rule {text!r}; {_suggest(column)}",
-                         hint="the columns are documented in attnstab_cli/report/schema.py")
+                         hint=COLUMNS_HINT)
     if len(holders) > 1:
         raise UsageError(f"column {column!r} is in the {' and '.join(holders)} tables: name one in rule {text!r}",
                          hint=f"e.g. '{holders[0]}.{column}'")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from attnstab_cli.report.cells import MISSING
 from attnstab_cli.report.findings import compute_findings
 
 # per-layer table: report column -> heading (columns absent from a report are dropped, e.g. grad without --grad)
@@ -24,10 +25,12 @@ COLUMN_NOTES = {
 
 
 def describe_model(manifest: dict[str, Any]) -> str:
-    ck = manifest["checkpoint"]
+    ck = manifest.get("checkpoint") or {}
+    get = {k: MISSING if ck.get(k) is None else ck[k] for k in (
+        "checkpoint", "family", "n_layers", "d_model", "n_heads", "n_kv_heads", "norm", "placement")}
     fp = ck.get("fingerprint")
-    return (f"{ck['checkpoint']}  {ck['family']}  {ck['n_layers']} layers  d={ck['d_model']}  "
-            f"heads={ck['n_heads']}/{ck['n_kv_heads']}  {ck['norm']} {ck['placement']}"
+    return (f"{get['checkpoint']}  {get['family']}  {get['n_layers']} layers  d={get['d_model']}  "
+            f"heads={get['n_heads']}/{get['n_kv_heads']}  {get['norm']} {get['placement']}"
             + (f"  weights {fp.split(':')[-1][:12]}" if fp else ""))
 
 
@@ -36,8 +39,12 @@ def describe_calibration(manifest: dict[str, Any]) -> str:
     if cal is None:
         return "weights only: no calibration text"
     run = manifest.get("run") or {}
-    return (f"calibration: {cal['source']}  {cal['n_sequences']} x {cal['seq_len']} tokens  "
-            f"ids {cal['token_sha256'][:12]}  seed {cal.get('seed')}  {run.get('device')} {run.get('dtype')}")
+    get = {k: MISSING if cal.get(k) is None else cal[k] for k in ("source", "n_sequences", "seq_len", "seed")}
+    requested, scanned = cal.get("n_sequences_requested"), cal.get("n_sequences")
+    asked = f" (of {requested} asked for)" if None not in (requested, scanned) and requested > scanned else ""
+    return (f"calibration: {get['source']}  {get['n_sequences']} x {get['seq_len']} tokens{asked}  "
+            f"ids {str(cal.get('token_sha256') or MISSING)[:12]}  seed {get['seed']}  "
+            f"{run.get('device') or MISSING} {run.get('dtype') or MISSING}")
 
 
 def compute_layer_rows(tables: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -86,17 +93,31 @@ def compute_curvature_rows(curvature: list[dict[str, Any]]) -> list[dict[str, An
             by_layer.setdefault(r["layer"], []).append(r)
     rows = []
     for layer, blocks in sorted(by_layer.items()):
-        top = max(blocks, key=lambda r: r["lambda_max"])
-        rows.append({"layer": layer, "sharpest_block": top["block"], "lambda_max": top["lambda_max"],
-                     "trace_est": sum(r["trace_est"] for r in blocks),
-                     "trace_se": sum(r["trace_se"] ** 2 for r in blocks) ** 0.5,
-                     "grad_norm": sum(r["grad_norm"] ** 2 for r in blocks) ** 0.5,
-                     "converged": all(r["converged"] for r in blocks)})
+        measured = [r for r in blocks if r.get("lambda_max") is not None]
+        top = max(measured, key=lambda r: r["lambda_max"]) if measured else None
+        rows.append({"layer": layer, "sharpest_block": None if top is None else top["block"],
+                     "lambda_max": None if top is None else top["lambda_max"],
+                     "trace_est": _total(r.get("trace_est") for r in blocks),
+                     "trace_se": _root_sum_square(r.get("trace_se") for r in blocks),
+                     "grad_norm": _root_sum_square(r.get("grad_norm") for r in blocks),
+                     "converged": None if any(r.get("converged") is None for r in blocks) else
+                     all(r["converged"] for r in blocks)})
     model = next((r for r in curvature if r["layer"] is None), None)
     if model is not None:
         rows.append({"layer": None, "sharpest_block": "model", **{k: model.get(k) for k in (
             "lambda_max", "trace_est", "trace_se", "grad_norm", "converged")}})
     return rows
+
+
+def _total(values: Any) -> float | None:
+    """Sum over a layer's blocks; None when any block has no value (a partial sum would understate it)."""
+    items = list(values)
+    return None if not items or any(v is None for v in items) else sum(items)
+
+
+def _root_sum_square(values: Any) -> float | None:
+    total = _total(None if v is None else v * v for v in values)
+    return None if total is None else total ** 0.5
 
 
 def build_digest(manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -10,7 +10,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from attnstab_cli.calibration.shortfall import describe_shortfall
 from attnstab_cli.metrics.fragility import RHO_TARGET
+from attnstab_cli.report.cells import format_value
 
 N_HEADS_LISTED = 3
 DOMINANT_FACTOR = 1.5            # a layer "dominates" when its share of log ∏ bound exceeds 1.5× the mean share
@@ -31,15 +33,23 @@ class Finding:
 
 
 def compute_findings(manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]]]) -> list[Finding]:
-    """All findings for one report, in display order (non-finite values first)."""
+    """All findings for one report, in display order (a calibration cut short and non-finite values first)."""
     layers, heads = tables.get("layers") or [], tables.get("heads") or []
-    out = _non_finite(tables)
+    out = _short_calibration(manifest) + _non_finite(tables)
     if manifest.get("calibration") is not None and heads:
         out += _lowest_theta(heads) + _widest_intervals(heads, manifest)
     out += _dominant_bound(layers)
     out += _low_precision(layers)
     out += _gradient(layers)
     return out
+
+
+def _short_calibration(manifest: dict[str, Any]) -> list[Finding]:
+    """Fewer sequences scanned than asked for (the calibration text ran out): every number rests on less text."""
+    cal = manifest.get("calibration") or {}
+    text = describe_shortfall(cal.get("source", "the calibration"), cal.get("n_sequences", 0),
+                              cal.get("n_sequences_requested"), cal.get("seq_len", 0)) if cal else None
+    return [] if text is None else [Finding("short_calibration", "warn", text)]
 
 
 def _non_finite(tables: dict[str, list[dict[str, Any]]]) -> list[Finding]:
@@ -61,8 +71,9 @@ def _lowest_theta(heads: list[dict[str, Any]]) -> list[Finding]:
     low = rated[:N_HEADS_LISTED]
     if not low:
         return []
-    text = "lowest mean θ: " + ", ".join(f"L{r['layer']}H{r['head']} {r['theta_mean']:.3f} (p05 {r['theta_p05']:.3f}, "
-                                         f"p_max {r['pmax_mean']:.2f})" for r in low)
+    text = "lowest mean θ: " + ", ".join(f"L{r['layer']}H{r['head']} {r['theta_mean']:.3f} (p05 "
+                                         f"{format_value(r.get('theta_p05'), '.3f')}, "
+                                         f"p_max {format_value(r.get('pmax_mean'), '.2f')})" for r in low)
     return [Finding("lowest_theta", "info", text, tuple(_item(r["layer"], r["head"], r["theta_mean"]) for r in low))]
 
 
@@ -73,8 +84,8 @@ def _widest_intervals(heads: list[dict[str, Any]], manifest: dict[str, Any]) -> 
     if not wide:
         return [Finding("widest_interval", "info", f"every θ interval is within {tol:g} (plus the rounding slack)")]
     text = (f"widest θ intervals (rows wider than {tol:g}): "
-            + ", ".join(f"L{r['layer']}H{r['head']} {r['theta_width_max']:.1e} ({r['theta_wide_rows']} rows)"
-                        for r in wide) + "; --theta-rows all refines every row")
+            + ", ".join(f"L{r['layer']}H{r['head']} {format_value(r.get('theta_width_max'), '.1e')} "
+                        f"({r['theta_wide_rows']} rows)" for r in wide) + "; --theta-rows all refines every row")
     return [Finding("widest_interval", "info", text,
                     tuple(_item(r["layer"], r["head"], r["theta_width_max"]) for r in wide))]
 

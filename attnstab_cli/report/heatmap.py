@@ -6,6 +6,8 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from attnstab_cli.report.cells import MISSING, format_value
+
 # θ bands from red (far from balanced: a logit perturbation moves little mass) to green (θ ≈ 1)
 _BANDS = ((0.25, "white on red3"), (0.5, "black on dark_orange"), (0.75, "black on yellow3"),
           (0.95, "black on green3"), (2.0, "black on spring_green1"))
@@ -14,7 +16,7 @@ _BANDS = ((0.25, "white on red3"), (0.5, "black on dark_orange"), (0.75, "black 
 def _style(value: float | None) -> str:
     if value is None:
         return "dim"
-    return next(style for bound, style in _BANDS if value < bound)
+    return next((style for bound, style in _BANDS if value < bound), "dim")        # NaN: no band
 
 
 def theta_heatmap(heads: list[dict[str, Any]], column: str = "theta_mean", width: int = 100) -> Table:
@@ -32,11 +34,11 @@ def theta_heatmap(heads: list[dict[str, Any]], column: str = "theta_mean", width
         table.add_column(str(h) if numbers else "", justify="center", min_width=4 if numbers else 2)
     by_layer: dict[int, dict[int, Any]] = {}
     for r in heads:
-        by_layer.setdefault(r["layer"], {})[r["head"]] = r[column]
+        by_layer.setdefault(r["layer"], {})[r["head"]] = r.get(column)
     for layer in sorted(by_layer):
         vals = [by_layer[layer].get(h) for h in range(shown)]
-        cells = [Text((" -  " if v is None else f"{v:.2f}") if numbers else "██", style=_style(v) if numbers else
-                      _style(v).split(" on ")[-1]) for v in vals]
+        cells = [Text((f" {MISSING}  " if v is None else f"{v:.2f}") if numbers else "██",
+                      style=_style(v) if numbers else _style(v).split(" on ")[-1]) for v in vals]
         table.add_row(f"{layer} ", *cells)
     return table
 
@@ -46,11 +48,12 @@ def notable_heads(heads: list[dict[str, Any]], n: int = 5) -> Table:
     table = Table(title="heads worth a look", title_justify="left")
     for col in ("why", "layer", "head", "theta_mean", "theta_p05", "width max", "pmax mean", "entropy"):
         table.add_column(col, justify="right")
-    rated = [r for r in heads if r["theta_mean"] is not None]
+    rated = [r for r in heads if r.get("theta_mean") is not None]
     lowest = sorted(rated, key=lambda r: r["theta_mean"])[:n]
-    widest = sorted(rated, key=lambda r: -(r["theta_width_max"] or 0))[:n]
+    widest = sorted(rated, key=lambda r: -(r.get("theta_width_max") or 0))[:n]
     for why, rows in (("lowest θ", lowest), ("widest", widest)):
         for r in rows:
-            table.add_row(why, str(r["layer"]), str(r["head"]), f"{r['theta_mean']:.4f}", f"{r['theta_p05']:.3f}",
-                          f"{r['theta_width_max']:.2e}", f"{r['pmax_mean']:.3f}", f"{r['entropy_mean']:.3f}")
+            table.add_row(why, str(r["layer"]), str(r["head"]), *(format_value(r.get(c), spec) for c, spec in (
+                ("theta_mean", ".4f"), ("theta_p05", ".3f"), ("theta_width_max", ".2e"), ("pmax_mean", ".3f"),
+                ("entropy_mean", ".3f"))))
     return table

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from attnstab_cli.report.cells import MISSING, format_value
 from attnstab_cli.report.digest import COLUMN_NOTES, build_digest
 
 _BAND_MARKS = ((0.25, "🟥"), (0.5, "🟧"), (0.75, "🟨"), (0.95, "🟩"), (2.0, "🟢"))
@@ -10,20 +11,20 @@ _BAND_MARKS = ((0.25, "🟥"), (0.5, "🟧"), (0.75, "🟨"), (0.95, "🟩"), (2
 
 def _cell(x: Any) -> str:
     """A table cell: pipes escaped (``|h|`` would otherwise split the cell)."""
-    text = "–" if x is None else format(x, ".4g") if isinstance(x, float) else str(x)
+    text = MISSING if x is None else format(x, ".4g") if isinstance(x, float) else str(x)
     return text.replace("|", "\\|")
 
 
 def _theta_cell(v: float | None) -> str:
     if v is None:
-        return "–"
-    return next(mark for bound, mark in _BAND_MARKS if v < bound) + f" {v:.2f}"
+        return MISSING
+    return next((mark for bound, mark in _BAND_MARKS if v < bound), "⬜") + f" {v:.2f}"     # NaN: no band
 
 
 def render_markdown(manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]]]) -> str:
     """Heading, model and calibration lines, the per-layer table, the θ matrix and the findings."""
     d = build_digest(manifest, tables)
-    out = [f"## attnstab: {manifest['checkpoint']['checkpoint']}", "", f"`{d['model']}`", "", d["calibration"], ""]
+    out = [f"## attnstab: {(manifest.get('checkpoint') or {}).get('checkpoint') or MISSING}", "", f"`{d['model']}`", "", d["calibration"], ""]
     cols = d["layer_columns"]
     if d["layers"]:
         out += ["| layer | " + " | ".join(_cell(h) for h in cols.values()) + " |", "|---:" * (len(cols) + 1) + "|"]
@@ -31,10 +32,10 @@ def render_markdown(manifest: dict[str, Any], tables: dict[str, list[dict[str, A
         out += ["", "; ".join(f"{h}: {COLUMN_NOTES[h]}" for h in cols.values()), ""]
     bp = d["bound_product"]
     if bp.get("log_lip_model_calibrated") is not None:
-        out += [f"End-to-end: log ∏ layer bounds = {bp['log_lip_model_weights']:.4g} (tier 1), "
-                f"{bp['log_lip_model_calibrated']:.4g} (tier 2, worst sequence).", ""]
+        out += [f"End-to-end: log ∏ layer bounds = {format_value(bp['log_lip_model_weights'])} (tier 1), "
+                f"{format_value(bp['log_lip_model_calibrated'])} (tier 2, worst sequence).", ""]
     if d["grad"] is not None:
-        out += [f"Gradient flow: {d['grad']['loss_kind']} = {d['grad']['loss']:.4g}.", ""]
+        out += [f"Gradient flow: {d['grad']['loss_kind']} = {format_value(d['grad']['loss'])}.", ""]
     if d["theta_mean"]:
         n_heads = len(d["theta_mean"][0])
         out += ["<details><summary>θ mean by layer × head</summary>", "",

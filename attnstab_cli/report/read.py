@@ -2,7 +2,9 @@
 
 A report of the current schema version reads as written. An older version reads too: each table is conformed to the
 current schema (columns the old version did not have come back null, per :data:`SCHEMA_HISTORY`). A newer version,
-a missing version or a table that disagrees with its manifest is refused with a message that says which and why.
+a missing version, a manifest field of the wrong type, or a table or ``tokens.npy`` that disagrees with its manifest
+(another scan's identity, a column of another type, keys outside the manifest's shape: ``validate.py``) is refused
+with a message that names the file and says why.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ import torch
 from attnstab_cli.calibration.sources import CalibrationSet
 from attnstab_cli.errors import InputError
 from attnstab_cli.report.schema import OPTIONAL_TABLES, SCHEMA_HISTORY, SCHEMA_VERSION, arrow_schema
+from attnstab_cli.report.validate import (
+    check_column_types, check_manifest, check_rows, check_table_identity, check_tokens,
+)
 
 GRAINS = ("layers", "heads", "model")
 TOKENS_FILE = "tokens.npy"
@@ -69,14 +74,18 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise InputError(f"manifest.json is not valid JSON ({exc})", path=file) from None
     if not isinstance(manifest, dict) or "schema_version" not in manifest:
         raise InputError("manifest.json has no schema_version: not written by attnstab", path=file)
-    _check_version(str(manifest["schema_version"]), file, manifest)
+    if not isinstance(manifest["schema_version"], str):
+        raise InputError(f"schema_version must be a string, got {manifest['schema_version']!r}", path=file)
+    _check_version(manifest["schema_version"], file, manifest)
+    check_manifest(manifest, file)
     return manifest
 
 
 def _check_version(version: str, where: Path, manifest: dict[str, Any] | None = None) -> None:
     if version in SCHEMA_HISTORY:
         return
-    tool = (manifest or {}).get("tool", {}).get("version", "an unknown version")
+    info = (manifest or {}).get("tool")
+    tool = info.get("version", "an unknown version") if isinstance(info, dict) else "an unknown version"
     known = ", ".join(SCHEMA_HISTORY)
     if version.isdigit() and int(version) > int(SCHEMA_VERSION):
         raise InputError(f"report schema version {version} (attnstab {tool}) is newer than this attnstab reads "
@@ -84,8 +93,9 @@ def _check_version(version: str, where: Path, manifest: dict[str, Any] | None = 
     raise InputError(f"unknown report schema version {version!r}; this attnstab reads {known}", path=where)
 
 
-def read_table(report: Path, name: str, manifest_version: str | None = None) -> tuple[pa.Table, list[str]]:
-    """One table conformed to the current schema, and notes on what an older version lacked."""
+def read_table(report: Path, name: str, manifest: dict[str, Any] | None = None) -> tuple[pa.Table, list[str]]:
+    """One table conformed to the current schema, and notes on what an older version lacked; with ``manifest``,
+    checked to be that manifest's table (schema version and stored identity)."""
     path = report / f"{name}.parquet"
     if not path.is_file():
         raise InputError(f"report has no {name}.parquet", path=report)
@@ -97,9 +107,12 @@ def read_table(report: Path, name: str, manifest_version: str | None = None) -> 
     if not version:
         raise InputError("no schema_version in the file metadata: not an attnstab report table", path=path)
     _check_version(version, path)
-    if manifest_version is not None and version != manifest_version:
-        raise InputError(f"table schema version {version} disagrees with manifest.json ({manifest_version})",
-                         path=path)
+    if manifest is not None:
+        if version != manifest["schema_version"]:
+            raise InputError(f"table schema version {version} disagrees with manifest.json "
+                             f"({manifest['schema_version']})", path=path)
+        check_table_identity(table, name, manifest, path)
+    check_column_types(table, name, path)
     return _conform(table, name, version, path)
 
 
@@ -127,17 +140,21 @@ def load_report(path: Path) -> Report:
     manifest = read_manifest(path)
     tables, notes = {}, []
     for name in GRAINS:
-        table, more = read_table(path, name, str(manifest["schema_version"]))
+        table, more = read_table(path, name, manifest)
         tables[name], notes = table.to_pylist(), notes + more
     for name in OPTIONAL_TABLES:
         if (path / f"{name}.parquet").is_file():
-            tables[name] = read_table(path, name, str(manifest["schema_version"]))[0].to_pylist()
+            tables[name] = read_table(path, name, manifest)[0].to_pylist()
+    check_rows(tables, manifest, path)
     tokens = None
     if (path / TOKENS_FILE).is_file():
         try:
             tokens = np.load(path / TOKENS_FILE, allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:
             raise InputError(f"unreadable calibration tokens ({exc})", path=path / TOKENS_FILE) from None
+        if not isinstance(tokens, np.ndarray):
+            raise InputError("not a single .npy array", path=path / TOKENS_FILE)
+        check_tokens(tokens, manifest, path / TOKENS_FILE)
     return Report(manifest, tables, path, notes, tokens)
 
 
@@ -151,10 +168,14 @@ def load_calibration(report: Report) -> CalibrationSet:
     if report.tokens is None:
         raise InputError(f"report keeps no {TOKENS_FILE} (written before schema 2)", path=where,
                          hint="rescan with --tokens, or give the same --calib options")
+    missing = [k for k in ("source", "seq_len", "token_sha256") if cal.get(k) is None]
+    if missing:
+        raise InputError(f"manifest.json lacks calibration.{missing[0]}: its tokens cannot be reused", path=where)
     ids = torch.from_numpy(np.ascontiguousarray(report.tokens)).to(torch.int64)
     sizes = cal.get("batch_sizes") or [ids.shape[0]]
     batches = tuple(torch.split(ids, list(sizes)))
-    calib = CalibrationSet(batches, cal["source"], int(cal["seq_len"]), cal.get("source_sha256"))
+    calib = CalibrationSet(batches, cal["source"], int(cal["seq_len"]), cal.get("source_sha256"),
+                           requested=cal.get("n_sequences_requested"))
     if calib.token_hash != cal["token_sha256"]:
         raise InputError(f"{TOKENS_FILE} does not match the manifest's token hash", path=where)
     return calib

@@ -19,16 +19,20 @@ SCHEMA_HISTORY: dict[str, dict[str, tuple[str, ...]]] = {"1": {}, "2": {}, "3": 
 
 @dataclass(frozen=True)
 class Column:
+    """One report column. ``required`` columns (the row keys) are never null; every other column may be null, which
+    means "not applicable" and renders as an em dash."""
+
     name: str
     type: pa.DataType
     unit: str
     description: str
+    required: bool = False
 
 
 I64, F64 = pa.int64(), pa.float64()
 
 LAYER_COLUMNS: tuple[Column, ...] = (
-    Column("layer", I64, "index", "0-based layer index"),
+    Column("layer", I64, "index", "0-based layer index", required=True),
     Column("r_resid_max", F64, "l2", "max token l2 norm of the residual stream h_l entering the layer"),
     Column("r_resid_mean", F64, "l2", "mean token l2 norm of h_l"),
     Column("r_ln_mean", F64, "l2", "mean token l2 norm at the attention input (N1(h_l) in pre-norm layers)"),
@@ -102,9 +106,9 @@ LAYER_COLUMNS: tuple[Column, ...] = (
 )
 
 HEAD_COLUMNS: tuple[Column, ...] = (
-    Column("layer", I64, "index", "0-based layer index"),
-    Column("head", I64, "index", "query head h"),
-    Column("kv_head", I64, "index", "key/value head g(h) = h // (H / H_kv)"),
+    Column("layer", I64, "index", "0-based layer index", required=True),
+    Column("head", I64, "index", "query head h", required=True),
+    Column("kv_head", I64, "index", "key/value head g(h) = h // (H / H_kv)", required=True),
     Column("n_rows", I64, "rows", "attention rows aggregated (n_keys >= min_keys)"),
     Column("n_rows_short", I64, "rows", "rows excluded from the descriptive aggregates (n_keys < min_keys)"),
     Column("theta_mean", F64, "1", "mean certified lower value theta_lo over aggregated rows"),
@@ -171,8 +175,8 @@ TABLES: dict[str, tuple[Column, ...]] = {"layers": LAYER_COLUMNS, "heads": HEAD_
 
 CURVATURE_COLUMNS: tuple[Column, ...] = (
     Column("layer", I64, "index", "0-based layer index (null for the whole-model row)"),
-    Column("block", pa.string(), "text", "parameter block: attn_q, attn_k, attn_v, attn_out, ffn_in, ffn_out, norm_attn.gamma, "
-                                         "norm_attn.beta, norm_ffn.gamma, norm_ffn.beta, or model (all blocks)"),
+    Column("block", pa.string(), "text", "parameter block: attn_q, attn_k, attn_v, attn_out, ffn_in, ffn_out, "
+           "norm_attn.gamma, norm_attn.beta, norm_ffn.gamma, norm_ffn.beta, or model (all blocks)", required=True),
     Column("n_params", I64, "count", "parameters in the block"),
     Column("lambda_max", F64, "loss / param^2",
            "largest eigenvalue of the block's Hessian diagonal block (Lanczos top Ritz value, never above it)"),

@@ -10,13 +10,9 @@ from rich.table import Table
 
 from attnstab_cli.metrics.fragility import RHO_TARGET
 from attnstab_cli.metrics.sensitivity import describe_depth_rule
+from attnstab_cli.report.cells import MISSING, format_value
 from attnstab_cli.report.digest import build_digest
 from attnstab_cli.report.heatmap import notable_heads, theta_heatmap
-
-
-def format_value(x: Any, spec: str = ".4g") -> str:
-    """A table cell: ``-`` for a missing value, else ``x`` formatted with ``spec``."""
-    return "-" if x is None else format(x, spec)
 
 
 def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]]],
@@ -30,13 +26,14 @@ def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str,
     _layer_table(console, "per layer", digest["layers"], digest["layer_columns"], style=box.SIMPLE_HEAD)
     bp = digest["bound_product"]
     if bp.get("log_lip_model_calibrated") is not None:
-        console.print(f"end-to-end: log ∏ layer bounds = {bp['log_lip_model_weights']:.4g} (tier 1), "
-                      f"{bp['log_lip_model_calibrated']:.4g} (tier 2, worst sequence)", highlight=False)
+        console.print(f"end-to-end: log ∏ layer bounds = {format_value(bp['log_lip_model_weights'])} (tier 1), "
+                      f"{format_value(bp['log_lip_model_calibrated'])} (tier 2, worst sequence)", highlight=False)
     if digest["grad"] is not None:
         g = digest["grad"]
-        path = "an identity path (pre-LN / parallel)" if g["identity_path"] else \
-            "no identity path (post-LN: every factor starts with a norm Jacobian, THEORY §9)"
-        console.print(f"gradient flow: {g['loss_kind']} = {g['loss']:.4g}; {path}", highlight=False)
+        path = {True: "an identity path (pre-LN / parallel)", None: f"identity path {MISSING}",
+                False: "no identity path (post-LN: every factor starts with a norm Jacobian, THEORY §9)"}[
+            g["identity_path"]]
+        console.print(f"gradient flow: {g['loss_kind']} = {format_value(g['loss'])}; {path}", highlight=False)
     if calibrated and tables.get("heads"):
         console.print(theta_heatmap(tables["heads"]))
     if digest["theta_note"]:
@@ -60,9 +57,9 @@ def _curvature_table(console: Console, rows: list[dict[str, Any]]) -> None:
     for heading in ("layer", "sharpest block", "λ_max", "trace (sum of blocks)", "± se", "‖∇‖", "converged"):
         table.add_column(heading, justify="right")
     for r in rows:
-        table.add_row("all" if r["layer"] is None else str(r["layer"]), r["sharpest_block"],
+        table.add_row("all" if r["layer"] is None else str(r["layer"]), r["sharpest_block"] or MISSING,
                       format_value(r["lambda_max"]), format_value(r["trace_est"]), format_value(r["trace_se"], ".2g"),
-                      format_value(r["grad_norm"]), "-" if r["converged"] is None else
+                      format_value(r["grad_norm"]), MISSING if r["converged"] is None else
                       ("yes" if r["converged"] else "[yellow]no[/]"))
     console.print(table)
 
@@ -81,9 +78,9 @@ def _detail_tables(console: Console, manifest: dict[str, Any], tables: dict[str,
         _layer_table(console, "attention sensitivity proxy S = 2sθ̄R²Π (THEORY §12)", tables["layers"], {
             "theta_bar": "θ̄", "sens_proxy_resid": "S (R = resid)", "sens_proxy_ln": "S (R = normed)"})
     model = (tables.get("model") or [{}])[0]
-    if model.get("depth_budget") is not None:
-        console.print(describe_depth_rule(model["n_layers"], [r["alpha_geo"] for r in tables["layers"]],
-                                          model["depth_budget"]), highlight=False)
+    alphas = [r["alpha_geo"] for r in tables["layers"] if r.get("alpha_geo") is not None]
+    if model.get("depth_budget") is not None and model.get("n_layers") is not None and alphas:
+        console.print(describe_depth_rule(model["n_layers"], alphas, model["depth_budget"]), highlight=False)
     if cal is not None:
         _layer_table(console, "Lipschitz bounds per layer (‖·‖∞,2; THEORY §7-8)", tables["layers"], {
             "lip_layer_weights": "tier 1 (weights)", "lip_layer_calibrated": "tier 2 (at text)",

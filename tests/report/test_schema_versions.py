@@ -107,6 +107,9 @@ def test_not_a_report_is_an_input_error(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{not json")
     assert_input_error(invoke("show", tmp_path), "manifest.json is not valid JSON")
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": "2"}))
+    assert_input_error(invoke("show", tmp_path), "manifest.json", "checkpoint must be an object")
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": "2",
+                                                        "checkpoint": {"checkpoint": "x", "family": "gpt2"}}))
     assert_input_error(invoke("show", tmp_path), "no layers.parquet")
     pq.write_table(pa.table({"x": [1]}), tmp_path / "layers.parquet")
     assert_input_error(invoke("show", tmp_path), "layers.parquet", "no schema_version")
