@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 MAX_DEPTH = 64
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _STEP = np.zeros(256, dtype=np.int8)
 _STEP[[ord("["), ord("{")]] = 1
@@ -64,4 +64,4 @@ def loads_strict(text: str, max_depth: int = MAX_DEPTH) -> Any:
         raise JsonRefused(str(exc)) from None
 
 
-__all__ = ["JsonRefused", "MAX_DEPTH", "loads_strict", "nesting_depth"]
+__all__ = ["MAX_DEPTH", "JsonRefused", "loads_strict", "nesting_depth"]

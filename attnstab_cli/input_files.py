@@ -39,4 +39,13 @@ def require_regular_file(path: Path, missing: str = "no such file") -> Path:
     return path
 
 
-__all__ = ["file_kind", "require_regular_file"]
+def regular_file_present(path: Path) -> bool:
+    """False when nothing has this name; True for a regular file; an :class:`InputError` for anything else (a FIFO,
+    a device, a directory, a broken symlink), so an optional input is refused rather than silently skipped."""
+    if not os.path.lexists(path):
+        return False
+    require_regular_file(path)
+    return True
+
+
+__all__ = ["file_kind", "regular_file_present", "require_regular_file"]

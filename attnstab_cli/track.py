@@ -37,6 +37,7 @@ from attnstab_cli.calibration.build import build_calibration
 from attnstab_cli.calibration.sources import CalibrationSet
 from attnstab_cli.checkpoints.fingerprint import compute_fingerprint
 from attnstab_cli.errors import InputError, ScanFailure, UsageError
+from attnstab_cli.input_files import regular_file_present, require_regular_file
 from attnstab_cli.kernel_dispatch import resolve_kernel
 from attnstab_cli.model.load import open_model
 from attnstab_cli.report.read import Report, is_report_dir, load_report
@@ -107,7 +108,7 @@ def step_from_trainer_state(checkpoint: str) -> int | None:
     path = Path(checkpoint)
     directory = path if path.is_dir() else path.parent if path.suffix == ".json" else None
     state = None if directory is None else directory / "trainer_state.json"
-    if state is None or not state.is_file():
+    if state is None or not regular_file_present(state):
         return None
     try:
         step = json.loads(state.read_text()).get("global_step")
@@ -258,6 +259,7 @@ def read_track_manifest(out: Path, force: bool) -> dict[str, Any] | None:
     if not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory")
     manifest = None
+    regular_file_present(out / TRACK_JSON)
     try:
         manifest = json.loads((out / TRACK_JSON).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -293,6 +295,7 @@ def carry_over(out: Path, previous: dict[str, Any] | None, entries: Sequence[Tra
     old = [c for c in listed if c["step"] not in steps]
     if not old:
         return [], [], notes
+    regular_file_present(out / TRACK_FILE)
     try:
         table = pq.read_table(out / TRACK_FILE, schema=TRACK_SCHEMA)
     except (OSError, pa.ArrowInvalid) as exc:
@@ -407,6 +410,7 @@ def load_track(path: str | Path) -> pd.DataFrame:
     layer (Int64, <NA> for model metrics), head (Int64, <NA> unless per head), metric, value (float64)."""
     path = Path(path)
     file = path / TRACK_FILE if path.is_dir() else path
+    require_regular_file(file, missing="no such track file")
     try:
         table = pq.read_table(file)
     except (OSError, pa.ArrowInvalid) as exc:

@@ -49,8 +49,6 @@ def build_calibration(req: CalibrationRequest, vocab_size: int, max_positions: i
         text, source = read_bundled_corpus(), "bundled corpus"
     else:
         path = Path(req.calib)
-        if not path.is_file():
-            raise InputError("calibration file not found", path=path)
         text, source = read_text_file(path), str(path)
     if tokenizer_path is None:
         raise InputError("no tokenizer.json, so calibration text cannot be tokenised", path=checkpoint,

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attnstab_cli.checkpoints.file_format import describe_format, load_torch_file, sniff_format
 from attnstab_cli.errors import InputError, UsageError
+from attnstab_cli.input_files import require_regular_file
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ def read_bundled_corpus() -> str:
 
 def read_text_file(path: Path) -> str:
     """Text from ``.txt``, ``.jsonl`` (field ``text``) or ``.parquet`` (column ``text``); empty is an error."""
+    require_regular_file(path, missing="calibration file not found")
     try:
         if path.suffix == ".jsonl":
             text = "\n\n".join(_jsonl_texts(path))
@@ -110,24 +113,39 @@ def tokenize(text: str, tokenizer_path: Path) -> torch.Tensor:
 
 def load_token_file(path: Path) -> torch.Tensor:
     """An integer array ``[batch, seq]`` or ``[seq]`` from ``.npy`` (no pickle) or ``.pt`` (``weights_only``)."""
-    try:
-        if path.suffix == ".npy":
-            arr = torch.from_numpy(np.load(path, allow_pickle=False))
-        elif path.suffix == ".pt":
-            arr = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise InputError("token file must be .npy or .pt", path=path)
-    except InputError:
-        raise
-    except Exception as exc:  # numpy / torch raise ValueError, UnpicklingError, OSError, ...
-        raise InputError(f"cannot read token array: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-                         path=path) from exc
+    require_regular_file(path, missing="token file not found")
+    if path.suffix == ".npy":
+        arr = _load_npy(path)
+    elif path.suffix == ".pt":
+        arr = load_torch_file(path, "token file")
+    else:
+        raise InputError("token file must be .npy or .pt", path=path)
     if not isinstance(arr, torch.Tensor) or arr.is_floating_point() or arr.is_complex() or arr.dtype == torch.bool:
         raise InputError("token file must hold one integer array", path=path)
     if arr.ndim not in (1, 2) or arr.numel() == 0:
         raise InputError(f"token array must be non-empty with shape [batch, seq] or [seq], got {list(arr.shape)}",
                          path=path)
     return arr.to(torch.int64)
+
+
+def _load_npy(path: Path) -> torch.Tensor:
+    """A ``.npy`` array, never unpickled: a file without the NumPy header or holding Python objects is refused in
+    our own words (numpy's suggest loading it unsafely)."""
+    fmt = sniff_format(path)
+    if fmt != "numpy":
+        raise InputError(f"is {describe_format(fmt)}, not a NumPy .npy array", path=path)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc) or "allow_pickle" in str(exc):
+            raise InputError("refused: this .npy holds Python objects, not an integer array; attnstab never "
+                             "unpickles", path=path) from None
+        raise InputError(f"corrupt .npy file ({str(exc).splitlines()[0]})", path=path) from None
+    except (OSError, EOFError) as exc:
+        raise InputError(f"corrupt .npy file ({exc})", path=path) from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu":
+        raise InputError("token file must hold one integer array", path=path)
+    return torch.from_numpy(arr.astype(np.int64))
 
 
 def windows(ids: torch.Tensor, seq_len: int, n_sequences: int, source: str) -> torch.Tensor:

@@ -30,7 +30,7 @@ class CheckpointFolder:
     label: str
 
     @classmethod
-    def at(cls, folder: Path, label: str) -> "CheckpointFolder":
+    def at(cls, folder: Path, label: str) -> CheckpointFolder:
         return cls(_resolve(folder), label)
 
     def contains(self, path: Path) -> bool:

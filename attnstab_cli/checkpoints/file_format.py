@@ -45,6 +45,19 @@ def _ctranslate2_spec(head: bytes) -> str | None:
     return text.decode("ascii") if text.isascii() and text.replace(b"_", b"").isalnum() else None
 
 
+def _is_text(head: bytes) -> bool:
+    """True when ``head`` decodes as UTF-8 without control characters other than whitespace (a cut multi-byte
+    character at the end is allowed)."""
+    cuts = range(4) if len(head) == _SNIFF_BYTES else range(1)
+    for cut in cuts:
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return all(c.isprintable() or c in "\t\n\r" for c in text)
+    return False
+
+
 def sniff_format(path: Path) -> str:
     """``torch-zip``, ``torch-pickle``, ``gguf``, ``safetensors``, ``numpy`` or, for anything else, a phrase that
     says what the file is (empty, CTranslate2, unknown bytes)."""
@@ -64,6 +77,8 @@ def sniff_format(path: Path) -> str:
     spec = _ctranslate2_spec(head)
     if spec is not None:
         return f"a CTranslate2 model ({spec})"
+    if _is_text(head):
+        return "a text file"
     return f"an unknown format (first bytes {head[:8].hex(' ')})"
 
 

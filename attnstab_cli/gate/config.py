@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from attnstab_cli.errors import InputError, UsageError
 from attnstab_cli.gate.rules import Rule, parse_rule, relative_rule
+from attnstab_cli.input_files import regular_file_present, require_regular_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,15 +46,14 @@ def find_config(directory: Path) -> Path | None:
     """The first of ``attnstab.toml`` / ``pyproject.toml`` in ``directory`` that holds a gate table, else None."""
     for name in CONFIG_NAMES:
         path = directory / name
-        if path.is_file() and _gate_table(_read_toml(path), path, required=False) is not None:
+        if regular_file_present(path) and _gate_table(_read_toml(path), path, required=False) is not None:
             return path
     return None
 
 
 def load_config(path: Path) -> list[Rule]:
     """Every rule of the gate table in ``path`` (``[tool.attnstab.gate]``, else top-level ``[gate]``)."""
-    if not path.is_file():
-        raise InputError("no such config file", path=path)
+    require_regular_file(path, missing="no such config file")
     table = _gate_table(_read_toml(path), path, required=True)
     assert table is not None
     unknown = sorted(set(table) - GATE_KEYS)
@@ -95,6 +95,7 @@ def _in_file(make: Callable[..., Rule], path: Path, *args: Any) -> Rule:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    require_regular_file(path)
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
