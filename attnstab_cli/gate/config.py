@@ -31,6 +31,7 @@ else:                                   # pragma: no cover - Python 3.10
 CONFIG_NAMES = ("attnstab.toml", "pyproject.toml")
 GATE_KEYS = {"rules", "relative"}
 RELATIVE_KEYS = {"column", "level", "max_growth", "max_drop"}
+MAX_TOML_DEPTH = 32
 
 
 def collect_rules(flags: list[str], config: Path | None, directory: Path,
@@ -95,13 +96,32 @@ def _in_file(make: Callable[..., Rule], path: Path, *args: Any) -> Rule:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    """The TOML document of ``path``, nested at most :data:`MAX_TOML_DEPTH` deep (tomllib recurses once per level
+    of arrays and inline tables, and a gate table needs four)."""
     require_regular_file(path)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"malformed TOML ({exc})", path=path) from None
+    except RecursionError:
+        raise InputError(f"TOML nested too deeply (more than {MAX_TOML_DEPTH} levels)", path=path) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"unreadable config file ({exc})", path=path) from None
+    if _depth(doc) > MAX_TOML_DEPTH:
+        raise InputError(f"TOML nested too deeply (more than {MAX_TOML_DEPTH} levels)", path=path)
+    return doc
+
+
+def _depth(doc: Any) -> int:
+    """How deeply tables and arrays nest in ``doc`` (iteratively: the document may be deep)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if level <= MAX_TOML_DEPTH:             # deeper than the cap is refused whatever lies below
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((c, level + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
 
 
 def _gate_table(doc: dict[str, Any], path: Path, required: bool) -> dict[str, Any] | None:
