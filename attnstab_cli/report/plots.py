@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from attnstab_cli.errors import InputError, UsageError
+from attnstab_cli.input_files import regular_file_present, require_regular_file
 from attnstab_cli.track import load_track
 
 FORMATS = (".png", ".svg", ".html")
@@ -96,14 +97,14 @@ def detect_input_kind(path: Path) -> str:
     if not path.is_dir():
         raise InputError("not a directory: plot reads a report, comparison or track directory", path=path)
     for marker, kind in (("compare.json", COMPARE_KIND), ("track.json", TRACK_KIND)):
-        if (path / marker).is_file():
+        if regular_file_present(path / marker):
             meta = _read_json(path / marker)
             if meta.get("kind") != kind:
                 raise InputError(f"{marker} has kind {meta.get('kind')!r}, expected {kind!r}", path=path / marker)
-            if kind == TRACK_KIND and not (path / "track.parquet").is_file():
+            if kind == TRACK_KIND and not regular_file_present(path / "track.parquet"):
                 raise InputError("track directory has no track.parquet", path=path)
             return kind.removeprefix("attnstab-")
-    if (path / "manifest.json").is_file():
+    if regular_file_present(path / "manifest.json"):
         return "report"
     raise InputError("not a report, comparison or track directory (no manifest.json, compare.json or track.json)",
                      path=path, hint="plot what attnstab scan/compare/track wrote with --out")
@@ -116,6 +117,7 @@ def load_plot_input(path: Path) -> PlotInput:
 
 
 def _read_json(file: Path) -> dict[str, Any]:
+    require_regular_file(file)
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -126,6 +128,7 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 
 def _read_parquet(file: Path, needed: tuple[str, ...]) -> pd.DataFrame:
+    require_regular_file(file)
     try:
         frame = pd.read_parquet(file)
     except Exception as exc:  # pyarrow raises several types for a bad file; all mean "unreadable input"

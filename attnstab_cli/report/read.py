@@ -21,6 +21,7 @@ import torch
 
 from attnstab_cli.calibration.sources import CalibrationSet
 from attnstab_cli.errors import InputError
+from attnstab_cli.input_files import regular_file_present
 from attnstab_cli.report.schema import OPTIONAL_TABLES, SCHEMA_HISTORY, SCHEMA_VERSION, arrow_schema
 from attnstab_cli.report.validate import (
     check_column_types, check_manifest, check_rows, check_table_identity, check_tokens,
@@ -65,7 +66,7 @@ def is_report_dir(path: Path) -> bool:
 def read_manifest(path: Path) -> dict[str, Any]:
     """``manifest.json`` of a report directory, checked to be a JSON object with a schema version."""
     file = path / "manifest.json"
-    if not file.is_file():
+    if not regular_file_present(file):
         raise InputError("not a report directory (no manifest.json)", path=path,
                          hint=f"scan it first: attnstab scan {path} --out REPORT_DIR")
     try:
@@ -97,7 +98,7 @@ def read_table(report: Path, name: str, manifest: dict[str, Any] | None = None) 
     """One table conformed to the current schema, and notes on what an older version lacked; with ``manifest``,
     checked to be that manifest's table (schema version and stored identity)."""
     path = report / f"{name}.parquet"
-    if not path.is_file():
+    if not regular_file_present(path):
         raise InputError(f"report has no {name}.parquet", path=report)
     try:
         table = pq.read_table(path)
@@ -143,11 +144,11 @@ def load_report(path: Path) -> Report:
         table, more = read_table(path, name, manifest)
         tables[name], notes = table.to_pylist(), notes + more
     for name in OPTIONAL_TABLES:
-        if (path / f"{name}.parquet").is_file():
+        if regular_file_present(path / f"{name}.parquet"):
             tables[name] = read_table(path, name, manifest)[0].to_pylist()
     check_rows(tables, manifest, path)
     tokens = None
-    if (path / TOKENS_FILE).is_file():
+    if regular_file_present(path / TOKENS_FILE):
         try:
             tokens = np.load(path / TOKENS_FILE, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:

@@ -232,3 +232,30 @@ def test_npy_token_file_is_never_unpickled(content: bytes | None, needle: str, g
     result = run("scan", good, "--tokens", path, "--quiet")
     assert_input_error(result, str(path), needle)
     assert "unsafe" not in result.stderr and "allow_pickle" not in result.stderr
+
+
+# --- reports, comparisons and tracks ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def report(good: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("hostile-report") / "report"
+    result = invoke("scan", good, *SCAN, "--out", out)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "layers.parquet", "tokens.npy"])
+def test_fifo_in_a_report(name: str, report: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "report"
+    shutil.copytree(report, copy)
+    _replace_with_fifo(copy / name)
+    assert_input_error(run("show", copy), str(copy / name), "named pipe (FIFO)")
+
+
+@pytest.mark.parametrize("marker", ["compare.json", "track.json"])
+def test_fifo_as_plot_input_marker(marker: str, tmp_path: Path) -> None:
+    (tmp_path / "input").mkdir()
+    _replace_with_fifo(tmp_path / "input" / marker)
+    result = run("plot", tmp_path / "input", "--out", tmp_path / "plot.svg")
+    assert_input_error(result, str(tmp_path / "input" / marker), "named pipe (FIFO)")
+    assert not (tmp_path / "plot.svg").exists()
