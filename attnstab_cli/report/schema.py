@@ -108,7 +108,7 @@ LAYER_COLUMNS: tuple[Column, ...] = (
 HEAD_COLUMNS: tuple[Column, ...] = (
     Column("layer", I64, "index", "0-based layer index", required=True),
     Column("head", I64, "index", "query head h", required=True),
-    Column("kv_head", I64, "index", "key/value head g(h) = h // (H / H_kv)", required=True),
+    Column("kv_head", I64, "index", "key/value head g(h) = h // (H / H_kv)"),
     Column("n_rows", I64, "rows", "attention rows aggregated (n_keys >= min_keys)"),
     Column("n_rows_short", I64, "rows", "rows excluded from the descriptive aggregates (n_keys < min_keys)"),
     Column("theta_mean", F64, "1", "mean certified lower value theta_lo over aggregated rows"),
