@@ -1,4 +1,4 @@
-"""The scan as a library call: stream calibration batches through a checkpoint and collect every observer's records.
+"""The scan as a library call: stream calibration batches through a checkpoint and collect every metric pass's tables.
 
 The CLI only parses options, calls :func:`run_scan` and renders; tests call it directly.
 """
@@ -9,7 +9,7 @@ import json
 import platform
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
@@ -20,27 +20,22 @@ from attnstab_cli.checkpoints.fingerprint import HashMode, compute_fingerprint
 from attnstab_cli.errors import UsageError
 from attnstab_cli.kernel_dispatch import resolve_kernel
 from attnstab_cli.metrics.curvature_scan import CurvatureOptions, check_fits, compute_curvature
-from attnstab_cli.metrics.fragility import FragilityObserver
+from attnstab_cli.metrics.fragility import FragilityPass
 from attnstab_cli.metrics.gradients import GradientFlow
-from attnstab_cli.metrics.lipschitz_scan import LipschitzObserver
-from attnstab_cli.metrics.magnitudes import MagnitudeObserver
-from attnstab_cli.metrics.sensitivity import ScaleObserver, compute_sensitivity
+from attnstab_cli.metrics.layer_context import LayerContexts
+from attnstab_cli.metrics.lipschitz_scan import LipschitzPass
+from attnstab_cli.metrics.magnitudes import MagnitudePass
+from attnstab_cli.metrics.passes import MetricPass, TableParts, Tables, order_passes
+from attnstab_cli.metrics.sensitivity import SensitivityPass
 from attnstab_cli.metrics.spectral import shared_spectra
-from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions, resolve_paper_rows
-from attnstab_cli.metrics.weights_scan import WeightObserver
+from attnstab_cli.metrics.theta_scan import ThetaOptions, ThetaPass, resolve_paper_rows
+from attnstab_cli.metrics.weights_scan import WeightPass
 from attnstab_cli.model.load import OpenModel, open_model
 from attnstab_cli.model.stream import LayerStream
-from attnstab_cli.model.traces import LayerTrace
 from attnstab_cli.report.read import Report
 from attnstab_cli.report.schema import SCHEMA_VERSION
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class Observer(Protocol):
-    """Anything that consumes layer traces and returns report records."""
-
-    def observe(self, trace: LayerTrace) -> None: ...
 
 
 # on_progress(stage, done, total): ``done`` of ``total`` steps of the named stage are finished (layers of the scan's
@@ -86,25 +81,36 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def build_passes(model: OpenModel, calib: CalibrationSet, opts: ScanOptions, kernel: str,
+                 device: torch.device) -> list[MetricPass]:
+    """The metric passes of a calibrated scan, in dependency order."""
+    theta_opts = replace(opts.theta, kernel=kernel, paper_rows=resolve_paper_rows(opts.theta, device))
+    return order_passes([
+        MagnitudePass(),
+        ThetaPass(model.cfg.n_heads, model.cfg.n_kv_heads, theta_opts),
+        WeightPass(model.cfg, max_offset=max(calib.seq_len, 1)),          # offsets present in the mask (§5.5)
+        SensitivityPass(),
+        FragilityPass(model.cfg.d_model, n_batches=len(calib.batches), seed=opts.theta.seed),
+        LipschitzPass(model.cfg, empirical_seqs=opts.empirical_seqs, seed=opts.theta.seed,
+                      tokens_per_layer=calib.n_tokens),
+    ])
+
+
 def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
              on_progress: ProgressFn | None = None) -> ScanResult:
-    """Stream ``calib`` through ``model`` one layer at a time; ``on_progress`` hears of every finished layer, --grad
-    stream step and curvature block."""
+    """Stream ``calib`` through ``model`` one layer at a time, every metric pass seeing every trace with its layer's
+    shared context; ``on_progress`` hears of every finished layer, --grad stream step and curvature block.
+
+    The model is streamed once; ``--grad`` keeps its checkpoint boundaries from this stream and re-streams only
+    between them (:class:`GradientFlow`), and curvature holds the layers it needs itself (``compute_curvature``).
+    """
     device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
     kernel = resolve_kernel(opts.kernel, device)
     if opts.curvature is not None:
         check_fits(model, device, opts.curvature)                 # refuse before any work, not after the scan
-    magnitudes = MagnitudeObserver()
-    theta = ThetaObserver(model.cfg.n_heads, model.cfg.n_kv_heads,
-                          replace(opts.theta, kernel=kernel, paper_rows=resolve_paper_rows(opts.theta, device)))
-    weights = WeightObserver(model.cfg, max_offset=max(calib.seq_len, 1))   # offsets present in the mask (§5.5)
-    scales = ScaleObserver()
-    fragility = FragilityObserver(model.cfg.d_model, n_batches=len(calib.batches), seed=opts.theta.seed)
-    lipschitz = LipschitzObserver(model, theta, empirical_seqs=opts.empirical_seqs, seed=opts.theta.seed,
-                                  tokens_per_layer=calib.n_tokens)
-    observers: dict[str, Observer] = {"magnitudes": magnitudes, "theta": theta, "weights": weights, "scales": scales,
-                                      "fragility": fragility, "lipschitz": lipschitz}   # theta before lipschitz
-    spent = dict.fromkeys(observers, 0.0)
+    passes = build_passes(model, calib, opts, kernel, device)
+    spent = {p.name: 0.0 for p in passes}
+    contexts = LayerContexts(model)
     flow = GradientFlow(model, list(calib.batches), device, dtype, opts.theta.seed) if opts.grad else None
     wanted = flow.checkpoint_layers() if flow is not None else set()
     kept: dict[int, list[torch.Tensor]] = {}      # --grad's checkpoint boundaries, taken from this stream
@@ -114,39 +120,30 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     if 0 in wanted:
         kept[0] = list(stream.hidden)             # a copy of the list: the stream replaces its entries
     for trace in stream.layers():
-        with shared_spectra():                    # the layer's weight norms are computed once for all observers
-            for name, obs in observers.items():
+        with shared_spectra():                    # the layer's weight norms are computed once for all passes
+            t = time.perf_counter()
+            ctx = contexts.for_trace(trace)
+            spent["context"] = spent.get("context", 0.0) + time.perf_counter() - t
+            for p in passes:
                 t = time.perf_counter()
-                obs.observe(trace)
-                spent[name] += time.perf_counter() - t
+                p.observe(trace, ctx)
+                spent[p.name] += time.perf_counter() - t
+        if trace.batch == len(calib.batches) - 1:
+            contexts.release()                    # the layer is done: drop its weights before the next loads
         if trace.layer + 1 in wanted:             # traces come layer-major, batch-minor
             kept.setdefault(trace.layer + 1, []).append(trace.resid_out.detach())
         if on_progress and trace.batch == len(calib.batches) - 1:
             on_progress("scan: layers", trace.layer + 1, model.cfg.n_layers)
-        del trace  # hold nothing while the stream loads the next layer: one layer's weights resident
+        del trace, ctx  # hold nothing while the stream loads the next layer: one layer's weights resident
     final = stream.final_hidden()
     total = time.perf_counter() - t0
     timings = {"total_s": total, "forward_s": total - sum(spent.values()),
                **{f"{name}_s": s for name, s in spent.items()}}
-    facts = {"device": str(device), "dtype": opts.dtype, "kernel": kernel,
-             "theta": {"min_keys": theta.opts.min_keys, "tol": theta.opts.tol,
-                       "rows_per_head": theta.opts.rows_per_head, "top_k": theta.opts.top_k,
-                       "slack": theta.opts.slack, "refined_rows": theta.refined_rows,
-                       "unrefined_rows": theta.unrefined_rows,
-                       "paper_rows": "all" if theta.opts.paper_rows is None else
-                       f"{theta.opts.paper_rows} sampled per head and sequence (seeded)",
-                       "paper_sampled_rows": theta.paper_sampled_rows},
-             "tier3": lipschitz.budget_facts(),
+    tables = Tables()
+    for p in passes:
+        tables.add(p.finish(tables))
+    facts = {"device": str(device), "dtype": opts.dtype, "kernel": kernel, **tables.facts,
              "peak_resident_weight_bytes": model.reader.peak_live_bytes}
-    layers = merge_records(magnitudes.records(), weights.layers, key=("layer",))
-    heads = merge_records(theta.records(), weights.heads, key=("layer", "head"))
-    layers = merge_records(layers, compute_sensitivity(layers, heads, scales.scales), key=("layer",))
-    nf_layers, nf_model = fragility.records(layers)
-    layers = merge_records(layers, nf_layers, key=("layer",))
-    lip_layers, lip_model = lipschitz.records()
-    layers = merge_records(layers, lip_layers, key=("layer",))
-    heads = merge_records(heads, lipschitz.head_records(), key=("layer", "head"))
-    model_row = {**weights.model_record(), **nf_model, **lip_model}
     if flow is not None:
         t = time.perf_counter()
         flow.on_layer = on_progress
@@ -155,9 +152,8 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
         timings["grad_s"] = time.perf_counter() - t
         facts["grad"] = {"checkpoint_every": flow.checkpoint_every, "streams": flow.streams,
                          "layer_loads": flow.layer_loads, "peak_boundaries": flow.peak_boundaries}
-        layers = merge_records(layers, grad_layers, key=("layer",))
-        model_row.update(grad_model)
-    tables = {"layers": layers, "heads": heads, "model": [model_row]}
+        tables.add(TableParts(layers=grad_layers, model=grad_model))
+    out = {"layers": tables.layers, "heads": tables.heads, "model": [tables.model]}
     if opts.curvature is not None:
         t = time.perf_counter()
         blocks = iter(range(1, 1 << 30))
@@ -166,17 +162,17 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
             if on_progress:
                 on_progress("curvature: blocks", next(blocks), 0)
 
-        tables["curvature"], facts["curvature"] = compute_curvature(model, list(calib.batches), device, opts.curvature,
-                                                                    on_block)
+        out["curvature"], facts["curvature"] = compute_curvature(model, list(calib.batches), device, opts.curvature,
+                                                                 on_block)
         timings["curvature_s"] = time.perf_counter() - t
-    return ScanResult(tables, final, timings, facts)
+    return ScanResult(out, final, timings, facts)
 
 
 def run_weights_only(model: OpenModel, opts: ScanOptions,
                      on_progress: ProgressFn | None = None) -> ScanResult:
     """``scan --weights-only``: the weight metrics of every layer, one layer resident at a time, no text."""
     device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
-    weights = WeightObserver(model.cfg)
+    weights = WeightPass(model.cfg)
     loader = model.loader(device, dtype)
     t0 = time.perf_counter()
     for layer in range(model.cfg.n_layers):
@@ -186,16 +182,9 @@ def run_weights_only(model: OpenModel, opts: ScanOptions,
     timings = {"total_s": time.perf_counter() - t0}
     facts = {"device": str(device), "dtype": opts.dtype, "weights_only": True,
              "peak_resident_weight_bytes": model.reader.peak_live_bytes}
-    tables = {"layers": weights.layers, "heads": weights.heads, "model": [weights.model_record()]}
-    return ScanResult(tables, [], timings, facts)
-
-
-def merge_records(left: list[dict[str, Any]], right: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Join two record lists on ``key`` (both hold one record per key; ``left`` sets the order)."""
-    by_key = {tuple(r[k] for k in key): r for r in right}
-    if len(by_key) != len(right) or {tuple(r[k] for k in key) for r in left} != set(by_key):
-        raise ValueError(f"records disagree on their {key} keys")
-    return [{**r, **by_key[tuple(r[k] for k in key)]} for r in left]
+    tables = Tables()
+    tables.add(weights.finish(tables))
+    return ScanResult({"layers": tables.layers, "heads": tables.heads, "model": [tables.model]}, [], timings, facts)
 
 
 def build_manifest(model: OpenModel, calib: CalibrationSet | None, result: ScanResult, seed: int,

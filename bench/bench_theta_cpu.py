@@ -65,7 +65,7 @@ def run_plain(path: Path, n: int) -> dict:
 def run_attnstab(path: Path, n: int) -> dict:
     import torch
 
-    from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
+    from attnstab_cli.metrics.theta_scan import ThetaOptions, ThetaPass
     from attnstab_cli.model.load import open_model
     from attnstab_cli.model.stream import LayerStream
 
@@ -74,7 +74,7 @@ def run_attnstab(path: Path, n: int) -> dict:
     base = _rss_mb()
     t0 = time.perf_counter()
     with torch.no_grad():
-        obs = ThetaObserver(model.cfg.n_heads, model.cfg.n_kv_heads, ThetaOptions())
+        obs = ThetaPass(model.cfg.n_heads, model.cfg.n_kv_heads, ThetaOptions())
         for trace in LayerStream(model, [ids]).layers():
             obs.observe(trace)
             del trace

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnstab_cli.model.traces import LayerTrace
+from attnstab_cli.metrics.passes import TableParts, Tables
 from attnstab_cli.metrics.threads import single_threaded
+from attnstab_cli.model.traces import LayerTrace
 from attnstab_cli.reference.attention_rows import compute_row_logits
 
 F64 = torch.float64
@@ -79,8 +80,11 @@ def compute_norm_constants(median_stat: float, eps: float, d_model: int) -> dict
     return out
 
 
-class FragilityObserver:
+class FragilityPass:
     """Per-layer NF columns from streamed traces; weights-derived terms are joined in :meth:`records`."""
+
+    name = "fragility"
+    needs = ("weights",)
 
     def __init__(self, d_model: int, n_batches: int = 1, seed: int = 0) -> None:
         self.d_model = d_model
@@ -92,7 +96,7 @@ class FragilityObserver:
         self.stats: dict[int, dict[str, list[Tensor]]] = {}
         self.eps: dict[int, dict[str, float]] = {}
 
-    def observe(self, trace: LayerTrace) -> None:
+    def observe(self, trace: LayerTrace, ctx: Any = None) -> None:
         a, layer = trace.attn, trace.layer
         self.kappa_score[layer] = max(self.kappa_score.get(layer, 0.0), float(compute_kappa_score(a.q, a.k).max()))
         self.kappa_v[layer] = max(self.kappa_v.get(layer, 0.0), float(compute_kappa_v(a.v).max()))
@@ -115,6 +119,10 @@ class FragilityObserver:
         lam = compute_softmax_lambda_max(p)
         s_norm = torch.where(allowed[keep], s[keep], 0.0).norm(dim=-1)
         return (lam * s_norm / p.norm(dim=-1)).cpu().tolist()
+
+    def finish(self, tables: Tables) -> TableParts:
+        layers, model = self.records(tables.layers)
+        return TableParts(layers=layers, model=model)
 
     def records(self, layers: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Per-layer NF records (needs ``wo_full_norm``, ``kappa_eff``, ``ffn_w1_norm``, ``ffn_w2_norm`` of

@@ -11,118 +11,44 @@ the products over layers (and their logs): tier 1, and max over sequences of the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 
-from attnstab_cli.arch.spec import Residual
-from attnstab_cli.metrics.lipschitz.ffn import compute_ffn_norms
-from attnstab_cli.metrics.lipschitz import (EmpiricalBudget, HeadNorms, WeightsTier, compute_first_layer_radius,
-                                            compute_layer_empirical_budgeted, compute_layer_head_norms,
-                                            compute_layer_lipschitz, compute_mean_tightness, compute_r2_in_reset,
-                                            compute_weights_tier)
-from attnstab_cli.metrics.theta_scan import ThetaObserver
-from attnstab_cli.model.load import OpenModel
+from attnstab_cli.metrics.layer_context import LayerContext, to_cpu
+from attnstab_cli.metrics.lipschitz import EmpiricalBudget, compute_layer_empirical_budgeted, compute_layer_lipschitz, \
+    compute_mean_tightness
+from attnstab_cli.metrics.passes import TableParts, Tables
+from attnstab_cli.model.config import ModelConfig
 from attnstab_cli.model.rope import compute_rope_cos_sin
 from attnstab_cli.model.traces import LayerTrace
-from attnstab_cli.model.weights import LayerWeights, NormWeights
 
 F64 = torch.float64
 
 
-def to_cpu(obj: Any) -> Any:
-    """A CPU copy of a trace, its weights and everything in them (the bound arithmetic runs on the CPU)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return replace(obj, **{f.name: to_cpu(getattr(obj, f.name)) for f in fields(obj) if f.init})
-    return obj
+class LipschitzPass:
+    """Per-layer tier columns; tier 2 reads the per-row θ_hi the θ pass published on the layer context."""
 
+    name = "lipschitz"
+    needs = ("theta",)
 
-def to_dtype(w: LayerWeights, dtype: torch.dtype) -> LayerWeights:
-    """A CPU copy of one layer's weights in ``dtype`` (tier 3 searches in float32 and certifies in float64, §8.3)."""
-    def cast(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.to("cpu", dtype)
-        if isinstance(value, NormWeights):
-            return NormWeights(cast(value.weight), None if value.bias is None else cast(value.bias))
-        if isinstance(value, dict):
-            return {k: cast(v) for k, v in value.items()}
-        return value
-    return replace(w, **{f.name: cast(getattr(w, f.name)) for f in fields(w)})
-
-
-@dataclass
-class LayerContext:
-    """What depends on one layer's weights alone, built once on its first batch: head norms, tier 1, the reset
-    radius, and (on demand) the float32 / float64 CPU copies of the weights tier 3 runs on."""
-
-    norms: HeadNorms
-    ffn_norms: dict[str, float]
-    weights_tier: WeightsTier
-    r2_reset: float
-    weights: LayerWeights
-    copies: dict[torch.dtype, LayerWeights] = field(default_factory=dict)
-
-    def weights_in(self, dtype: torch.dtype) -> LayerWeights:
-        """A CPU copy of the layer's weights in ``dtype``, made once and only when tier 3 runs."""
-        if dtype not in self.copies:
-            self.copies[dtype] = to_dtype(self.weights, dtype)
-        return self.copies[dtype]
-
-
-class LipschitzObserver:
-    """Per-layer tier columns; reads the per-row θ_hi the :class:`ThetaObserver` kept for the same trace."""
-
-    def __init__(self, model: OpenModel, theta: ThetaObserver, empirical_seqs: int = 2, seed: int = 0,
-                 tokens_per_layer: int = 0) -> None:
-        self.model, self.cfg, self.theta = model, model.cfg, theta
+    def __init__(self, cfg: ModelConfig, empirical_seqs: int = 2, seed: int = 0, tokens_per_layer: int = 0) -> None:
+        self.cfg = cfg
         self.empirical_seqs, self.seed, self.tokens_per_layer = empirical_seqs, seed, tokens_per_layer
-        self.first_radius: float | None = None
-        self.prev_norm_ffn: NormWeights | None = None              # layer l-1's LN2 while layer l is observed
-        self.r2_reset: dict[int, float] = {}                       # layer -> magnitude-reset radius (per layer)
-        self.ctx: tuple[int, LayerContext] | None = None           # the current layer's context
         self.rows: dict[int, dict[str, Any]] = {}
         self.log_calibrated: dict[tuple[int, int], float] = {}     # (batch, seq) -> Σ_l log lip_layer_calibrated
         self.tightness: dict[int, dict[str, list[float]]] = {}
         self.head_terms: dict[int, dict[str, torch.Tensor]] = {}   # layer -> column -> [H], max over sequences
         self.budgets: list[EmpiricalBudget] = []                   # tier 3, per searched sequence
 
-    def _r2_in_reset(self, w: LayerWeights) -> float:
-        if self.cfg.layout.residual is Residual.POST and w.layer == 0 and self.first_radius is None:
-            loader, names = self.model.loader(), self.model.names
-            norm = loader.norm("embed_norm") if names.find("embed_norm.weight") else None
-            tok = loader.tensor("embed_tokens.weight") if norm is None else None
-            pos = loader.tensor("embed_positions.weight") if norm is None and names.find("embed_positions.weight") \
-                else None
-            self.first_radius = compute_first_layer_radius(self.cfg.layout.norm, norm, tok, pos)
-        return compute_r2_in_reset(self.cfg, w, self.prev_norm_ffn, self.first_radius)
-
-    def _context(self, w: LayerWeights) -> LayerContext:
-        """The layer's context; on its first batch the previous layer's LN2 still gives the post-LN reset radius."""
-        if self.ctx is not None and self.ctx[0] == w.layer:
-            return self.ctx[1]
-        r2_reset = self._r2_in_reset(w)
-        self.r2_reset[w.layer] = r2_reset
-        self.prev_norm_ffn = NormWeights(w.norm_ffn.weight.detach().clone(),
-                                         None if w.norm_ffn.bias is None else w.norm_ffn.bias.detach().clone())
-        norms = compute_layer_head_norms(w, self.cfg).to("cpu")
-        tier1 = compute_weights_tier(w, self.cfg, r2_reset, norms)
-        ctx = LayerContext(norms, compute_ffn_norms(w.ffn), tier1, r2_reset, w)
-        self.ctx = (w.layer, ctx)
-        return ctx
-
-    def observe(self, trace: LayerTrace) -> None:
+    def observe(self, trace: LayerTrace, ctx: LayerContext) -> None:
         if trace.attn.q.device.type != "cpu":
-            trace = to_cpu(trace)                              # per-layer bound arithmetic is small: host it
-        w, layer = trace.weights, trace.layer
-        assert w is not None, "the layer stream hands every trace its weights"
-        ctx = self._context(w)
+            trace = to_cpu(replace(trace, weights=None))       # per-layer bound arithmetic is small: host it
+        w, layer = ctx.weights, trace.layer
+        assert ctx.theta_hi is not None, "the θ pass publishes θ_hi before the Lipschitz pass reads it"
         for b in range(trace.resid_in.shape[0]):
-            result = compute_layer_lipschitz(w, self.cfg, ctx.r2_reset, trace, self.theta.last_theta_hi[b], b,
+            result = compute_layer_lipschitz(w, self.cfg, ctx.r2_reset, trace, ctx.theta_hi[b], b,
                                              norms=ctx.norms, weights_tier=ctx.weights_tier, ffn_norms=ctx.ffn_norms)
             rec = asdict(result.record)
             row = self.rows.setdefault(layer, {})
@@ -177,6 +103,10 @@ class LipschitzObserver:
         """Per (layer, head): Λ_h, Φ_h and the tier-2 head term c_h of §5.2, each the max over sequences."""
         return [{"layer": layer, "head": h, **{k: float(v[h]) for k, v in cols.items()}}
                 for layer, cols in sorted(self.head_terms.items()) for h in range(self.cfg.n_heads)]
+
+    def finish(self, tables: Tables) -> TableParts:
+        layers, model = self.records()
+        return TableParts(layers=layers, heads=self.head_records(), model=model, facts={"tier3": self.budget_facts()})
 
     def records(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Per-layer records (max over sequences) and the model totals."""

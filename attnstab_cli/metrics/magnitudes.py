@@ -8,7 +8,9 @@ All are mergeable across batches: max, min, and sum/count for means.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+from attnstab_cli.metrics.passes import TableParts, Tables
 from attnstab_cli.model.traces import LayerTrace
 
 
@@ -25,12 +27,14 @@ class _LayerMagnitudes:
 
 
 @dataclass
-class MagnitudeObserver:
+class MagnitudePass:
     """Accumulates the magnitude columns per layer from streamed :class:`LayerTrace` objects."""
 
+    name = "magnitudes"
+    needs = ()
     layers: dict[int, _LayerMagnitudes] = field(default_factory=dict)
 
-    def observe(self, trace: LayerTrace) -> None:
+    def observe(self, trace: LayerTrace, ctx: Any = None) -> None:
         acc = self.layers.setdefault(trace.layer, _LayerMagnitudes())
         resid = trace.resid_in.double().norm(dim=-1)                   # [B, T]
         attn_in = trace.attn.x.double().norm(dim=-1)                   # [B, T]
@@ -42,6 +46,9 @@ class MagnitudeObserver:
         acc.r2_ffn_in = max(acc.r2_ffn_in, float(trace.ffn_in.double().norm(dim=-1).max()))
         acc.norm1_min_var = min(acc.norm1_min_var, float(trace.norms["norm_attn"].stat.min()))
         acc.norm2_min_var = min(acc.norm2_min_var, float(trace.norms["norm_ffn"].stat.min()))
+
+    def finish(self, tables: Tables) -> TableParts:
+        return TableParts(layers=self.records())
 
     def records(self) -> list[dict[str, float | int]]:
         """One row per layer with the documented column names."""

@@ -10,17 +10,25 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from attnstab_cli.metrics.passes import TableParts, Tables
 from attnstab_cli.model.traces import LayerTrace
 
 
-class ScaleObserver:
-    """The softmax scale s of every layer (it can vary with depth, e.g. GPT-2's scale_attn_by_inverse_layer_idx)."""
+class SensitivityPass:
+    """Records the softmax scale s of every layer (it can vary with depth, e.g. GPT-2's
+    scale_attn_by_inverse_layer_idx); the proxy itself is computed from the magnitude, weight and θ columns."""
+
+    name = "sensitivity"
+    needs = ("magnitudes", "weights", "theta")
 
     def __init__(self) -> None:
         self.scales: dict[int, float] = {}
 
-    def observe(self, trace: LayerTrace) -> None:
+    def observe(self, trace: LayerTrace, ctx: Any = None) -> None:
         self.scales[trace.layer] = float(trace.attn.scale)
+
+    def finish(self, tables: Tables) -> TableParts:
+        return TableParts(layers=compute_sensitivity(tables.layers, tables.heads, self.scales))
 
 
 def _log(x: float | None) -> float | None:

@@ -20,7 +20,7 @@ Per (layer, batch):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -29,8 +29,12 @@ from attnstab_cli.kernel_dispatch import attn_row_stats
 from attnstab_cli.metrics.aggregate import EXACT_WIDTH, HeadAggregate
 from attnstab_cli.metrics.theta import DEFAULT_TOP_K, EXACT_MAX_KEYS, THETA_SLACK, compute_theta_interval, \
     compute_theta_paper
+from attnstab_cli.metrics.passes import TableParts, Tables
 from attnstab_cli.model.traces import AttentionTrace, LayerTrace
 from attnstab_cli.reference.attention_rows import compute_row_probabilities
+
+if TYPE_CHECKING:
+    from attnstab_cli.metrics.layer_context import LayerContext
 
 _BLOCK_ELEMENTS = 1 << 20   # float64 probabilities per batch of recomputed rows (8 MiB)
 PAPER_ROWS_CPU = 32         # A5 rows sampled per head and sequence where sorting every row is not cheap
@@ -88,8 +92,12 @@ def _probabilities(a: AttentionTrace, b: Tensor, h: Tensor, i: Tensor) -> Tensor
     return p                                                                # [R, T_k] float64
 
 
-class ThetaObserver:
-    """Per-head θ aggregates of every layer from streamed traces (one :class:`HeadAggregate` per layer)."""
+class ThetaPass:
+    """Per-head θ aggregates of every layer from streamed traces (one :class:`HeadAggregate` per layer); publishes
+    each trace's per-row θ_hi on the layer context for tier 2."""
+
+    name = "theta"
+    needs: tuple[str, ...] = ()
 
     def __init__(self, n_heads: int, n_kv_heads: int, opts: ThetaOptions) -> None:
         self.opts, self.n_heads, self.n_kv_heads = opts, n_heads, n_kv_heads
@@ -99,15 +107,15 @@ class ThetaObserver:
         self.refined_rows = 0                           # rows given A1 or A2 + A3
         self.unrefined_rows = 0                         # wide rows left out by the rows_per_head budget
         self.paper_sampled_rows = 0                     # rows that got the A5 estimate
-        self.last_theta_hi: list[Tensor] = []           # per sequence of the last trace: θ_hi + slack, [H, T]
 
-    def observe(self, trace: LayerTrace) -> None:
+    def observe(self, trace: LayerTrace, ctx: LayerContext | None = None) -> None:
         o = self.opts
         v = self.measure(trace.attn)
         width = v.hi - v.lo                                                 # [B, H, T]
         lo = (v.lo - o.slack).clamp(0.0, 1.0)
         hi = (v.hi + o.slack).clamp(0.0, 1.0)
-        self.last_theta_hi = list(hi.unbind(0))                             # the bound input of tier 2 (§5.2)
+        if ctx is not None:
+            ctx.theta_hi = list(hi.unbind(0))                               # the bound input of tier 2 (§5.2)
         agg = self.layers.setdefault(trace.layer, HeadAggregate.create(self.n_heads, min_keys=o.min_keys))
         wide = self.wide_rows.setdefault(trace.layer, torch.zeros(self.n_heads, dtype=torch.int64))
         wide += (width > o.tol).sum((0, 2))
@@ -177,6 +185,15 @@ class ThetaObserver:
             out[b[rows], h[rows], i[rows]] = compute_theta_paper(_probabilities(a, b[rows], h[rows], i[rows])).cpu()
         self.paper_sampled_rows += int(b.numel())
         return out
+
+    def finish(self, tables: Tables) -> TableParts:
+        o = self.opts
+        facts = {"min_keys": o.min_keys, "tol": o.tol, "rows_per_head": o.rows_per_head, "top_k": o.top_k,
+                 "slack": o.slack, "refined_rows": self.refined_rows, "unrefined_rows": self.unrefined_rows,
+                 "paper_rows": "all" if o.paper_rows is None else
+                 f"{o.paper_rows} sampled per head and sequence (seeded)",
+                 "paper_sampled_rows": self.paper_sampled_rows}
+        return TableParts(heads=self.records(), facts={"theta": facts})
 
     def records(self) -> list[dict]:
         """One record per (layer, head) with the θ columns of THEORY §0.3."""

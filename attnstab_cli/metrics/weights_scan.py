@@ -1,4 +1,4 @@
-"""Weight-only metrics of every layer, computed once per layer while its weights are resident (issue 4, item 1).
+"""Weight-only metrics of every layer, computed once per layer while its weights are resident.
 
 In a calibrated scan the layer stream hands each trace its :class:`LayerWeights`; ``--weights-only`` walks the layers
 with the loader alone and never runs text. The RoPE-aware ``qk_norm`` (THEORY §5.5) takes its maximum over the
@@ -10,21 +10,25 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from attnstab_cli.metrics.passes import TableParts, Tables
 from attnstab_cli.metrics.weights_metrics import compute_depth_budget, compute_weight_metrics
 from attnstab_cli.model.config import ModelConfig
 from attnstab_cli.model.traces import LayerTrace
 from attnstab_cli.model.weights import LayerWeights
 
 
-class WeightObserver:
+class WeightPass:
     """Per-head and per-layer weight records, one layer at a time."""
+
+    name = "weights"
+    needs = ()
 
     def __init__(self, cfg: ModelConfig, max_offset: int | None = None) -> None:
         self.cfg, self.max_offset = cfg, max_offset
         self.heads: list[dict[str, Any]] = []
         self.layers: list[dict[str, Any]] = []
 
-    def observe(self, trace: LayerTrace) -> None:
+    def observe(self, trace: LayerTrace, ctx: Any = None) -> None:
         """Measure a trace's layer once (on its first batch)."""
         if trace.batch == 0 and trace.weights is not None:
             self.observe_weights(trace.weights)
@@ -36,6 +40,9 @@ class WeightObserver:
             rec.update({f"sigma_min_{m}": rec[f"{m}_norm"] / rec[f"kappa_{m}"] for m in ("wq", "wk", "wv")})
             self.heads.append(rec)
         self.layers.append(asdict(layer))
+
+    def finish(self, tables: Tables) -> TableParts:
+        return TableParts(layers=self.layers, heads=self.heads, model=self.model_record())
 
     def model_record(self) -> dict[str, Any]:
         """Model-level totals (THEORY §10): ``depth_budget`` = N · max_l Π_l."""

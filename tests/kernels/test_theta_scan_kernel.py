@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
+from attnstab_cli.metrics.theta_scan import ThetaOptions, ThetaPass
 from tolerances import TOLERANCES
 from test_row_stats import KERNEL_DEVICE, requires_kernel
 from trace_helpers import make_trace
@@ -25,7 +25,7 @@ def test_kernel_path_matches_torch_path(causal: bool, pad: bool) -> None:
         mask = mask.to(KERNEL_DEVICE)
     results = {}
     for kernel in ("torch", "triton"):
-        obs = ThetaObserver(h, h_kv, ThetaOptions(kernel=kernel, min_keys=8, rows_per_head=None))
+        obs = ThetaPass(h, h_kv, ThetaOptions(kernel=kernel, min_keys=8, rows_per_head=None))
         obs.observe(make_trace(q, k, d ** -0.5, causal, pad=mask))
         results[kernel] = obs.records()
     for ref, ker in zip(results["torch"], results["triton"]):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from attnstab_cli.calibration.sources import CalibrationSet
-from attnstab_cli.metrics.lipschitz_scan import LipschitzObserver
-from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
+from attnstab_cli.metrics.layer_context import LayerContexts
+from attnstab_cli.metrics.lipschitz_scan import LipschitzPass
+from attnstab_cli.metrics.theta_scan import ThetaOptions, ThetaPass
 from attnstab_cli.model.blocks import run_layer
 from attnstab_cli.model.load import open_model
 from attnstab_cli.model.stream import LayerStream
@@ -82,14 +83,16 @@ def test_tiers_on_adversarial_inputs(family: str, tiny_checkpoints: dict) -> Non
                     "uniform_attention": replace(w0, wq=1e-6 * w0.wq)}
         for wname, w in variants.items():
             for xname, h in _adversarial_inputs(cfg.d_model, t, gen).items():
-                theta = ThetaObserver(cfg.n_heads, cfg.n_kv_heads, ThetaOptions(kernel="torch", min_keys=1,
-                                                                               rows_per_head=None))
-                lip = LipschitzObserver(model, theta, empirical_seqs=1)
+                theta = ThetaPass(cfg.n_heads, cfg.n_kv_heads, ThetaOptions(kernel="torch", min_keys=1,
+                                                                           rows_per_head=None))
+                lip = LipschitzPass(cfg, empirical_seqs=1)
+                contexts = LayerContexts(model)
                 if layer > 0:                                   # post-LN radii need the previous layer's LN2
-                    lip.prev_norm_ffn = loader.layer(layer - 1).norm_ffn
+                    contexts.prev_norm_ffn = loader.layer(layer - 1).norm_ffn
                 trace = run_layer(h, w, cfg, layer, 0, stream.rope(t), None)
-                theta.observe(trace)
-                lip.observe(trace)
+                ctx = contexts.for_trace(trace)
+                theta.observe(trace, ctx)
+                lip.observe(trace, ctx)
                 rows, _ = lip.records()
                 r2 = float(trace.attn.x.double().norm(dim=-1).max())
                 try:
@@ -122,7 +125,7 @@ def test_head_terms_recombine_from_report_columns(tiny_checkpoints: dict) -> Non
 
 def test_post_ln_reset_radius_uses_previous_layer_with_several_batches(tiny_checkpoints: dict, monkeypatch) -> None:
     """Post-LN: every batch of layer l ≥ 1 gets the reset radius of layer l−1's LN2 (§8.1), not layer l's own —
-    the observer sees layer l's weights before its later batches arrive."""
+    the layer context is built from layer l's weights before its later batches arrive."""
     from attnstab_cli.metrics import lipschitz_scan
     from attnstab_cli.metrics.lipschitz.norms import compute_reset_radius
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from attnstab_cli.metrics.theta import compute_theta_interval
-from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
+from attnstab_cli.metrics.theta_scan import ThetaOptions, ThetaPass
 from attnstab_cli.model.load import open_model
 from attnstab_cli.model.masks import compute_allowed
 from attnstab_cli.model.stream import LayerStream
@@ -38,7 +38,7 @@ def check_model(path: Path, batches: list[torch.Tensor]) -> int:
     model = open_model(path)
     cfg = model.cfg
     opts = ThetaOptions(slack=1e-6)
-    obs = ThetaObserver(cfg.n_heads, cfg.n_kv_heads, opts)
+    obs = ThetaPass(cfg.n_heads, cfg.n_kv_heads, opts)
     checked = 0
     for trace in LayerStream(model, batches).layers():
         v = obs.measure(trace.attn)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from attnstab_cli.calibration.sources import CalibrationSet
-from attnstab_cli.metrics.theta_scan import ThetaObserver, ThetaOptions
+from attnstab_cli.metrics.theta_scan import ThetaOptions, ThetaPass
 from attnstab_cli.model.load import open_model
 from attnstab_cli.scan import ScanOptions, run_scan
 from trace_helpers import make_trace
@@ -107,7 +107,7 @@ def test_observer_matches_brute_force(case: str) -> None:
         pad[1, t - c["pad_last"]:] = False
     min_keys = 5
     # tol = 0: every row full coverage does not pin exactly is refined (A1 here), as this test compares exactly
-    obs = ThetaObserver(c["h"], c["h_kv"], ThetaOptions(min_keys=min_keys, slack=0.0, tol=0.0, rows_per_head=None))
+    obs = ThetaPass(c["h"], c["h_kv"], ThetaOptions(min_keys=min_keys, slack=0.0, tol=0.0, rows_per_head=None))
     obs.observe(make_trace(q, k, 0.35, c["causal"], c["window"], pad))
     rec = obs.records()
     ref = expected_columns(dense_probabilities(q, k, 0.35, c["causal"], c["window"], pad), min_keys)
@@ -132,7 +132,7 @@ def test_uniform_causal_rows_hand_computed() -> None:
     t, min_keys = 64, 16
     q = torch.zeros(1, 2, t, 4)
     k = torch.randn(1, 2, t, 4, generator=torch.Generator().manual_seed(0))
-    obs = ThetaObserver(2, 2, ThetaOptions(min_keys=min_keys, slack=0.0, rows_per_head=None))
+    obs = ThetaPass(2, 2, ThetaOptions(min_keys=min_keys, slack=0.0, rows_per_head=None))
     obs.observe(make_trace(q, k, 1.0, causal=True))
     theta = [0.0] + [1.0 - (n % 2) / n**2 for n in range(2, t + 1)]
     kept = theta[min_keys - 1:]
@@ -156,16 +156,16 @@ def test_budget_keeps_intervals_certified() -> None:
     q, k = torch.randn(1, 2, 18, 8, generator=gen), torch.randn(1, 2, 18, 8, generator=gen)
     probs = dense_probabilities(q, k, 0.5, True, None, None)
     ref = expected_columns(probs, min_keys=1)
-    obs = ThetaObserver(2, 2, ThetaOptions(min_keys=1, rows_per_head=0))
+    obs = ThetaPass(2, 2, ThetaOptions(min_keys=1, rows_per_head=0))
     # rows_per_head=0 still refines rows with ≤ 20 keys; use longer rows for the unrefined case below
     obs.observe(make_trace(q, k, 0.5, True))
     for h, r in enumerate(obs.records()):
         assert r["theta_mean"] <= ref["theta_mean"][h] <= r["theta_hi_mean"]
     t = 40
     q, k = torch.randn(1, 2, t, 8, generator=gen) * 0.3, torch.randn(1, 2, t, 8, generator=gen)
-    obs = ThetaObserver(2, 2, ThetaOptions(min_keys=1, rows_per_head=0))
+    obs = ThetaPass(2, 2, ThetaOptions(min_keys=1, rows_per_head=0))
     obs.observe(make_trace(q, k, 0.5, True))
-    full = ThetaObserver(2, 2, ThetaOptions(min_keys=1, rows_per_head=None))
+    full = ThetaPass(2, 2, ThetaOptions(min_keys=1, rows_per_head=None))
     full.observe(make_trace(q, k, 0.5, True))
     assert obs.unrefined_rows > 0 and full.unrefined_rows == 0
     for cheap, best in zip(obs.records(), full.records()):

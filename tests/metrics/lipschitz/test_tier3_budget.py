@@ -12,7 +12,7 @@ from torch.func import jvp
 from attnstab_cli.metrics.lipschitz import empirical
 from attnstab_cli.metrics.lipschitz.empirical import (compute_layer_empirical_budgeted, make_layer_function,
                                                       plan_lane_iterations)
-from attnstab_cli.metrics.lipschitz_scan import to_dtype
+from attnstab_cli.metrics.layer_context import to_dtype
 from attnstab_cli.model.load import open_model
 from attnstab_cli.model.rope import compute_rope_cos_sin
 from attnstab_cli.model.stream import LayerStream
