@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from attnstab_cli.errors import UsageError
+from attnstab_cli.report.destination import COMPARE_KIND
 from attnstab_cli.report.read import Report
 from attnstab_cli.report.schema import TABLES
 from attnstab_cli.report.write import publish_directory
@@ -26,7 +27,6 @@ SHARE_MIN = 1e-3
 SIDE_BY_SIDE = ("theta_bar", "proj_product_layer", "r_resid_mean", "r_ln_mean", "sens_proxy_ln",
                 "lip_layer_calibrated", "grad_h_in")
 HEAD_METRICS = ("theta_mean", "theta_p05", "pmax_mean", "entropy_mean", "proj_product")
-COMPARE_KIND = "attnstab-compare"
 _DLOG_LAYER = {
     "dlog_theta": "Δlog theta_bar (B − A)", "dlog_proj": "Δlog proj_product_layer",
     "dlog_scale": "Δlog attn_scale (0 unless the softmax scale changed)",
@@ -201,4 +201,4 @@ def write_comparison(out: Path, comp: Comparison, force: bool = False) -> Path:
             meta["loss"] = {"totals": meta["loss"]["totals"]}
         (staging / "compare.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
-    return publish_directory(out, fill, force)
+    return publish_directory(out, fill, force, kind="compare")

@@ -40,12 +40,13 @@ from attnstab_cli.errors import InputError, ScanFailure, UsageError
 from attnstab_cli.input_files import regular_file_present, require_regular_file
 from attnstab_cli.kernel_dispatch import resolve_kernel
 from attnstab_cli.model.load import open_model
+from attnstab_cli.report.destination import TRACK_KIND, check_not_input, check_writable
 from attnstab_cli.report.read import Report, is_report_dir, load_report
 from attnstab_cli.report.schema import SCHEMA_VERSION, TABLES
 from attnstab_cli.report.write import replace_file, write_report
 from attnstab_cli.scan import ScanRequest, resolve_device, scan_checkpoint
 
-TRACK_KIND, TRACK_VERSION = "attnstab-track", 1
+TRACK_VERSION = 1
 TRACK_FILE, TRACK_JSON, CACHE_DIR = "track.parquet", "track.json", "cache"
 KEY_CHARS = 20                                     # 80 bits of the sha256: no collision among a run's checkpoints
 CACHE_KEY = re.compile(f"[0-9a-f]{{{KEY_CHARS}}}")
@@ -251,13 +252,16 @@ def build_long_table(point: TrackPoint, report: Report) -> pa.Table:
                                  pa.array(value, pa.float64())], schema=TRACK_SCHEMA)
 
 
-def read_track_manifest(out: Path, force: bool) -> dict[str, Any] | None:
-    """Check ``out`` before any work: a new or empty directory, an interrupted first run (only ``cache/``), or a
-    previous track (returned, to extend); anything else needs ``force``."""
+def read_track_manifest(out: Path, force: bool, checkpoints: Sequence[str] = ()) -> dict[str, Any] | None:
+    """Check ``out`` before any work: writable and clear of the checkpoints (:mod:`~attnstab_cli.report.destination`),
+    and a new or empty directory, an interrupted first run (only ``cache/``), or a previous track (returned, to
+    extend; ``force`` starts it afresh). Any other directory is refused, with or without ``force``."""
+    check_writable(out)
+    check_not_input(out, checkpoints)
     if not out.exists():
         return None
     if not out.is_dir():
-        raise UsageError(f"{out} exists and is not a directory")
+        raise UsageError("exists and is not a directory", path=out)
     manifest = None
     regular_file_present(out / TRACK_JSON)
     try:
@@ -267,9 +271,10 @@ def read_track_manifest(out: Path, force: bool) -> dict[str, Any] | None:
     if isinstance(manifest, dict) and manifest.get("kind") == TRACK_KIND:
         return None if force else manifest
     # cache/ alone is an interrupted first run: resume it (hidden names are temporary files)
-    if any(p.name != CACHE_DIR and not p.name.startswith(".") for p in out.iterdir()) and not force:
-        raise UsageError(f"{out} exists and is not an attnstab track output",
-                         hint="pass --force to write the track into it")
+    if any(p.name != CACHE_DIR and not p.name.startswith(".") for p in out.iterdir()):
+        raise UsageError("exists and is not an attnstab track output; refused, with or without --force (a track is "
+                         "written only into a new or empty directory or a previous track)", path=out,
+                         hint="choose another --out")
     return None
 
 
@@ -392,7 +397,7 @@ def write_track(out: Path, table: pa.Table, manifest: dict[str, Any]) -> None:
 def run_track(points: Sequence[TrackPoint], req: ScanRequest, out: Path, force: bool = False,
               scan: ScanFn | None = None, on_entry: Callable[[TrackEntry], None] | None = None) -> TrackResult:
     """Plan, reuse or scan each checkpoint, merge with a previous track in ``out`` and write (module docstring)."""
-    previous = read_track_manifest(out, force)
+    previous = read_track_manifest(out, force, [p.checkpoint for p in points])
     entries, calib, settings = plan_track(points, req)
     kept, kept_parts, notes = carry_over(out, previous, entries, settings)
     (out / CACHE_DIR).mkdir(parents=True, exist_ok=True)

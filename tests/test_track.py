@@ -329,15 +329,16 @@ def test_a_step_given_again_with_other_weights_replaces_it(run_dir: Path, tmp_pa
     assert any("step 800: other weights" in n for n in result.notes)
 
 
-def test_foreign_directory_needs_force_and_a_broken_cache_entry_is_rescanned(run_dir: Path, tmp_path: Path) -> None:
-    out, scan = tmp_path / "track", FakeScan()
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    with pytest.raises(UsageError, match="not an attnstab track output"):
-        _track(run_dir, out, scan)
-    assert scan.calls == []
-    result = _track(run_dir, out, scan, force=True)
-    assert (out / "notes.txt").read_text() == "mine"                       # --force writes beside, deletes nothing
+def test_a_foreign_directory_is_refused_and_a_broken_cache_entry_is_rescanned(run_dir: Path, tmp_path: Path) -> None:
+    foreign, scan = tmp_path / "mine", FakeScan()
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(UsageError, match="not an attnstab track output"):
+            _track(run_dir, foreign, scan, force=force)
+    assert scan.calls == [] and [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    out = tmp_path / "track"
+    result = _track(run_dir, out, scan)
     (out / CACHE_DIR / result.entries[0].key / "layers.parquet").write_bytes(b"garbage")
     again = _track(run_dir, out, scan)
     assert [e.status for e in again.entries] == ["scanned", "cached"] and len(scan.calls) == 3

@@ -26,7 +26,8 @@ from attnstab_cli.model.load import open_model
 from attnstab_cli.scan import resolve_device
 from attnstab_cli.report.read import is_report_dir, load_calibration
 from attnstab_cli.report.summary import format_value
-from attnstab_cli.report.write import check_output_dir, write_report
+from attnstab_cli.report.destination import check_destination
+from attnstab_cli.report.write import write_report
 
 Target = Annotated[str, typer.Argument(help="A report directory (attnstab scan --out) or a checkpoint.",
                                        show_default=False)]
@@ -55,12 +56,16 @@ def compare(
     quiet: Quiet = False,
 ) -> None:
     """Compare B with A per layer and per head and attribute the change in attention sensitivity."""
+    a_is_report, b_is_report = is_report_dir(Path(a)), is_report_dir(Path(b))
     if out is not None:
-        check_output_dir(out, force)
+        check_destination(out, "compare", force, [a, b])
+    if save_reports is not None:
+        for name, is_report in (("a", a_is_report), ("b", b_is_report)):
+            if not is_report:
+                check_destination(save_reports / name, "report", force, [a, b])
     req = build_scan_request(a, calib=calib, tokens=tokens, seq_len=seq_len, batch_size=batch_size, batches=batches,
                              seed=seed, device=device, dtype=dtype, grad=grad, empirical_seqs=empirical_seqs,
                              hash_mode=hash_mode)
-    a_is_report, b_is_report = is_report_dir(Path(a)), is_report_dir(Path(b))
     if loss and (a_is_report or b_is_report):
         raise UsageError("--loss needs A and B as checkpoints (the weights), not reports")
     if b_is_report and not a_is_report:                 # scan A on B's tokens

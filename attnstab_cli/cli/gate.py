@@ -33,7 +33,8 @@ from attnstab_cli.gate.github import (
 )
 from attnstab_cli.gate.junit import build_junit
 from attnstab_cli.report.read import Report, is_report_dir, load_report
-from attnstab_cli.report.write import check_output_dir, write_file_atomic, write_report
+from attnstab_cli.report.destination import check_destination, check_file_destination
+from attnstab_cli.report.write import write_file_atomic, write_report
 
 GATE_EPILOG = (
     "Examples:  attnstab gate report/ --rule 'theta_p05 >= 0.2' --rule 'layers.lip_layer_calibrated <= 1e4'  |  "
@@ -77,6 +78,8 @@ def gate(
                          hint="--junit-xml PATH gives a machine-readable file alongside --github")
     scan_flags = dict(calib=calib, tokens=tokens, seq_len=seq_len, batch_size=batch_size, batches=batches, seed=seed,
                       device=device, dtype=dtype, grad=grad, empirical_seqs=empirical_seqs, hash_mode=hash_mode)
+    if junit_xml is not None:           # replaced on every run, but only a JUnit file the gate wrote
+        check_file_destination(junit_xml, "junit", force=True)
     try:
         rules, config_path = collect_rules(rule or [], config, Path.cwd(), discover=not no_config)
         check_rules_need(rules, baseline is not None)
@@ -115,7 +118,7 @@ def _load_target(target: str, base: Report | None, out: Path | None, force: bool
             raise UsageError("--out writes the scan of a checkpoint TARGET, and TARGET is already a report")
         return load_report(Path(target)), []
     if out is not None:
-        check_output_dir(out, force)
+        check_destination(out, "report", force, [target] + ([base.path] if base is not None and base.path else []))
     explicit = any(scan_flags[k] is not None for k in ("calib", "tokens", "seq_len"))
     calib, note = choose_calibration(base, explicit)
     report, _ = resolve_target(target, build_scan_request(target, **scan_flags), calib, quiet)

@@ -18,7 +18,9 @@ RopeTheta = Annotated[Optional[float], typer.Option("--rope-theta", help="RoPE b
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or log lines on stderr.")]
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Report directory to write (atomically).")]
-Force = Annotated[bool, typer.Option("--force", help="Replace an existing report directory.")]
+Force = Annotated[bool, typer.Option(
+    "--force", help="Replace an existing attnstab report directory of the same kind, or an empty directory "
+                    "(nothing else, and never the checkpoint or a directory holding it).")]
 
 
 def config_overrides(n_heads: int | None, n_kv_heads: int | None, norm_eps: float | None,

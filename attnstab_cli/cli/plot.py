@@ -22,7 +22,8 @@ def plot(
     out: Annotated[Path, typer.Option(
         "--out", "-o", help="File to write, atomically: .png or .svg (one figure), or .html (a self-contained page "
                             "with the figure inline and the report's identity).", show_default=False)],
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file that attnstab plot "
+                                                        "wrote (no other file).")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Plot θ per head, the per-layer bound tiers and gradient profile, or a comparison's attribution and a track's

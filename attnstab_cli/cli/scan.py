@@ -15,7 +15,8 @@ from attnstab_cli.cli.targets import build_scan_request, scan_with_progress
 from attnstab_cli.errors import UsageError
 from attnstab_cli.metrics.curvature_scan import CurvatureOptions
 from attnstab_cli.metrics.theta_scan import ThetaOptions
-from attnstab_cli.report.write import check_output_dir, write_report
+from attnstab_cli.report.destination import check_destination
+from attnstab_cli.report.write import write_report
 
 
 def parse_theta_rows(value: str) -> int | None:
@@ -85,7 +86,7 @@ def scan(
     if curvature and weights_only:
         raise UsageError("--curvature needs calibration text (the Hessian is of the loss on it); drop --weights-only")
     if out is not None:
-        check_output_dir(out, force)
+        check_destination(out, "report", force, [checkpoint])
     theta = ThetaOptions(min_keys=min_keys, tol=theta_tol, rows_per_head=parse_theta_rows(theta_rows), top_k=top_k,
                          slack=theta_slack, seed=seed)
     req = build_scan_request(checkpoint, calib=calib, tokens=tokens, seq_len=seq_len, batch_size=batch_size,

@@ -34,8 +34,8 @@ TrackOut = Annotated[Path, typer.Option(
     "--out", "-o", help="Track directory: track.parquet, track.json and cache/ (one report per checkpoint). A re-run "
                         "into it scans only new checkpoints and keeps steps not given again.", show_default=False)]
 TrackForce = Annotated[bool, typer.Option(
-    "--force", help="Write into an existing directory that is not a track, or start a previous track afresh "
-                    "(other tokens or settings); its cached scans are still reused.")]
+    "--force", help="Start a previous track afresh (other tokens or settings); its cached scans are still reused. "
+                    "A directory that is not a track is never written into.")]
 Steps = Annotated[Optional[str], typer.Option(
     "--steps", help="Comma-separated steps, one per checkpoint in argument order (instead of the names' steps).")]
 
@@ -79,7 +79,7 @@ def track(
     the projection-norm product Π and R per layer over the steps. Each scan is cached by weight fingerprint."""
     found = discover_checkpoints(checkpoints)
     points = resolve_steps(found, parse_steps(steps))
-    read_track_manifest(out, force)                         # refuse a foreign directory before any work
+    read_track_manifest(out, force, found)                  # refuse a foreign directory before any work
     req = build_scan_request(points[0].checkpoint, calib=calib, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                              batches=batches, seed=seed, device=device, dtype=dtype, grad=grad,
                              empirical_seqs=empirical_seqs, hash_mode=hash_mode)

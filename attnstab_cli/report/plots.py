@@ -26,11 +26,11 @@ import pandas as pd
 
 from attnstab_cli.errors import InputError, UsageError
 from attnstab_cli.input_files import regular_file_present, require_regular_file
+from attnstab_cli.report.destination import COMPARE_KIND, TRACK_KIND, WRITER, check_file_destination
 from attnstab_cli.track import load_track
 
 FORMATS = (".png", ".svg", ".html")
 MATPLOTLIB_MISSING = "attnstab plot needs matplotlib: pip install 'attnstab[plot]'"
-COMPARE_KIND, TRACK_KIND = "attnstab-compare", "attnstab-track"
 
 TITLE_THETA = "θ (theta_mean) by layer × head"
 TITLE_PROJ_HEADS = "projection product Π_h (proj_product) by layer × head"
@@ -79,14 +79,14 @@ def require_matplotlib() -> None:
 
 
 def check_plot_target(out: Path, force: bool) -> str:
-    """The output format (``.png``, ``.svg``, ``.html``) of ``out``; refuse an unknown suffix or an existing file."""
+    """The output format (``.png``, ``.svg``, ``.html``) of ``out``; refuse an unknown suffix, a directory, an
+    unwritable place, or an existing file unless it is a plot attnstab wrote and ``force`` is given."""
     suffix = out.suffix.lower()
     if suffix not in FORMATS:
         raise UsageError(f"--out must end in .png, .svg or .html, got {out.name!r}")
     if out.is_dir():
         raise UsageError(f"{out} is a directory; --out names the image or page to write")
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists", hint="pass --force to replace it")
+    check_file_destination(out, suffix, force)
     return suffix
 
 
@@ -432,9 +432,9 @@ def render_plot(inp: PlotInput, suffix: str) -> bytes:
     with rc_context({"svg.fonttype": "none", "svg.hashsalt": "attnstab"}):
         buf = io.BytesIO()
         if suffix == ".png":
-            fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+            fig.savefig(buf, format="png", dpi=110, metadata={"Software": WRITER})
             return buf.getvalue()
-        fig.savefig(buf, format="svg", metadata={"Date": None})
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": WRITER})
     svg = buf.getvalue().decode("utf-8")
     return svg.encode("utf-8") if suffix == ".svg" else render_html(inp, svg).encode("utf-8")
 
@@ -448,6 +448,7 @@ def render_html(inp: PlotInput, svg: str) -> str:
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in inp.notes)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<meta name=\"generator\" content=\"{WRITER}\">\n"
         f"<title>{html.escape(inp.title)}</title>\n"
         "<style>body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}"
         "th{text-align:left;padding-right:1em;font-weight:600}td{font-family:monospace}"

@@ -1,6 +1,8 @@
 """Write a report directory atomically: everything goes to a hidden sibling, then one rename publishes it.
 
-An interrupted scan (exception, Ctrl-C) leaves no report at all; an existing report is replaced only with ``force``.
+An interrupted scan (exception, Ctrl-C) leaves no report at all; what may be replaced, and only with ``force``, is
+decided by :mod:`attnstab_cli.report.destination`. Every publication is recorded there, so an interrupt can say what
+is complete on disk.
 """
 from __future__ import annotations
 
@@ -15,16 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from attnstab_cli.errors import UsageError
+from attnstab_cli.report.destination import check_destination, record_published
 from attnstab_cli.report.schema import ALL_TABLES, arrow_schema
-
-
-def check_output_dir(out: Path, force: bool) -> None:
-    """Fail before any work when the report would overwrite something without ``--force``."""
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists", hint="pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a directory")
 
 
 def file_metadata(manifest: dict[str, Any]) -> dict[str, str]:
@@ -47,10 +41,11 @@ def build_table(name: str, records: list[dict[str, Any]], metadata: dict[str, st
     return pa.Table.from_pylist([{c.name: r.get(c.name) for c in ALL_TABLES[name]} for r in records], schema=schema)
 
 
-def publish_directory(out: Path, fill: Callable[[Path], None], force: bool = False) -> Path:
+def publish_directory(out: Path, fill: Callable[[Path], None], force: bool = False, kind: str = "report") -> Path:
     """Run ``fill(staging)`` in a hidden sibling of ``out`` and publish it with one rename: ``out`` appears complete
-    or not at all (an exception or Ctrl-C removes the staging directory; a kill leaves only the hidden ``.partial``)."""
-    check_output_dir(out, force)
+    or not at all (an exception or Ctrl-C removes the staging directory; a kill leaves only the hidden ``.partial``).
+    An existing ``out`` is replaced only as :func:`check_destination` allows for ``kind``, checked again here."""
+    check_destination(out, kind, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     umask = os.umask(0)
@@ -62,6 +57,7 @@ def publish_directory(out: Path, fill: Callable[[Path], None], force: bool = Fal
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    record_published(out)
     return out
 
 
@@ -80,6 +76,7 @@ def replace_file(path: Path, write: Callable[[Path], None]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    record_published(path)
     return path
 
 
@@ -104,11 +101,12 @@ def write_report(out: Path, tables: dict[str, list[dict[str, Any]]], manifest: d
 
 
 def _publish(staging: Path, out: Path) -> None:
-    if not out.exists():
+    """Rename ``staging`` to ``out``; an existing ``out`` is first renamed to a fresh hidden ``.replaced`` sibling
+    (a new name, so no other file is ever removed) and deleted once the new one is in place."""
+    if not os.path.lexists(out):
         os.rename(staging, out)
         return
-    old = out.with_name(f".{out.name}.replaced")
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(out, old)
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".replaced", dir=out.parent))
+    os.rename(out, old)                     # a directory renames over the empty one just made
     os.rename(staging, out)
     shutil.rmtree(old, ignore_errors=True)

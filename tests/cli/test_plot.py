@@ -235,11 +235,15 @@ def test_unknown_suffix_is_a_usage_error(dirs: dict[str, Path], tmp_path: Path) 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_file_needs_force(dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_existing_file_needs_force_and_must_be_a_plot_of_ours(dirs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "f.svg"
     out.write_text("old")
-    assert_input_error(invoke("plot", dirs["compare"], "--out", out), "already exists")
+    for force in ((), ("--force",)):
+        assert_input_error(invoke("plot", dirs["compare"], "--out", out, *force), "not written by attnstab")
     assert out.read_text() == "old"
+    out.unlink()
+    assert invoke("plot", dirs["report"], "--out", out, "--quiet").exit_code == 0
+    assert_input_error(invoke("plot", dirs["compare"], "--out", out), "already exists")
     result = invoke("plot", dirs["compare"], "--out", out, "--force", "--quiet")
     assert result.exit_code == 0 and result.stderr == ""
     assert plots.TITLE_ATTRIBUTION in out.read_text() and [p.name for p in tmp_path.iterdir()] == ["f.svg"]

@@ -184,9 +184,11 @@ def test_duplicate_steps_are_a_usage_error(tmp_path: Path, no_scans: list[str]) 
     assert no_scans == [] and not (tmp_path / "t").exists()
 
 
-def test_a_foreign_output_directory_needs_force(tmp_path: Path, no_scans: list[str]) -> None:
+def test_a_foreign_output_directory_is_refused_even_with_force(tmp_path: Path, no_scans: list[str]) -> None:
     out = tmp_path / "report"
     out.mkdir()
     (out / "manifest.json").write_text("{}")
-    assert_input_error(invoke("track", STEP200, "--out", out, *FLAGS), "not an attnstab track output")
+    for force in ((), ("--force",)):
+        assert_input_error(invoke("track", STEP200, "--out", out, *FLAGS, *force), "not an attnstab track output",
+                           "refused")
     assert no_scans == [] and sorted(p.name for p in out.iterdir()) == ["manifest.json"]
