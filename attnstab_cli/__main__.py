@@ -1,3 +1,3 @@
-from attnstab_cli.cli.app import main
+from attnstab_cli.cli.entry import main
 
 main()

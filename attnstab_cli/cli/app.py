@@ -51,8 +51,3 @@ app.command(epilog=EPILOG)(show)
 app.command(epilog=EPILOG)(track)
 app.command(epilog=GATE_EPILOG)(gate)
 app.command(epilog=EPILOG)(plot)
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app()

@@ -11,7 +11,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from attnstab_cli.cli.entry import INTERRUPT_EXIT, INTERRUPTS, Interrupted, interrupt_received, interrupted_line
 from attnstab_cli.errors import AttnstabError
+from attnstab_cli.report.destination import forget_published
 
 F = TypeVar("F", bound=Callable[..., Any])
 STATE = {"debug": os.environ.get("ATTNSTAB_DEBUG") == "1"}
@@ -35,13 +37,19 @@ def handle_errors(fn: F) -> F:
     """Turn :class:`AttnstabError` into ``Error: ...`` (and a hint) on stderr plus its exit code; any other exception
     means the work could not complete: one line and exit 3 (never 1, which a gate reserves for a failed rule).
 
-    With ``--debug`` or ``ATTNSTAB_DEBUG=1`` the exception propagates with its traceback instead.
+    With ``--debug`` or ``ATTNSTAB_DEBUG=1`` the exception propagates with its traceback instead. An interrupt
+    (Ctrl-C, SIGTERM) is one line saying what is complete on disk, and exit 130, whatever the flags.
     """
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        forget_published()
         try:
+            if interrupt_received():        # arrived while the command line was parsed
+                raise Interrupted("before the command")
             return fn(*args, **kwargs)
         except AttnstabError as exc:
+            if interrupt_received():
+                _exit_interrupted()
             if STATE["debug"]:
                 raise
             err = stderr_console()
@@ -49,12 +57,13 @@ def handle_errors(fn: F) -> F:
             if exc.hint:
                 err.print(f"  hint: {exc.hint}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            stderr_console().print("Interrupted; no report was written.")
-            raise typer.Exit(130) from None
+        except INTERRUPTS:
+            _exit_interrupted()
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:            # a failure we did not anticipate: the work did not complete (exit 3)
+            if interrupt_received():
+                _exit_interrupted()
             if STATE["debug"]:
                 raise
             stderr_console().print(f"[bold red]Error:[/] the run could not complete: {type(exc).__name__}: "
@@ -65,3 +74,9 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(3) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _exit_interrupted() -> None:
+    """One line saying what the interrupt left on disk, then exit 130 (whatever the exception it turned into)."""
+    stderr_console().print(interrupted_line(), markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(INTERRUPT_EXIT) from None

@@ -127,7 +127,7 @@ def test_interrupted_scan_leaves_no_report(tiny_checkpoints: dict, tmp_path: Pat
 
     monkeypatch.setattr(write, "_publish", explode)
     result = invoke("scan", path, "--calib", "random", "--seq-len", "8", "--out", out, "--quiet")
-    assert result.exit_code != 0
+    assert result.exit_code == 130 and result.stderr == "Interrupted; nothing was written.\n"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -2,17 +2,16 @@
 and no half-written directory under the report's name."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from attnstab_cli.report import write
 from cli.helpers import invoke
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_checkpoints"
+PAUSE = Path(__file__).resolve().parents[1] / "cli" / "pause_point.py"
 
 
 def test_failure_while_writing_the_second_table_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
@@ -33,15 +32,16 @@ def test_failure_while_writing_the_second_table_leaves_nothing(tmp_path: Path, m
 
 
 def test_killed_scan_leaves_no_report(tmp_path: Path) -> None:
-    """SIGKILL (no cleanup runs) during the scan: the report name never appears."""
+    """SIGKILL (no cleanup runs) while the report's files are being written: the report name never appears, only
+    the hidden staging directory. ``pause_point.py`` stops the scan after its first table file and says so."""
     out = tmp_path / "report"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "attnstab_cli", "scan", str(SAMPLES / "gpt2-tiny"), "--out",
-                             str(out), "--empirical-seqs", "2", "--grad"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    time.sleep(4.0)                                      # imports, open, fingerprint, first layers of the scan
-    assert proc.poll() is None, "the scan finished before it could be killed; make it longer"
+    proc = subprocess.Popen([sys.executable, str(PAUSE), "write-table", "scan", str(SAMPLES / "gpt2-tiny"), "--out",
+                             str(out), "--calib", "random", "--seq-len", "16", "--batches", "1", "--batch-size", "1",
+                             "--empirical-seqs", "0", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stderr.readline() == "paused at write-table\n"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not out.exists()
-    assert not any(p.name == "report" for p in tmp_path.iterdir())
+    proc.wait(timeout=60)
+    (staging,) = tmp_path.iterdir()
+    assert staging.name.startswith(".report.") and staging.name.endswith(".partial")
+    assert not (staging / "manifest.json").exists() and not out.exists()
