@@ -18,6 +18,8 @@ from attnstab_cli.metrics.theta_scan import ThetaOptions
 from attnstab_cli.report.destination import check_destination
 from attnstab_cli.report.write import write_report
 
+THETA, CURVATURE = ThetaOptions(), CurvatureOptions()     # the defaults the options show
+
 
 def parse_theta_rows(value: str) -> int | None:
     """``--theta-rows``: a non-negative count, or ``all`` (None: refine every wide row)."""
@@ -49,16 +51,16 @@ def scan(
         "--kernel", help="Row statistics: auto (Triton on CUDA, torch otherwise), torch or triton.")] = "auto",
     min_keys: Annotated[int, typer.Option(
         "--min-keys", min=1, help="Rows with fewer unmasked keys are left out of the descriptive θ aggregates "
-                                  "(counted in n_rows_short; the bound input theta_tilde still uses them).")] = 16,
+                                  "(counted in n_rows_short; the bound input theta_tilde still uses them).")] = THETA.min_keys,
     theta_tol: Annotated[float, typer.Option(
-        "--theta-tol", min=0.0, help="Refine rows whose certified θ interval is wider than this.")] = 1e-6,
+        "--theta-tol", min=0.0, help="Refine rows whose certified θ interval is wider than this.")] = THETA.tol,
     theta_rows: Annotated[str, typer.Option(
         "--theta-rows", help="Wide rows refined per head and sequence (all rows with ≤ 20 keys always are), "
-                             "or 'all'.")] = "256",
+                             "or 'all'.")] = str(THETA.rows_per_head),
     top_k: Annotated[int, typer.Option(
-        "--top-k", min=0, max=20, help="k of the top-k θ upper bound (2^k subset sums per refined row).")] = 14,
+        "--top-k", min=0, max=20, help="k of the top-k θ upper bound (2^k subset sums per refined row).")] = THETA.top_k,
     theta_slack: Annotated[float, typer.Option(
-        "--theta-slack", min=0.0, max=0.5, help="Widening of every θ interval for float32 rounding of q, k.")] = 1e-6,
+        "--theta-slack", min=0.0, max=0.5, help="Widening of every θ interval for float32 rounding of q, k.")] = THETA.slack,
     empirical_seqs: EmpiricalSeqs = 1,
     grad: Grad = False,
     weights_only: Annotated[bool, typer.Option(
@@ -70,13 +72,13 @@ def scan(
                             "(Lanczos), trace (Hutchinson), gradient norm, and the whole-model top eigenvalue. Keeps "
                             "every layer resident.")] = False,
     curvature_iters: Annotated[int, typer.Option(
-        "--curvature-iters", min=1, help="Lanczos steps (Hessian-vector products) per block at most.")] = 40,
+        "--curvature-iters", min=1, help="Lanczos steps (Hessian-vector products) per block at most.")] = CURVATURE.max_iter,
     curvature_tol: Annotated[float, typer.Option(
-        "--curvature-tol", min=0.0, help="Stop Lanczos when the Ritz residual is <= tol x |lambda|.")] = 1e-4,
+        "--curvature-tol", min=0.0, help="Stop Lanczos when the Ritz residual is <= tol x |lambda|.")] = CURVATURE.tol,
     curvature_probes: Annotated[int, typer.Option(
-        "--curvature-probes", min=1, help="Hutchinson probes per block for the trace.")] = 16,
+        "--curvature-probes", min=1, help="Hutchinson probes per block for the trace.")] = CURVATURE.probes,
     curvature_dtype: Annotated[str, typer.Option(
-        "--curvature-dtype", help="float64 (default) or float32 for the curvature pass.")] = "float64",
+        "--curvature-dtype", help="float64 (default) or float32 for the curvature pass.")] = CURVATURE.dtype,
     arch: Arch = None, n_heads: NHeads = None, n_kv_heads: NKVHeads = None, norm_eps: NormEps = None,
     rope_theta: RopeTheta = None, fmt: Format = "rich", json_out: Json = False, detail: Detail = False,
     quiet: Quiet = False,

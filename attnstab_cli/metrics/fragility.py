@@ -18,7 +18,7 @@ from torch import Tensor
 from attnstab_cli.metrics.passes import TableParts, Tables
 from attnstab_cli.metrics.threads import single_threaded
 from attnstab_cli.model.traces import LayerTrace
-from attnstab_cli.reference.attention_rows import compute_row_logits
+from attnstab_cli.reference.attention_rows import compute_masked_softmax, compute_row_logits
 
 F64 = torch.float64
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,7 +115,7 @@ class FragilityPass:
         s, allowed = compute_row_logits(a.q, a.k, a.scale, bi, hi, ti, causal=a.causal, window=a.window,
                                         key_padding_mask=a.key_padding_mask)          # [r, T_k] float64
         keep = allowed.any(-1)
-        p = torch.softmax(s[keep], dim=-1)                                             # [r', T_k]
+        p = compute_masked_softmax(s[keep], allowed[keep])                             # [r', T_k]
         lam = compute_softmax_lambda_max(p)
         s_norm = torch.where(allowed[keep], s[keep], 0.0).norm(dim=-1)
         return (lam * s_norm / p.norm(dim=-1)).cpu().tolist()

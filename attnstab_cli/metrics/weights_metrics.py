@@ -22,6 +22,7 @@ import torch
 
 from attnstab_cli.arch.spec import FFNKind
 from attnstab_cli.errors import InputError
+from attnstab_cli.metrics.lipschitz._linalg import head_slices
 from attnstab_cli.metrics.spectral import norm_2_to_inf, singular_values, spectral_norm_value
 from attnstab_cli.model.config import ModelConfig, RopeConfig
 from attnstab_cli.model.rope import apply_rope, compute_inv_freq
@@ -98,10 +99,8 @@ def kv_head_index(n_heads: int, n_kv_heads: int, device: torch.device | str = "c
 
 def slice_heads(w: LayerWeights, n_heads: int, n_kv_heads: int, head_dim: int) -> HeadSlices:
     """Split the canonical projections into head blocks (THEORY §5.1, §15)."""
-    d = w.wq.shape[0]
-    cols = lambda t, n: t.to(F64).reshape(d, n, head_dim).permute(1, 0, 2)    # [d, n*D] -> [n, d, D]
     return HeadSlices(
-        wq=cols(w.wq, n_heads), wk=cols(w.wk, n_kv_heads), wv=cols(w.wv, n_kv_heads),
+        wq=head_slices(w.wq, n_heads), wk=head_slices(w.wk, n_kv_heads), wv=head_slices(w.wv, n_kv_heads),
         wo=w.wo.to(F64).reshape(n_heads, head_dim, -1),                         # [H*D, d] -> [H, D, d]
         kv_of_head=kv_head_index(n_heads, n_kv_heads, w.wq.device),
     )

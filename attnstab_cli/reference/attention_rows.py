@@ -52,6 +52,13 @@ def compute_row_probabilities(q: Tensor, k: Tensor, scale: float, b: Tensor, h: 
     """Float64 softmax rows ``p [R, T_k]`` (masked keys exactly 0; a row with no key is all 0) and their masks."""
     s, allowed = compute_row_logits(q, k, scale, b, h, i, causal=causal, window=window,
                                     key_padding_mask=key_padding_mask)
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)                                  # [R, 1]
-    return torch.exp(s - lse).nan_to_num(0.0), allowed
+    return compute_masked_softmax(s, allowed), allowed
+
+
+def compute_masked_softmax(s: Tensor, allowed: Tensor) -> Tensor:
+    """Float64 softmax over the last axis of logits ``s [..., T_k]`` restricted to ``allowed`` keys: masked keys are
+    exactly 0 and a row with no allowed key is all 0 (never NaN)."""
+    s = s.to(F64).masked_fill(~allowed.to(s.device), -math.inf)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)                                  # [..., 1]
+    return torch.exp(s - lse).nan_to_num(0.0)
 

@@ -1,6 +1,6 @@
-"""Per-head views of projection matrices for the Lipschitz bounds (THEORY §5.2).
+"""Per-head views of projection matrices, for the Lipschitz bounds (THEORY §5.2) and the weight columns (§15).
 
-Matrix norms come from ``metrics/spectral.py`` (certified upper values, exact SVD up to 4096 columns). Row
+Matrix norms come from ``metrics/spectral.py`` (certified upper values). Row
 convention: ``W [d_in, d_out]`` acts as ``x -> xW``.
 """
 from __future__ import annotations

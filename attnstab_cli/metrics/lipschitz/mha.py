@@ -21,6 +21,7 @@ import torch
 from attnstab_cli.metrics.lipschitz._linalg import head_slices
 from attnstab_cli.metrics.spectral import spectral_norm_value as spectral_norm
 from attnstab_cli.model.masks import compute_allowed
+from attnstab_cli.reference.attention_rows import compute_masked_softmax
 from attnstab_cli.model.config import ModelConfig
 from attnstab_cli.model.weights import LayerWeights
 
@@ -137,7 +138,7 @@ def compute_attention_probabilities(q: torch.Tensor, k: torch.Tensor, scale: flo
                                     allowed: torch.Tensor) -> torch.Tensor:
     """Softmax rows ``[H, T_q, T_k]`` in float64 from ``q [H, T_q, D]``, ``k [H, T_k, D]`` (already expanded)."""
     logits = scale * q.to(F64) @ k.to(F64).transpose(-1, -2)                           # [H, T_q, T_k]
-    return logits.masked_fill(~allowed.to(q.device), float("-inf")).softmax(dim=-1)
+    return compute_masked_softmax(logits, allowed)
 
 
 @dataclass(frozen=True)
