@@ -67,7 +67,7 @@ class ThetaInterval:
         return self.hi - self.lo
 
 
-class RowStats(NamedTuple):
+class PmaxEntropy(NamedTuple):
     """p_max, 1 − p_max (accumulated as Σ_{j≠argmax} p_j) and entropy in nats; each float64 [R] (§3.5)."""
 
     pmax: Tensor
@@ -118,15 +118,15 @@ def compute_maximiser_signs(mask: Tensor) -> Tensor:
     return torch.where(mask, 1.0, -1.0).to(torch.float64)
 
 
-def compute_pmax_entropy(p: Tensor) -> RowStats:
+def compute_pmax_entropy(p: Tensor) -> PmaxEntropy:
     """p_max, 1 − p_max without cancellation, and entropy −Σ p log p in nats of rows [R, n] (§3.5, §2.4(6))."""
     p64 = _as_rows(p)
     if p64.shape[1] == 0:
-        return RowStats(*torch.zeros(3, p64.shape[0], dtype=torch.float64))
+        return PmaxEntropy(*torch.zeros(3, p64.shape[0], dtype=torch.float64))
     pmax, arg = p64.max(dim=-1)                                            # [R], [R]
     rest = p64.scatter(1, arg[:, None], 0.0).sum(-1)                       # [R]
     entropy = -torch.special.xlogy(p64, p64).sum(-1)                       # [R]
-    return RowStats(pmax, rest, entropy)
+    return PmaxEntropy(pmax, rest, entropy)
 
 
 def _subset_sums(v: Tensor) -> Tensor:
