@@ -47,7 +47,7 @@ class ProgressReport:
     """Progress of the scan's stages on stderr: a transient bar per stage on a terminal, otherwise one line per
     stage step at most every ``LINE_EVERY_S`` seconds (and always its last step); nothing when quiet."""
 
-    LINE_EVERY_S = 1.0
+    LINE_EVERY_S = 10.0                 # CI logs and nohup files: about one line per 10 s
 
     def __init__(self, err: Console, label: str, quiet: bool) -> None:
         self.err, self.label, self.quiet = err, label, quiet
