@@ -50,14 +50,15 @@ def _no_constant(name: str) -> Any:
     raise JsonRefused(f"{name} is not JSON")
 
 
-def loads_strict(text: str, max_depth: int = MAX_DEPTH) -> Any:
+def loads_strict(text: str, max_depth: int = MAX_DEPTH, *, constants: bool = False) -> Any:
     """Parse ``text``; :class:`JsonRefused` for nesting deeper than ``max_depth``, duplicate keys, ``NaN`` or
-    ``Infinity``, and for any syntax error (with ``json``'s position)."""
+    ``Infinity`` (unless ``constants``: Python's own ``json.dumps`` writes them, e.g. into configs), and for any
+    syntax error (with ``json``'s position)."""
     depth = nesting_depth(text)
     if depth > max_depth:
         raise JsonRefused(f"nested {depth} levels deep, more than {max_depth}")
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=None if constants else _no_constant)
     except JsonRefused:
         raise
     except (ValueError, RecursionError) as exc:   # JSONDecodeError, and ValueError for ints over 4300 digits

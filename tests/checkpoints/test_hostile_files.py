@@ -171,6 +171,15 @@ def test_index_shard_resolving_inside_is_read(good: Path, tmp_path: Path) -> Non
     assert run("info", ck).exit_code == 0
 
 
+@pytest.mark.parametrize("extra, needle", [("[" * 100_000 + "]" * 100_000, "nested 100001 levels deep"),
+                                           ('{"a": 1, "a": 2}', "duplicate key 'a'")])
+def test_config_json_nesting_and_duplicates(extra: str, needle: str, good: Path, tmp_path: Path) -> None:
+    ck = _copy(good, tmp_path)
+    text = (ck / "config.json").read_text().rstrip().removesuffix("}")
+    (ck / "config.json").write_text(text + ', "deep": ' + extra + "}")
+    assert_input_error(run("info", ck), str(ck / "config.json"), "malformed config.json", needle)
+
+
 # --- weight formats attnstab does not read ---------------------------------------------------------------------------
 
 def test_directory_of_gguf_files(tmp_path: Path) -> None:
