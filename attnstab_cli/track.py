@@ -35,7 +35,9 @@ import pyarrow.parquet as pq
 from attnstab_cli import __version__
 from attnstab_cli.calibration.build import build_calibration
 from attnstab_cli.calibration.sources import CalibrationSet
+from attnstab_cli.checkpoints.containment import CheckpointFolder
 from attnstab_cli.checkpoints.fingerprint import compute_fingerprint
+from attnstab_cli.checkpoints.resolve import DIRECTORY_LABEL
 from attnstab_cli.errors import InputError, ScanFailure, UsageError
 from attnstab_cli.input_files import regular_file_present, require_regular_file
 from attnstab_cli.kernel_dispatch import resolve_kernel
@@ -109,8 +111,9 @@ def step_from_trainer_state(checkpoint: str) -> int | None:
     path = Path(checkpoint)
     directory = path if path.is_dir() else path.parent if path.suffix == ".json" else None
     state = None if directory is None else directory / "trainer_state.json"
-    if state is None or not regular_file_present(state):
+    if state is None or not os.path.lexists(state):
         return None
+    CheckpointFolder.at(directory, DIRECTORY_LABEL).file(state)
     try:
         step = json.loads(state.read_text()).get("global_step")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:

@@ -137,6 +137,33 @@ def test_checkpoint_directory_given_through_a_symlink(good: Path, tmp_path: Path
     assert result.exit_code == 0, result.stderr
 
 
+@pytest.mark.parametrize("kind", ["symlink out", "fifo"])
+def test_trainer_state_of_a_tracked_checkpoint(kind: str, good: Path, tmp_path: Path) -> None:
+    """``track`` reads ``trainer_state.json`` under the same rule as the checkpoint's other files."""
+    ck = _copy(good, tmp_path)
+    state = ck / "trainer_state.json"
+    if kind == "fifo":
+        _replace_with_fifo(state)
+    else:
+        (tmp_path / "outside.json").write_text('{"global_step": 5}')
+        state.symlink_to(tmp_path / "outside.json")
+    result = run("track", ck, "--out", tmp_path / "track", *SCAN)
+    assert_input_error(result, str(state), "outside the checkpoint directory" if kind != "fifo" else "named pipe")
+    assert not (tmp_path / "track").exists()
+
+
+def test_legacy_torch_bin_is_read(good: Path, tmp_path: Path) -> None:
+    """A pre-zip ``torch.save`` file cannot be memory-mapped; it is read (still ``weights_only``), not refused."""
+    from safetensors.torch import load_file
+
+    ck = _copy(good, tmp_path)
+    torch.save(load_file(ck / "model.safetensors"), ck / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    (ck / "model.safetensors").unlink()
+    result = run("info", ck, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["format"] == "bin"
+
+
 # --- shard indexes ---------------------------------------------------------------------------------------------------
 
 def _index(ck: Path, doc: object | str) -> None:
