@@ -172,7 +172,7 @@ def _load_compare(path: Path) -> PlotInput:
                 "A calibration token sha256": _hash12(_find_key(sides["a"], "token_sha256")),
                 "B calibration token sha256": _hash12(_find_key(sides["b"], "token_sha256"))}
     return PlotInput("compare", path, f"attnstab compare: A = {names['a']} → B = {names['b']}", _clean(identity),
-                     layers, heads, notes=[str(n) for n in meta.get("notes") or []])
+                     layers, heads, notes=_notes(meta, path / "compare.json"))
 
 
 def _load_track(path: Path) -> PlotInput:
@@ -186,7 +186,15 @@ def _load_track(path: Path) -> PlotInput:
                 (", …" if len(checkpoints) > 6 else ""), "steps": span,
                 "calibration token sha256": _hash12(_find_key(meta, "token_sha256"))}
     return PlotInput("track", path, f"attnstab track: {len(checkpoints)} checkpoints, {span}", _clean(identity),
-                     track=track, notes=[str(n) for n in meta.get("notes") or []])
+                     track=track, notes=_notes(meta, path / "track.json"))
+
+
+def _notes(meta: dict[str, Any], file: Path) -> list[str]:
+    """The ``notes`` list of a compare.json or track.json (absent: none)."""
+    notes = meta.get("notes") or []
+    if not isinstance(notes, list):
+        raise InputError(f"notes must be a list, got {type(notes).__name__}", path=file)
+    return [str(n) for n in notes]
 
 
 def _find_key(obj: Any, key: str) -> Any:

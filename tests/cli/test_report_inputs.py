@@ -230,3 +230,14 @@ def test_a_report_with_every_nullable_column_null_renders_in_every_view(report: 
     plotted = invoke("plot", out, "--out", tmp_path / "f.png", "--quiet")
     assert_input_error(plotted, "nothing to plot")
     assert not (tmp_path / "f.png").exists()
+
+
+def test_a_track_json_with_notes_of_the_wrong_type_is_refused_by_plot(tracked: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "track"
+    shutil.copytree(tracked, out)
+    manifest = json.loads((out / "track.json").read_text())
+    (out / "track.json").write_text(json.dumps({**manifest, "notes": 5}))
+    result = invoke("plot", out, "--out", tmp_path / "f.png", "--quiet")
+    assert_input_error(result, str(out / "track.json"), "notes must be a list")
+    assert not (tmp_path / "f.png").exists()
