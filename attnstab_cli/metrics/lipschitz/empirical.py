@@ -98,7 +98,8 @@ class Linearization:
     ``f`` must map ``[L, T, d] -> [L, T, d]`` lane by lane. The vjp is one backward through ``f``'s graph; the jvp
     uses the double-backward identity ``J u = d/dc <J^T c, u>`` on a graph of ``J^T c`` built once at ``c = 0`` (it is
     linear in ``c``). Forward-mode AD would do the jvp in one pass, but in torch it loads the compiler stack
-    (about 1.5 s per process) and needs functorch's vmap for the lanes; this way both products are batched kernels.
+    (about 1.5 s per process) and needs functorch's vmap for the lanes; this way both products are batched kernels
+    and the scan imports neither.
     """
 
     def __init__(self, f: LayerFn, x: torch.Tensor, lanes: int) -> None:
@@ -106,16 +107,24 @@ class Linearization:
             self.x = x.detach().expand(lanes, *x.shape).clone().requires_grad_(True)          # [L, T, d]
             self.y = f(self.x)
             self.c = torch.zeros_like(self.y, requires_grad=True)
-            self.g = torch.autograd.grad(self.y, self.x, self.c, create_graph=True)[0]      # J^T c
+            self.g = _grad(self.y, self.x, self.c, create_graph=True)                        # J^T c
 
     def vjp(self, c: torch.Tensor) -> torch.Tensor:
-        return torch.autograd.grad(self.y, self.x, c, retain_graph=True)[0]
+        return _grad(self.y, self.x, c)
 
     def jvp(self, u: torch.Tensor) -> torch.Tensor:
         if not self.g.requires_grad:                  # f constant in x: J = 0
             return torch.zeros_like(self.y)
-        out = torch.autograd.grad(self.g, self.c, u, retain_graph=True, allow_unused=True)[0]
-        return torch.zeros_like(self.y) if out is None else out
+        return _grad(self.g, self.c, u)
+
+
+def _grad(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """``d <y, weight> / dx`` (the vjp ``J^T weight``), graph kept. Differentiating the scalar ``<y, weight>`` rather
+    than passing ``weight`` as ``grad_outputs`` gives the same product, but torch's check of tensor ``grad_outputs``
+    imports its symbolic-shapes module (about 2 s per process)."""
+    out = torch.autograd.grad((y * weight).sum(), x, retain_graph=True, create_graph=create_graph,
+                              allow_unused=True)[0]
+    return torch.zeros_like(x) if out is None else out
 
 
 def compute_empirical_lipschitz(f: LayerFn, x: torch.Tensor, rows: list[int], restarts: int = 3,
