@@ -302,7 +302,7 @@ class GradientFlow:
         for b, h in enumerate(inputs):
             h = h.clone().requires_grad_(True)                             # [B, T, d]
             out = run_layer(h, w, self.cfg, layer, b, stream.rope(h.shape[1]), stream.masks[b]).resid_out
-            out.backward(grads[b])
+            (out * grads[b]).sum().backward()      # = out.backward(grads[b]), without torch's symbolic-shapes import
             new_grads.append(h.grad)
         record = {"layer": layer, "grad_h_in": math.sqrt(sum(float(g.double().pow(2).sum()) for g in new_grads)),
                   "grad_attn_params": _group_norm(groups["attn"]), "grad_ffn_params": _group_norm(groups["ffn"]),
