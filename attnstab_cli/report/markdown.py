@@ -24,7 +24,8 @@ def _theta_cell(v: float | None) -> str:
 def render_markdown(manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]]]) -> str:
     """Heading, model and calibration lines, the per-layer table, the θ matrix and the findings."""
     d = build_digest(manifest, tables)
-    out = [f"## attnstab: {(manifest.get('checkpoint') or {}).get('checkpoint') or MISSING}", "", f"`{d['model']}`", "", d["calibration"], ""]
+    name = (manifest.get("checkpoint") or {}).get("checkpoint") or MISSING
+    out = [f"## attnstab: {name}", "", f"`{d['model']}`", "", d["calibration"], ""]
     cols = d["layer_columns"]
     if d["layers"]:
         out += ["| layer | " + " | ".join(_cell(h) for h in cols.values()) + " |", "|---:" * (len(cols) + 1) + "|"]
