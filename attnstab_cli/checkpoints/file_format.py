@@ -84,7 +84,8 @@ def sniff_format(path: Path) -> str:
 
 def describe_format(fmt: str) -> str:
     """:func:`sniff_format`'s answer as words for a message."""
-    return {"gguf": "a GGUF file", "torch-zip": "a torch.save file", "torch-pickle": "a legacy torch.save file",
+    return {"gguf": "a GGUF file", "torch-zip": "a zip archive (the torch.save format)",
+            "torch-pickle": "a pickle stream (the legacy torch.save format)",
             "numpy": "a NumPy .npy array", "safetensors": "a safetensors file"}.get(fmt, fmt)
 
 

@@ -113,3 +113,34 @@ def test_valid_header_variants_are_read(good: Path, tmp_path: Path) -> None:
         result = invoke("info", ck, "--json")
         assert result.exit_code == 0, result.stderr
         assert json.loads(result.stdout)["n_layers"] == 2
+
+
+def _drop_tensor(h: dict, data: bytes, name: str) -> bytes:
+    """Remove ``name`` from header ``h`` and its bytes from ``data``, shifting later offsets (still a valid file)."""
+    begin, end = h.pop(name)["data_offsets"]
+    for key, entry in h.items():
+        if key != "__metadata__" and entry["data_offsets"][0] >= end:
+            entry["data_offsets"] = [o - (end - begin) for o in entry["data_offsets"]]
+    return data[:begin] + data[end:]
+
+
+@pytest.mark.parametrize("case, needle", [("missing tensor", "transformer.wpe.weight"),
+                                          ("transposed shape", "[192, 64]")])
+def test_info_runs_the_open_time_checks_of_scan(case: str, needle: str, good: Path, tmp_path: Path) -> None:
+    """A valid file that does not fit its family is refused by ``info`` exactly as by ``scan`` (both open the model
+    the same way)."""
+    ck = tmp_path / "ckpt"
+    shutil.copytree(good, ck)
+    header, data = split_file(ck / "model.safetensors")
+    h = json.loads(header)
+    if case == "missing tensor":
+        data = _drop_tensor(h, data, "transformer.wpe.weight")
+    else:
+        h["transformer.h.0.attn.c_attn.weight"]["shape"] = [192, 64]
+    join_file(ck / "model.safetensors", _as_text(h), data)
+    errors = set()
+    for args in (("info", ck), ("scan", ck, *SCAN)):
+        result = invoke(*args)
+        assert_input_error(result, needle)
+        errors.add(result.stderr.splitlines()[0])
+    assert len(errors) == 1, errors
