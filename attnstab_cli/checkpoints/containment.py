@@ -37,7 +37,7 @@ class CheckpointFolder:
         """True when ``path``, with every symlink followed, lies inside the folder."""
         return _resolve(path).is_relative_to(self.root)
 
-    def directory(self, path: Path) -> Path:
+    def inside(self, path: Path) -> Path:
         """``path`` when it resolves inside the folder; otherwise an :class:`InputError` naming it."""
         if not self.contains(path):
             raise InputError(f"resolves to {_resolve(path)}, outside {self.label} {self.root}; refused", path=path)
@@ -45,7 +45,7 @@ class CheckpointFolder:
 
     def file(self, path: Path) -> Path:
         """``path`` when it resolves inside the folder and is a regular file; otherwise an :class:`InputError`."""
-        return require_regular_file(self.directory(path))
+        return require_regular_file(self.inside(path))
 
 
 __all__ = ["CheckpointFolder"]

@@ -55,7 +55,7 @@ def resolve_repo_id(repo_id: str, revision: str = "main") -> tuple[Path, Path]:
             raise InputError(f"cached repo {repo_id!r} has no refs/{revision} and {len(candidates)} snapshots",
                              path=repo_dir)
         snap = candidates[0]
-    folder.directory(snap)
+    folder.inside(snap)
     if not snap.is_dir():
         raise InputError(f"cached repo {repo_id!r}: snapshot {snap.name} is missing", path=repo_dir)
     return snap, repo_dir

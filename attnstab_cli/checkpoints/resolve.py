@@ -132,13 +132,15 @@ def _read_index(index: Path, directory: Path, folder: CheckpointFolder) -> tuple
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError(malformed, path=index)
     for tensor, name in weight_map.items():
-        if not isinstance(name, str) or not name or "\0" in name or "\0" in tensor:
+        if "\0" in tensor:
+            raise InputError(f"shard index names tensor {tensor!r}, with a NUL byte", path=index)
+        if not isinstance(name, str) or not name or "\0" in name:
             raise InputError(f"shard index maps {tensor!r} to {name!r}, not a file name", path=index)
     shards = []
     for name in sorted(set(weight_map.values())):
         shard = directory / name
         try:
-            folder.directory(shard)
+            folder.inside(shard)
         except InputError as exc:
             raise InputError(f"shard {name!r} {exc.detail}", path=index) from None
         if not _present(shard):

@@ -173,7 +173,7 @@ def _index(ck: Path, doc: object | str) -> None:
 
 @pytest.mark.parametrize("doc, needle", [
     ({"weight_map": {"transformer.wte.weight": "model-00001\u0000-of-00001.safetensors"}}, "not a file name"),
-    ({"weight_map": {"transformer.wte.weight\u0000": "model-00001-of-00001.safetensors"}}, "not a file name"),
+    ({"weight_map": {"transformer.wte.weight\u0000": "model-00001-of-00001.safetensors"}}, "with a NUL byte"),
     ({"weight_map": {"transformer.wte.weight": 7}}, "not a file name"),
     ({"weight_map": ["model-00001-of-00001.safetensors"]}, "weight_map"),
     ({"weight_map": {}}, "weight_map"),
