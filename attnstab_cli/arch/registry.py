@@ -39,7 +39,8 @@ def match_spec(config: dict[str, Any]) -> ArchSpec:
             return spec
     raise UnsupportedError(
         f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}",
-        hint="pass --arch FAMILY if this checkpoint uses one of the supported layouts",
+        hint="--arch FAMILY reads it as a supported family; every tensor is then checked against that family's "
+             "names and shapes, and a checkpoint with tensors the family does not read is refused",
     )
 
 
@@ -48,15 +49,17 @@ class TensorNames:
 
     def __init__(self, spec: ArchSpec, keys: Iterable[str]) -> None:
         self.spec = spec
-        self.keys = set(keys)
+        self.ordered = list(dict.fromkeys(keys))    # file order, for messages
+        self.keys = set(self.ordered)
         self.prefix = self._find_prefix()
 
     def _find_prefix(self) -> str:
         for prefix in self.spec.prefixes:
             if any(prefix + t in self.keys for t in self.spec.tensors["embed_tokens.weight"]):
                 return prefix
-        raise InputError(f"no token-embedding tensor found for family {self.spec.name!r} "
-                         f"(expected one of {[p + t for p in self.spec.prefixes for t in self.spec.tensors['embed_tokens.weight']]})")
+        expected = [p + t for p in self.spec.prefixes for t in self.spec.tensors["embed_tokens.weight"]]
+        raise InputError(f"no token-embedding tensor of family {self.spec.name!r} (expected one of {expected}); "
+                         f"the checkpoint holds e.g. {name_examples(self.ordered)}")
 
     def _templates(self, role: str, layer: int | None) -> list[str]:
         if layer is not None:
@@ -90,12 +93,65 @@ class TensorNames:
         role = next(r for r in self.spec.layer_tensors if r not in self.spec.optional)
         found = set()
         for template in self.spec.layer_tensors[role]:
-            pattern = re.compile(re.escape(self.prefix + template).replace(re.escape("{layer}"), r"(\d+)") + "$")
-            found |= {int(m.group(1)) for k in self.keys if (m := pattern.match(k))}
+            pattern = _template_pattern(self.prefix + template)
+            found |= {int(m.group(1)) for k in self.keys if (m := pattern.fullmatch(k))}
         return max(found) + 1 if found else 0
 
     def required_layer_roles(self) -> list[str]:
         return [r for r in self.spec.layer_tensors if r not in self.spec.optional]
+
+    def check_layers_match(self) -> None:
+        """An :class:`InputError` when no stored name matches the family's layer templates (another family)."""
+        if self.count_layers():
+            return
+        role = self.required_layer_roles()[0]
+        unbound = [k for k in self.ordered if k not in self.bound(0)]
+        raise InputError(f"no tensor matches the layer names of family {self.spec.name!r} (e.g. "
+                         f"{self._templates(role, 0)[0]!r}); the checkpoint holds e.g. {name_examples(unbound)}",
+                         hint=f"the checkpoint is of another family; supported: {', '.join(supported_model_types())}")
+
+    def bound(self, n_layers: int) -> dict[str, tuple[str, int | None]]:
+        """Stored name -> (role, layer or None) of every tensor the spec reads, in layers below ``n_layers``."""
+        out: dict[str, tuple[str, int | None]] = {}
+        for role in (*self.spec.tensors, *self.spec.head_tensors):
+            if (name := self.find(role)) is not None:
+                out.setdefault(name, (role, None))
+        for layer in range(n_layers):
+            for role in self.spec.layer_tensors:
+                if (name := self.find(role, layer)) is not None:
+                    out.setdefault(name, (role, layer))
+        return out
+
+    def is_buffer(self, name: str, n_layers: int) -> bool:
+        """Whether ``name`` is one of the family's stored constants (a causal mask, a rotary cache)."""
+        return self._matches(self.spec.buffers, name, n_layers)
+
+    def unread(self, n_layers: int) -> list[str]:
+        """Stored names the spec neither reads nor declares ignorable or a buffer, in file order."""
+        bound = self.bound(n_layers)
+        return [k for k in self.ordered if k not in bound and not self.is_buffer(k, n_layers)
+                and not self._matches(self.spec.ignorable, k, n_layers)]
+
+    def _matches(self, templates: tuple[str, ...], name: str, n_layers: int) -> bool:
+        for template in templates:
+            for prefix in dict.fromkeys(("", self.prefix)):
+                m = _template_pattern(prefix + template).fullmatch(name)
+                if m and all(int(g) < n_layers for g in m.groups()):
+                    return True
+        return False
+
+
+@lru_cache(maxsize=None)
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """A ``{layer}`` template as a regular expression whose groups are the layer indices."""
+    return re.compile(re.escape(template).replace(re.escape("{layer}"), r"(\d+)"))
+
+
+def name_examples(names: Iterable[str], limit: int = 3) -> str:
+    """A few stored tensor names, quoted, for an error line."""
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" (of {len(names)})" if len(names) > limit else "") if names else "no tensors"
 
 
 def infer_spec_from_tensors(keys: Iterable[str]) -> ArchSpec:

@@ -1,8 +1,11 @@
 """Architecture families as data (STYLE.md, "Declaring architectures"; idea from mergekit's per-family specs).
 
 Each family is one JSON file in ``specs/``: match rules, a config-key map, ``{layer}`` tensor templates per canonical
-role (with aliases, optional and tied tensors) and layout facts as enums. The loader rejects unknown keys, so a typo
-in a spec fails at import time rather than silently mis-reading a checkpoint.
+role (with aliases, optional and tied tensors), the tensors a scan may leave unread (``ignorable`` weights such as
+classifier heads, and ``buffers``: constants such as causal masks and rotary caches, which are not weights) and layout
+facts as enums. The loader rejects unknown keys and config fields without a rule in
+:data:`~attnstab_cli.arch.config_fields.CONFIG_FIELDS`, so a typo in a spec fails at import time rather than silently
+mis-reading a checkpoint.
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from importlib import resources
 from typing import Any
+
+from attnstab_cli.arch.config_fields import CONFIG_FIELDS
 
 
 class Orientation(str, Enum):
@@ -92,10 +97,12 @@ class ArchSpec:
     tied: dict[str, str] = field(default_factory=dict)
     required_without_config: tuple[str, ...] = ()
     residual_switch: ResidualSwitch | None = None
+    ignorable: tuple[str, ...] = ()    # weights a scan does not use (templates, ``{layer}`` below the layer count)
+    buffers: tuple[str, ...] = ()      # stored constants that are not weights (same templates); never value-checked
 
 
 _KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefixes", "tensors", "head_tensors",
-         "layer_tensors", "optional", "tied", "required_without_config", "residual_switch"}
+         "layer_tensors", "optional", "tied", "required_without_config", "residual_switch", "ignorable", "buffers"}
 
 
 def _templates(mapping: dict[str, str | list[str]]) -> dict[str, tuple[str, ...]]:
@@ -107,6 +114,9 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
     unknown = set(data) - _KEYS
     if unknown:
         raise ValueError(f"spec {data.get('name')!r}: unknown keys {sorted(unknown)}")
+    unchecked = set(data["config"]) - set(CONFIG_FIELDS)
+    if unchecked:
+        raise ValueError(f"spec {data.get('name')!r}: config fields without a rule in CONFIG_FIELDS: {sorted(unchecked)}")
     lay = data["layout"]
     layout = Layout(
         orientation=Orientation(lay["orientation"]), qkv_packing=QKVPacking(lay["qkv_packing"]),
@@ -126,6 +136,7 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         tied=dict(data.get("tied", {})), required_without_config=tuple(data.get("required_without_config", ())),
         residual_switch=ResidualSwitch(switch["key"], Residual(switch["if_true"]), Residual(switch["if_false"]))
         if switch else None,
+        ignorable=tuple(data.get("ignorable", ())), buffers=tuple(data.get("buffers", ())),
     )
 
 

@@ -9,13 +9,16 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from attnstab_cli.arch.config_fields import (
+    CONFIG_FIELDS, ROPE_SCALING_FIELDS, check_field, check_rope_scaling, rope_type_of,
+)
 from attnstab_cli.arch.registry import TensorNames
 from attnstab_cli.arch.spec import ArchSpec, FFNKind, Layout, Positions, RopeStyle
 from attnstab_cli.checkpoints.safetensors_header import TensorInfo
-from attnstab_cli.errors import InputError, UnsupportedError
+from attnstab_cli.errors import InputError, UnsupportedError, UsageError
 from attnstab_cli.model.activations import ACTIVATIONS
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+SUPPORTED_ROPE_TYPES = tuple(ROPE_SCALING_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -67,61 +70,125 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
 
-def _lookup(config: dict[str, Any], keys: tuple[str, ...]) -> Any:
-    """First non-null value among ``keys``; a dotted key reads into nested dicts (``rope_parameters.rope_theta``)."""
+def _lookup(config: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, Any] | None:
+    """``(key, value)`` of the first non-null value among ``keys``; a dotted key reads into nested dicts
+    (``rope_parameters.rope_theta``)."""
     for key in keys:
         node: Any = config
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if node is not None:
-            return node
+            return key, node
     return None
+
+
+def read_config_fields(spec: ArchSpec, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every canonical field the spec reads from ``config.json``, checked against its rule in
+    :data:`~attnstab_cli.arch.config_fields.CONFIG_FIELDS`; returns the values and the key each came from."""
+    values, keys = {}, {}
+    for name, candidates in spec.config.items():
+        found = _lookup(config, candidates)
+        if found is None:
+            continue
+        key, value = found
+        values[name] = check_field(CONFIG_FIELDS[name], f"config key {key!r}", value)
+        if name == "rope_scaling":
+            check_rope_scaling(key, values[name])
+        keys[name] = key
+    return values, keys
+
+
+def option_name(name: str) -> str:
+    """The command-line option that overrides canonical field ``name``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_overrides(overrides: dict[str, Any] | None) -> None:
+    """Values given on the command line obey the same rules as config keys (a :class:`UsageError` otherwise)."""
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            check_field(CONFIG_FIELDS[name], f"option {option_name(name)}", value, UsageError)
 
 
 def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: TensorNames,
                        infos: dict[str, TensorInfo], overrides: dict[str, Any] | None = None) -> ModelConfig:
-    """Resolve every canonical field from config keys, overrides, spec defaults and tensor shapes (in that order)."""
-    raw = {key: _lookup(config, keys) for key, keys in spec.config.items()} if config else {}
-    raw = {k: v for k, v in raw.items() if v is not None}
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    """Resolve every canonical field from config keys, overrides, spec defaults and tensor shapes (in that order);
+    each config value is checked for type and range, then the values against each other and the tensors, before
+    any is used."""
+    raw, keys = read_config_fields(spec, config) if config else ({}, {})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    raw.update(given)
+    keys.update({k: option_name(k) for k in given})
     missing = [k for k in spec.required_without_config if k not in raw and (config is None or k not in spec.defaults)]
-    for key, value in spec.defaults.items():
-        raw.setdefault(key, value)
+    for name, value in spec.defaults.items():
+        raw.setdefault(name, value)
     shape = lambda role, layer=None: infos[names.find(role, layer)].shape if names.find(role, layer) else None
-    emb = shape("embed_tokens.weight")
+    emb_name = names.find("embed_tokens.weight")
+    emb = infos[emb_name].shape
+    if len(emb) != 2:
+        raise InputError(f"tensor {emb_name!r} has shape {list(emb)}; expected [vocab_size, d_model]",
+                         path=infos[emb_name].file)
     raw.setdefault("vocab_size", emb[0])
     raw.setdefault("d_model", emb[1])
-    raw.setdefault("n_layers", names.count_layers())
+    found_layers = names.count_layers()
+    raw.setdefault("n_layers", found_layers)
     if missing and config is None:
         raise InputError(f"a bare .safetensors file has no config; cannot infer {', '.join(missing)}",
-                         hint="pass " + " ".join(f"--{m.replace('_', '-')} VALUE" for m in missing))
+                         hint="pass " + " ".join(f"{option_name(m)} VALUE" for m in missing))
     if "n_heads" not in raw:
         raise InputError("config does not give the number of attention heads")
     if "norm_eps" not in raw:
         raise InputError("config does not give the normalisation epsilon")
-    d, h = int(raw["d_model"]), int(raw["n_heads"])
-    head_dim = int(raw.get("head_dim") or d // h)
-    n_kv = int(raw.get("n_kv_heads") or _infer_kv_heads(spec, names, infos, head_dim, h))
+
+    def key(name: str) -> str:
+        return keys.get(name, name)
+
+    def subject(name: str) -> str:
+        return f"option {key(name)}" if key(name).startswith("--") else f"config key {key(name)!r}"
+
+    if raw["n_layers"] != found_layers:
+        raise InputError(f"{subject('n_layers')} says {raw['n_layers']} layers but the weights hold {found_layers}")
+    d, h = raw["d_model"], raw["n_heads"]
+    if d != emb[1]:
+        raise InputError(f"{subject('d_model')} is {d}; expected {emb[1]}, the width of tensor {emb_name!r}")
+    if "head_dim" not in raw and d % h:
+        raise InputError(f"{subject('n_heads')} is {h}; expected a divisor of {key('d_model')} {d}")
+    head_dim = raw.get("head_dim") or d // h
+    n_kv = raw.get("n_kv_heads") or _infer_kv_heads(spec, names, infos, head_dim, h)
+    if h % n_kv:
+        raise InputError(f"{subject('n_kv_heads')} is {n_kv}; expected a divisor of {key('n_heads')} {h}")
+    for field, role in (("vocab_size", "embed_tokens.weight"), ("max_positions", "embed_positions.weight"),
+                        ("type_vocab_size", "embed_types.weight")):
+        rows = shape(role)
+        if field in keys and rows and rows[0] < raw[field]:
+            raise InputError(f"{subject(field)} is {raw[field]}; expected at most {rows[0]}, the rows of tensor "
+                             f"{names.find(role)!r}")
+    types = raw.get("layer_types")
+    if types is not None and len(types) != found_layers:
+        raise InputError(f"{subject('layer_types')} has {len(types)} entries; expected one per layer "
+                         f"({found_layers})")
     pos = shape("embed_positions.weight")
     layout = _resolve_layout(spec, raw)
     d_ff = raw.get("d_ff") or _infer_d_ff(spec, shape) or 4 * d
-    activation = str(raw["activation"])
+    activation = raw["activation"]
     if activation not in ACTIVATIONS:
-        raise UnsupportedError(f"unsupported activation {activation!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
-    n_layers = int(raw["n_layers"])
+        raise UnsupportedError(f"unsupported activation {activation!r} ({subject('activation')}); "
+                               f"supported: {', '.join(sorted(ACTIVATIONS))}")
     cfg = ModelConfig(
-        family=spec.name, model_type=(config or {}).get("model_type"), layout=layout, n_layers=n_layers,
-        d_model=d, n_heads=h, n_kv_heads=n_kv, head_dim=head_dim, d_ff=int(d_ff), vocab_size=int(raw["vocab_size"]),
-        max_positions=int(raw["max_positions"]) if raw.get("max_positions") else (pos[0] if pos else None),
+        family=spec.name, model_type=(config or {}).get("model_type"), layout=layout, n_layers=found_layers,
+        d_model=d, n_heads=h, n_kv_heads=n_kv, head_dim=head_dim, d_ff=d_ff, vocab_size=raw["vocab_size"],
+        max_positions=raw.get("max_positions") or (pos[0] if pos else None),
         norm_eps=float(raw["norm_eps"]), activation=activation, rope=_build_rope(spec, raw, head_dim),
-        sliding_windows=_sliding_windows(raw, n_layers),
-        scale_attn_weights=bool(raw.get("scale_attn_weights", True)),
-        scale_by_inverse_layer_idx=bool(raw.get("scale_attn_by_inverse_layer_idx", False)),
-        type_vocab_size=int(raw["type_vocab_size"]) if raw.get("type_vocab_size") else None,
-        tie_embeddings=bool(raw.get("tie_embeddings", False)),
+        sliding_windows=_sliding_windows(raw, found_layers),
+        scale_attn_weights=raw.get("scale_attn_weights", True),
+        scale_by_inverse_layer_idx=raw.get("scale_attn_by_inverse_layer_idx", False),
+        type_vocab_size=raw.get("type_vocab_size"),
+        tie_embeddings=raw.get("tie_embeddings", False),
         config_dtype=str((config or {}).get("torch_dtype") or (config or {}).get("dtype") or "") or None,
     )
-    _validate(cfg, names)
+    if cfg.rope and (cfg.rope.rotary_dim % 2 or not 0 < cfg.rope.rotary_dim <= cfg.head_dim):
+        raise InputError(f"rotary dimension {cfg.rope.rotary_dim} (rotary fraction times head_dim {cfg.head_dim}) "
+                         f"is not an even number in 2..{cfg.head_dim}")
     return cfg
 
 
@@ -135,7 +202,7 @@ def _resolve_layout(spec: ArchSpec, raw: dict[str, Any]) -> Layout:
 def _infer_kv_heads(spec: ArchSpec, names: TensorNames, infos: dict[str, TensorInfo], head_dim: int, h: int) -> int:
     """K/V heads from the k-projection shape when the config is silent (output dim / head_dim)."""
     k = names.find("k.weight", 0)
-    if k is None:
+    if k is None or len(infos[k].shape) != 2:
         return h
     out_dim = infos[k].shape[0] if spec.layout.orientation.value == "out_in" else infos[k].shape[1]
     return max(1, out_dim // head_dim)
@@ -144,7 +211,7 @@ def _infer_kv_heads(spec: ArchSpec, names: TensorNames, infos: dict[str, TensorI
 def _infer_d_ff(spec: ArchSpec, shape: Any) -> int | None:
     role = "ffn_gate.weight" if spec.layout.ffn is FFNKind.GATED else "ffn_in.weight"
     s = shape(role, 0)
-    if s is None:
+    if s is None or len(s) != 2:
         return None
     return s[0] if spec.layout.orientation.value == "out_in" else s[1]
 
@@ -153,9 +220,7 @@ def _build_rope(spec: ArchSpec, raw: dict[str, Any], head_dim: int) -> RopeConfi
     if spec.layout.positions is not Positions.ROPE:
         return None
     scaling = dict(raw.get("rope_scaling") or {})
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedError(f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    _, rope_type = rope_type_of(scaling)
     fraction = float(raw.get("rotary_fraction", scaling.get("partial_rotary_factor", 1.0)))
     if "rope_theta" not in raw:
         raise InputError("config does not give the RoPE base (rope_theta)")
@@ -175,14 +240,3 @@ def _sliding_windows(raw: dict[str, Any], n_layers: int) -> tuple[int | None, ..
     if isinstance(types, list) and len(types) == n_layers:
         return tuple(int(window) if t == "sliding_attention" else None for t in types)
     return (int(window),) * n_layers
-
-
-def _validate(cfg: ModelConfig, names: TensorNames) -> None:
-    """Cheap consistency checks between config and layer count (shapes are checked when a layer is loaded)."""
-    if cfg.n_heads % cfg.n_kv_heads:
-        raise InputError(f"num_attention_heads {cfg.n_heads} is not a multiple of the K/V heads {cfg.n_kv_heads}")
-    found = names.count_layers()
-    if found != cfg.n_layers:
-        raise InputError(f"config says {cfg.n_layers} layers but the weights hold {found}")
-    if cfg.rope and (cfg.rope.rotary_dim % 2 or cfg.rope.rotary_dim > cfg.head_dim):
-        raise InputError(f"rotary dimension {cfg.rope.rotary_dim} is not an even number <= head_dim {cfg.head_dim}")

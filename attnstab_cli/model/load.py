@@ -1,4 +1,5 @@
-"""Open a checkpoint for analysis: resolve files, read headers and config, pick the family, build the config.
+"""Open a checkpoint for analysis: resolve files, read headers and config, pick the family, build and check the config
+and check every tensor against the family (:mod:`~attnstab_cli.model.tensor_checks`).
 
 Nothing here reads weight data; :class:`OpenModel` hands out a :class:`WeightLoader` that does, one layer at a time.
 """
@@ -16,7 +17,8 @@ from attnstab_cli.checkpoints.hf_config import load_hf_config
 from attnstab_cli.checkpoints.reader import TensorReader
 from attnstab_cli.checkpoints.resolve import CheckpointFiles, resolve_checkpoint
 from attnstab_cli.errors import AttnstabError
-from attnstab_cli.model.config import ModelConfig, build_model_config
+from attnstab_cli.model.config import ModelConfig, build_model_config, check_overrides
+from attnstab_cli.model.tensor_checks import check_tensors
 from attnstab_cli.model.weights import WeightLoader
 
 
@@ -41,10 +43,12 @@ class OpenModel:
 
 def open_model(target: str | Path, arch: str | None = None, overrides: dict[str, Any] | None = None) -> OpenModel:
     """Resolve ``target`` and describe it; any inconsistency is an :class:`InputError` naming the file."""
+    check_overrides(overrides)
     files = resolve_checkpoint(target)
     config = load_hf_config(files.config_path) if files.config_path else None
     reader = TensorReader(files)
-    where = files.config_path or files.weight_files[0]
+    weights = files.weight_files[0] if len(files.weight_files) == 1 else files.directory or files.weight_files[0]
+    where = files.config_path or weights
     try:
         if arch:
             spec = spec_by_name(arch)
@@ -53,7 +57,12 @@ def open_model(target: str | Path, arch: str | None = None, overrides: dict[str,
         else:
             spec = infer_spec_from_tensors(reader.keys())
         names = TensorNames(spec, reader.keys())
+        try:
+            names.check_layers_match()
+        except AttnstabError as exc:
+            raise exc.at(weights)
         cfg = build_model_config(spec, config, names, reader.infos, overrides)
+        check_tensors(cfg, names, reader.infos, weights)
     except AttnstabError as exc:
         raise exc.at(where)
     return OpenModel(files, config, spec, names, reader, cfg)

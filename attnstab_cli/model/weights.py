@@ -1,16 +1,18 @@
-"""Load one layer's weights (or the embeddings) in canonical orientation, checking every shape against the config."""
+"""Load one layer's weights (or the embeddings) in canonical orientation, checking every shape against the config
+(:func:`~attnstab_cli.model.shapes.expected_shapes`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from attnstab_cli.arch.layouts import orient, packed_qkv_width, split_packed_qkv
+from attnstab_cli.arch.layouts import orient, split_packed_qkv
 from attnstab_cli.arch.registry import TensorNames
 from attnstab_cli.arch.spec import FFNKind, QKVPacking
 from attnstab_cli.checkpoints.reader import TensorReader
 from attnstab_cli.errors import InputError
 from attnstab_cli.model.config import ModelConfig
+from attnstab_cli.model.shapes import expected_shapes
 
 
 @dataclass
@@ -43,56 +45,53 @@ class WeightLoader:
     def __init__(self, cfg: ModelConfig, names: TensorNames, reader: TensorReader,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.cfg, self.names, self.reader, self.device, self.dtype = cfg, names, reader, device, dtype
+        self.shapes = expected_shapes(cfg)
 
-    def tensor(self, role: str, layer: int | None = None, shape: tuple[int, ...] | None = None,
-               matrix: bool = False) -> torch.Tensor | None:
-        """Load ``role``; ``matrix`` applies the family orientation; ``shape`` is checked after orientation."""
+    def tensor(self, role: str, layer: int | None = None, matrix: bool | None = None) -> torch.Tensor | None:
+        """Load ``role`` in canonical orientation (``matrix`` defaults to the role's :func:`expected_shapes`
+        entry); its shape is checked against that entry."""
         name = self.names.require(role, layer)
         if name is None:
             return None
+        expected = self.shapes[role]
         t = self.reader.load(name, device=self.device, dtype=self.dtype)
-        if matrix:
+        if expected.matrix if matrix is None else matrix:
             t = orient(t, self.cfg.layout.orientation)
-        if shape is not None and tuple(t.shape) != shape:
-            raise InputError(f"tensor {name!r} has shape {list(t.shape)} but the config implies {list(shape)}",
-                             path=self.reader.infos[name].file)
+        if not expected.accepts(tuple(t.shape)):
+            raise InputError(f"tensor {name!r} has shape {list(t.shape)} but the config implies "
+                             f"{expected.describe()}", path=self.reader.infos[name].file)
         return t
 
     def norm(self, role: str, layer: int | None = None) -> NormWeights:
-        d = self.cfg.d_model
-        return NormWeights(self.tensor(f"{role}.weight", layer, (d,)), self.tensor(f"{role}.bias", layer, (d,)))
+        return NormWeights(self.tensor(f"{role}.weight", layer), self.tensor(f"{role}.bias", layer))
 
     def layer(self, layer: int) -> LayerWeights:
         """All weights of one layer; only these are resident while the layer runs."""
         c = self.cfg
-        d, hd, kvd = c.d_model, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         if c.layout.qkv_packing is QKVPacking.SEPARATE:
-            wq, wk, wv = (self.tensor(f"{r}.weight", layer, (d, n), True) for r, n in (("q", hd), ("k", kvd), ("v", kvd)))
-            bq, bk, bv = (self.tensor(f"{r}.bias", layer, (n,)) for r, n in (("q", hd), ("k", kvd), ("v", kvd)))
+            wq, wk, wv = (self.tensor(f"{r}.weight", layer) for r in ("q", "k", "v"))
+            bq, bk, bv = (self.tensor(f"{r}.bias", layer) for r in ("q", "k", "v"))
         else:
-            width = packed_qkv_width(c.layout.qkv_packing, c.n_heads, c.n_kv_heads, c.head_dim)
-            packed = self.tensor("qkv.weight", layer, (d, width), True)
+            packed = self.tensor("qkv.weight", layer)
             wq, wk, wv = split_packed_qkv(packed, c.layout.qkv_packing, c.n_heads, c.n_kv_heads, c.head_dim)
-            bias = self.tensor("qkv.bias", layer, (width,))
+            bias = self.tensor("qkv.bias", layer)
             bq, bk, bv = (split_packed_qkv(bias, c.layout.qkv_packing, c.n_heads, c.n_kv_heads, c.head_dim)
                           if bias is not None else (None, None, None))
         return LayerWeights(
-            layer=layer, wq=wq, wk=wk, wv=wv, wo=self.tensor("o.weight", layer, (hd, d), True),
-            bq=bq, bk=bk, bv=bv, bo=self.tensor("o.bias", layer, (d,)),
+            layer=layer, wq=wq, wk=wk, wv=wv, wo=self.tensor("o.weight", layer),
+            bq=bq, bk=bk, bv=bv, bo=self.tensor("o.bias", layer),
             norm_attn=self.norm("norm_attn", layer), norm_ffn=self.norm("norm_ffn", layer), ffn=self._ffn(layer),
         )
 
     def _ffn(self, layer: int) -> dict[str, torch.Tensor]:
-        d, m = self.cfg.d_model, self.cfg.d_ff
         if self.cfg.layout.ffn is FFNKind.GATED:
-            roles = {"w_gate": ("ffn_gate.weight", (d, m)), "w_up": ("ffn_up.weight", (d, m)),
-                     "w_out": ("ffn_out.weight", (m, d))}
+            roles = {"w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_out": "ffn_out.weight"}
         else:
-            roles = {"w_in": ("ffn_in.weight", (d, m)), "w_out": ("ffn_out.weight", (m, d)),
-                     "b_in": ("ffn_in.bias", (m,)), "b_out": ("ffn_out.bias", (d,))}
+            roles = {"w_in": "ffn_in.weight", "w_out": "ffn_out.weight", "b_in": "ffn_in.bias",
+                     "b_out": "ffn_out.bias"}
         out = {}
-        for key, (role, shape) in roles.items():
-            t = self.tensor(role, layer, shape, matrix=key.startswith("w"))
+        for key, role in roles.items():
+            t = self.tensor(role, layer)
             if t is not None:
                 out[key] = t
         return out

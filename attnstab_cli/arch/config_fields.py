@@ -1,0 +1,169 @@
+"""The type and range of every canonical config field a family spec may read, and the one check that applies them.
+
+A spec's ``config`` map names, per canonical field, the ``config.json`` keys to read it from; this table says what a
+valid value of that field is. :func:`parse_spec` refuses a spec that reads a field without a rule here, so a new
+family gets the checks for free and a new field cannot be read unchecked. Null means absent everywhere.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from attnstab_cli.errors import AttnstabError, InputError, UnsupportedError
+
+
+@dataclass(frozen=True)
+class Integer:
+    """A JSON integer (an integral float such as ``4.0`` is accepted, a bool or a string is not) >= ``min``."""
+
+    min: int = 1
+
+    @property
+    def expected(self) -> str:
+        return f"an integer >= {self.min}"
+
+    def convert(self, value: Any) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            return None
+        return int(value) if value >= self.min else None
+
+
+@dataclass(frozen=True)
+class Real:
+    """A finite JSON number in ``[min, max]`` (``(min, max]`` when ``min_open``)."""
+
+    min: float = 0.0
+    min_open: bool = False
+    max: float = math.inf
+
+    @property
+    def expected(self) -> str:
+        low = f"> {self.min:g}" if self.min_open else f">= {self.min:g}"
+        return f"a finite number {low}" + (f" and <= {self.max:g}" if self.max < math.inf else "")
+
+    def convert(self, value: Any) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        x = float(value)
+        if not math.isfinite(x) or x > self.max or x < self.min or (self.min_open and x == self.min):
+            return None
+        return x
+
+
+@dataclass(frozen=True)
+class Boolean:
+    expected: str = "true or false"
+
+    def convert(self, value: Any) -> bool | None:
+        return value if isinstance(value, bool) else None
+
+
+@dataclass(frozen=True)
+class Text:
+    expected: str = "a string"
+
+    def convert(self, value: Any) -> str | None:
+        return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class TextList:
+    """A list of strings, each one of ``choices``."""
+
+    choices: tuple[str, ...]
+
+    @property
+    def expected(self) -> str:
+        return f"a list of {' / '.join(repr(c) for c in self.choices)}"
+
+    def convert(self, value: Any) -> list[str] | None:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v in self.choices for v in value):
+            return None
+        return list(value)
+
+
+@dataclass(frozen=True)
+class Object:
+    """A JSON object; its entries are checked by :func:`check_rope_scaling`."""
+
+    expected: str = "an object"
+
+    def convert(self, value: Any) -> dict[str, Any] | None:
+        return dict(value) if isinstance(value, dict) else None
+
+
+Rule = Integer | Real | Boolean | Text | TextList | Object
+
+POSITIVE = Integer(1)
+FRACTION = Real(0.0, min_open=True, max=1.0)
+CONFIG_FIELDS: dict[str, Rule] = {
+    "n_layers": POSITIVE, "d_model": POSITIVE, "n_heads": POSITIVE, "n_kv_heads": POSITIVE, "head_dim": POSITIVE,
+    "d_ff": POSITIVE, "vocab_size": POSITIVE, "max_positions": POSITIVE, "type_vocab_size": POSITIVE,
+    "sliding_window": POSITIVE,
+    "norm_eps": Real(0.0), "rope_theta": Real(0.0, min_open=True), "rotary_fraction": FRACTION,
+    "activation": Text(), "rope_scaling": Object(),
+    "layer_types": TextList(("full_attention", "sliding_attention")),
+    "tie_embeddings": Boolean(), "use_sliding_window": Boolean(), "use_parallel_residual": Boolean(),
+    "scale_attn_weights": Boolean(), "scale_attn_by_inverse_layer_idx": Boolean(),
+}
+
+# Entries of ``rope_scaling`` / ``rope_parameters`` per rope type: (required, rules). Other entries are not read.
+ROPE_SCALING_FIELDS: dict[str, tuple[tuple[str, ...], dict[str, Rule]]] = {
+    "default": ((), {}),
+    "linear": (("factor",), {"factor": Real(0.0, min_open=True)}),
+    "dynamic": (("factor",), {"factor": Real(0.0, min_open=True)}),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+               {"factor": Real(0.0, min_open=True), "low_freq_factor": Real(0.0, min_open=True),
+                "high_freq_factor": Real(0.0, min_open=True), "original_max_position_embeddings": POSITIVE}),
+}
+ROPE_SCALING_COMMON: dict[str, Rule] = {"rope_theta": Real(0.0, min_open=True), "partial_rotary_factor": FRACTION}
+
+
+def show_value(value: Any, limit: int = 60) -> str:
+    """A value as it appears in JSON, shortened for an error line."""
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_field(rule: Rule, subject: str, value: Any, error: type[AttnstabError] = InputError) -> Any:
+    """``value`` converted per ``rule``; otherwise ``error`` naming the subject (``config key 'n_head'``, ``option
+    --n-heads``), the value and what was expected."""
+    converted = rule.convert(value)
+    if converted is None:
+        raise error(f"{subject} is {show_value(value)}; expected {rule.expected}")
+    return converted
+
+
+def rope_type_of(scaling: Mapping[str, Any]) -> tuple[str, Any]:
+    """``(entry, rope type)`` of a rope scaling object (``rope_type``, or the older ``type``; default ``default``)."""
+    entry = "rope_type" if "rope_type" in scaling else "type"
+    value = scaling.get(entry)
+    return entry, "default" if value is None else value
+
+
+def check_rope_scaling(key: str, scaling: Mapping[str, Any]) -> None:
+    """Check the entries of the rope scaling object read from config key ``key`` against its rope type's rules."""
+    entry, rope_type = rope_type_of(scaling)
+    if not isinstance(rope_type, str):
+        raise InputError(f"config key '{key}.{entry}' is {show_value(rope_type)}; expected a string")
+    if rope_type not in ROPE_SCALING_FIELDS:
+        raise UnsupportedError(f"unsupported rope_scaling type {rope_type!r} (config key '{key}.{entry}'); "
+                               f"supported: {', '.join(ROPE_SCALING_FIELDS)}")
+    required, rules = ROPE_SCALING_FIELDS[rope_type]
+    for name in required:
+        if scaling.get(name) is None:
+            raise InputError(f"config key {key!r} of rope type {rope_type!r} lacks {name!r}; expected "
+                             f"{rules[name].expected}")
+    for name, rule in {**ROPE_SCALING_COMMON, **rules}.items():
+        if scaling.get(name) is not None:
+            check_field(rule, f"config key '{key}.{name}'", scaling[name])
+    if rope_type == "llama3" and float(scaling["high_freq_factor"]) <= float(scaling["low_freq_factor"]):
+        raise InputError(f"config key '{key}.high_freq_factor' is {show_value(scaling['high_freq_factor'])}; "
+                         f"expected a number > low_freq_factor {show_value(scaling['low_freq_factor'])}")

@@ -1,0 +1,74 @@
+"""The shape each canonical role's tensor must have under a model config: one table, read by the check at open and by
+the weight loader.
+
+Shapes are canonical (row convention x -> xW, THEORY §0.2); a ``matrix`` role is stored in the family's orientation,
+so an ``out_in`` family stores it transposed. Vocabulary and position tables may hold spare rows (``min_rows``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attnstab_cli.arch.layouts import packed_qkv_width
+from attnstab_cli.arch.spec import Orientation
+from attnstab_cli.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ExpectedShape:
+    dims: tuple[int, ...]      # canonical shape
+    matrix: bool = False       # stored in the family orientation
+    min_rows: bool = False     # dims[0] is a lower bound (never a matrix role)
+
+    def stored(self, orientation: Orientation) -> tuple[int, ...]:
+        """The shape as the checkpoint stores it."""
+        return self.dims[::-1] if self.matrix and orientation is Orientation.OUT_IN else self.dims
+
+    def accepts(self, shape: tuple[int, ...], orientation: Orientation | None = None) -> bool:
+        """Whether ``shape`` (stored, or canonical when ``orientation`` is None) fits."""
+        want = self.dims if orientation is None else self.stored(orientation)
+        if len(shape) != len(want):
+            return False
+        if self.min_rows:
+            return shape[0] >= want[0] and tuple(shape[1:]) == want[1:]
+        return tuple(shape) == want
+
+    def describe(self, orientation: Orientation | None = None) -> str:
+        want = self.dims if orientation is None else self.stored(orientation)
+        return "[" + ", ".join(f">={w}" if self.min_rows and i == 0 else str(w) for i, w in enumerate(want)) + "]"
+
+
+def _vector(n: int) -> ExpectedShape:
+    return ExpectedShape((n,))
+
+
+def _matrix(d_in: int, d_out: int) -> ExpectedShape:
+    return ExpectedShape((d_in, d_out), matrix=True)
+
+
+def _table(rows: int, *rest: int) -> ExpectedShape:
+    return ExpectedShape((rows, *rest), min_rows=True)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
+    """Role -> expected shape for every role any family spec declares."""
+    d, m, vocab = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    hd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    width = packed_qkv_width(cfg.layout.qkv_packing, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+    return {
+        "embed_tokens.weight": _table(vocab, d),
+        "embed_positions.weight": _table(cfg.max_positions or 1, d),
+        "embed_types.weight": _table(cfg.type_vocab_size or 1, d),
+        "embed_norm.weight": _vector(d), "embed_norm.bias": _vector(d),
+        "norm_final.weight": _vector(d), "norm_final.bias": _vector(d),
+        "mlm_dense.weight": _matrix(d, d), "mlm_dense.bias": _vector(d),
+        "mlm_norm.weight": _vector(d), "mlm_norm.bias": _vector(d),
+        "lm_head.weight": _table(vocab, d), "lm_head.bias": _table(vocab),
+        "q.weight": _matrix(d, hd), "q.bias": _vector(hd), "k.weight": _matrix(d, kvd), "k.bias": _vector(kvd),
+        "v.weight": _matrix(d, kvd), "v.bias": _vector(kvd), "o.weight": _matrix(hd, d), "o.bias": _vector(d),
+        "qkv.weight": _matrix(d, width), "qkv.bias": _vector(width),
+        "norm_attn.weight": _vector(d), "norm_attn.bias": _vector(d),
+        "norm_ffn.weight": _vector(d), "norm_ffn.bias": _vector(d),
+        "ffn_in.weight": _matrix(d, m), "ffn_in.bias": _vector(m),
+        "ffn_out.weight": _matrix(m, d), "ffn_out.bias": _vector(d),
+        "ffn_gate.weight": _matrix(d, m), "ffn_up.weight": _matrix(d, m),
+    }
