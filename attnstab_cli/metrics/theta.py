@@ -12,6 +12,7 @@ Input convention: a batch of rows ``p`` of shape [R, n]; masked or absent keys a
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
@@ -36,7 +37,7 @@ class ThetaRule(IntEnum):
     PEAKED = 1    # p_max ≥ 1/2: θ = 4·p_max·q/(p_max+q)² exactly (§2.3 case 3, §3.3 step 1)
     EXACT = 2     # A1 enumeration (§3.2)
     PREFIX = 3    # best sorted prefix (§3.3)
-    GREEDY = 4    # largest-first greedy fill, S or S ∪ {r} (§3.3)
+    GREEDY = 4    # largest-first greedy fill, S or S ∪ {r}, or S after two best single exchanges (§3.3)
     KK = 5        # Karmarkar–Karp differencing (§3.3)
     TOPK = 6      # A3 top-k refinement (§3.4)
     TRIVIAL = 7   # θ_hi = 1, the universal bound (§2.4(5))
@@ -255,6 +256,39 @@ def _greedy_masks(vals: Tensor) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(take), torch.from_numpy(plus)
 
 
+def _exchange_mask(vals: Tensor, take: Tensor) -> Tensor:
+    """The best single exchange of a subset: ``take ∖ {a} ∪ {b}`` (a ∈ S, b ∉ S, or S itself) whose mass is closest
+    to half the row, for sorted rows ``vals [r, m]`` and subsets ``take`` (bool [r, m]).
+
+    Swapping moves p(S) by b − a, so for every b the best a is the member nearest b − (W/2 − p(S)): one binary
+    search per key in the members' sorted values, O(m log m) per row, vectorised over rows. The result is only a
+    candidate; its θ is evaluated from its own P and Q like every other rule's.
+    """
+    r, m = vals.shape
+    if m < 2:
+        return take
+    excess = torch.where(take, vals, 0.0).sum(-1) - vals.sum(-1) * 0.5           # [r]  p(S) − W/2
+    members, order = torch.where(take, vals, math.inf).sort(-1)                 # [r, m] ascending, members first
+    count = take.sum(-1, keepdim=True)                                           # [r, 1]
+    target = (vals + excess[:, None]).contiguous()                               # [r, m]  ideal a for each b
+    j = torch.searchsorted(members, target)                                      # [r, m]
+    cand = torch.stack([(j - 1).clamp(min=0), j.clamp(max=m - 1)], -1)          # [r, m, 2]
+    cand = torch.minimum(cand, (count - 1).clamp(min=0)[..., None])             # stay among members
+    a_val = members.gather(1, cand.flatten(1)).view(r, m, 2)                     # [r, m, 2]
+    moved = (excess[:, None, None] + vals[..., None] - a_val).abs()             # |p(S') − W/2|
+    valid = (~take)[..., None] & (count > 0)[..., None] & torch.isfinite(a_val)
+    moved = torch.where(valid, moved, math.inf).flatten(1)                       # [r, 2m]
+    best = moved.argmin(-1)                                                      # [r]
+    better = moved.gather(1, best[:, None])[:, 0] < excess.abs()                 # [r]
+    b_idx, which = best // 2, best % 2
+    a_idx = order.gather(1, cand[torch.arange(r), b_idx, which][:, None])[:, 0]  # member position in the row
+    out = take.clone()
+    rows = torch.nonzero(better)[:, 0]
+    out[rows, b_idx[rows]] = True
+    out[rows, a_idx[rows]] = False
+    return out
+
+
 def _kk_heap(s: np.ndarray, ids: np.ndarray, parent: np.ndarray) -> None:
     """Finish KK with a binary heap (O(n log n)) from values s (sorted descending) and their item ids."""
     heap = list(zip((-s).tolist(), ids.tolist()))                          # ascending: already a heap
@@ -359,30 +393,38 @@ def _topk_refine(vals: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def _bound_hard_rows(vals: Tensor, n_keys: Tensor, top_k: int, use_kk: bool, tol: float = 0.0) -> tuple[Tensor, ...]:
     """A2 + A3 (§3.3 step 3, §3.4) on sorted non-peaked rows [r, m]: (lo subset [r, m], lo_rule, hi, hi_rule).
 
-    θ_lo is the best concrete subset of prefix, greedy, KK and the A3 extension (ties go to the earlier rule).
-    With ``tol`` > 0, A3 runs only on rows the cheap rules left more than ``tol`` below 1, and KK only on rows
-    neither closed; KK is always skipped where A3 is exact or another rule reached 1.
+    θ_lo is the best concrete subset of prefix, greedy (and two best exchanges), KK and the A3 extension (ties go
+    to the earlier rule). With ``tol`` = 0 every row gets A3, then KK where A3 left θ_hi = 1 and no rule reached 1.
+    With ``tol`` > 0 (the scan's refinement) each step runs only on rows still more than ``tol`` below 1: KK first,
+    whose O(m log m) closes most near-balanced rows, then A3 (2^k sums per row) for its θ_hi.
     """
-    masks = [_prefix_mask(vals), *_greedy_masks(vals)]
-    rules = [ThetaRule.PREFIX, ThetaRule.GREEDY, ThetaRule.GREEDY]
+    greedy, plus = _greedy_masks(vals)
+    masks = [_prefix_mask(vals), greedy, plus, _exchange_mask(vals, _exchange_mask(vals, greedy))]
+    rules = [ThetaRule.PREFIX, ThetaRule.GREEDY, ThetaRule.GREEDY, ThetaRule.GREEDY]
     values = torch.stack([_balanced(*_split_sums(vals, s)) for s in masks], -1)  # [r, c]
     hi = torch.ones(vals.shape[0], dtype=torch.float64)                    # [r]
+
+    def add(mask: Tensor, rule: ThetaRule) -> Tensor:
+        masks.append(mask)
+        rules.append(rule)
+        return torch.cat([values, _balanced(*_split_sums(vals, mask))[:, None]], -1)
+
+    def kk_on(todo: Tensor) -> Tensor:
+        kk = torch.zeros(vals.shape, dtype=torch.bool)                     # [r, m]
+        kk[todo] = _kk_masks(vals[todo], n_keys[todo])
+        return kk
+
+    if use_kk and tol > 0:                # refinement: KK (O(m log m)) first, A3 (2^k) only where KK left a gap
+        values = add(kk_on(torch.nonzero(values.amax(-1) < 1.0 - tol)[:, 0]), ThetaRule.KK)
     if top_k > 0:
         need = torch.ones_like(hi, dtype=torch.bool) if tol <= 0 else values.amax(-1) < 1.0 - tol
         rows = torch.nonzero(need)[:, 0]
         topk_mask = torch.zeros(vals.shape, dtype=torch.bool)             # rows not refined: the empty set
         if rows.numel():
             hi[rows], topk_mask[rows] = _topk_refine(vals[rows], top_k)
-        masks.append(topk_mask)
-        rules.append(ThetaRule.TOPK)
-        values = torch.cat([values, _balanced(*_split_sums(vals, topk_mask))[:, None]], -1)
-    if use_kk:
-        todo = torch.nonzero((hi >= 1.0) & (values.amax(-1) < 1.0 - tol))[:, 0]
-        kk = torch.zeros(vals.shape, dtype=torch.bool)                     # [r, m]
-        kk[todo] = _kk_masks(vals[todo], n_keys[todo])
-        masks.append(kk)
-        rules.append(ThetaRule.KK)
-        values = torch.cat([values, _balanced(*_split_sums(vals, kk))[:, None]], -1)
+        values = add(topk_mask, ThetaRule.TOPK)
+    if use_kk and tol <= 0:
+        values = add(kk_on(torch.nonzero((hi >= 1.0) & (values.amax(-1) < 1.0))[:, 0]), ThetaRule.KK)
     best = values.argmax(-1)                                               # [r]
     mask = torch.stack(masks, 1)[torch.arange(vals.shape[0]), best]        # [r, m]
     lo_rule = torch.tensor([int(x) for x in rules], dtype=torch.int8)[best]
