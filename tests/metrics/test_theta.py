@@ -405,3 +405,21 @@ def test_property_invariances(row: list[float], data: st.DataObject) -> None:
     variants = [p[:, perm], scale * p, _insert_zeros(p, zeros, _gen(len(row)))]
     for q in variants:
         assert abs(float(compute_theta_exact(q)) - exact) <= 4 * ROUND
+
+
+def test_exchange_is_the_best_single_swap() -> None:
+    """The exchange candidate of A2 equals the best single swap (or no swap) found by brute force."""
+    from attnstab_cli.metrics.theta import _exchange_mask
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        m = 2 + trial % 10
+        v = torch.rand(3, m, generator=g, dtype=torch.float64).sort(-1, descending=True).values
+        take = torch.rand(3, m, generator=g) < 0.5
+        out = _exchange_mask(v, take)
+        for r in range(3):
+            half, p = float(v[r].sum()) / 2, float(v[r][take[r]].sum())
+            best = min([abs(p - half)] + [abs(p - float(v[r, a]) + float(v[r, b]) - half)
+                                         for a in range(m) for b in range(m) if take[r, a] and not take[r, b]])
+            assert abs(float(v[r][out[r]].sum()) - half) == pytest.approx(best, abs=1e-13)
+            assert int((out[r] != take[r]).sum()) in (0, 2)
