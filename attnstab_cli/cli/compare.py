@@ -13,11 +13,10 @@ import typer
 from rich import box
 from rich.table import Table
 
-from attnstab_cli.cli.options import (
-    BatchSize, Batches, Calib, Device, Dtype, EmpiricalSeqs, Force, Grad, HashMode, Json, Quiet, Seed, SeqLen, Tokens,
-)
+from attnstab_cli.cli.options import Force, Json, Quiet
 from attnstab_cli.cli.output import handle_errors, print_json, stderr_console, stdout_console
-from attnstab_cli.cli.targets import build_scan_request, resolve_target
+from attnstab_cli.cli.scan_flags import ScanFlags, with_scan_flags
+from attnstab_cli.cli.targets import resolve_target
 from attnstab_cli.compare import Comparison, compare_reports, write_comparison
 from attnstab_cli.errors import UsageError
 from attnstab_cli.metrics.curvature.loss import ModelLoss
@@ -34,6 +33,7 @@ Target = Annotated[str, typer.Argument(help="A report directory (attnstab scan -
 
 
 @handle_errors
+@with_scan_flags
 def compare(
     a: Target,
     b: Target,
@@ -50,10 +50,8 @@ def compare(
         "--loss", help="Also the Taylor account of the loss change (A and B checkpoints of one architecture): "
                        "actual change, first-order, second-order at A and symmetric predictions, per layer and "
                        "block (one Hessian-vector product at A and one at B; every layer resident).")] = False,
-    calib: Calib = None, tokens: Tokens = None, seq_len: SeqLen = None, batch_size: BatchSize = 4,
-    batches: Batches = 2, seed: Seed = 0, device: Device = "auto", dtype: Dtype = "float32", grad: Grad = False,
-    empirical_seqs: EmpiricalSeqs = 1, hash_mode: HashMode = "sampled", json_out: Json = False,
-    quiet: Quiet = False,
+    json_out: Json = False, quiet: Quiet = False,
+    *, flags: ScanFlags,
 ) -> None:
     """Compare B with A per layer and per head and attribute the change in attention sensitivity."""
     a_is_report, b_is_report = is_report_dir(Path(a)), is_report_dir(Path(b))
@@ -63,9 +61,7 @@ def compare(
         for name, is_report in (("a", a_is_report), ("b", b_is_report)):
             if not is_report:
                 check_destination(save_reports / name, "report", force, [a, b])
-    req = build_scan_request(a, calib=calib, tokens=tokens, seq_len=seq_len, batch_size=batch_size, batches=batches,
-                             seed=seed, device=device, dtype=dtype, grad=grad, empirical_seqs=empirical_seqs,
-                             hash_mode=hash_mode)
+    req = flags.request(a)
     if loss and (a_is_report or b_is_report):
         raise UsageError("--loss needs A and B as checkpoints (the weights), not reports")
     if b_is_report and not a_is_report:                 # scan A on B's tokens
@@ -81,10 +77,10 @@ def compare(
     comp = compare_reports(ra, rb, allow_different_calibration, labels=(a, b))
     if loss:
         calib = load_calibration(ra)
-        dev = resolve_device(device)            # the expansion runs in float64 whatever the scans' --dtype
+        dev = resolve_device(flags.device)            # the expansion runs in float64 whatever the scans' --dtype
         comp.loss_blocks, comp.loss_totals = compute_taylor(
-            ModelLoss(open_model(a), list(calib.batches), dev, torch.float64, seed),
-            ModelLoss(open_model(b), list(calib.batches), dev, torch.float64, seed))
+            ModelLoss(open_model(a, flags.arch, req.overrides), list(calib.batches), dev, torch.float64, flags.seed),
+            ModelLoss(open_model(b, flags.arch, req.overrides), list(calib.batches), dev, torch.float64, flags.seed))
     if out is not None:
         write_comparison(out, comp, force)
         if not quiet:

@@ -16,12 +16,10 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from attnstab_cli.cli.options import (
-    BatchSize, Batches, Calib, Device, Dtype, EmpiricalSeqs, Force, Grad, HashMode, Json, Out, Quiet, Seed, SeqLen,
-    Tokens,
-)
+from attnstab_cli.cli.options import Force, Json, Out, Quiet
 from attnstab_cli.cli.output import handle_errors, print_json, stderr_console, stdout_console
-from attnstab_cli.cli.targets import build_scan_request, resolve_target
+from attnstab_cli.cli.scan_flags import ScanFlags, with_scan_flags
+from attnstab_cli.cli.targets import resolve_target
 from attnstab_cli.errors import AttnstabError, UsageError
 from attnstab_cli.gate import (
     Verdict, check_aligned, check_calibration, check_complete, check_rules_need, choose_calibration, collect_rules,
@@ -43,6 +41,7 @@ GATE_EPILOG = (
 
 
 @handle_errors
+@with_scan_flags
 def gate(
     target: Annotated[str, typer.Argument(
         help="A report directory (attnstab scan --out) or a checkpoint, which is scanned first.", show_default=False)],
@@ -66,18 +65,14 @@ def gate(
         "--github", help="GitHub Actions: ::error annotations on stdout, and a Markdown step summary appended to "
                          "$GITHUB_STEP_SUMMARY.")] = False,
     out: Out = None, force: Force = False,
-    calib: Calib = None, tokens: Tokens = None, seq_len: SeqLen = None, batch_size: BatchSize = 4,
-    batches: Batches = 2, seed: Seed = 0, device: Device = "auto", dtype: Dtype = "float32", grad: Grad = False,
-    empirical_seqs: EmpiricalSeqs = 1, hash_mode: HashMode = "sampled",
     json_out: Json = False, quiet: Quiet = False,
+    *, flags: ScanFlags,
 ) -> None:
     """Check a report (or a checkpoint, scanned first) against rules: exit 0 pass, 1 a rule failed, 2 usage or input
     error, 3 the scan could not complete."""
     if json_out and github:
         raise UsageError("--json and --github both write to stdout: choose one",
                          hint="--junit-xml PATH gives a machine-readable file alongside --github")
-    scan_flags = dict(calib=calib, tokens=tokens, seq_len=seq_len, batch_size=batch_size, batches=batches, seed=seed,
-                      device=device, dtype=dtype, grad=grad, empirical_seqs=empirical_seqs, hash_mode=hash_mode)
     if junit_xml is not None:           # replaced on every run, but only a JUnit file the gate wrote
         check_file_destination(junit_xml, "junit", force=True)
     try:
@@ -86,7 +81,7 @@ def gate(
         base = load_report(baseline) if baseline is not None else None
         if base is not None:
             check_complete(base, "baseline")
-        report, notes = _load_target(target, base, out, force, quiet, scan_flags)
+        report, notes = _load_target(target, base, out, force, quiet, flags)
         notes = ([f"rules from {config_path}"] if config_path is not None else []) + notes
         check_complete(report, "target")
         if base is not None:
@@ -110,7 +105,7 @@ def gate(
 
 
 def _load_target(target: str, base: Report | None, out: Path | None, force: bool, quiet: bool,
-                 scan_flags: dict[str, Any]) -> tuple[Report, list[str]]:
+                 flags: ScanFlags) -> tuple[Report, list[str]]:
     """A report directory as is; a checkpoint scanned (on the baseline's tokens unless calibration flags were given)
     and, with ``--out``, written. Returns the report and notes on how it was obtained."""
     if is_report_dir(Path(target)):
@@ -119,9 +114,9 @@ def _load_target(target: str, base: Report | None, out: Path | None, force: bool
         return load_report(Path(target)), []
     if out is not None:
         check_destination(out, "report", force, [target] + ([base.path] if base is not None and base.path else []))
-    explicit = any(scan_flags[k] is not None for k in ("calib", "tokens", "seq_len"))
+    explicit = any(getattr(flags, k) is not None for k in ("calib", "tokens", "seq_len"))
     calib, note = choose_calibration(base, explicit)
-    report, _ = resolve_target(target, build_scan_request(target, **scan_flags), calib, quiet)
+    report, _ = resolve_target(target, flags.request(target), calib, quiet)
     notes = [note] if note else []
     if out is not None:
         write_report(out, report.tables, report.manifest, force=force, tokens=report.tokens)

@@ -10,11 +10,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from attnstab_cli.cli.options import (
-    BatchSize, Batches, Calib, Device, Dtype, EmpiricalSeqs, Grad, HashMode, Json, Quiet, Seed, SeqLen, Tokens,
-)
+from attnstab_cli.cli.options import Json, Quiet
 from attnstab_cli.cli.output import handle_errors, print_json, stderr_console, stdout_console
-from attnstab_cli.cli.targets import build_scan_request, scan_with_progress
+from attnstab_cli.cli.scan_flags import ScanFlags, with_scan_flags
+from attnstab_cli.cli.targets import scan_with_progress
 from attnstab_cli.errors import UsageError
 from attnstab_cli.report.sparklines import render_sparkline
 from attnstab_cli.report.cells import format_value
@@ -24,7 +23,8 @@ from attnstab_cli.track import (
 )
 
 SPARK_WIDTH = 40
-# (metric, label, fixed scale, number format): θ̄ on its natural [0, 1] so "near 1" reads as such; Π and R on each row's range.
+# (metric, label, fixed scale, number format): θ̄ on its natural [0, 1] so "near 1" reads as such; Π and R on each
+# row's range.
 VIEW = (("theta_bar", "θ̄", (0.0, 1.0), ".5g"), ("proj_product_layer", "Π", (None, None), ".4g"),
         ("r_ln_mean", "R", (None, None), ".4g"))
 SOURCES = {"name": "checkpoint names", "trainer_state": "trainer_state.json", "given": "--steps",
@@ -54,6 +54,7 @@ def parse_steps(value: str | None) -> list[int] | None:
 
 
 @handle_errors
+@with_scan_flags
 def track(
     checkpoints: Annotated[list[str], typer.Argument(
         help="Checkpoints of one training run (any order), or one directory of checkpoint-<step> / step<N> folders.",
@@ -61,28 +62,16 @@ def track(
     out: TrackOut,
     force: TrackForce = False,
     steps: Steps = None,
-    calib: Calib = None,
-    tokens: Tokens = None,
-    seq_len: SeqLen = None,
-    batch_size: BatchSize = 4,
-    batches: Batches = 2,
-    seed: Seed = 0,
-    device: Device = "auto",
-    dtype: Dtype = "float32",
-    grad: Grad = False,
-    empirical_seqs: EmpiricalSeqs = 1,
-    hash_mode: HashMode = "sampled",
     json_out: Json = False,
     quiet: Quiet = False,
+    *, flags: ScanFlags,
 ) -> None:
     """Scan every checkpoint of a training run on the same tokens into one time series (track.parquet) and show θ̄,
     the projection-norm product Π and R per layer over the steps. Each scan is cached by weight fingerprint."""
     found = discover_checkpoints(checkpoints)
     points = resolve_steps(found, parse_steps(steps))
     read_track_manifest(out, force, found)                  # refuse a foreign directory before any work
-    req = build_scan_request(points[0].checkpoint, calib=calib, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
-                             batches=batches, seed=seed, device=device, dtype=dtype, grad=grad,
-                             empirical_seqs=empirical_seqs, hash_mode=hash_mode)
+    req = flags.request(points[0].checkpoint)
     err = stderr_console()
 
     def say(text: str) -> None:
