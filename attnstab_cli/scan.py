@@ -32,6 +32,7 @@ from attnstab_cli.metrics.theta_scan import ThetaOptions, ThetaPass, resolve_pap
 from attnstab_cli.metrics.weights_scan import WeightPass
 from attnstab_cli.model.load import OpenModel, open_model
 from attnstab_cli.model.stream import LayerStream
+from attnstab_cli.model.weight_values import check_weight_values
 from attnstab_cli.report.read import Report
 from attnstab_cli.report.schema import SCHEMA_VERSION
 
@@ -228,17 +229,27 @@ class ScanRequest:
 
 
 def scan_checkpoint(req: ScanRequest, calib: CalibrationSet | None = None,
-                    on_progress: ProgressFn | None = None) -> tuple[Report, CalibrationSet | None]:
-    """Open, fingerprint and scan ``req.checkpoint``; returns the report (not yet written) and the tokens it used.
+                    on_progress: ProgressFn | None = None,
+                    on_warning: Callable[[str], None] | None = None) -> tuple[Report, CalibrationSet | None]:
+    """Open, check the weight values of, fingerprint and scan ``req.checkpoint``; returns the report (not yet
+    written) and the tokens it used.
 
-    ``calib`` reuses another scan's tokens exactly (compare, track), checked against this model's vocabulary and
-    context. ``on_progress(stage, done, total)`` reports each finished step of each stage. Stage timings (open,
-    fingerprint, calibration, the scan's own stages) land in the manifest.
+    The value check (:func:`~attnstab_cli.model.weight_values.check_weight_values`) streams every weight once
+    before any other work, so no pass (``--grad``, ``--curvature``, a gate) runs on broken weights;
+    ``on_warning`` hears of what it warns about. ``calib`` reuses another scan's tokens exactly (compare, track),
+    checked against this model's vocabulary and context. ``on_progress(stage, done, total)`` reports each finished
+    step of each stage. Stage timings (open, value check, fingerprint, calibration, the scan's own stages) land in
+    the manifest.
     """
     stages: dict[str, float] = {}
     t = time.perf_counter()
     model = open_model(req.checkpoint, req.arch, req.overrides)
     stages["open_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for text in check_weight_values(model, resolve_dtype(req.options.dtype)):
+        if on_warning:
+            on_warning(text)
+    stages["weight_values_s"] = time.perf_counter() - t
     t = time.perf_counter()
     fingerprint = compute_fingerprint(model.files.weight_files, req.hash_mode)
     stages["fingerprint_s"] = time.perf_counter() - t

@@ -80,11 +80,12 @@ class ProgressReport:
 
 def scan_with_progress(req: ScanRequest, calib: CalibrationSet | None = None, quiet: bool = False,
                        label: str | None = None, err: Console | None = None) -> tuple[Report, CalibrationSet | None]:
-    """:func:`scan_checkpoint` reporting each stage's progress on stderr (:class:`ProgressReport`), and a warning,
-    even when quiet, if the calibration holds fewer sequences than asked for."""
+    """:func:`scan_checkpoint` reporting each stage's progress on stderr (:class:`ProgressReport`), and warnings,
+    even when quiet: weight values at the float16 limit, a calibration holding fewer sequences than asked for."""
     err = err or stderr_console()
     with ProgressReport(err, label or Path(req.checkpoint).name, quiet) as progress:
-        report, used = scan_checkpoint(req, calib, on_progress=progress)
+        report, used = scan_checkpoint(req, calib, on_progress=progress, on_warning=lambda text: err.print(
+            f"warning: {text}", markup=False, highlight=False, soft_wrap=True))
     short = None if used is None else describe_shortfall(used.source, used.n_sequences, used.requested, used.seq_len)
     if short is not None:
         err.print(f"warning: {short}", markup=False, highlight=False, soft_wrap=True)

@@ -1,0 +1,34 @@
+"""What makes the open-time checks data-driven: every config field a spec reads has a rule, every role it declares
+has an expected shape, and a spec reading an unruled field is refused when it is loaded."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+
+from attnstab_cli.arch.config_fields import CONFIG_FIELDS
+from attnstab_cli.arch.registry import builtin_specs
+from attnstab_cli.arch.spec import parse_spec
+from attnstab_cli.model.config import ModelConfig
+from attnstab_cli.model.shapes import expected_shapes
+
+
+@pytest.mark.parametrize("family", sorted(builtin_specs()))
+def test_every_declared_role_has_an_expected_shape(family: str) -> None:
+    spec = builtin_specs()[family]
+    cfg = ModelConfig(family=family, model_type=None, layout=spec.layout, n_layers=1, d_model=8, n_heads=2,
+                      n_kv_heads=2, head_dim=4, d_ff=16, vocab_size=11, max_positions=32, norm_eps=1e-5,
+                      activation="gelu", rope=None, sliding_windows=(None,))
+    roles = {*spec.tensors, *spec.head_tensors, *spec.layer_tensors}
+    assert roles <= set(expected_shapes(cfg)), roles - set(expected_shapes(cfg))
+    assert set(spec.config) <= set(CONFIG_FIELDS)
+
+
+def test_a_spec_reading_a_field_without_a_rule_is_refused() -> None:
+    text = resources.files("attnstab_cli.arch").joinpath("specs", "gpt2.json").read_text(encoding="utf-8")
+    data = json.loads(text)
+    data["config"]["attn_softcap"] = ["attn_logit_softcapping"]
+    with pytest.raises(ValueError, match="attn_softcap"):
+        parse_spec(data)
+    assert parse_spec(json.loads(text)).name == "gpt2"
