@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from attnstab_cli.errors import UsageError
 from attnstab_cli.report.destination import COMPARE_KIND
+from attnstab_cli.report.same_tokens import check_same_tokens
 from attnstab_cli.report.read import Report
 from attnstab_cli.report.schema import TABLES
 from attnstab_cli.report.write import publish_directory
@@ -137,13 +138,7 @@ def check_comparable(a: Report, b: Report, allow_different_calibration: bool) ->
     ca, cb = a.manifest.get("calibration"), b.manifest.get("calibration")
     if ca is None or cb is None:
         raise UsageError("a weights-only report has no calibration: compare needs two calibrated scans")
-    notes = []
-    if ca["token_sha256"] != cb["token_sha256"]:
-        if not allow_different_calibration:
-            raise UsageError("the reports were scanned on different calibration tokens "
-                             f"({ca['token_sha256'][:12]} vs {cb['token_sha256'][:12]})",
-                             hint="rescan with the same --tokens, or pass --allow-different-calibration")
-        notes.append("calibration tokens differ: deltas mix model and data changes")
+    notes = check_same_tokens(a, b, allow_different_calibration)
     la, lb = len(a.layers), len(b.layers)
     if la != lb:
         notes.append(f"A has {la} layers, B has {lb}: comparing the {min(la, lb)} both share")

@@ -24,6 +24,7 @@ from attnstab_cli.metrics.curvature.taylor import compute_taylor
 from attnstab_cli.model.load import open_model
 from attnstab_cli.scan import resolve_device
 from attnstab_cli.report.read import is_report_dir, load_calibration
+from attnstab_cli.report.same_tokens import tokens_for
 from attnstab_cli.report.summary import format_value
 from attnstab_cli.report.destination import check_destination
 from attnstab_cli.report.write import write_report
@@ -66,10 +67,10 @@ def compare(
         raise UsageError("--loss needs A and B as checkpoints (the weights), not reports")
     if b_is_report and not a_is_report:                 # scan A on B's tokens
         rb, _ = resolve_target(b, req)
-        ra, _ = resolve_target(a, req, load_calibration(rb), quiet)
+        ra, _ = resolve_target(a, req, tokens_for(rb)[0], quiet)
     else:
         ra, calib_a = resolve_target(a, req, None, quiet)
-        rb, _ = resolve_target(b, req, None if b_is_report else (calib_a or load_calibration(ra)), quiet)
+        rb, _ = resolve_target(b, req, None if b_is_report else (calib_a or tokens_for(ra)[0]), quiet)
     if save_reports is not None:
         for name, report, is_report in (("a", ra, a_is_report), ("b", rb, b_is_report)):
             if not is_report:

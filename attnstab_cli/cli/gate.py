@@ -22,7 +22,7 @@ from attnstab_cli.cli.scan_flags import ScanFlags, with_scan_flags
 from attnstab_cli.cli.targets import resolve_target
 from attnstab_cli.errors import AttnstabError, UsageError
 from attnstab_cli.gate import (
-    Verdict, check_aligned, check_calibration, check_complete, check_rules_need, choose_calibration, collect_rules,
+    Verdict, check_aligned, check_calibration, check_complete, check_rules_need, collect_rules,
     evaluate_gate,
 )
 from attnstab_cli.gate.evaluate import describe, format_at, format_observed
@@ -31,6 +31,7 @@ from attnstab_cli.gate.github import (
 )
 from attnstab_cli.gate.junit import build_junit
 from attnstab_cli.report.read import Report, is_report_dir, load_report
+from attnstab_cli.report.same_tokens import tokens_for
 from attnstab_cli.report.destination import check_destination, check_file_destination
 from attnstab_cli.report.write import write_file_atomic, write_report
 
@@ -115,7 +116,7 @@ def _load_target(target: str, base: Report | None, out: Path | None, force: bool
     if out is not None:
         check_destination(out, "report", force, [target] + ([base.path] if base is not None and base.path else []))
     explicit = any(getattr(flags, k) is not None for k in ("calib", "tokens", "seq_len"))
-    calib, note = choose_calibration(base, explicit)
+    calib, note = tokens_for(base, explicit, "the target", "the baseline")
     report, _ = resolve_target(target, flags.request(target), calib, quiet)
     notes = [note] if note else []
     if out is not None:

@@ -8,10 +8,10 @@ allowed).
 """
 from __future__ import annotations
 
-from attnstab_cli.calibration.sources import CalibrationSet
 from attnstab_cli.errors import InputError, ScanFailure, UsageError
 from attnstab_cli.gate.rules import KEYS, Rule
-from attnstab_cli.report.read import Report, load_calibration
+from attnstab_cli.report.read import Report
+from attnstab_cli.report.same_tokens import check_same_tokens
 
 
 def check_rules_need(rules: list[Rule], has_baseline: bool) -> None:
@@ -67,18 +67,6 @@ def check_aligned(target: Report, baseline: Report, rules: list[Rule]) -> None:
                              "cannot compare them", path=baseline.path or "baseline")
 
 
-def choose_calibration(baseline: Report | None, explicit_flags: bool) -> tuple[CalibrationSet | None, str | None]:
-    """The tokens to scan a checkpoint TARGET on: the baseline's own (``tokens.npy``) unless calibration flags were
-    given explicitly; None means "build them from the scan flags". Returns them and a note saying which."""
-    if baseline is None or not baseline.calibrated:
-        return None, None
-    if explicit_flags:
-        return None, "calibration flags given: the target is scanned on them, not on the baseline's tokens"
-    if baseline.tokens is None:
-        return None, "the baseline kept no tokens.npy: the target is scanned on the scan flags' tokens"
-    return load_calibration(baseline), "the target is scanned on the baseline's calibration tokens"
-
-
 def check_calibration(target: Report, baseline: Report, rules: list[Rule], allow_different: bool) -> list[str]:
     """Refuse relative rules across different calibration tokens unless allowed; notes on what differs."""
     if not any(r.relative for r in rules):
@@ -86,13 +74,8 @@ def check_calibration(target: Report, baseline: Report, rules: list[Rule], allow
     ct, cb = target.manifest.get("calibration"), baseline.manifest.get("calibration")
     if ct is None or cb is None:
         return [] if ct is cb else ["one report is weights-only: only weight metrics can be compared"]
-    if ct["token_sha256"] == cb["token_sha256"]:
-        return []
-    if not allow_different:
-        raise UsageError("the target and the baseline were scanned on different calibration tokens "
-                         f"({ct['token_sha256'][:12]} vs {cb['token_sha256'][:12]}): relative rules would mix model "
-                         "and data changes", hint="rescan on the same tokens, or pass --allow-different-calibration")
-    return ["calibration tokens differ (--allow-different-calibration): changes mix model and data"]
+    return check_same_tokens(target, baseline, allow_different, "the target and the baseline",
+                             "relative rules would mix model and data changes")
 
 
-__all__ = ["check_aligned", "check_calibration", "check_complete", "check_rules_need", "choose_calibration"]
+__all__ = ["check_aligned", "check_calibration", "check_complete", "check_rules_need"]

@@ -284,5 +284,6 @@ def relative_gap(est: SpectralNorm) -> torch.Tensor:
 
 __all__ = [
     "EXACT_MAX_DIM", "GRAM_MIN_DIM", "SpectralNorm", "condition_number", "gram_eigen_bracket", "gram_upper_bound",
-    "norm_2_to_inf", "power_iteration", "relative_gap", "singular_values", "smallest_singular_value", "spectral_norm", "spectral_norm_value",
+    "norm_2_to_inf", "power_iteration", "relative_gap", "singular_values", "smallest_singular_value", "spectral_norm",
+    "spectral_norm_value",
 ]

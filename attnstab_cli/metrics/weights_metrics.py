@@ -184,7 +184,8 @@ def _chunk_max_sigma(m: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
         head = torch.arange(n_heads, device=m.device)[:, None].expand_as(cols)[live]     # [S]
         u = m[head, cols[live]] / scale[head, cols[live], None, None]          # [S, k, k] float64
         with single_threaded():
-            exact = scale[head, cols[live]] * torch.linalg.eigvalsh(u @ u.transpose(-1, -2))[..., -1].clamp_min(0).sqrt()
+            top = torch.linalg.eigvalsh(u @ u.transpose(-1, -2))[..., -1]                     # [S]
+        exact = scale[head, cols[live]] * top.clamp_min(0).sqrt()
         best = best.scatter_reduce(0, head, exact, reduce="amax")
         done += QK_EXACT_ROUND
     return best
