@@ -16,20 +16,21 @@ from attnstab_cli.errors import AttnstabError, InputError, UnsupportedError
 
 @dataclass(frozen=True)
 class Integer:
-    """A JSON integer (an integral float such as ``4.0`` is accepted, a bool or a string is not) >= ``min``."""
+    """A JSON integer from ``min`` to 2^53, the largest a JSON number holds exactly (an integral float such as ``4.0``
+    is accepted, a bool or a string is not)."""
 
     min: int = 1
 
     @property
     def expected(self) -> str:
-        return f"an integer >= {self.min}"
+        return f"an integer from {self.min} to 2^53"
 
     def convert(self, value: Any) -> int | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
         if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
             return None
-        return int(value) if value >= self.min else None
+        return int(value) if self.min <= value <= 2**53 else None
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ CONFIG_FIELDS: dict[str, Rule] = {
     "n_layers": POSITIVE, "d_model": POSITIVE, "n_heads": POSITIVE, "n_kv_heads": POSITIVE, "head_dim": POSITIVE,
     "d_ff": POSITIVE, "vocab_size": POSITIVE, "max_positions": POSITIVE, "type_vocab_size": POSITIVE,
     "sliding_window": POSITIVE,
-    "norm_eps": Real(0.0), "rope_theta": Real(0.0, min_open=True), "rotary_fraction": FRACTION,
+    "norm_eps": Real(0.0, min_open=True), "rope_theta": Real(1.0), "rotary_fraction": FRACTION,
     "activation": Text(), "rope_scaling": Object(),
     "layer_types": TextList(("full_attention", "sliding_attention")),
     "tie_embeddings": Boolean(), "use_sliding_window": Boolean(), "use_parallel_residual": Boolean(),
@@ -112,15 +113,17 @@ CONFIG_FIELDS: dict[str, Rule] = {
 }
 
 # Entries of ``rope_scaling`` / ``rope_parameters`` per rope type: (required, rules). Other entries are not read.
+# A RoPE base or scaling factor below 1 (Hugging Face requires factor >= 1) would make float32 angles overflow.
+FACTOR = Real(1.0)
 ROPE_SCALING_FIELDS: dict[str, tuple[tuple[str, ...], dict[str, Rule]]] = {
     "default": ((), {}),
-    "linear": (("factor",), {"factor": Real(0.0, min_open=True)}),
-    "dynamic": (("factor",), {"factor": Real(0.0, min_open=True)}),
+    "linear": (("factor",), {"factor": FACTOR}),
+    "dynamic": (("factor",), {"factor": FACTOR}),
     "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-               {"factor": Real(0.0, min_open=True), "low_freq_factor": Real(0.0, min_open=True),
+               {"factor": FACTOR, "low_freq_factor": Real(0.0, min_open=True),
                 "high_freq_factor": Real(0.0, min_open=True), "original_max_position_embeddings": POSITIVE}),
 }
-ROPE_SCALING_COMMON: dict[str, Rule] = {"rope_theta": Real(0.0, min_open=True), "partial_rotary_factor": FRACTION}
+ROPE_SCALING_COMMON: dict[str, Rule] = {"rope_theta": Real(1.0), "partial_rotary_factor": FRACTION}
 
 
 def show_value(value: Any, limit: int = 60) -> str:

@@ -221,7 +221,7 @@ def _build_rope(spec: ArchSpec, raw: dict[str, Any], head_dim: int) -> RopeConfi
         return None
     scaling = dict(raw.get("rope_scaling") or {})
     _, rope_type = rope_type_of(scaling)
-    fraction = float(raw.get("rotary_fraction", scaling.get("partial_rotary_factor", 1.0)))
+    fraction = raw.get("rotary_fraction") or scaling.get("partial_rotary_factor") or 1.0
     if "rope_theta" not in raw:
         raise InputError("config does not give the RoPE base (rope_theta)")
     kept = tuple(sorted((k, v) for k, v in scaling.items() if k not in ("rope_theta", "partial_rotary_factor")

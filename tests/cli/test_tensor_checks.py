@@ -230,33 +230,37 @@ def test_a_float16_value_at_the_limit_is_a_warning(ckpts: dict[str, Path], tmp_p
 # config fields --------------------------------------------------------------------------------------------------------
 
 CONFIG_CASES = [
-    ("gpt2", "n_head", "4", "expected an integer >= 1"),
-    ("gpt2", "n_head", 0, "expected an integer >= 1"),
+    ("gpt2", "n_head", "4", "expected an integer from 1 to 2^53"),
+    ("gpt2", "n_head", 0, "expected an integer from 1 to 2^53"),
     ("gpt2", "n_head", 3, "expected a divisor of n_embd 64"),
     ("gpt2", "n_layer", 10**12, "says 1000000000000 layers but the weights hold 2"),
-    ("gpt2", "layer_norm_epsilon", -1e-5, "expected a finite number >= 0"),
+    ("gpt2", "n_embd", 10**400, "expected an integer from 1 to 2^53"),
+    ("gpt2", "layer_norm_epsilon", -1e-5, "expected a finite number > 0"),
+    ("gpt2", "layer_norm_epsilon", 0, "expected a finite number > 0"),
     ("gpt2", "vocab_size", 1000, "expected at most 97, the rows of tensor 'transformer.wte.weight'"),
     ("gpt2", "n_positions", 128, "expected at most 64, the rows of tensor 'transformer.wpe.weight'"),
     ("gpt2", "scale_attn_weights", "yes", "expected true or false"),
     ("llama", "num_key_value_heads", 3, "expected a divisor of num_attention_heads 4"),
-    ("llama", "num_attention_heads", -4, "expected an integer >= 1"),
-    ("llama", "rms_norm_eps", float("nan"), "expected a finite number >= 0"),
-    ("llama", "rms_norm_eps", float("inf"), "expected a finite number >= 0"),
+    ("llama", "num_attention_heads", -4, "expected an integer from 1 to 2^53"),
+    ("llama", "rms_norm_eps", float("nan"), "expected a finite number > 0"),
+    ("llama", "rms_norm_eps", float("inf"), "expected a finite number > 0"),
     ("llama", "rope_parameters", {"rope_type": "linear", "rope_theta": 500.0}, "lacks 'factor'"),
     ("llama", "rope_parameters", {"rope_type": "linear", "factor": "2", "rope_theta": 500.0},
      "'rope_parameters.factor' is \"2\""),
     ("llama", "rope_parameters", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
                                   "high_freq_factor": 1.0, "original_max_position_embeddings": 16,
                                   "rope_theta": 500.0}, "expected a number > low_freq_factor"),
-    ("llama", "rope_parameters", {"rope_theta": 0}, "expected a finite number > 0"),
-    ("llama", "head_dim", "16", "expected an integer >= 1"),
-    ("mistral", "sliding_window", -7, "expected an integer >= 1"),
+    ("llama", "rope_parameters", {"rope_theta": 1e-300}, "expected a finite number >= 1"),
+    ("llama", "rope_parameters", {"rope_type": "linear", "factor": 1e-300, "rope_theta": 500.0},
+     "expected a finite number >= 1"),
+    ("llama", "head_dim", "16", "expected an integer from 1 to 2^53"),
+    ("mistral", "sliding_window", -7, "expected an integer from 1 to 2^53"),
     ("mistral", "layer_types", ["sliding_attention"], "has 1 entries; expected one per layer (2)"),
     ("neox", "rotary_pct", 1.5, "expected a finite number > 0 and <= 1"),
     ("neox", "use_parallel_residual", "false", "expected true or false"),
-    ("neox", "intermediate_size", "128", "expected an integer >= 1"),
+    ("neox", "intermediate_size", "128", "expected an integer from 1 to 2^53"),
     ("bert", "type_vocab_size", 5, "expected at most 2"),
-    ("bert", "layer_norm_eps", -1.0, "expected a finite number >= 0"),
+    ("bert", "layer_norm_eps", -1.0, "expected a finite number > 0"),
     ("bert", "hidden_size", 65, "expected 64, the width of tensor 'bert.embeddings.word_embeddings.weight'"),
 ]
 
@@ -272,4 +276,4 @@ def test_config_field_of_wrong_type_or_range(family: str, key: str, value: objec
 
 def test_an_option_of_the_wrong_range_is_a_usage_error(ckpts: dict[str, Path]) -> None:
     result = invoke("info", ckpts["gpt2"] / "model.safetensors", "--n-heads", "4", "--norm-eps", "nan")
-    assert_input_error(result, "option --norm-eps is NaN", "expected a finite number >= 0")
+    assert_input_error(result, "option --norm-eps is NaN", "expected a finite number > 0")
