@@ -8,7 +8,7 @@ declares (causal masks, rotary caches) are not weights and are skipped; a GPT-Ne
 float16 is legitimately infinite.
 
 Magnitude: a weight must fit the compute dtype (a float32 value of 1e5 is infinite in float16), and must stay below
-``FLOAT32_SAFE`` = (float32 max)^(1/4) ~ 1.4e9 whatever the dtype, because an attention logit multiplies four
+``FLOAT32_SAFE`` = (float32 max)^(1/4) ~ 4.3e9 whatever the dtype, because an attention logit multiplies four
 weight factors (two norm gains, W_Q, W_K) and parts of every scan run in float32 (the tier-3 search, the kernels).
 A trained model's weights are many orders of magnitude smaller; values beyond it mean a corrupted or mis-scaled
 tensor, and the scan would end in overflow deep inside a metric.
