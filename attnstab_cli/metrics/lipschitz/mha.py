@@ -198,8 +198,11 @@ def compute_mha_refined(norms: HeadNorms, q: torch.Tensor, k: torch.Tensor, v: t
     keys, vals = [], []
     for start in range(0, q64.shape[1], block):
         rows = slice(start, start + block)
-        p = compute_attention_probabilities(q64[:, rows], k64, scale, allowed[rows])    # [H, c, T]
-        key, val = _spreads(p, k64, v64, norms, allowed[rows], rows if causal else None)
+        seen = torch.nonzero(allowed[rows].any(0))[:, 0]                              # keys any row of the block sees
+        lo, hi = (int(seen[0]), int(seen[-1]) + 1) if seen.numel() else (0, 1)
+        band = allowed[rows, lo:hi]                          # causal / windowed: the keys outside are never scored
+        p = compute_attention_probabilities(q64[:, rows], k64[:, lo:hi], scale, band)   # [H, c, T_band]
+        key, val = _spreads(p, k64[:, lo:hi], v64[:, lo:hi], norms, band, rows if causal else None)
         keys.append(key)
         vals.append(val)
     key_spread, value_spread = torch.cat(keys, dim=1), torch.cat(vals, dim=1)           # [H, T]
