@@ -31,3 +31,11 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tupl
     """family -> (directory, reference transformers model), for every family in ``tiny_models.FAMILIES``."""
     root = tmp_path_factory.mktemp("tiny")
     return {fam: (root / fam, save_tiny_model(fam, root / fam)) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 checkpoint of the test module's own, for tests that copy it and break the copy."""
+    path = tmp_path_factory.mktemp("good") / "gpt2"
+    save_tiny_model("gpt2", path)
+    return path

@@ -12,18 +12,11 @@ import pytest
 from cli.helpers import assert_input_error, invoke
 from hang_guard import deadline
 from safetensors_bytes import join_file, split_file
-from tiny_models import save_tiny_model
 
 SCAN = ("--calib", "random", "--seq-len", "8", "--batch-size", "1", "--batches", "1", "--quiet")
 WTE = "transformer.wte.weight"              # shape [97, 64], F32
 BIAS = "transformer.h.0.attn.c_attn.bias"   # shape [192], F32, the first tensor in the data section
 
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("headers") / "gpt2"
-    save_tiny_model("gpt2", path)
-    return path
 
 
 def _entry(key: str, value: object) -> Callable[[dict], None]:

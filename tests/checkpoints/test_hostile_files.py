@@ -13,24 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from cli.helpers import assert_input_error, invoke
+from cli.helpers import assert_input_error, copy_checkpoint, invoke
 from hang_guard import deadline
-from tiny_models import save_tiny_model
 
 SCAN = ("--calib", "random", "--seq-len", "8", "--batch-size", "1", "--batches", "1", "--quiet")
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("hostile") / "gpt2"
-    save_tiny_model("gpt2", path)
-    return path
-
-
-def _copy(good: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "ckpt"
-    shutil.copytree(good, dst)
-    return dst
 
 
 def run(*args: object):
@@ -49,7 +37,7 @@ def _replace_with_fifo(path: Path) -> Path:
 
 @pytest.mark.parametrize("command", ["info", "scan"])
 def test_fifo_named_model_safetensors(command: str, good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     _replace_with_fifo(ck / "model.safetensors")
     args = (command, ck) + (SCAN if command == "scan" else ())
     assert_input_error(run(*args), str(ck / "model.safetensors"), "named pipe (FIFO)", "not a regular file")
@@ -58,13 +46,13 @@ def test_fifo_named_model_safetensors(command: str, good: Path, tmp_path: Path) 
 
 @pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "pytorch_model.bin.index.json"])
 def test_fifo_for_any_checkpoint_file(name: str, good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     _replace_with_fifo(ck / name)
     assert_input_error(run("info", ck), str(ck / name), "named pipe (FIFO)")
 
 
 def test_directory_named_model_safetensors(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     (ck / "model.safetensors").unlink()
     (ck / "model.safetensors").mkdir()
     assert_input_error(run("info", ck), str(ck / "model.safetensors"), "is a directory")
@@ -79,7 +67,7 @@ def test_device_and_fifo_as_the_checkpoint(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_broken_symlink_in_checkpoint(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     (ck / "tokenizer.json").symlink_to(ck / "gone.json")
     assert_input_error(run("info", ck), str(ck / "tokenizer.json"), "broken symbolic link")
 
@@ -107,7 +95,7 @@ def test_fifo_as_gate_rules(good: Path, tmp_path: Path, monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
 def test_symlink_out_of_checkpoint_is_refused(name: str, good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     outside = tmp_path / "elsewhere" / name
     outside.parent.mkdir()
     if (ck / name).exists():
@@ -121,7 +109,7 @@ def test_symlink_out_of_checkpoint_is_refused(name: str, good: Path, tmp_path: P
 
 
 def test_symlink_inside_checkpoint_is_read(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     (ck / "weights").mkdir()
     shutil.move(ck / "model.safetensors", ck / "weights" / "real.safetensors")
     (ck / "model.safetensors").symlink_to(Path("weights") / "real.safetensors")
@@ -140,7 +128,7 @@ def test_checkpoint_directory_given_through_a_symlink(good: Path, tmp_path: Path
 @pytest.mark.parametrize("kind", ["symlink out", "fifo"])
 def test_trainer_state_of_a_tracked_checkpoint(kind: str, good: Path, tmp_path: Path) -> None:
     """``track`` reads ``trainer_state.json`` under the same rule as the checkpoint's other files."""
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     state = ck / "trainer_state.json"
     if kind == "fifo":
         _replace_with_fifo(state)
@@ -156,7 +144,7 @@ def test_legacy_torch_bin_is_read(good: Path, tmp_path: Path) -> None:
     """A pre-zip ``torch.save`` file cannot be memory-mapped; it is read (still ``weights_only``), not refused."""
     from safetensors.torch import load_file
 
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     torch.save(load_file(ck / "model.safetensors"), ck / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     (ck / "model.safetensors").unlink()
     result = run("info", ck, "--json")
@@ -182,7 +170,7 @@ def _index(ck: Path, doc: object | str) -> None:
     ('{"weight_map": {"a": "model-00001-of-00001.safetensors", "a": "x"}}', "duplicate key"),
 ])
 def test_malformed_shard_index(doc: object, needle: str, good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     _index(ck, doc)
     for args in (("info", ck), ("scan", ck, *SCAN)):
         assert_input_error(run(*args), "model.safetensors.index.json", needle)
@@ -190,7 +178,7 @@ def test_malformed_shard_index(doc: object, needle: str, good: Path, tmp_path: P
 
 def test_index_shard_resolving_inside_is_read(good: Path, tmp_path: Path) -> None:
     """The rule is where a name resolves, not how it is spelt: ``sub/../shard`` stays inside."""
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     (ck / "sub").mkdir()
     names = json.loads((ck / "model.safetensors").read_bytes()[8:8 + struct.unpack("<Q", (ck / "model.safetensors")
                                                                                    .read_bytes()[:8])[0]])
@@ -201,7 +189,7 @@ def test_index_shard_resolving_inside_is_read(good: Path, tmp_path: Path) -> Non
 @pytest.mark.parametrize("extra, needle", [("[" * 100_000 + "]" * 100_000, "nested 100001 levels deep"),
                                            ('{"a": 1, "a": 2}', "duplicate key 'a'")])
 def test_config_json_nesting_and_duplicates(extra: str, needle: str, good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     text = (ck / "config.json").read_text().rstrip().removesuffix("}")
     (ck / "config.json").write_text(text + ', "deep": ' + extra + "}")
     assert_input_error(run("info", ck), str(ck / "config.json"), "malformed config.json", needle)
@@ -224,7 +212,7 @@ def test_raw_gguf_file(tmp_path: Path) -> None:
 
 
 def test_ctranslate2_model_bin(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     (ck / "model.safetensors").unlink()
     spec = b"TransformerDecoderModelSpec\0"
     (ck / "model.bin").write_bytes(struct.pack("<IH", 6, len(spec)) + spec + struct.pack("<I", 1) + bytes(64))
@@ -236,7 +224,7 @@ def test_ctranslate2_model_bin(good: Path, tmp_path: Path) -> None:
                                              (bytes(range(7, 47)), "unknown format (first bytes 07 08"),
                                              (b"not weights\n", "text file")])
 def test_bin_that_is_not_a_torch_file(content: bytes, needle: str, good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     (ck / "model.safetensors").unlink()
     (ck / "pytorch_model.bin").write_bytes(content)
     result = run("info", ck)

@@ -12,18 +12,11 @@ from pathlib import Path
 import pytest
 
 from cli.helpers import assert_input_error, invoke
-from tiny_models import save_tiny_model
 
 REPO_ID = "tiny-org/tiny-gpt2"
 COMMIT = "4f3c2b1a09e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4"
 SCAN = ("--calib", "random", "--seq-len", "8", "--batch-size", "1", "--batches", "1", "--quiet")
 
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("hub-source") / "gpt2"
-    save_tiny_model("gpt2", path)
-    return path
 
 
 def build_hub_repo(cache: Path, files: Path, repo_id: str = REPO_ID, commit: str = COMMIT) -> Path:
@@ -43,11 +36,11 @@ def build_hub_repo(cache: Path, files: Path, repo_id: str = REPO_ID, commit: str
 
 
 @pytest.fixture
-def hub(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def hub(good: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A cache with the tiny model under ``REPO_ID``, ``HF_HUB_CACHE`` pointing at it, and a working directory in
     which the repo id is not a local path."""
     cache = tmp_path / "hub"
-    repo = build_hub_repo(cache, source)
+    repo = build_hub_repo(cache, good)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
@@ -76,27 +69,27 @@ def test_repo_id_through_hf_home(hub: Path, tmp_path: Path, monkeypatch: pytest.
     assert json.loads(result.stdout)["family"] == "gpt2"
 
 
-def _other_checkpoint(source: Path, where: Path) -> Path:
+def _other_checkpoint(good: Path, where: Path) -> Path:
     """A complete checkpoint outside the cache, so a ref or link that reached it would scan successfully."""
-    shutil.copytree(source, where)
+    shutil.copytree(good, where)
     return where
 
 
-def test_ref_with_relative_path_is_refused(hub: Path, source: Path) -> None:
-    _other_checkpoint(source, hub.parent.parent / "elsewhere")     # snapshots/../../../elsewhere
+def test_ref_with_relative_path_is_refused(hub: Path, good: Path) -> None:
+    _other_checkpoint(good, hub.parent.parent / "elsewhere")     # snapshots/../../../elsewhere
     (hub / "refs" / "main").write_text("../../../elsewhere")
     result = invoke("scan", REPO_ID, *SCAN)
     assert_input_error(result, str(hub / "refs" / "main"), "'../../../elsewhere'", "not a commit hash")
 
 
-def test_ref_with_absolute_path_is_refused(hub: Path, source: Path, tmp_path: Path) -> None:
-    elsewhere = _other_checkpoint(source, tmp_path / "elsewhere")
+def test_ref_with_absolute_path_is_refused(hub: Path, good: Path, tmp_path: Path) -> None:
+    elsewhere = _other_checkpoint(good, tmp_path / "elsewhere")
     (hub / "refs" / "main").write_text(str(elsewhere))
     assert_input_error(invoke("info", REPO_ID), str(hub / "refs" / "main"), "not a commit hash", "refused")
 
 
-def test_snapshot_file_linked_out_of_the_repo_folder_is_refused(hub: Path, source: Path, tmp_path: Path) -> None:
-    outside = _other_checkpoint(source, tmp_path / "elsewhere") / "model.safetensors"
+def test_snapshot_file_linked_out_of_the_repo_folder_is_refused(hub: Path, good: Path, tmp_path: Path) -> None:
+    outside = _other_checkpoint(good, tmp_path / "elsewhere") / "model.safetensors"
     link = hub / "snapshots" / COMMIT / "model.safetensors"
     link.unlink()
     link.symlink_to(outside)
@@ -105,18 +98,18 @@ def test_snapshot_file_linked_out_of_the_repo_folder_is_refused(hub: Path, sourc
     assert str(outside) in result.stderr
 
 
-def test_snapshot_directory_linked_out_of_the_repo_folder_is_refused(hub: Path, source: Path,
+def test_snapshot_directory_linked_out_of_the_repo_folder_is_refused(hub: Path, good: Path,
                                                                     tmp_path: Path) -> None:
-    elsewhere = _other_checkpoint(source, tmp_path / "elsewhere")
+    elsewhere = _other_checkpoint(good, tmp_path / "elsewhere")
     snapshot = hub / "snapshots" / COMMIT
     shutil.rmtree(snapshot)
     snapshot.symlink_to(elsewhere)
     assert_input_error(invoke("info", REPO_ID), str(snapshot), "outside the cached repo folder")
 
 
-def test_blob_linked_between_repos_is_refused(hub: Path, source: Path) -> None:
+def test_blob_linked_between_repos_is_refused(hub: Path, good: Path) -> None:
     """Another repo's folder is outside this one's, even inside the same cache."""
-    other = build_hub_repo(hub.parent, source, "tiny-org/other", "a" * 40)
+    other = build_hub_repo(hub.parent, good, "tiny-org/other", "a" * 40)
     link = hub / "snapshots" / COMMIT / "config.json"
     target = os.readlink(other / "snapshots" / ("a" * 40) / "config.json")
     link.unlink()

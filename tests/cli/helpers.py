@@ -1,6 +1,9 @@
 """Helpers for driving the CLI through Typer's test runner."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from attnstab_cli.cli.app import app
@@ -23,3 +26,10 @@ def assert_input_error(result, *needles: str) -> None:
     assert "Traceback" not in result.stderr and result.stdout == ""
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
+
+
+def copy_checkpoint(src: Path, tmp_path: Path) -> Path:
+    """A copy of checkpoint ``src`` under ``tmp_path`` to break without touching the shared one."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst

@@ -10,37 +10,25 @@ import numpy as np
 import pytest
 import torch
 
-from cli.helpers import assert_input_error, invoke
-from tiny_models import save_tiny_model
+from cli.helpers import assert_input_error, copy_checkpoint, invoke
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("good") / "gpt2"
-    save_tiny_model("gpt2", path)
-    return path
-
-
-def _copy(good: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "ckpt"
-    shutil.copytree(good, dst)
-    return dst
 
 
 def test_missing_config(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     (ck / "config.json").unlink()
     assert_input_error(invoke("info", ck), str(ck), "missing config.json")
 
 
 def test_malformed_config(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     (ck / "config.json").write_text("{not json")
     assert_input_error(invoke("info", ck), "config.json", "malformed")
 
 
 def test_unknown_family(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     cfg = json.loads((ck / "config.json").read_text())
     cfg.update(model_type="t5", architectures=["T5ForConditionalGeneration"])
     (ck / "config.json").write_text(json.dumps(cfg))
@@ -48,21 +36,21 @@ def test_unknown_family(good: Path, tmp_path: Path) -> None:
 
 
 def test_truncated_safetensors(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     data = (ck / "model.safetensors").read_bytes()
     (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
     assert_input_error(invoke("info", ck), "model.safetensors", "truncated")
 
 
 def test_header_claims_more_bytes_than_file(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     data = (ck / "model.safetensors").read_bytes()
     (ck / "model.safetensors").write_bytes(struct.pack("<Q", 10**9) + data[8:])
     assert_input_error(invoke("info", ck), "model.safetensors", "claims")
 
 
 def test_corrupted_header_json(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     data = bytearray((ck / "model.safetensors").read_bytes())
     data[8:12] = b"\xff\xfe\x00!"
     (ck / "model.safetensors").write_bytes(bytes(data))
@@ -70,7 +58,7 @@ def test_corrupted_header_json(good: Path, tmp_path: Path) -> None:
 
 
 def test_shard_index_path_traversal(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     shutil.copy(ck / "model.safetensors", tmp_path / "evil.safetensors")
     (ck / "model.safetensors").unlink()
     index = {"weight_map": {"transformer.wte.weight": "../evil.safetensors"}}
@@ -79,7 +67,7 @@ def test_shard_index_path_traversal(good: Path, tmp_path: Path) -> None:
 
 
 def test_shard_index_symlink_escape(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     outside = tmp_path / "outside.safetensors"
     shutil.move(ck / "model.safetensors", outside)
     (ck / "shard.safetensors").symlink_to(outside)
@@ -93,7 +81,7 @@ class _Evil:
 
 
 def test_bin_needing_arbitrary_pickle_is_refused(good: Path, tmp_path: Path, capsys) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     (ck / "model.safetensors").unlink()
     torch.save({"transformer.wte.weight": torch.zeros(2), "payload": _Evil()}, ck / "pytorch_model.bin")
     result = invoke("info", ck)
@@ -102,7 +90,7 @@ def test_bin_needing_arbitrary_pickle_is_refused(good: Path, tmp_path: Path, cap
 
 
 def test_shape_mismatch_between_config_and_tensors(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     cfg = json.loads((ck / "config.json").read_text())
     cfg["n_inner"] = 100                  # the FFN width disagrees with the tensors
     (ck / "config.json").write_text(json.dumps(cfg))
@@ -111,7 +99,7 @@ def test_shape_mismatch_between_config_and_tensors(good: Path, tmp_path: Path) -
 
 
 def test_layer_count_mismatch(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     cfg = json.loads((ck / "config.json").read_text())
     cfg["n_layer"] = 5
     (ck / "config.json").write_text(json.dumps(cfg))
@@ -121,7 +109,7 @@ def test_layer_count_mismatch(good: Path, tmp_path: Path) -> None:
 def test_nan_in_weights(good: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     state = load_file(ck / "model.safetensors")
     state["transformer.h.1.attn.c_attn.weight"][0, 0] = float("nan")
     state["transformer.h.1.attn.c_attn.weight"][0, 1] = float("inf")
@@ -175,7 +163,7 @@ def test_repo_id_not_in_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_debug_shows_traceback(good: Path, tmp_path: Path) -> None:
-    ck = _copy(good, tmp_path)
+    ck = copy_checkpoint(good, tmp_path)
     (ck / "config.json").write_text("[]")
     result = invoke("--debug", "info", ck)
     assert result.exit_code != 0 and result.exception is not None

@@ -9,7 +9,7 @@ import typer
 
 from attnstab_cli.cli.app import app
 from attnstab_cli.cli.scan_flags import FLAG_PARAMETERS
-from tests.cli.helpers import assert_input_error, invoke
+from cli.helpers import assert_input_error, invoke
 
 FAST = ("--calib", "random", "--seq-len", "16", "--batch-size", "1", "--batches", "1", "--empirical-seqs", "0",
         "--quiet")
