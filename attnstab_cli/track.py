@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from attnstab_cli.bounded_json import JsonRefused, loads_strict
 from attnstab_cli import __version__
 from attnstab_cli.calibration.build import build_calibration
 from attnstab_cli.calibration.sources import CalibrationSet
@@ -115,8 +116,8 @@ def step_from_trainer_state(checkpoint: str) -> int | None:
         return None
     CheckpointFolder.at(directory, DIRECTORY_LABEL).file(state)
     try:
-        step = json.loads(state.read_text()).get("global_step")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        step = loads_strict(state.read_text(), constants=True).get("global_step")
+    except (OSError, UnicodeDecodeError, JsonRefused, AttributeError) as exc:
         raise InputError(f"unreadable trainer_state.json ({exc})", path=state) from None
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise InputError(f"global_step is not a non-negative integer: {step!r}", path=state)
@@ -268,8 +269,8 @@ def read_track_manifest(out: Path, force: bool, checkpoints: Sequence[str] = ())
     manifest = None
     regular_file_present(out / TRACK_JSON)
     try:
-        manifest = json.loads((out / TRACK_JSON).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        manifest = loads_strict((out / TRACK_JSON).read_text(), constants=True)
+    except (OSError, UnicodeDecodeError, JsonRefused):
         pass
     if isinstance(manifest, dict) and manifest.get("kind") == TRACK_KIND:
         return None if force else manifest

@@ -15,7 +15,6 @@ from __future__ import annotations
 import html
 import importlib
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from attnstab_cli.bounded_json import JsonRefused, loads_strict
 from attnstab_cli.errors import InputError, UsageError
 from attnstab_cli.input_files import regular_file_present, require_regular_file
 from attnstab_cli.report.destination import COMPARE_KIND, TRACK_KIND, WRITER, check_file_destination
@@ -119,8 +119,8 @@ def load_plot_input(path: Path) -> PlotInput:
 def _read_json(file: Path) -> dict[str, Any]:
     require_regular_file(file)
     try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = loads_strict(file.read_text(), constants=True)
+    except (OSError, UnicodeDecodeError, JsonRefused) as exc:
         raise InputError(f"not valid JSON ({exc})", path=file) from None
     if not isinstance(data, dict):
         raise InputError("expected a JSON object", path=file)

@@ -8,7 +8,6 @@ with a message that names the file and says why.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 
 import torch
 
+from attnstab_cli.bounded_json import JsonRefused, loads_strict
 from attnstab_cli.calibration.sources import CalibrationSet
 from attnstab_cli.errors import InputError
 from attnstab_cli.input_files import regular_file_present
@@ -70,8 +70,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise InputError("not a report directory (no manifest.json)", path=path,
                          hint=f"scan it first: attnstab scan {path} --out REPORT_DIR")
     try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        manifest = loads_strict(file.read_text(), constants=True)
+    except (JsonRefused, UnicodeDecodeError) as exc:
         raise InputError(f"manifest.json is not valid JSON ({exc})", path=file) from None
     if not isinstance(manifest, dict) or "schema_version" not in manifest:
         raise InputError("manifest.json has no schema_version: not written by attnstab", path=file)

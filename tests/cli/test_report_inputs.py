@@ -241,3 +241,31 @@ def test_a_track_json_with_notes_of_the_wrong_type_is_refused_by_plot(tracked: P
     result = invoke("plot", out, "--out", tmp_path / "f.png", "--quiet")
     assert_input_error(result, str(out / "track.json"), "notes must be a list")
     assert not (tmp_path / "f.png").exists()
+
+
+DEEP = "[" * 5000 + "]" * 5000                  # json.loads alone would raise RecursionError (exit 3)
+
+
+def test_deeply_nested_json_inputs_are_refused(report: Path, tracked: Path, tmp_path: Path) -> None:
+    """A manifest.json, track.json or compare/track document nested thousands deep is bad input (exit 2 naming the
+    file) for show, plot and track, never a crash; nothing in the track directory changes."""
+    rep = tmp_path / "report"
+    shutil.copytree(report, rep)
+    (rep / "manifest.json").write_text(DEEP)
+    for command in (("show", rep), ("plot", rep, "--out", tmp_path / "fig.png")):
+        assert_input_error(invoke(*command), "manifest.json")
+    out = tmp_path / "track"
+    shutil.copytree(tracked, out)
+    (out / "track.json").write_text(DEEP)
+    assert_input_error(invoke("plot", out, "--out", tmp_path / "track.png"), "track.json")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    result = invoke("track", SAMPLES / "gpt2-tiny-step800", "--out", out, *TRACK_FLAGS)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_deeply_nested_trainer_state_is_refused(tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoint-run"
+    shutil.copytree(SAMPLES / "gpt2-tiny-step800", ckpt)
+    (ckpt / "trainer_state.json").write_text(DEEP)
+    assert_input_error(invoke("track", ckpt, "--out", tmp_path / "track", *TRACK_FLAGS), "trainer_state.json")
