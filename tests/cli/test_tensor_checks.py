@@ -116,6 +116,18 @@ def test_declared_buffers_and_unused_heads_are_accepted(ckpts: dict[str, Path], 
     assert result.exit_code == 0, result.stderr
 
 
+@pytest.mark.parametrize("model_cls", ["LlamaForSequenceClassification", "LlamaForTokenClassification",
+                                       "LlamaForQuestionAnswering"])
+def test_task_heads_the_scan_does_not_use_are_accepted(model_cls: str, tmp_path: Path) -> None:
+    """A LLaMA checkpoint saved with a task head instead of the LM head (score, classifier, qa_outputs) scans: the
+    head is declared ignorable, and the body is still read in full."""
+    ck = _save_transformers(tmp_path / "task", "LlamaConfig", model_cls, num_hidden_layers=2, hidden_size=64,
+                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, vocab_size=97,
+                            max_position_embeddings=64, num_labels=3, pad_token_id=0)
+    result = invoke("scan", ck, *SCAN, "--json")
+    assert result.exit_code == 0, result.stderr
+
+
 def test_forced_bert_on_mpnet_says_no_tensor_matches(ckpts: dict[str, Path]) -> None:
     result = invoke("info", ckpts["mpnet"], "--arch", "bert")
     assert_input_error(result, "model.safetensors", "no tensor matches the layer names of family 'bert'",
