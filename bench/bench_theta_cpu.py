@@ -2,7 +2,7 @@
 
 Plain approach: ``transformers`` eager attention with ``output_attentions=True`` (every layer's full [B, H, n, n]
 probabilities), then the sort-based θ estimate in torch. attnstab: the layer-streaming forward pass plus the θ
-observer (certified interval for every row, refinement, aggregation). Same random-weight GPT-2-style model, same
+pass (certified interval for every row, refinement, aggregation). Same random-weight GPT-2-style model, same
 tokens. Each measurement runs in a fresh subprocess so peak RSS (``ru_maxrss``) belongs to that approach alone;
 we also report the peak above the process's RSS after imports and model loading.
 
