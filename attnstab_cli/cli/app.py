@@ -36,7 +36,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors (or ATTNSTAB_DEBUG=1).")] = False,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="Show full tracebacks for errors (or ATTNSTAB_DEBUG=1).")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:

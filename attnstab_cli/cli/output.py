@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from attnstab_cli.cli.entry import INTERRUPT_EXIT, INTERRUPTS, Interrupted, interrupt_received, interrupted_line
+from attnstab_cli.cli.interrupts import INTERRUPT_EXIT, INTERRUPTS, Interrupted, interrupt_received, interrupted_line
 from attnstab_cli.errors import AttnstabError
 from attnstab_cli.report.destination import forget_published
 

@@ -20,6 +20,7 @@ from attnstab_cli.cli.options import (
     Arch, BatchSize, Batches, Calib, Device, Dtype, EmpiricalSeqs, Grad, HashMode, NHeads, NKVHeads, NormEps,
     RopeTheta, Seed, SeqLen, Tokens, config_overrides,
 )
+from attnstab_cli.cli.targets import build_scan_request
 from attnstab_cli.errors import UsageError
 from attnstab_cli.metrics.curvature_scan import CurvatureOptions
 from attnstab_cli.metrics.theta_scan import ThetaOptions
@@ -72,8 +73,6 @@ class ScanFlags:
     def request(self, checkpoint: str, *, weights_only: bool = False,
                 curvature: CurvatureOptions | None = None) -> ScanRequest:
         """The scan of ``checkpoint`` these flags ask for; device, dtype, kernel and seed are checked here."""
-        from attnstab_cli.cli.targets import build_scan_request
-
         theta = ThetaOptions(min_keys=self.min_keys, tol=self.theta_tol, top_k=self.top_k, slack=self.theta_slack,
                              rows_per_head=parse_theta_rows(self.theta_rows), seed=self.seed)
         return build_scan_request(
