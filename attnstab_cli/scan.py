@@ -258,10 +258,10 @@ def scan_checkpoint(req: ScanRequest, calib: CalibrationSet | None = None,
     else:
         t = time.perf_counter()
         if calib is None:
-            calib = build_calibration(req.calibration, model.cfg.vocab_size, model.cfg.max_positions,
+            calib = build_calibration(req.calibration, model.cfg.vocab_size, model.cfg.max_seq_len,
                                       model.tokenizer_path, req.checkpoint)
         else:
-            check_seq_len(calib.seq_len, model.cfg.max_positions)
+            check_seq_len(calib.seq_len, model.cfg.max_seq_len)
             for batch in calib.batches:
                 check_token_range(batch, model.cfg.vocab_size, f"calibration tokens ({calib.source})")
         stages["calibration_s"] = time.perf_counter() - t

@@ -200,7 +200,7 @@ def plan_track(points: Sequence[TrackPoint], req: ScanRequest) -> tuple[list[Tra
     for p in points:
         model = open_model(p.checkpoint, req.arch, req.overrides)
         if calib is None:
-            calib = build_calibration(req.calibration, model.cfg.vocab_size, model.cfg.max_positions,
+            calib = build_calibration(req.calibration, model.cfg.vocab_size, model.cfg.max_seq_len,
                                       model.tokenizer_path, p.checkpoint)
         pending.append((p, compute_fingerprint(model.files.weight_files, req.hash_mode)))
     if calib is None:

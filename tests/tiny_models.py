@@ -43,6 +43,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "bert": ("BertConfig", "BertForMaskedLM",
              dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
                   vocab_size=97, max_position_embeddings=64)),
+    "roberta": ("RobertaConfig", "RobertaForMaskedLM",         # MHA only; 2 + 64 position rows (pad id 1)
+                dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                     vocab_size=97, max_position_embeddings=66, type_vocab_size=1)),
+    "xlm_roberta": ("XLMRobertaConfig", "XLMRobertaForMaskedLM",  # another pad id: positions start at row 4
+                    dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                         vocab_size=97, max_position_embeddings=68, pad_token_id=3)),
+    "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM",  # MHA only, no token types
+                   dict(n_layers=2, dim=64, n_heads=4, hidden_dim=128, vocab_size=97, max_position_embeddings=64)),
 }
 
 

@@ -41,7 +41,9 @@ class Residual(str, Enum):
 
 
 class Positions(str, Enum):
-    LEARNED = "learned"
+    LEARNED = "learned"                        # token t reads row t of the learned table
+    LEARNED_PAD_OFFSET = "learned_pad_offset"  # fairseq numbering (RoBERTa): the k-th non-pad token of a row reads
+                                               # row pad_token_id + k, a pad token row pad_token_id
     ROPE = "rope"
 
 
@@ -117,6 +119,10 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
     unchecked = set(data["config"]) - set(CONFIG_FIELDS)
     if unchecked:
         raise ValueError(f"spec {data.get('name')!r}: config fields without a rule in CONFIG_FIELDS: {sorted(unchecked)}")
+    if Positions(data["layout"]["positions"]) is Positions.LEARNED_PAD_OFFSET and \
+            "pad_token_id" not in {**data["config"], **data.get("defaults", {})}:
+        raise ValueError(f"spec {data.get('name')!r}: positions 'learned_pad_offset' need pad_token_id (config or "
+                         "defaults)")
     lay = data["layout"]
     layout = Layout(
         orientation=Orientation(lay["orientation"]), qkv_packing=QKVPacking(lay["qkv_packing"]),

@@ -30,7 +30,10 @@ def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv
         ("attention", "causal" if data["causal"] else "bidirectional"),
         ("positions", data["positions"] + (f" theta={data['rope']['theta']:g} rotary_dim={data['rope']['rotary_dim']}"
                                             if data["rope"] else "")),
-        ("vocabulary", data["vocab_size"]), ("max positions", data["max_positions"]),
+        ("vocabulary", data["vocab_size"]),
+        ("max positions", f"{data['max_positions']}" + (f" (first token at row {data['position_offset']}: sequences "
+                                                         f"up to {data['max_seq_len']})" if data["position_offset"]
+                                                        else "")),
         ("dtypes", ", ".join(f"{k}: {v:,}" for k, v in data["dtypes"].items())),
         ("parameters", f"{data['n_params']:,}"),
         ("files", "\n".join(f"{f} ({b:,} bytes)" for f, b in data["files"].items())),

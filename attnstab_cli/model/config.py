@@ -59,6 +59,18 @@ class ModelConfig:
     type_vocab_size: int | None = None
     tie_embeddings: bool = False
     config_dtype: str | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def position_offset(self) -> int:
+        """Rows of the learned position table below the first unpadded token's: pad_token_id + 1 under fairseq
+        numbering (``learned_pad_offset``), else 0."""
+        return self.pad_token_id + 1 if self.layout.positions is Positions.LEARNED_PAD_OFFSET else 0
+
+    @property
+    def max_seq_len(self) -> int | None:
+        """The longest sequence the position table serves (None when no limit is known)."""
+        return None if self.max_positions is None else self.max_positions - self.position_offset
 
     def attn_scale(self, layer: int) -> float:
         """Softmax scale s of layer ``layer`` (0-based): logits are s * q.k (THEORY §5.6)."""
@@ -184,11 +196,15 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
         scale_by_inverse_layer_idx=raw.get("scale_attn_by_inverse_layer_idx", False),
         type_vocab_size=raw.get("type_vocab_size"),
         tie_embeddings=raw.get("tie_embeddings", False),
+        pad_token_id=raw.get("pad_token_id"),
         config_dtype=str((config or {}).get("torch_dtype") or (config or {}).get("dtype") or "") or None,
     )
     if cfg.rope and (cfg.rope.rotary_dim % 2 or not 0 < cfg.rope.rotary_dim <= cfg.head_dim):
         raise InputError(f"rotary dimension {cfg.rope.rotary_dim} (rotary fraction times head_dim {cfg.head_dim}) "
                          f"is not an even number in 2..{cfg.head_dim}")
+    if cfg.max_seq_len is not None and cfg.max_seq_len < 1:
+        raise InputError(f"{subject('pad_token_id')} is {cfg.pad_token_id}; its position numbering starts at row "
+                         f"{cfg.position_offset}, beyond the {cfg.max_positions} rows of the position table")
     return cfg
 
 

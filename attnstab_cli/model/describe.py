@@ -43,6 +43,8 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "sliding_window": next((w for w in cfg.sliding_windows if w), None),
         "vocab_size": cfg.vocab_size,
         "max_positions": cfg.max_positions,
+        "position_offset": cfg.position_offset,
+        "max_seq_len": cfg.max_seq_len,
         "dtypes": {k: v for k, v in sorted(dtypes.items())},
         "n_params": sum(dtypes.values()),
         "tied_embeddings": model.names.find("lm_head.weight") == model.names.find("embed_tokens.weight"),

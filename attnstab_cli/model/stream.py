@@ -10,12 +10,25 @@ from typing import Callable, Iterator
 
 import torch
 
-from attnstab_cli.arch.spec import NormKind
+from attnstab_cli.arch.spec import NormKind, Positions
 from attnstab_cli.model.blocks import apply_norm, run_layer
+from attnstab_cli.model.config import ModelConfig
 from attnstab_cli.model.load import OpenModel
 from attnstab_cli.model.rope import compute_rope_cos_sin
 from attnstab_cli.model.traces import LayerTrace
 from attnstab_cli.model.weights import WeightLoader
+
+
+def position_ids(ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The row of the learned position table each token of ``ids [B, T]`` reads, ``[B, T]`` long.
+
+    ``learned_pad_offset`` numbers from the token ids, as fairseq does: the k-th non-pad token of a row reads row
+    pad_token_id + k, every pad token row pad_token_id (a pad inside a row shifts the tokens after it).
+    """
+    if cfg.layout.positions is Positions.LEARNED_PAD_OFFSET:
+        real = ids.ne(cfg.pad_token_id).long()
+        return real.cumsum(dim=1) * real + cfg.pad_token_id
+    return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
 
 
 class LayerStream:
@@ -40,7 +53,7 @@ class LayerStream:
         for ids in self.batches:
             h = tok[ids]                                                      # [B, T, d]
             if pos is not None:
-                h = h + pos[torch.arange(ids.shape[1], device=self.device)][None]
+                h = h + pos[position_ids(ids, self.cfg)]                      # [B, T, d]
             if types is not None:
                 h = h + types[0][None, None]                                  # token type 0 everywhere
             if norm is not None:

@@ -19,7 +19,14 @@ GROUPS = {
                     ("input_layernorm", "post_attention_layernorm")),
     "bert": (lambda m: m.bert.encoder.layer, ("attention.self", "attention.output.dense"),
              ("intermediate", "output.dense"), ("attention.output.LayerNorm", "output.LayerNorm")),
+    "roberta": (lambda m: m.roberta.encoder.layer, ("attention.self", "attention.output.dense"),
+                ("intermediate", "output.dense"), ("attention.output.LayerNorm", "output.LayerNorm")),
+    "xlm_roberta": (lambda m: m.roberta.encoder.layer, ("attention.self", "attention.output.dense"),
+                    ("intermediate", "output.dense"), ("attention.output.LayerNorm", "output.LayerNorm")),
+    "distilbert": (lambda m: m.distilbert.transformer.layer, ("attention",), ("ffn",),
+                   ("sa_layer_norm", "output_layer_norm")),
 }
+POST_LN = ("bert", "distilbert", "roberta", "xlm_roberta")
 
 
 def _grad_norm(module: torch.nn.Module, paths: tuple[str, ...]) -> float:
@@ -41,8 +48,8 @@ def test_streamed_gradients_match_autograd(family: str, tiny_checkpoints: dict) 
     ref = copy.deepcopy(ref).double()                  # the fixture's model is shared: never change it in place
     ref.zero_grad(set_to_none=True)
     setup = plan_loss(model, [ids], seed=3)
-    if setup.kind == LOSS_PROBE:                       # tiny BERT test models ship no tokenizer: the probe loss
-        out = ref.bert(setup.inputs[0], output_hidden_states=True)
+    if setup.kind == LOSS_PROBE:                       # tiny encoder test models ship no tokenizer: the probe loss
+        out = ref.base_model(setup.inputs[0], output_hidden_states=True)
         h_top = out.last_hidden_state
         loss = 0.5 * (h_top @ make_probe(model.cfg.d_model, 3)).pow(2).sum() / h_top.shape[0] / h_top.shape[1]
         hidden = out.hidden_states
@@ -55,7 +62,7 @@ def test_streamed_gradients_match_autograd(family: str, tiny_checkpoints: dict) 
     loss.backward()
     # transformers computes its loss on float32 logits even for a float64 model: agreement to float32 rounding
     assert totals["grad_loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
-    assert totals["identity_grad_path"] == (family != "bert")
+    assert totals["identity_grad_path"] == (family not in POST_LN)
     blocks, attn, ffn, norms = GROUPS[family]
     for layer, row in enumerate(layers):
         assert row["grad_h_in"] == pytest.approx(float(hidden[layer].grad.norm()), rel=1e-5)

@@ -42,7 +42,14 @@ def hf_projections(family: str, ref, layer: int) -> dict[str, torch.Tensor]:
                     wo=a.o_proj.weight.detach().T, w1=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach().T,
                     w2=m.down_proj.weight.detach().T, g1=blk.input_layernorm.weight.detach(),
                     g2=blk.post_attention_layernorm.weight.detach())
-    blk = ref.bert.encoder.layer[layer]
+    if family == "distilbert":
+        blk = ref.distilbert.transformer.layer[layer]
+        a = blk.attention
+        return dict(wq=a.q_lin.weight.detach().T, wk=a.k_lin.weight.detach().T, wv=a.v_lin.weight.detach().T,
+                    wo=a.out_lin.weight.detach().T, w1=blk.ffn.lin1.weight.detach().T,
+                    w2=blk.ffn.lin2.weight.detach().T, g1=blk.sa_layer_norm.weight.detach(),
+                    g2=blk.output_layer_norm.weight.detach())
+    blk = ref.base_model.encoder.layer[layer]          # the BERT layout: bert, roberta, xlm_roberta
     a = blk.attention
     return dict(wq=a.self.query.weight.detach().T, wk=a.self.key.weight.detach().T,
                 wv=a.self.value.weight.detach().T, wo=a.output.dense.weight.detach().T,
@@ -63,7 +70,7 @@ def qk_reference(wq_h: torch.Tensor, wk_g: torch.Tensor, inv_freq: torch.Tensor 
     return max(spec(wq_h.double() @ rope_rotation(-float(d), inv_freq) @ wk_g.double().T) for d in range(T))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "distilbert", "roberta"])
 def test_weight_columns_match_hf_parameters(family: str, tiny_checkpoints: dict) -> None:
     path, ref = tiny_checkpoints[family]
     model = open_model(path)
