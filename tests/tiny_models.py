@@ -51,6 +51,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                          vocab_size=97, max_position_embeddings=68, pad_token_id=3)),
     "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM",  # MHA only, no token types
                    dict(n_layers=2, dim=64, n_heads=4, hidden_dim=128, vocab_size=97, max_position_embeddings=64)),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM",                 # no GQA in GPT-J; partial rotary (8 of 16)
+             dict(n_layer=2, n_embd=64, n_head=4, n_inner=96, rotary_dim=8, n_positions=64, vocab_size=97)),
 }
 
 

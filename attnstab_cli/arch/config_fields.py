@@ -105,7 +105,7 @@ CONFIG_FIELDS: dict[str, Rule] = {
     "n_layers": POSITIVE, "d_model": POSITIVE, "n_heads": POSITIVE, "n_kv_heads": POSITIVE, "head_dim": POSITIVE,
     "d_ff": POSITIVE, "vocab_size": POSITIVE, "max_positions": POSITIVE, "type_vocab_size": POSITIVE,
     "sliding_window": POSITIVE, "pad_token_id": Integer(0),
-    "norm_eps": Real(0.0, min_open=True), "rope_theta": Real(1.0), "rotary_fraction": FRACTION,
+    "norm_eps": Real(0.0, min_open=True), "rope_theta": Real(1.0), "rotary_fraction": FRACTION, "rotary_dim": POSITIVE,
     "activation": Text(), "rope_scaling": Object(),
     "layer_types": TextList(("full_attention", "sliding_attention")),
     "tie_embeddings": Boolean(), "use_sliding_window": Boolean(), "use_parallel_residual": Boolean(),

@@ -38,6 +38,12 @@ class Residual(str, Enum):
     PRE = "pre"            # h' = h + MHA(N1 h); h+ = h' + FFN(N2 h')
     POST = "post"          # h' = N1(h + MHA h); h+ = N2(h' + FFN h')
     PARALLEL = "parallel"  # h+ = h + MHA(N1 h) + FFN(N2 h)
+    PARALLEL_SHARED = "parallel_shared"  # h+ = h + MHA(N1 h) + FFN(N1 h): one norm feeds both branches (GPT-J, Phi-2)
+
+    @property
+    def shared_norm(self) -> bool:
+        """One norm per layer feeds both branches; the spec declares no ``norm_ffn`` tensors (THEORY §18.6)."""
+        return self is Residual.PARALLEL_SHARED
 
 
 class Positions(str, Enum):
@@ -131,6 +137,9 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         causal=bool(lay["causal"]), ffn=FFNKind(lay["ffn"]),
     )
     switch = data.get("residual_switch")
+    if layout.residual.shared_norm and any(r.startswith("norm_ffn.") for r in data["layer_tensors"]):
+        raise ValueError(f"spec {data.get('name')!r}: residual {layout.residual.value!r} shares norm_attn; "
+                         "it declares no norm_ffn tensors")
     return ArchSpec(
         name=data["name"], description=data["description"],
         model_types=tuple(data["match"].get("model_types", ())),

@@ -29,7 +29,7 @@ def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv
         ("norm", f"{data['norm']} eps={data['norm_eps']:g}, {data['placement']}"),
         ("attention", "causal" if data["causal"] else "bidirectional"),
         ("positions", data["positions"] + (f" theta={data['rope']['theta']:g} rotary_dim={data['rope']['rotary_dim']}"
-                                            if data["rope"] else "")),
+                                            f" {data['rope']['style']}" if data["rope"] else "")),
         ("vocabulary", data["vocab_size"]),
         ("max positions", f"{data['max_positions']}" + (f" (first token at row {data['position_offset']}: sequences "
                                                          f"up to {data['max_seq_len']})" if data["position_offset"]

@@ -88,16 +88,24 @@ def plan_loss(model: OpenModel, batches: list[torch.Tensor], seed: int) -> LossS
 
 
 def _parameters(w: LayerWeights) -> dict[str, list[torch.Tensor]]:
-    """The layer's tensors grouped as attention projections, FFN and norm layers."""
+    """The layer's tensors grouped as attention projections, FFN and norm layers, each tensor once (a norm shared
+    by both branches is one parameter, not two)."""
     groups: dict[str, list[torch.Tensor]] = {"attn": [], "ffn": [], "norm": []}
+    seen: set[int] = set()
     for f in fields(w):
         value = getattr(w, f.name)
         if isinstance(value, torch.Tensor):
-            groups["attn"].append(value)
+            group, tensors = "attn", [value]
         elif isinstance(value, NormWeights):
-            groups["norm"] += [t for t in (value.weight, value.bias) if t is not None]
+            group, tensors = "norm", [value.weight, value.bias]
         elif isinstance(value, dict):
-            groups["ffn"] += [t for t in value.values() if t is not None]
+            group, tensors = "ffn", list(value.values())
+        else:
+            continue
+        for t in tensors:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                groups[group].append(t)
     return groups
 
 

@@ -1,4 +1,4 @@
-"""One transformer layer in plain torch: norms, attention through SDPA, FFN, and the three residual wirings (§7).
+"""One transformer layer in plain torch: norms, attention through SDPA, FFN, and the residual wirings of §7.
 
 The layer is written once; families differ only in the layout facts of their spec (norm kind, residual wiring,
 QKV packing, RoPE), never in code paths of their own.
@@ -79,7 +79,8 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 def run_layer(hidden: torch.Tensor, w: LayerWeights, cfg: ModelConfig, layer: int, batch: int,
               rope_cs: tuple[torch.Tensor, torch.Tensor] | None,
               key_padding_mask: torch.Tensor | None = None) -> LayerTrace:
-    """h_l -> h_{l+1} with the family's residual wiring, recording everything the metrics need."""
+    """h_l -> h_{l+1} with the family's residual wiring, recording everything the metrics need; with a shared
+    parallel norm the ``norm_ffn`` trace is the ``norm_attn`` one (the FFN reads the same normalized input)."""
     kind, eps, residual = cfg.layout.norm, cfg.norm_eps, cfg.layout.residual
     if residual is Residual.POST:
         attn = run_attention(hidden, w, cfg, layer, rope_cs, key_padding_mask)
@@ -89,8 +90,8 @@ def run_layer(hidden: torch.Tensor, w: LayerWeights, cfg: ModelConfig, layer: in
         return LayerTrace(layer, batch, hidden, n2.out, attn, n1.out, ffn_out, {"norm_attn": n1, "norm_ffn": n2}, w)
     n1 = apply_norm(hidden, w.norm_attn, kind, eps)
     attn = run_attention(n1.out, w, cfg, layer, rope_cs, key_padding_mask)
-    if residual is Residual.PARALLEL:
-        n2 = apply_norm(hidden, w.norm_ffn, kind, eps)
+    if residual in (Residual.PARALLEL, Residual.PARALLEL_SHARED):
+        n2 = n1 if residual.shared_norm else apply_norm(hidden, w.norm_ffn, kind, eps)
         ffn_out = run_ffn(n2.out, w.ffn, cfg)
         out = hidden + attn.out + ffn_out
     else:

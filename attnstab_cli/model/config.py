@@ -200,8 +200,9 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
         config_dtype=str((config or {}).get("torch_dtype") or (config or {}).get("dtype") or "") or None,
     )
     if cfg.rope and (cfg.rope.rotary_dim % 2 or not 0 < cfg.rope.rotary_dim <= cfg.head_dim):
-        raise InputError(f"rotary dimension {cfg.rope.rotary_dim} (rotary fraction times head_dim {cfg.head_dim}) "
-                         f"is not an even number in 2..{cfg.head_dim}")
+        source = subject("rotary_dim") if "rotary_dim" in raw else f"rotary fraction times head_dim {cfg.head_dim}"
+        raise InputError(f"rotary dimension {cfg.rope.rotary_dim} ({source}) is not an even number in "
+                         f"2..{cfg.head_dim}")
     if cfg.max_seq_len is not None and cfg.max_seq_len < 1:
         raise InputError(f"{subject('pad_token_id')} is {cfg.pad_token_id}; its position numbering starts at row "
                          f"{cfg.position_offset}, beyond the {cfg.max_positions} rows of the position table")
@@ -242,7 +243,8 @@ def _build_rope(spec: ArchSpec, raw: dict[str, Any], head_dim: int) -> RopeConfi
         raise InputError("config does not give the RoPE base (rope_theta)")
     kept = tuple(sorted((k, v) for k, v in scaling.items() if k not in ("rope_theta", "partial_rotary_factor")
                         and not isinstance(v, (dict, list))))
-    return RopeConfig(theta=float(raw["rope_theta"]), rotary_dim=int(head_dim * fraction),
+    rotary_dim = raw["rotary_dim"] if "rotary_dim" in raw else int(head_dim * fraction)  # GPT-J: absolute
+    return RopeConfig(theta=float(raw["rope_theta"]), rotary_dim=rotary_dim,
                       style=spec.layout.rope_style or RopeStyle.HALF_SPLIT,
                       scaling=() if rope_type == "default" else kept)
 

@@ -8,7 +8,8 @@ from typing import Any
 from attnstab_cli.arch.spec import Residual
 from attnstab_cli.model.load import OpenModel
 
-PLACEMENT = {Residual.PRE: "pre-norm", Residual.POST: "post-norm", Residual.PARALLEL: "parallel residual (pre-norm)"}
+PLACEMENT = {Residual.PRE: "pre-norm", Residual.POST: "post-norm", Residual.PARALLEL: "parallel residual (pre-norm)",
+             Residual.PARALLEL_SHARED: "parallel residual (one shared pre-norm)"}
 
 
 def describe_checkpoint(model: OpenModel) -> dict[str, Any]:

@@ -35,7 +35,7 @@ class LayerWeights:
     bv: torch.Tensor | None
     bo: torch.Tensor | None
     norm_attn: NormWeights
-    norm_ffn: NormWeights
+    norm_ffn: NormWeights          # the norm_attn object itself where one norm feeds both branches
     ffn: dict[str, torch.Tensor]   # mlp: w_in [d,m], b_in, w_out [m,d], b_out; gated: w_gate, w_up [d,m], w_out [m,d]
 
 
@@ -77,10 +77,12 @@ class WeightLoader:
             bias = self.tensor("qkv.bias", layer)
             bq, bk, bv = (split_packed_qkv(bias, c.layout.qkv_packing, c.n_heads, c.n_kv_heads, c.head_dim)
                           if bias is not None else (None, None, None))
+        norm_attn = self.norm("norm_attn", layer)
+        norm_ffn = norm_attn if c.layout.residual.shared_norm else self.norm("norm_ffn", layer)
         return LayerWeights(
             layer=layer, wq=wq, wk=wk, wv=wv, wo=self.tensor("o.weight", layer),
             bq=bq, bk=bk, bv=bv, bo=self.tensor("o.bias", layer),
-            norm_attn=self.norm("norm_attn", layer), norm_ffn=self.norm("norm_ffn", layer), ffn=self._ffn(layer),
+            norm_attn=norm_attn, norm_ffn=norm_ffn, ffn=self._ffn(layer),
         )
 
     def _ffn(self, layer: int) -> dict[str, torch.Tensor]:

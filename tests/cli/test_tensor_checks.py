@@ -17,7 +17,7 @@ from tiny_models import save_tiny_model
 
 SCAN = ("--calib", "random", "--seq-len", "16", "--batch-size", "1", "--batches", "1", "--empirical-seqs", "0",
         "--quiet")
-FAMILIES = ("gpt2", "llama", "neox", "bert", "mistral")
+FAMILIES = ("gpt2", "llama", "neox", "bert", "mistral", "gptj")
 
 
 def _save_transformers(directory: Path, config_cls: str, model_cls: str, **kwargs: object) -> Path:
@@ -79,7 +79,7 @@ def test_unsupported_model_type_hint_says_the_tensors_are_checked(ckpts: dict[st
     assert "--arch" in result.stderr and "every tensor is then checked" in result.stderr
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "gptj"])
 def test_an_extra_unknown_tensor_is_refused(family: str, ckpts: dict[str, Path], tmp_path: Path) -> None:
     ck = _edit_weights(_copy(ckpts[family], tmp_path), lambda s: s.update({"adapter.lora_A.weight": torch.ones(4, 64)}))
     assert_input_error(invoke("scan", ck, *SCAN), "model.safetensors", "1 tensor not read", "adapter.lora_A.weight")
@@ -141,6 +141,7 @@ def test_forced_bert_on_mpnet_says_no_tensor_matches(ckpts: dict[str, Path]) -> 
     ("gpt2", ("transformer.wpe.weight",), "transformer.wpe.weight"),
     ("gpt2", ("transformer.ln_f.weight", "transformer.ln_f.bias"), "transformer.ln_f.weight"),
     ("llama", ("model.norm.weight",), "model.norm.weight"),
+    ("gptj", ("transformer.h.1.ln_1.bias",), "transformer.h.1.ln_1.bias"),       # the one norm both branches read
     ("bert", ("bert.embeddings.LayerNorm.weight", "bert.embeddings.LayerNorm.bias"), "embeddings.LayerNorm.weight"),
 ])
 def test_a_missing_required_tensor_is_refused_before_any_work(family: str, removed: tuple[str, ...], needle: str,
@@ -269,6 +270,9 @@ CONFIG_CASES = [
     ("mistral", "sliding_window", -7, "expected an integer from 1 to 2^53"),
     ("mistral", "layer_types", ["sliding_attention"], "has 1 entries; expected one per layer (2)"),
     ("neox", "rotary_pct", 1.5, "expected a finite number > 0 and <= 1"),
+    ("gptj", "rotary_dim", 7, "is not an even number in 2..16"),
+    ("gptj", "rotary_dim", 32, "is not an even number in 2..16"),
+    ("gptj", "rotary_dim", "8", "expected an integer from 1 to 2^53"),
     ("neox", "use_parallel_residual", "false", "expected true or false"),
     ("neox", "intermediate_size", "128", "expected an integer from 1 to 2^53"),
     ("bert", "type_vocab_size", 5, "expected at most 2"),

@@ -17,6 +17,7 @@ GROUPS = {
     "neox": (lambda m: m.gpt_neox.layers, ("attention",), ("mlp",), ("input_layernorm", "post_attention_layernorm")),
     "neox_serial": (lambda m: m.gpt_neox.layers, ("attention",), ("mlp",),
                     ("input_layernorm", "post_attention_layernorm")),
+    "gptj": (lambda m: m.transformer.h, ("attn",), ("mlp",), ("ln_1",)),
     "bert": (lambda m: m.bert.encoder.layer, ("attention.self", "attention.output.dense"),
              ("intermediate", "output.dense"), ("attention.output.LayerNorm", "output.LayerNorm")),
     "roberta": (lambda m: m.roberta.encoder.layer, ("attention.self", "attention.output.dense"),

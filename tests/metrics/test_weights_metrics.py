@@ -110,6 +110,14 @@ def reference_blocks(family: str, model: torch.nn.Module, layer: int) -> dict:
         wo = p(at.dense.weight).T
         w1, w2 = p(blk.mlp.dense_h_to_4h.weight).T, p(blk.mlp.dense_4h_to_h.weight).T
         n1, n2, eps, gated = blk.input_layernorm, blk.post_attention_layernorm, cfg.layer_norm_eps, None
+    elif family == "gptj":
+        blk = model.transformer.h[layer]
+        at = blk.attn
+        wq, wk, wv = (p(m.weight).T for m in (at.q_proj, at.k_proj, at.v_proj))
+        bq = bk = None
+        wo = p(at.out_proj.weight).T
+        w1, w2 = p(blk.mlp.fc_in.weight).T, p(blk.mlp.fc_out.weight).T
+        n1, n2, eps, gated = blk.ln_1, blk.ln_1, model.config.layer_norm_epsilon, None   # one norm feeds both
     else:
         blk = model.bert.encoder.layer[layer]
         s = blk.attention.self
@@ -130,6 +138,13 @@ def hf_rotation(family: str, model: torch.nn.Module, n_positions: int, head_dim:
     elif family == "neox":
         from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
         rotary = model.gpt_neox.rotary_emb
+    elif family == "gptj":
+        from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb as gptj_rope
+        r = model.config.rotary_dim
+        eye = torch.eye(head_dim, dtype=F64)[None, None].expand(1, n_positions, head_dim, head_dim)  # [1, T, D, D]
+        sin, cos = model.transformer.rotary_emb(eye, torch.arange(n_positions)[None])
+        rotated = torch.cat([gptj_rope(eye[..., :r], sin.to(F64), cos.to(F64)), eye[..., r:]], dim=-1)
+        return lambda delta: rotated[0, delta]                                    # row a: e_a P_Delta
     else:
         return lambda delta: torch.eye(head_dim, dtype=F64)
     eye = torch.eye(head_dim, dtype=F64)[None, :, None, :].expand(1, head_dim, n_positions, head_dim)  # [1, D, T, D]
@@ -138,7 +153,7 @@ def hf_rotation(family: str, model: torch.nn.Module, n_positions: int, head_dim:
     return lambda delta: rotated[0, :, delta, :]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "gptj"])
 def test_slices_match_transformers_parameters(family: str, tiny_checkpoints: dict) -> None:
     path, hf = tiny_checkpoints[family]
     model = open_model(path)

@@ -75,3 +75,33 @@ def test_per_head_slices_recombine_to_attention_output(tiny_checkpoints: dict) -
         total = sum(trace.attn.context[:, h] @ w.wo[h * d:(h + 1) * d] for h in range(model.cfg.n_heads))
         total = total + (w.bo if w.bo is not None else 0)
         torch.testing.assert_close(total, trace.attn.out, rtol=1e-10, atol=1e-12)
+
+
+# Families whose ``transformers`` reference computes in float64 when cast to it. LlamaRMSNorm casts its input to
+# float32, which caps the LLaMA-family comparison near 1e-7 (their float32 forward match above still holds).
+FLOAT64_REFERENCE = ("bert", "gpt2", "gpt2_scaled", "gptj", "neox", "neox_serial")
+
+
+@pytest.mark.parametrize("family", [f for f in sorted(FAMILIES) if f in FLOAT64_REFERENCE])
+def test_float64_layers_match(family: str, tiny_checkpoints: dict) -> None:
+    """Issue 13 item 2: in float64 every layer's output h_{l+1} matches ``transformers`` to 1e-10 relative.
+
+    The reference runs SDPA attention: some eager implementations (GPT-J) cast q and k to float32 for the logits,
+    which would cap a float64 comparison at float32 precision."""
+    import copy
+
+    path, ref = tiny_checkpoints[family]
+    ref64 = copy.deepcopy(ref).double()
+    ref64.set_attn_implementation("sdpa")
+    model = open_model(path)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = ref64(ids, output_hidden_states=True).hidden_states
+    stream = LayerStream(model, [ids], dtype=torch.float64)
+    for trace in stream.layers():
+        if trace.layer + 1 < model.cfg.n_layers:           # the last entry of hidden_states is after the final norm
+            want = expected[trace.layer + 1]
+            err = (trace.resid_out - want).norm() / want.norm()
+            assert err < 1e-10, f"layer {trace.layer}: relative error {float(err):.3g}"
+    got, want = stream.final_hidden()[0], expected[-1]
+    assert (got - want).norm() / want.norm() < 1e-10

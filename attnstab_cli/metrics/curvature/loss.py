@@ -39,12 +39,15 @@ Params = dict[str, torch.Tensor]
 
 
 def extract_params(w: LayerWeights) -> Params:
-    """``"<layer>.<block>.<field>" -> tensor`` for every tensor the layer has (absent biases are skipped)."""
+    """``"<layer>.<block>.<field>" -> tensor`` for every tensor the layer has (absent biases are skipped); a tensor
+    reached twice (a norm shared by both branches) is named once, by its first block."""
     out: Params = {}
+    seen: set[int] = set()
     for block, names in BLOCK_FIELDS.items():
         for name in names:
             value = _get(w, name)
-            if value is not None:
+            if value is not None and id(value) not in seen:
+                seen.add(id(value))
                 out[f"{w.layer}.{block}.{name}"] = value
     return out
 

@@ -17,7 +17,7 @@ from attnstab_cli.model.load import open_model
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "bert"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "bert", "gptj"])
 def loss(request, tiny_checkpoints) -> ModelLoss:
     model = open_model(tiny_checkpoints[request.param][0])
     ids = torch.randint(0, model.cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -44,8 +44,11 @@ def _dense(loss: ModelLoss, params: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def test_names_split_into_layer_block_and_field(loss: ModelLoss) -> None:
     blocks = loss.blocks()
-    assert {b for _, b in blocks} >= {"attn_q", "attn_k", "attn_v", "attn_out", "ffn_in", "ffn_out", "norm_attn.gamma",
-                                      "norm_ffn.gamma"}
+    expected = {"attn_q", "attn_k", "attn_v", "attn_out", "ffn_in", "ffn_out", "norm_attn.gamma", "norm_ffn.gamma"}
+    if loss.cfg.layout.residual.shared_norm:             # one norm feeds both branches: one parameter, one block
+        expected.remove("norm_ffn.gamma")
+        assert not any(b.startswith("norm_ffn") for _, b in blocks)
+    assert {b for _, b in blocks} >= expected
     assert split_name("1.norm_attn.gamma.norm_attn.weight") == (1, "norm_attn.gamma", "norm_attn.weight")
     assert block_of("0.ffn_in.ffn.w_gate") == (0, "ffn_in")
     assert sum(v.numel() for v in loss.params.values()) == sum(

@@ -165,7 +165,7 @@ class RandomLayer:
     rope_cs: tuple[torch.Tensor, torch.Tensor] | None
     key_padding_mask: torch.Tensor | None    # [T] bool, True = real token
     norm_kind: str              # "layernorm" | "rmsnorm"
-    residual: str               # "pre" | "post" | "parallel"
+    residual: str               # "pre" | "post" | "parallel" | "parallel_shared"
     eps: float
     ffn: dict[str, torch.Tensor]
     activation: str
@@ -199,8 +199,8 @@ class RandomLayer:
             u2 = h1 + self.ffn_map(h1)
             return dict(n1_in=u1, mha_in=h, n2_in=u2, ffn_in=h1, out=self.norm(u2, "norm_ffn"))
         a = self.norm(h, "norm_attn")
-        if self.residual == "parallel":
-            f_in = self.norm(h, "norm_ffn")
+        if self.residual in ("parallel", "parallel_shared"):
+            f_in = self.norm(h, "norm_attn" if self.residual == "parallel_shared" else "norm_ffn")
             return dict(n1_in=h, mha_in=a, n2_in=h, ffn_in=f_in, out=h + self.mha(a) + self.ffn_map(f_in))
         mid = h + self.mha(a)
         f_in = self.norm(mid, "norm_ffn")
@@ -217,6 +217,7 @@ FAMILY_SHAPES = {
     "llama": ("rmsnorm", "pre", "swiglu", 8, 4, 2, 1, 4, False, True, 3, False),
     "qwen2": ("rmsnorm", "pre", "swiglu", 8, 2, 4, 2, 2, True, True, None, False),
     "neox": ("layernorm", "parallel", "gelu", 8, 4, 2, 2, 2, True, True, None, False),
+    "gptj": ("layernorm", "parallel_shared", "gelu_new", 8, 4, 2, 2, 2, False, True, None, False),
     "bert": ("layernorm", "post", "gelu", 8, 4, 2, 2, 0, True, False, None, True),
 }
 
@@ -259,8 +260,10 @@ def make_random_layer(family: str, t: int, eps: float, seed: int, layer: int = 1
                "b_out": rnd(d, s=0.5)}
     kind = NormKind.LAYERNORM if norm == "layernorm" else NormKind.RMSNORM
     make_norm = lambda: NormWeights(1.0 + 0.3 * rnd(d), 0.2 * rnd(d) if kind is NormKind.LAYERNORM else None)
+    norm_attn = make_norm()
+    norm_ffn = norm_attn if residual == "parallel_shared" else make_norm()    # GPT-J: one norm feeds both branches
     weights = LayerWeights(layer=layer, wq=heads.wq, wk=heads.wk, wv=heads.wv, wo=heads.wo, bq=heads.bq, bk=heads.bk,
-                           bv=heads.bv, bo=heads.bo, norm_attn=make_norm(), norm_ffn=make_norm(), ffn=ffn)
+                           bv=heads.bv, bo=heads.bo, norm_attn=norm_attn, norm_ffn=norm_ffn, ffn=ffn)
     layout = Layout(orientation=Orientation.OUT_IN, qkv_packing=QKVPacking.SEPARATE, norm=kind,
                     residual=Residual(residual), positions=Positions.ROPE if rot else Positions.LEARNED,
                     rope_style=RopeStyle.HALF_SPLIT if rot else None, causal=causal,

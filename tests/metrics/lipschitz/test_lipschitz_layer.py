@@ -87,7 +87,8 @@ def _ffn_local(layer, x: torch.Tensor) -> float:
 
 def _combine(residual: str, ln1: float, mha: float, ln2: float, ffn: float) -> float:
     return {"pre": (1 + ln1 * mha) * (1 + ln2 * ffn), "post": ln2 * (1 + ffn) * ln1 * (1 + mha),
-            "parallel": 1 + ln1 * mha + ln2 * ffn}[residual]
+            "parallel": 1 + ln1 * mha + ln2 * ffn,
+            "parallel_shared": 1 + ln1 * (mha + ffn)}[residual]      # J = I + (J_MHA + J_FFN) J_N (THEORY §18.6)
 
 
 def _norms(layer):
