@@ -53,6 +53,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                    dict(n_layers=2, dim=64, n_heads=4, hidden_dim=128, vocab_size=97, max_position_embeddings=64)),
     "gptj": ("GPTJConfig", "GPTJForCausalLM",                 # no GQA in GPT-J; partial rotary (8 of 16)
              dict(n_layer=2, n_embd=64, n_head=4, n_inner=96, rotary_dim=8, n_positions=64, vocab_size=97)),
+    "phi": ("PhiConfig", "PhiForCausalLM",                    # GQA, biases everywhere, partial rotary (8 of 16)
+            dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=96, vocab_size=97, max_position_embeddings=64, partial_rotary_factor=0.5)),
 }
 
 

@@ -109,7 +109,7 @@ CONFIG_FIELDS: dict[str, Rule] = {
     "activation": Text(), "rope_scaling": Object(),
     "layer_types": TextList(("full_attention", "sliding_attention")),
     "tie_embeddings": Boolean(), "use_sliding_window": Boolean(), "use_parallel_residual": Boolean(),
-    "scale_attn_weights": Boolean(), "scale_attn_by_inverse_layer_idx": Boolean(),
+    "scale_attn_weights": Boolean(), "scale_attn_by_inverse_layer_idx": Boolean(), "qk_layernorm": Boolean(),
 }
 
 # Entries of ``rope_scaling`` / ``rope_parameters`` per rope type: (required, rules). Other entries are not read.

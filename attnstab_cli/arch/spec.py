@@ -107,10 +107,12 @@ class ArchSpec:
     residual_switch: ResidualSwitch | None = None
     ignorable: tuple[str, ...] = ()    # weights a scan does not use (templates, ``{layer}`` below the layer count)
     buffers: tuple[str, ...] = ()      # stored constants that are not weights (same templates); never value-checked
+    unsupported_if_true: dict[str, str] = field(default_factory=dict)  # boolean field -> the layout it would switch on
 
 
 _KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefixes", "tensors", "head_tensors",
-         "layer_tensors", "optional", "tied", "required_without_config", "residual_switch", "ignorable", "buffers"}
+         "layer_tensors", "optional", "tied", "required_without_config", "residual_switch", "ignorable", "buffers",
+         "unsupported_if_true"}
 
 
 def _templates(mapping: dict[str, str | list[str]]) -> dict[str, tuple[str, ...]]:
@@ -137,6 +139,10 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         causal=bool(lay["causal"]), ffn=FFNKind(lay["ffn"]),
     )
     switch = data.get("residual_switch")
+    refused = dict(data.get("unsupported_if_true", {}))
+    if set(refused) - set(data["config"]):
+        raise ValueError(f"spec {data.get('name')!r}: unsupported_if_true names fields it does not read: "
+                         f"{sorted(set(refused) - set(data['config']))}")
     if layout.residual.shared_norm and any(r.startswith("norm_ffn.") for r in data["layer_tensors"]):
         raise ValueError(f"spec {data.get('name')!r}: residual {layout.residual.value!r} shares norm_attn; "
                          "it declares no norm_ffn tensors")
@@ -152,6 +158,7 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         residual_switch=ResidualSwitch(switch["key"], Residual(switch["if_true"]), Residual(switch["if_false"]))
         if switch else None,
         ignorable=tuple(data.get("ignorable", ())), buffers=tuple(data.get("buffers", ())),
+        unsupported_if_true=refused,
     )
 
 

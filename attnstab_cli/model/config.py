@@ -158,6 +158,9 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
     def subject(name: str) -> str:
         return f"option {key(name)}" if key(name).startswith("--") else f"config key {key(name)!r}"
 
+    for name, what in spec.unsupported_if_true.items():
+        if raw.get(name):
+            raise UnsupportedError(f"{subject(name)} is true: {what} is not supported for family {spec.name!r}")
     if raw["n_layers"] != found_layers:
         raise InputError(f"{subject('n_layers')} says {raw['n_layers']} layers but the weights hold {found_layers}")
     d, h = raw["d_model"], raw["n_heads"]

@@ -39,7 +39,7 @@ def test_orientation() -> None:
 
 def test_specs_load_and_reject_unknown_keys() -> None:
     specs = builtin_specs()
-    assert set(specs) >= {"gpt2", "llama", "gpt_neox", "bert", "gptj", "distilbert", "roberta"}
+    assert set(specs) >= {"gpt2", "llama", "gpt_neox", "bert", "gptj", "phi", "distilbert", "roberta"}
     assert spec_by_name("qwen2").name == "llama"
     import json
     from importlib import resources

@@ -32,3 +32,22 @@ def test_a_spec_reading_a_field_without_a_rule_is_refused() -> None:
     with pytest.raises(ValueError, match="attn_softcap"):
         parse_spec(data)
     assert parse_spec(json.loads(text)).name == "gpt2"
+
+
+def _spec_data(name: str) -> dict:
+    return json.loads(resources.files("attnstab_cli.arch").joinpath("specs", f"{name}.json").read_text(encoding="utf-8"))
+
+
+def test_a_shared_norm_spec_declaring_a_second_norm_is_refused() -> None:
+    data = _spec_data("gptj")
+    data["layer_tensors"]["norm_ffn.weight"] = "h.{layer}.ln_2.weight"
+    with pytest.raises(ValueError, match="shares norm_attn"):
+        parse_spec(data)
+
+
+def test_unsupported_if_true_must_name_a_field_the_spec_reads() -> None:
+    data = _spec_data("phi")
+    assert parse_spec(data).unsupported_if_true == {"qk_layernorm": "per-head q/k LayerNorm (THEORY §18.2)"}
+    del data["config"]["qk_layernorm"]
+    with pytest.raises(ValueError, match="qk_layernorm"):
+        parse_spec(data)

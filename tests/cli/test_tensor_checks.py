@@ -17,7 +17,7 @@ from tiny_models import save_tiny_model
 
 SCAN = ("--calib", "random", "--seq-len", "16", "--batch-size", "1", "--batches", "1", "--empirical-seqs", "0",
         "--quiet")
-FAMILIES = ("gpt2", "llama", "neox", "bert", "mistral", "gptj")
+FAMILIES = ("gpt2", "llama", "neox", "bert", "mistral", "gptj", "phi")
 
 
 def _save_transformers(directory: Path, config_cls: str, model_cls: str, **kwargs: object) -> Path:
@@ -71,6 +71,16 @@ def test_forced_llama_on_qwen3_names_the_unread_qk_norms(ckpts: dict[str, Path],
     assert_input_error(result, "model.safetensors", "4 tensors not read by family 'llama'",
                        "model.layers.0.self_attn.q_norm.weight", "model.layers.1.self_attn.k_norm.weight")
     assert not out.exists()
+
+
+def test_phi_with_qk_layernorm_is_refused_naming_the_key(tmp_path: Path) -> None:
+    """Phi's optional per-head q/k LayerNorm is not implemented: the config key is named, before any tensor check."""
+    ck = _save_transformers(tmp_path / "phi_qk", "PhiConfig", "PhiForCausalLM", num_hidden_layers=2, hidden_size=64,
+                            num_attention_heads=4, intermediate_size=96, vocab_size=97, max_position_embeddings=64,
+                            qk_layernorm=True)
+    for args in (("info", ck), ("scan", ck, *SCAN)):
+        assert_input_error(invoke(*args), "config.json", "'qk_layernorm' is true", "q/k LayerNorm",
+                           "not supported for family 'phi'")
 
 
 def test_unsupported_model_type_hint_says_the_tensors_are_checked(ckpts: dict[str, Path]) -> None:
@@ -273,6 +283,7 @@ CONFIG_CASES = [
     ("gptj", "rotary_dim", 7, "is not an even number in 2..16"),
     ("gptj", "rotary_dim", 32, "is not an even number in 2..16"),
     ("gptj", "rotary_dim", "8", "expected an integer from 1 to 2^53"),
+    ("phi", "qk_layernorm", "yes", "expected true or false"),
     ("neox", "use_parallel_residual", "false", "expected true or false"),
     ("neox", "intermediate_size", "128", "expected an integer from 1 to 2^53"),
     ("bert", "type_vocab_size", 5, "expected at most 2"),

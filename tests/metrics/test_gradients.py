@@ -18,6 +18,7 @@ GROUPS = {
     "neox_serial": (lambda m: m.gpt_neox.layers, ("attention",), ("mlp",),
                     ("input_layernorm", "post_attention_layernorm")),
     "gptj": (lambda m: m.transformer.h, ("attn",), ("mlp",), ("ln_1",)),
+    "phi": (lambda m: m.model.layers, ("self_attn",), ("mlp",), ("input_layernorm",)),
     "bert": (lambda m: m.bert.encoder.layer, ("attention.self", "attention.output.dense"),
              ("intermediate", "output.dense"), ("attention.output.LayerNorm", "output.LayerNorm")),
     "roberta": (lambda m: m.roberta.encoder.layer, ("attention.self", "attention.output.dense"),

@@ -174,7 +174,8 @@ def test_budget_keeps_intervals_certified() -> None:
         assert cheap["theta_wide_rows"] >= best["theta_wide_rows"]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "bert", "distilbert", "roberta", "xlm_roberta", "gptj"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "bert", "distilbert", "roberta", "xlm_roberta",
+                                    "gptj", "phi"])
 def test_scan_heads_match_transformers(family: str, tiny_checkpoints: dict) -> None:
     """End to end: heads.parquet columns from the layer stream equal brute force on ``transformers`` attentions."""
     path, ref_model = tiny_checkpoints[family]

@@ -118,6 +118,14 @@ def reference_blocks(family: str, model: torch.nn.Module, layer: int) -> dict:
         wo = p(at.out_proj.weight).T
         w1, w2 = p(blk.mlp.fc_in.weight).T, p(blk.mlp.fc_out.weight).T
         n1, n2, eps, gated = blk.ln_1, blk.ln_1, model.config.layer_norm_epsilon, None   # one norm feeds both
+    elif family == "phi":
+        blk = model.model.layers[layer]
+        at = blk.self_attn
+        wq, wk, wv = (p(m.weight).T for m in (at.q_proj, at.k_proj, at.v_proj))
+        bq, bk = p(at.q_proj.bias), p(at.k_proj.bias)
+        wo = p(at.dense.weight).T
+        w1, w2 = p(blk.mlp.fc1.weight).T, p(blk.mlp.fc2.weight).T
+        n1, n2, eps, gated = blk.input_layernorm, blk.input_layernorm, model.config.layer_norm_eps, None
     else:
         blk = model.bert.encoder.layer[layer]
         s = blk.attention.self
@@ -145,6 +153,14 @@ def hf_rotation(family: str, model: torch.nn.Module, n_positions: int, head_dim:
         sin, cos = model.transformer.rotary_emb(eye, torch.arange(n_positions)[None])
         rotated = torch.cat([gptj_rope(eye[..., :r], sin.to(F64), cos.to(F64)), eye[..., r:]], dim=-1)
         return lambda delta: rotated[0, delta]                                    # row a: e_a P_Delta
+    elif family == "phi":
+        from transformers.models.phi.modeling_phi import apply_rotary_pos_emb as phi_rope
+        r = model.model.layers[0].self_attn.rotary_ndims
+        eye = torch.eye(head_dim, dtype=F64)[None, :, None, :].expand(1, head_dim, n_positions, head_dim)
+        cos, sin = model.model.rotary_emb(eye, torch.arange(n_positions)[None])
+        rot = phi_rope(eye[..., :r], eye[..., :r], cos.to(F64), sin.to(F64))[0]    # the attention rotates [:r] only
+        rotated = torch.cat([rot, eye[..., r:]], dim=-1)
+        return lambda delta: rotated[0, :, delta, :]
     else:
         return lambda delta: torch.eye(head_dim, dtype=F64)
     eye = torch.eye(head_dim, dtype=F64)[None, :, None, :].expand(1, head_dim, n_positions, head_dim)  # [1, D, T, D]
@@ -153,7 +169,7 @@ def hf_rotation(family: str, model: torch.nn.Module, n_positions: int, head_dim:
     return lambda delta: rotated[0, :, delta, :]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "gptj"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "gptj", "phi"])
 def test_slices_match_transformers_parameters(family: str, tiny_checkpoints: dict) -> None:
     path, hf = tiny_checkpoints[family]
     model = open_model(path)

@@ -32,7 +32,7 @@ def first_layer(path, t: int):
     return cfg, trace, rope
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "neox", "gptj"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "neox", "gptj", "phi"])
 def test_prefix_certificate_holds_on_the_whole_sequence(family: str, tiny_checkpoints: dict,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     path, _ = tiny_checkpoints[family]
