@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import torch
 
 from attnstab_cli.arch.spec import NormKind, Positions
+from attnstab_cli.errors import UsageError
 from attnstab_cli.model.blocks import apply_norm, run_layer
 from attnstab_cli.model.config import ModelConfig
 from attnstab_cli.model.load import OpenModel
@@ -29,6 +30,19 @@ def position_ids(ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
         real = ids.ne(cfg.pad_token_id).long()
         return real.cumsum(dim=1) * real + cfg.pad_token_id
     return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
+
+
+def check_finite_hidden(hidden: torch.Tensor, dtype: torch.dtype, where: str, source: str | None = None) -> None:
+    """A :class:`UsageError` when ``hidden`` holds inf or NaN. Every weight was checked finite and within the
+    compute dtype before the scan, so this is the forward pass overflowing ``dtype``: the numbers that would follow
+    are not the model's, and a narrower dtype than the activations need is the user's choice to change."""
+    bad = ~torch.isfinite(hidden)
+    if bool(bad.any()):
+        name = str(dtype).removeprefix("torch.")
+        hint = "rerun with --dtype float32 (the default)" if dtype in (torch.float16, torch.bfloat16) else \
+            "rerun with --dtype float64"
+        raise UsageError(f"{where}: {int(bad.sum())} hidden values overflowed {name} in the forward pass, although "
+                         f"every weight is finite", hint=hint, path=source)
 
 
 class LayerStream:
@@ -58,6 +72,7 @@ class LayerStream:
                 h = h + types[0][None, None]                                  # token type 0 everywhere
             if norm is not None:
                 h = apply_norm(h, norm, NormKind.LAYERNORM, self.cfg.norm_eps).out
+            check_finite_hidden(h, self.dtype, "the embeddings", self.model.files.source)
             self.hidden.append(h)
         return self.hidden
 
@@ -76,6 +91,7 @@ class LayerStream:
             weights = self.loader.layer(layer)
             for bi, h in enumerate(self.hidden):
                 trace = run_layer(h, weights, self.cfg, layer, bi, self.rope(h.shape[1]), self.masks[bi])
+                check_finite_hidden(trace.resid_out, self.dtype, f"layer {layer}", self.model.files.source)
                 trace.weights = weights                                       # a reference: still one layer resident
                 self.hidden[bi] = trace.resid_out
                 yield trace

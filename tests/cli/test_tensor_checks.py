@@ -304,3 +304,21 @@ def test_config_field_of_wrong_type_or_range(family: str, key: str, value: objec
 def test_an_option_of_the_wrong_range_is_a_usage_error(ckpts: dict[str, Path]) -> None:
     result = invoke("info", ckpts["gpt2"] / "model.safetensors", "--n-heads", "4", "--norm-eps", "nan")
     assert_input_error(result, "option --norm-eps is NaN", "expected a finite number > 0")
+
+
+def test_a_forward_pass_that_overflows_the_compute_dtype_is_refused(tmp_path: Path) -> None:
+    """Finite float32 weights within float16's range whose activations are not (embeddings of 60000 plus positions
+    of 60000): under --dtype float16 one line names the checkpoint and the dtype and says to use float32, exit 2;
+    the same checkpoint scans under float32."""
+    ck = tmp_path / "loud"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "sample_checkpoints" / "gpt2-tiny", ck)
+
+    def loud(s: dict[str, torch.Tensor]) -> None:
+        s["transformer.wte.weight"] = torch.full_like(s["transformer.wte.weight"], 60000.0)
+        s["transformer.wpe.weight"] = torch.full_like(s["transformer.wpe.weight"], 60000.0)
+
+    _edit_weights(ck, loud)
+    assert_input_error(invoke("scan", ck, *SCAN, "--dtype", "float16"), str(ck), "overflowed float16",
+                       "every weight is finite")
+    assert invoke("scan", ck, *SCAN, "--json").exit_code == 0
+
