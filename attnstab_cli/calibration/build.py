@@ -27,12 +27,18 @@ class CalibrationRequest:
     batches: int = 2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Counts are checked when the request is made, before any checkpoint is opened (and under
+        ``--weights-only``, which builds no tokens, a nonsensical value is still refused, not ignored)."""
+        if self.seq_len is not None and self.seq_len < 1:
+            raise UsageError(f"--seq-len must be positive, got {self.seq_len}")
+        if self.batch_size < 1 or self.batches < 1:
+            raise UsageError("--batch-size and --batches must be positive")
+
 
 def build_calibration(req: CalibrationRequest, vocab_size: int, max_positions: int | None,
                       tokenizer_path: Path | None, checkpoint: str = "checkpoint") -> CalibrationSet:
     """Token batches for the scan, validated against the model's vocabulary and context length."""
-    if req.batch_size < 1 or req.batches < 1:
-        raise UsageError("--batch-size and --batches must be positive")
     if req.tokens is not None:
         if req.calib is not None:
             raise UsageError("give either --calib or --tokens, not both")

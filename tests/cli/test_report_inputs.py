@@ -48,6 +48,19 @@ def test_seq_len_zero_is_refused(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag, needle", [("--seq-len", "--seq-len must be positive"),
+                                          ("--batch-size", "--batch-size and --batches must be positive"),
+                                          ("--batches", "--batch-size and --batches must be positive")])
+def test_zero_counts_are_refused_before_any_work(flag: str, needle: str, tmp_path: Path) -> None:
+    """Refused before the checkpoint is opened (a missing one is not even looked at) and under --weights-only,
+    which builds no tokens, for every scanning command."""
+    missing = tmp_path / "no-such-checkpoint"
+    for args in (("scan", missing), ("scan", SAMPLES / "gpt2-tiny", "--weights-only"),
+                 ("gate", missing, "--no-config", "--rule", "theta_p05 >= 0"), ("compare", missing, missing),
+                 ("track", missing, "--out", tmp_path / "t")):
+        assert_input_error(invoke(*args, flag, "0", "--quiet"), needle)
+
+
 @pytest.mark.parametrize("seed", [2**64, 2**70, -1])
 def test_seed_outside_64_bits_is_refused(tmp_path: Path, seed: int) -> None:
     out = tmp_path / "r"
