@@ -30,13 +30,8 @@ class TableParts:
 
 
 @dataclass
-class Tables:
-    """The report tables as the passes fill them, one keyed join per contribution."""
-
-    layers: list[Record] = field(default_factory=list)
-    heads: list[Record] = field(default_factory=list)
-    model: Record = field(default_factory=dict)
-    facts: Record = field(default_factory=dict)
+class Tables(TableParts):
+    """The report tables as the passes fill them: the union of every pass's parts, one keyed join per contribution."""
 
     def add(self, parts: TableParts) -> None:
         self.layers = join_records(self.layers, parts.layers, ("layer",))
