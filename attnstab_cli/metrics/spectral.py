@@ -82,11 +82,16 @@ def shared_spectra() -> Iterator[None]:
         _SHARED.reset(token)
 
 
-def _shared(kind: tuple, w: torch.Tensor, compute: Callable[[], Any]) -> Any:
+def _key(kind: tuple, w: torch.Tensor) -> tuple:
+    return (kind, id(w), w._version, tuple(w.shape), w.dtype, str(w.device))
+
+
+def shared(kind: tuple, w: torch.Tensor, compute: Callable[[], Any]) -> Any:
+    """``compute()``, once per ``kind`` and tensor within a :func:`shared_spectra` block (every call outside one)."""
     cache = _SHARED.get()
     if cache is None:
         return compute()
-    key = (kind, id(w), w._version, tuple(w.shape), w.dtype, str(w.device))   # as in _has_shared
+    key = _key(kind, w)
     if key not in cache:
         cache[key] = (w, compute())
     return cache[key][1]
@@ -95,7 +100,7 @@ def _shared(kind: tuple, w: torch.Tensor, compute: Callable[[], Any]) -> Any:
 def _has_shared(kind: tuple, w: torch.Tensor) -> bool:
     """Whether the current :func:`shared_spectra` block already holds ``kind`` for ``w``."""
     cache = _SHARED.get()
-    return cache is not None and (kind, id(w), w._version, tuple(w.shape), w.dtype, str(w.device)) in cache
+    return cache is not None and _key(kind, w) in cache
 
 
 def singular_values(w: torch.Tensor) -> torch.Tensor:
@@ -109,7 +114,7 @@ def singular_values(w: torch.Tensor) -> torch.Tensor:
         with single_threaded():
             return torch.linalg.svdvals(w64.mT if w64.shape[-1] > w64.shape[-2] else w64)
 
-    return _shared(("svdvals",), w, compute)
+    return shared(("svdvals",), w, compute)
 
 
 def condition_number(w: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
@@ -238,7 +243,7 @@ def spectral_norm(w: torch.Tensor, *, rtol: float = 1e-6, max_iter: int = 100, m
     ``min(||W||_F, sqrt(||W||_1 ||W||_inf))``; ``certified`` is then true only where that bound already meets ``rtol``.
     """
     kind = ("spectral_norm", rtol, max_iter, max_squarings, exact_max_dim, certify, seed)
-    return _shared(kind, w, lambda: _spectral_norm(w, rtol, max_iter, max_squarings, exact_max_dim, certify, seed))
+    return shared(kind, w, lambda: _spectral_norm(w, rtol, max_iter, max_squarings, exact_max_dim, certify, seed))
 
 
 def _spectral_norm(w: torch.Tensor, rtol: float, max_iter: int, max_squarings: int, exact_max_dim: int,
@@ -284,6 +289,6 @@ def relative_gap(est: SpectralNorm) -> torch.Tensor:
 
 __all__ = [
     "EXACT_MAX_DIM", "GRAM_MIN_DIM", "SpectralNorm", "condition_number", "gram_eigen_bracket", "gram_upper_bound",
-    "norm_2_to_inf", "power_iteration", "relative_gap", "singular_values", "smallest_singular_value", "spectral_norm",
+    "norm_2_to_inf", "power_iteration", "relative_gap", "shared", "singular_values", "smallest_singular_value", "spectral_norm",
     "spectral_norm_value",
 ]

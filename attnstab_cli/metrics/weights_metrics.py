@@ -22,7 +22,7 @@ import torch
 
 from attnstab_cli.arch.spec import FFNKind
 from attnstab_cli.errors import InputError
-from attnstab_cli.metrics.lipschitz._linalg import head_slices
+from attnstab_cli.metrics.lipschitz._linalg import head_rows, head_slices
 from attnstab_cli.metrics.spectral import norm_2_to_inf, singular_values, spectral_norm_value
 from attnstab_cli.model.config import ModelConfig, RopeConfig
 from attnstab_cli.model.rope import apply_rope, compute_inv_freq
@@ -101,7 +101,7 @@ def slice_heads(w: LayerWeights, n_heads: int, n_kv_heads: int, head_dim: int) -
     """Split the canonical projections into head blocks (THEORY §5.1, §15)."""
     return HeadSlices(
         wq=head_slices(w.wq, n_heads), wk=head_slices(w.wk, n_kv_heads), wv=head_slices(w.wv, n_kv_heads),
-        wo=w.wo.to(F64).reshape(n_heads, head_dim, -1),                         # [H*D, d] -> [H, D, d]
+        wo=head_rows(w.wo, n_heads),                                            # [H*D, d] -> [H, D, d]
         kv_of_head=kv_head_index(n_heads, n_kv_heads, w.wq.device),
     )
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from attnstab_cli.metrics.lipschitz._linalg import head_slices
+from attnstab_cli.metrics.lipschitz._linalg import head_rows, head_slices
 from attnstab_cli.metrics.spectral import spectral_norm_value as spectral_norm
 from attnstab_cli.model.masks import compute_allowed
 from attnstab_cli.reference.attention_rows import compute_masked_softmax
@@ -76,7 +76,7 @@ def compute_head_norms(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo:
     return HeadNorms(
         wq=spectral_norm(head_slices(wq, n_heads)), wk=spectral_norm(head_slices(wk, n_kv_heads)),
         wv=spectral_norm(head_slices(wv, n_kv_heads)), wo=float(spectral_norm(wo)),
-        wo_heads=spectral_norm(wo.to(F64).reshape(n_heads, head_dim, -1)),
+        wo_heads=spectral_norm(head_rows(wo, n_heads)),
         bq=torch.linalg.vector_norm(bq_h, dim=-1), bk_rot=torch.linalg.vector_norm(bk_g[:, :rotary_dim], dim=-1),
         bk_pass=bk_pass, bv=bv_g, head_dim=head_dim,
     )
