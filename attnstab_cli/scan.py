@@ -144,7 +144,7 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     for p in passes:
         tables.add(p.finish(tables))
     facts = {"device": str(device), "dtype": opts.dtype, "kernel": kernel, **tables.facts,
-             "peak_resident_weight_bytes": model.reader.peak_live_bytes}
+             "null_columns": tables.nulls, "peak_resident_weight_bytes": model.reader.peak_live_bytes}
     if flow is not None:
         t = time.perf_counter()
         flow.on_layer = on_progress
@@ -181,10 +181,10 @@ def run_weights_only(model: OpenModel, opts: ScanOptions,
         if on_progress:
             on_progress("weights: layers", layer + 1, model.cfg.n_layers)
     timings = {"total_s": time.perf_counter() - t0}
-    facts = {"device": str(device), "dtype": opts.dtype, "weights_only": True,
-             "peak_resident_weight_bytes": model.reader.peak_live_bytes}
     tables = Tables()
     tables.add(weights.finish(tables))
+    facts = {"device": str(device), "dtype": opts.dtype, "weights_only": True, "null_columns": tables.nulls,
+             "peak_resident_weight_bytes": model.reader.peak_live_bytes}
     return ScanResult({"layers": tables.layers, "heads": tables.heads, "model": [tables.model]}, [], timings, facts)
 
 

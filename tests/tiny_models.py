@@ -34,6 +34,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
               dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=96, vocab_size=97, max_position_embeddings=64,
                    rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",              # per-head q/k RMSNorm, head_dim != d / H, biases
+              dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                   intermediate_size=96, vocab_size=97, max_position_embeddings=64, attention_bias=True)),
     "neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
              dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
                   vocab_size=97, max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True)),

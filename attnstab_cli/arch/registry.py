@@ -39,8 +39,9 @@ def match_spec(config: dict[str, Any]) -> ArchSpec:
             return spec
     raise UnsupportedError(
         f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}",
-        hint="--arch FAMILY reads it as a supported family; every tensor is then checked against that family's "
-             "names and shapes, and a checkpoint with tensors the family does not read is refused",
+        hint="--arch FAMILY reads a look-alike (a qwen2-layout model under another name, say) as a supported family; "
+             "every tensor is then checked against that family's names and shapes, and a checkpoint with tensors the "
+             "family does not read is refused. A new layout needs a spec: README, \"Adding a family\"",
     )
 
 

@@ -58,6 +58,13 @@ class RopeStyle(str, Enum):
     INTERLEAVED = "interleaved"  # pairs (2i, 2i + 1)
 
 
+class QKNorm(str, Enum):
+    """Where a norm sits between the q/k projections and the logits (THEORY §18.2); the family's norm kind."""
+
+    PER_HEAD = "per_head"      # over each head's D coordinates, one weight [D] shared by the heads (Qwen3, Gemma 3)
+    FULL_WIDTH = "full_width"  # over all H*D (H_kv*D) coordinates before the split into heads (OLMo 2)
+
+
 class FFNKind(str, Enum):
     MLP = "mlp"      # act(x W1 + b1) W2 + b2
     GATED = "gated"  # (act(x Wg) * x Wu) Wd
@@ -75,6 +82,7 @@ class Layout:
     rope_style: RopeStyle | None
     causal: bool
     ffn: FFNKind
+    qk_norm: QKNorm | None = None   # None: logits are linear in the projections
 
 
 @dataclass(frozen=True)
@@ -137,12 +145,16 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         norm=NormKind(lay["norm"]), residual=Residual(lay["residual"]), positions=Positions(lay["positions"]),
         rope_style=RopeStyle(lay["rope_style"]) if lay.get("rope_style") else None,
         causal=bool(lay["causal"]), ffn=FFNKind(lay["ffn"]),
+        qk_norm=QKNorm(lay["qk_norm"]) if lay.get("qk_norm") else None,
     )
     switch = data.get("residual_switch")
     refused = dict(data.get("unsupported_if_true", {}))
     if set(refused) - set(data["config"]):
         raise ValueError(f"spec {data.get('name')!r}: unsupported_if_true names fields it does not read: "
                          f"{sorted(set(refused) - set(data['config']))}")
+    norm_roles = {r for r in data["layer_tensors"] if r in ("q_norm.weight", "k_norm.weight")}
+    if (layout.qk_norm is None) != (not norm_roles) or (norm_roles and len(norm_roles) != 2):
+        raise ValueError(f"spec {data.get('name')!r}: layout qk_norm and the q_norm/k_norm tensors go together")
     if layout.residual.shared_norm and any(r.startswith("norm_ffn.") for r in data["layer_tensors"]):
         raise ValueError(f"spec {data.get('name')!r}: residual {layout.residual.value!r} shares norm_attn; "
                          "it declares no norm_ffn tensors")

@@ -27,7 +27,9 @@ def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv
         ("heads / kv heads", f"{data['n_heads']} / {data['n_kv_heads']}"), ("head dim", data["head_dim"]),
         ("ffn", f"{data['ffn']} {data['d_ff']} ({data['activation']})"),
         ("norm", f"{data['norm']} eps={data['norm_eps']:g}, {data['placement']}"),
-        ("attention", "causal" if data["causal"] else "bidirectional"),
+        ("attention", ("causal" if data["causal"] else "bidirectional")
+         + (f", q/k {data['norm']} on the projections ({data['qk_norm'].replace('_', ' ')}, before RoPE)"
+            if data["qk_norm"] else "")),
         ("positions", data["positions"] + (f" theta={data['rope']['theta']:g} rotary_dim={data['rope']['rotary_dim']}"
                                             f" {data['rope']['style']}" if data["rope"] else "")),
         ("vocabulary", data["vocab_size"]),

@@ -21,12 +21,14 @@ Record = dict[str, Any]
 
 @dataclass
 class TableParts:
-    """What one pass contributes: layer and head records, model-level columns and run facts for the manifest."""
+    """What one pass contributes: layer and head records, model-level columns, run facts for the manifest, and the
+    reason for each column it leaves null for the whole model (the manifest's ``run.null_columns``)."""
 
     layers: list[Record] = field(default_factory=list)
     heads: list[Record] = field(default_factory=list)
     model: Record = field(default_factory=dict)
     facts: Record = field(default_factory=dict)
+    nulls: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Tables(TableParts):
         self.heads = join_records(self.heads, parts.heads, ("layer", "head"))
         self.model.update(parts.model)
         self.facts.update(parts.facts)
+        self.nulls.update(parts.nulls)
 
 
 class MetricPass(Protocol):

@@ -49,7 +49,7 @@ class HeadWeightMetrics:
     wo_norm: float
     bq_norm: float | None
     bk_rot_norm: float | None
-    qk_norm: float
+    qk_norm: float | None              # None where a q/k norm sits between the projections and the logits
     proj_product: float
     kappa_wq: float
     kappa_wk: float
@@ -79,6 +79,8 @@ class LayerWeightMetrics:
     norm2_gamma_max: float
     norm2_beta_norm: float | None
     norm_eps: float
+    qnorm_gamma_max: float | None = None   # q/k norms on the projections (THEORY §18.2); None without
+    knorm_gamma_max: float | None = None
 
 
 @dataclass(frozen=True)
@@ -249,7 +251,8 @@ def compute_head_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int | 
     wq_n, wk_n, wv_n = s_q[:, 0], s_k[sl.kv_of_head, 0], s_v[sl.kv_of_head, 0]            # [H]
     wo_n = singular_values(sl.wo)[:, 0]                                                     # [H]
     wo_full = float(spectral_norm_value(w.wo)) if wo_full_norm is None else wo_full_norm
-    qk = compute_qk_norms(sl.wq, sl.wk, sl.kv_of_head, cfg.rope, rope_offsets(cfg, layer, max_offset))
+    qk = None if cfg.layout.qk_norm else \
+        compute_qk_norms(sl.wq, sl.wk, sl.kv_of_head, cfg.rope, rope_offsets(cfg, layer, max_offset))
     bq = head_bias_norms(w.bq, cfg.n_heads, cfg.head_dim)                                  # [H] | None
     bk = rotary_key_bias_norms(w.bk, cfg.n_kv_heads, cfg.head_dim, cfg.rope)               # [H_kv] | None
     kq, kk, kv = _kappa(s_q), _kappa(s_k)[sl.kv_of_head], _kappa(s_v)[sl.kv_of_head]
@@ -260,7 +263,8 @@ def compute_head_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int | 
         out.append(HeadWeightMetrics(
             layer=layer, head=h, wq_norm=float(wq_n[h]), wk_norm=float(wk_n[h]), wv_norm=float(wv_n[h]),
             wo_norm=float(wo_n[h]), bq_norm=None if bq is None else float(bq[h]),
-            bk_rot_norm=None if bk is None else float(bk[g]), qk_norm=float(qk[h]), proj_product=float(proj[h]),
+            bk_rot_norm=None if bk is None else float(bk[g]),
+            qk_norm=None if qk is None else float(qk[h]), proj_product=float(proj[h]),
             kappa_wq=float(kq[h]), kappa_wk=float(kk[h]), kappa_wv=float(kv[h]),
         ))
     return out
@@ -302,6 +306,8 @@ def compute_layer_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int |
         ffn_up_norm_2inf=float(norm_2_to_inf(w.ffn["w_up"])) if gated else None,
         norm1_gamma_max=g_max1, norm1_beta_norm=b1, norm2_gamma_max=g_max2, norm2_beta_norm=b2,
         norm_eps=cfg.norm_eps,
+        qnorm_gamma_max=None if w.q_norm is None else _norm_stats(w.q_norm)[0],
+        knorm_gamma_max=None if w.k_norm is None else _norm_stats(w.k_norm)[0],
     )
 
 

@@ -42,7 +42,14 @@ class WeightPass:
         self.layers.append(asdict(layer))
 
     def finish(self, tables: Tables) -> TableParts:
-        return TableParts(layers=self.layers, heads=self.heads, model=self.model_record())
+        return TableParts(layers=self.layers, heads=self.heads, model=self.model_record(), nulls=self.null_reasons())
+
+    def null_reasons(self) -> dict[str, str]:
+        """Why this family leaves weight columns null."""
+        if self.cfg.layout.qk_norm is not None:
+            return {"qk_norm": "a q/k norm sits between the projections and the logits, so W_Q W_K^T is not the "
+                               "logit map (THEORY §18.2); logit_bound bounds the logits instead"}
+        return {"qnorm_gamma_max": "no q/k norm in this family", "knorm_gamma_max": "no q/k norm in this family"}
 
     def model_record(self) -> dict[str, Any]:
         """Model-level totals (THEORY §10): ``depth_budget`` = N · max_l Π_l."""

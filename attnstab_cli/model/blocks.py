@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnstab_cli.arch.spec import FFNKind, NormKind, Residual
+from attnstab_cli.arch.spec import FFNKind, NormKind, QKNorm, Residual
 from attnstab_cli.model.activations import ACTIVATIONS
 from attnstab_cli.model.config import ModelConfig
 from attnstab_cli.model.masks import compute_allowed
@@ -43,14 +43,31 @@ def build_attention_mask(t: int, causal: bool, window: int | None, key_padding_m
     return allowed
 
 
+def apply_qk_norm(u: torch.Tensor, w: NormWeights | None, cfg: ModelConfig,
+                  heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The q or k norm of THEORY §18.2 on projections ``u [B, T, heads*D]`` (before RoPE), and its statistic: per
+    head over each head's D coordinates (``[B, T, heads]``) or over the full width (``[B, T]``); the identity and
+    None without one."""
+    if cfg.layout.qk_norm is None or w is None:
+        return u, None
+    if cfg.layout.qk_norm is QKNorm.FULL_WIDTH:
+        n = apply_norm(u, w, cfg.layout.norm, cfg.norm_eps)
+        return n.out, n.stat
+    b, t, _ = u.shape
+    n = apply_norm(u.view(b, t, heads, cfg.head_dim), w, cfg.layout.norm, cfg.norm_eps)
+    return n.out.reshape(b, t, heads * cfg.head_dim), n.stat
+
+
 def run_attention(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, layer: int,
                   rope_cs: tuple[torch.Tensor, torch.Tensor] | None,
                   key_padding_mask: torch.Tensor | None) -> AttentionTrace:
     """Multi-head attention with GQA; the output comes from ``scaled_dot_product_attention``."""
     b, t, _ = x.shape
     h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q = _project(x, w.wq, w.bq).view(b, t, h, dh).transpose(1, 2)              # [B, H, T, D]
-    k = _project(x, w.wk, w.bk).view(b, t, hkv, dh).transpose(1, 2)            # [B, H_kv, T, D]
+    q, q_norm = apply_qk_norm(_project(x, w.wq, w.bq), w.q_norm, cfg, h)       # [B, T, H*D]
+    k, k_norm = apply_qk_norm(_project(x, w.wk, w.bk), w.k_norm, cfg, hkv)     # [B, T, H_kv*D]
+    q = q.view(b, t, h, dh).transpose(1, 2)                                    # [B, H, T, D]
+    k = k.view(b, t, hkv, dh).transpose(1, 2)                                  # [B, H_kv, T, D]
     v = _project(x, w.wv, w.bv).view(b, t, hkv, dh).transpose(1, 2)            # [B, H_kv, T, D]
     if cfg.rope is not None and rope_cs is not None:
         q, k = apply_rope(q, *rope_cs, cfg.rope), apply_rope(k, *rope_cs, cfg.rope)
@@ -60,7 +77,8 @@ def run_attention(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, layer: int
                                          scale=scale, enable_gqa=hkv != h)     # [B, H, T, D]
     out = _project(ctx.transpose(1, 2).reshape(b, t, h * dh), w.wo, w.bo)     # [B, T, d]
     return AttentionTrace(x=x, q=q, k=k, v=v, scale=scale, causal=causal, window=window,
-                          key_padding_mask=key_padding_mask, context=ctx, out=out)
+                          key_padding_mask=key_padding_mask, context=ctx, out=out,
+                          q_norm_stat=q_norm, k_norm_stat=k_norm)
 
 
 def run_ffn(x: torch.Tensor, ffn: dict[str, torch.Tensor], cfg: ModelConfig) -> torch.Tensor:

@@ -38,6 +38,7 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "placement": PLACEMENT[cfg.layout.residual],
         "residual": cfg.layout.residual.value,
         "causal": cfg.layout.causal,
+        "qk_norm": None if cfg.layout.qk_norm is None else cfg.layout.qk_norm.value,
         "positions": cfg.layout.positions.value,
         "rope": None if rope is None else {"theta": rope.theta, "rotary_dim": rope.rotary_dim,
                                            "style": rope.style.value, "scaling": rope.scaling_dict or None},

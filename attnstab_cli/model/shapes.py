@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attnstab_cli.arch.layouts import packed_qkv_width
-from attnstab_cli.arch.spec import Orientation
+from attnstab_cli.arch.spec import Orientation, QKNorm
 from attnstab_cli.model.config import ModelConfig
 
 
@@ -54,6 +54,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
     d, m, vocab = cfg.d_model, cfg.d_ff, cfg.vocab_size
     hd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     width = packed_qkv_width(cfg.layout.qkv_packing, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+    full = cfg.layout.qk_norm is QKNorm.FULL_WIDTH
+    qn, kn = (hd, kvd) if full else (cfg.head_dim, cfg.head_dim)
     return {
         "embed_tokens.weight": _table(vocab, d),
         "embed_positions.weight": _table(cfg.max_positions or 1, d),
@@ -65,6 +67,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
         "lm_head.weight": _table(vocab, d), "lm_head.bias": _table(vocab),
         "q.weight": _matrix(d, hd), "q.bias": _vector(hd), "k.weight": _matrix(d, kvd), "k.bias": _vector(kvd),
         "v.weight": _matrix(d, kvd), "v.bias": _vector(kvd), "o.weight": _matrix(hd, d), "o.bias": _vector(d),
+        "q_norm.weight": _vector(qn), "k_norm.weight": _vector(kn),
         "qkv.weight": _matrix(d, width), "qkv.bias": _vector(width),
         "norm_attn.weight": _vector(d), "norm_attn.bias": _vector(d),
         "norm_ffn.weight": _vector(d), "norm_ffn.bias": _vector(d),

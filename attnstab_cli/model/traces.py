@@ -14,6 +14,14 @@ from attnstab_cli.model.weights import LayerWeights
 
 
 @dataclass
+class NormTrace:
+    kind: str                                # "layernorm" | "rmsnorm"
+    stat: torch.Tensor                       # [B, T] per-token biased variance (LN) or mean square (RMSNorm) of the input
+    eps: float
+    out: torch.Tensor                        # [B, T, d]     the norm output
+
+
+@dataclass
 class AttentionTrace:
     x: torch.Tensor                          # [B, T, d]     attention input (after the norm in pre-norm/parallel)
     q: torch.Tensor                          # [B, H, T, D]  after biases and RoPE
@@ -25,14 +33,8 @@ class AttentionTrace:
     key_padding_mask: torch.Tensor | None    # [B, T] bool, True = real token
     context: torch.Tensor                    # [B, H, T, D]  softmax(s q k^T) v per head
     out: torch.Tensor                        # [B, T, d]     after W_O and b_O
-
-
-@dataclass
-class NormTrace:
-    kind: str                                # "layernorm" | "rmsnorm"
-    stat: torch.Tensor                       # [B, T] per-token biased variance (LN) or mean square (RMSNorm) of the input
-    eps: float
-    out: torch.Tensor                        # [B, T, d]     the norm output
+    q_norm_stat: torch.Tensor | None = None  # q/k norms (THEORY §18.2): the norm statistic of the projections,
+    k_norm_stat: torch.Tensor | None = None  # [B, T, H|H_kv] per head, [B, T] full width; None without q/k norms
 
 
 @dataclass

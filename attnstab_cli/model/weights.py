@@ -37,6 +37,8 @@ class LayerWeights:
     norm_attn: NormWeights
     norm_ffn: NormWeights          # the norm_attn object itself where one norm feeds both branches
     ffn: dict[str, torch.Tensor]   # mlp: w_in [d,m], b_in, w_out [m,d], b_out; gated: w_gate, w_up [d,m], w_out [m,d]
+    q_norm: NormWeights | None = None   # q/k norms (THEORY §18.2): [D] per head or [H*D] / [H_kv*D] full width
+    k_norm: NormWeights | None = None
 
 
 class WeightLoader:
@@ -79,10 +81,11 @@ class WeightLoader:
                           if bias is not None else (None, None, None))
         norm_attn = self.norm("norm_attn", layer)
         norm_ffn = norm_attn if c.layout.residual.shared_norm else self.norm("norm_ffn", layer)
+        qk = (self.norm("q_norm", layer), self.norm("k_norm", layer)) if c.layout.qk_norm else (None, None)
         return LayerWeights(
             layer=layer, wq=wq, wk=wk, wv=wv, wo=self.tensor("o.weight", layer),
             bq=bq, bk=bk, bv=bv, bo=self.tensor("o.bias", layer),
-            norm_attn=norm_attn, norm_ffn=norm_ffn, ffn=self._ffn(layer),
+            norm_attn=norm_attn, norm_ffn=norm_ffn, ffn=self._ffn(layer), q_norm=qk[0], k_norm=qk[1],
         )
 
     def _ffn(self, layer: int) -> dict[str, torch.Tensor]:

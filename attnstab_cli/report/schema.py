@@ -7,14 +7,19 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 # Columns each version added, per table (what a reader fills with null for an older report). Version 2 added no
 # column: its manifest gained the weight fingerprint, the calibration source hash and per-stage timings, and each
 # Parquet file's metadata the tool version, checkpoint fingerprint, family, calibration id, seed, device, versions.
 # Version 3 added the optional curvature table (``scan --curvature``); older reports simply have none.
 # Version 4 added no column: ``theta_paper_mean`` became the mean over a seeded sample of rows on the CPU (every row
 # on CUDA; the manifest's run.theta.paper_rows says which), where it had been over every row.
-SCHEMA_HISTORY: dict[str, dict[str, tuple[str, ...]]] = {"1": {}, "2": {}, "3": {}, "4": {}}
+# Version 5 added the logit bound and the q/k norm gains (THEORY §18.2); the manifest's run.null_columns gives the
+# reason for every column a family leaves null.
+SCHEMA_HISTORY: dict[str, dict[str, tuple[str, ...]]] = {
+    "1": {}, "2": {}, "3": {}, "4": {},
+    "5": {"layers": ("qnorm_gamma_max", "knorm_gamma_max", "logit_bound")},
+}
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ LAYER_COLUMNS: tuple[Column, ...] = (
     Column("norm1_beta_norm", F64, "l2", "l2 norm of the first norm's beta (null for RMSNorm)"),
     Column("norm2_gamma_max", F64, "1", "max |gamma| of the second norm"),
     Column("norm2_beta_norm", F64, "l2", "l2 norm of the second norm's beta (null for RMSNorm)"),
+    Column("qnorm_gamma_max", F64, "1", "max |gamma| of the q norm on the projections (THEORY §18.2; null without)"),
+    Column("knorm_gamma_max", F64, "1", "max |gamma| of the k norm on the projections (null without)"),
     Column("norm_eps", F64, "variance", "the norms' epsilon"),
     Column("attn_scale", F64, "1", "softmax scale s of the layer's logits s q.k"),
     Column("theta_bar", F64, "1", "mean over heads of theta_mean (THEORY §12)"),
@@ -85,6 +92,9 @@ LAYER_COLUMNS: tuple[Column, ...] = (
     Column("ln1_lip_local", F64, "1", "the same at the measured norm inputs (max over sequences)"),
     Column("ln2_lip_global", F64, "1", "second norm, all inputs"),
     Column("ln2_lip_local", F64, "1", "second norm, measured inputs (max over sequences)"),
+    Column("logit_bound", F64, "1",
+           "tier 1 bound on every logit |s q.k|: max_h s M_Q M_K, the q/k norms' reset radii with q/k norms, else "
+           "(||W_Q^h|| R + ||b_Q^h||)(||W_K^g|| R + ||b_K^g||) at R = r2_in_reset (THEORY §18.2)"),
     Column("lip_mha_weights", F64, "inf,2", "MHA bound, tier 1: theta = 1, radius r2_in_reset (THEORY §5.2, §8.1)"),
     Column("lip_mha_calibrated", F64, "inf,2", "MHA bound, tier 2: theta_tilde_hi per head, measured R2 (max over sequences)"),
     Column("lip_mha_refined", F64, "inf,2", "MHA bound, tier 2r: activation-norm form (THEORY §5.5; max over sequences)"),
@@ -102,7 +112,7 @@ LAYER_COLUMNS: tuple[Column, ...] = (
     Column("grad_h_in", F64, "l2", "--grad: ||dL/dh_l||_F over all calibration tokens (layer input)"),
     Column("grad_attn_params", F64, "l2", "--grad: l2 norm of the attention projections' gradients"),
     Column("grad_ffn_params", F64, "l2", "--grad: l2 norm of the FFN parameters' gradients"),
-    Column("grad_norm_params", F64, "l2", "--grad: l2 norm of the norm layers' gradients"),
+    Column("grad_norm_params", F64, "l2", "--grad: l2 norm of the norm layers' gradients (q/k norms included)"),
 )
 
 HEAD_COLUMNS: tuple[Column, ...] = (

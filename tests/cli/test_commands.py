@@ -31,7 +31,7 @@ def test_no_args_shows_help() -> None:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "distilbert", "roberta", "xlm_roberta",
-                                    "gptj", "phi"])
+                                    "gptj", "phi", "qwen3"])
 def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     path, ref = tiny_checkpoints[family]
     result = invoke("info", path, "--json")
@@ -48,10 +48,13 @@ def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     assert data["n_params"] == stored
     assert data["tied_embeddings"] == bool(cfg.tie_word_embeddings)
     expected = {"gpt2": "pre-norm", "llama": "pre-norm", "neox": "parallel residual (pre-norm)", "bert": "post-norm",
-                "gptj": "parallel residual (one shared pre-norm)", "phi": "parallel residual (one shared pre-norm)"}
+                "gptj": "parallel residual (one shared pre-norm)", "phi": "parallel residual (one shared pre-norm)",
+                "qwen3": "pre-norm"}
     expected.update(dict.fromkeys(("distilbert", "roberta", "xlm_roberta"), "post-norm"))
     assert data["placement"] == expected[family]
-    assert data["norm"] == ("rmsnorm" if family == "llama" else "layernorm")
+    assert data["norm"] == ("rmsnorm" if family in ("llama", "qwen3") else "layernorm")
+    assert data["qk_norm"] == ("per_head" if family == "qwen3" else None)
+    assert data["head_dim"] == (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     assert sum(data["files"].values()) == data["total_bytes"] > 0
 
 

@@ -65,6 +65,12 @@ def _edit_config(ck: Path, **changes: object) -> Path:
 
 # unread tensors -------------------------------------------------------------------------------------------------------
 
+def test_qwen3_without_its_qk_norms_names_the_missing_tensor(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """A known family with an expected tensor absent exits 2 naming the tensor."""
+    ck = _edit_weights(_copy(ckpts["qwen3"], tmp_path), lambda s: s.pop("model.layers.1.self_attn.k_norm.weight"))
+    assert_input_error(invoke("scan", ck, *SCAN), "missing tensor", "model.layers.1.self_attn.k_norm.weight")
+
+
 def test_forced_llama_on_qwen3_names_the_unread_qk_norms(ckpts: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "report"
     result = invoke("scan", ckpts["qwen3"], "--arch", "llama", "--out", out, *SCAN)
@@ -84,9 +90,10 @@ def test_phi_with_qk_layernorm_is_refused_naming_the_key(tmp_path: Path) -> None
 
 
 def test_unsupported_model_type_hint_says_the_tensors_are_checked(ckpts: dict[str, Path]) -> None:
-    result = invoke("info", ckpts["qwen3"])
-    assert_input_error(result, "config.json", "unsupported model_type 'qwen3'")
+    result = invoke("info", ckpts["mpnet"])
+    assert_input_error(result, "config.json", "unsupported model_type 'mpnet'", "qwen3")
     assert "--arch" in result.stderr and "every tensor is then checked" in result.stderr
+    assert "Adding a family" in result.stderr
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "gptj"])

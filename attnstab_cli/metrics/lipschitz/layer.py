@@ -18,8 +18,9 @@ import torch
 
 from attnstab_cli.arch.spec import NormKind, Residual
 from attnstab_cli.metrics.lipschitz.ffn import compute_ffn_bound_tokens, compute_ffn_bound_weights, compute_ffn_norms
-from attnstab_cli.metrics.lipschitz.mha import (HeadNorms, MHABound, RefinedMHABound, compute_attention_allowed,
-                                                compute_layer_head_norms, compute_mha_bound, compute_mha_refined)
+from attnstab_cli.metrics.lipschitz.mha import (HeadNorms, MHABound, QKStats, RefinedMHABound,
+                                                compute_attention_allowed, compute_layer_head_norms,
+                                                compute_mha_bound, compute_mha_refined)
 from attnstab_cli.metrics.lipschitz.norms import (compute_embedding_radius, compute_norm_lip_global,
                                                   compute_norm_lip_local, compute_reset_radius)
 from attnstab_cli.model.config import ModelConfig
@@ -47,6 +48,7 @@ class LayerLipschitz:
     lip_layer_calibrated: float | None
     lip_layer_refined: float | None
     r2_in_reset: float
+    logit_bound: float                 # tier 1: max_h s M_Q M_K, a bound on every |s q.k| (THEORY §18.2)
 
 
 def combine_layer_bound(residual: Residual, ln1: float, mha: float, ln2: float, ffn: float) -> float:
@@ -133,6 +135,16 @@ class CalibratedTier:
     lip_layer_refined: float
 
 
+def qk_stats(trace: LayerTrace, batch: int) -> QKStats | None:
+    """Sequence ``batch``'s smallest q/k norm statistics (§18.2): per head ``[H]`` / ``[H_kv]`` (the statistic is
+    ``[B, T, heads]``), or scalars for a full-width norm (``[B, T]``); None without q/k norms."""
+    a = trace.attn
+    if a.q_norm_stat is None or a.k_norm_stat is None:
+        return None
+    lo = lambda stat: stat[batch].to(torch.float64).cpu().amin(dim=0)
+    return QKStats(lo(a.q_norm_stat), lo(a.k_norm_stat))
+
+
 def compute_calibrated_tier(trace: LayerTrace, cfg: ModelConfig, theta_hi: torch.Tensor, batch: int = 0,
                             norms: HeadNorms | None = None,
                             ffn_norms: dict[str, float] | None = None) -> CalibratedTier:
@@ -140,16 +152,17 @@ def compute_calibrated_tier(trace: LayerTrace, cfg: ModelConfig, theta_hi: torch
     ``norms`` and ``ffn_norms`` (weights alone) are computed here when not given."""
     w, a, b = trace.weights, trace.attn, batch
     norms = _cpu_head_norms(w, cfg, norms)
+    stats = qk_stats(trace, b)
     n1, n2 = trace.norms["norm_attn"], trace.norms["norm_ffn"]
     ln1 = compute_norm_lip_local(w.norm_attn.weight, n1.stat[b], n1.eps)
     ln2 = compute_norm_lip_local(w.norm_ffn.weight, n2.stat[b], n2.eps)
     r2 = float(torch.linalg.vector_norm(a.x[b].to(torch.float64), dim=-1).max())
     theta_hi = theta_hi.to(torch.float64)
     theta_tilde = theta_hi.amax(dim=-1).cpu()                                            # [H]
-    mha = compute_mha_bound(norms, theta_tilde, r2, a.scale)
+    mha = compute_mha_bound(norms, theta_tilde, r2, a.scale, stats)
     kpm = None if a.key_padding_mask is None else a.key_padding_mask[b].cpu()           # the mask is built on the CPU
     allowed = compute_attention_allowed(a.x.shape[1], a.causal, a.window, kpm)           # [T, T]
-    refined = compute_mha_refined(norms, a.q[b], a.k[b], a.v[b], a.scale, allowed, theta_hi)
+    refined = compute_mha_refined(norms, a.q[b], a.k[b], a.v[b], a.scale, allowed, theta_hi, stats=stats)
     ffn = float(compute_ffn_bound_tokens(w.ffn, cfg.layout.ffn, cfg.activation, trace.ffn_in[b],
                                          ffn_norms or compute_ffn_norms(w.ffn)).max())
     residual = cfg.layout.residual
@@ -191,6 +204,6 @@ def compute_layer_lipschitz(weights: LayerWeights, cfg: ModelConfig, r2_in_reset
         mha_value_path=ct and ct.mha.mha_value_path, mha_attn_path=ct and ct.mha.mha_attn_path,
         lip_ffn_weights=wt.lip_ffn_weights, lip_ffn_calibrated=ct and ct.lip_ffn_calibrated,
         lip_layer_weights=wt.lip_layer_weights, lip_layer_calibrated=ct and ct.lip_layer_calibrated,
-        lip_layer_refined=ct and ct.lip_layer_refined, r2_in_reset=r2_in_reset,
+        lip_layer_refined=ct and ct.lip_layer_refined, r2_in_reset=r2_in_reset, logit_bound=wt.mha.logit_bound,
     )
     return LayerLipschitzResult(record, wt, ct)

@@ -10,6 +10,11 @@ key/value head ``g = g(h)``::
 ``beta^K_g`` is the norm of the rotary coordinates of ``b^K_g`` (pass-through coordinates cancel, §5.4). Tier 1 uses
 ``theta = 1`` and the reset radius; tier 2 the measured radius and ``theta_tilde_hi`` (§5.2, §8). The activation-norm
 form (tier 2r, §5.5) uses the measured ``q, k, v`` row by row.
+
+Everything is written through the projection constants of §18.1, ``Lambda_h = L_Q M_K + M_Q L_K`` and
+``c_h = L_V + s theta_h Lambda_h M_V``: for a plain linear map ``L = ||W||`` and ``M = ||W|| R2 + ||b||`` (the line
+above); with a q/k norm on the projections (§18.2) ``M`` is the norm's reset radius, independent of the input, and
+``L = ||W|| ||gamma||_inf / sqrt(stat + eps)`` with the norm statistic's minimum over the tokens (0 in tier 1).
 """
 from __future__ import annotations
 
@@ -18,14 +23,52 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from attnstab_cli.arch.spec import NormKind, QKNorm
 from attnstab_cli.metrics.lipschitz._linalg import head_rows, head_slices
+from attnstab_cli.metrics.lipschitz.norms import compute_reset_radius
 from attnstab_cli.metrics.spectral import spectral_norm_value as spectral_norm
 from attnstab_cli.model.masks import compute_allowed
 from attnstab_cli.reference.attention_rows import compute_masked_softmax
 from attnstab_cli.model.config import ModelConfig
-from attnstab_cli.model.weights import LayerWeights
+from attnstab_cli.model.weights import LayerWeights, NormWeights
 
 F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class NormedProjection:
+    """A q or k map ``x -> N(x W + b)`` with the norm on the projections (THEORY §18.2)."""
+
+    gain: float           # ||gamma||_inf of the norm
+    eps: float
+    radius: float         # reset radius of the norm output: a bound on every head's ||q_h|| (||k_g||), any input
+    lin: torch.Tensor     # [H | H_kv] ||W_h||_2 per head (per-head norm), or the full ||W||_2 (full width)
+
+    @classmethod
+    def of(cls, norm: NormWeights, kind: NormKind, eps: float, per_head: torch.Tensor,
+           full: torch.Tensor | float, mode: QKNorm) -> "NormedProjection":
+        """Per-head norms use each head's own matrix; a full-width norm couples the heads, so every head takes the
+        full matrix's norm (§18.2)."""
+        lin = per_head if mode is QKNorm.PER_HEAD else torch.full_like(per_head, float(full))
+        gain = float(norm.weight.to(F64).abs().max())
+        return cls(gain, eps, compute_reset_radius(norm, kind), lin)
+
+    def lipschitz(self, stat: torch.Tensor | None) -> torch.Tensor:
+        """``L = ||W|| ||gamma||_inf / sqrt(stat + eps)`` per head; ``stat`` the smallest statistic over the tokens
+        (``[heads]`` or a scalar), None on every input (statistic 0)."""
+        floor = torch.zeros((), dtype=F64) if stat is None else stat.to(F64).clamp_min(0.0)
+        return self.lin * self.gain / torch.sqrt(floor + self.eps)
+
+    def to(self, device: torch.device | str) -> "NormedProjection":
+        return replace(self, lin=self.lin.to(device))
+
+
+@dataclass(frozen=True)
+class QKStats:
+    """Per-sequence minima of the q/k norm statistics (tier 2): ``[H]`` / ``[H_kv]`` per head, scalars full width."""
+
+    q: torch.Tensor
+    k: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -42,6 +85,8 @@ class HeadNorms:
     bk_pass: torch.Tensor     # [H_kv, D] b^K_g with its rotary coordinates zeroed (centre for tier 2r)
     bv: torch.Tensor          # [H_kv, D] b^V_g (zeros without bias)
     head_dim: int
+    q_normed: NormedProjection | None = None   # q/k norms on the projections (§18.2); the biases above then sit
+    k_normed: NormedProjection | None = None   # inside the norm and take no part in the constants
 
     @property
     def n_heads(self) -> int:
@@ -58,7 +103,8 @@ class HeadNorms:
     def to(self, device: torch.device | str) -> "HeadNorms":
         """The same norms with every tensor on ``device``."""
         moved = {f: getattr(self, f).to(device) for f in ("wq", "wk", "wv", "wo_heads", "bq", "bk_rot", "bk_pass", "bv")}
-        return replace(self, **moved)
+        normed = {f: getattr(self, f).to(device) for f in ("q_normed", "k_normed") if getattr(self, f) is not None}
+        return replace(self, **moved, **normed)
 
 
 def compute_head_norms(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
@@ -83,9 +129,18 @@ def compute_head_norms(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo:
 
 
 def compute_layer_head_norms(w: LayerWeights, cfg: ModelConfig) -> HeadNorms:
-    """:func:`compute_head_norms` for one loaded layer."""
+    """:func:`compute_head_norms` for one loaded layer, with its q/k norms (§18.2) when the layout has them."""
     rotary = cfg.rope.rotary_dim if cfg.rope is not None else 0
-    return compute_head_norms(w.wq, w.wk, w.wv, w.wo, w.bq, w.bk, w.bv, cfg.n_heads, cfg.n_kv_heads, rotary)
+    norms = compute_head_norms(w.wq, w.wk, w.wv, w.wo, w.bq, w.bk, w.bv, cfg.n_heads, cfg.n_kv_heads, rotary)
+    mode = cfg.layout.qk_norm
+    if mode is None:
+        return norms
+    full = mode is QKNorm.FULL_WIDTH
+    q = NormedProjection.of(w.q_norm, cfg.layout.norm, cfg.norm_eps, norms.wq,
+                            spectral_norm(w.wq) if full else 0.0, mode)
+    k = NormedProjection.of(w.k_norm, cfg.layout.norm, cfg.norm_eps, norms.wk,
+                            spectral_norm(w.wk) if full else 0.0, mode)
+    return replace(norms, q_normed=q, k_normed=k, bk_pass=torch.zeros_like(norms.bk_pass))
 
 
 @dataclass(frozen=True)
@@ -100,30 +155,65 @@ class MHABound:
     lip_mha: float                       # ||W^O|| sum_h c_h (paper aggregation)
     lip_mha_l2: float                    # ||W^O|| (sum_h c_h^2)^(1/2)
     lip_mha_block: float                 # sum_h ||W^O_h|| c_h
+    logit_bound: float                   # max_h s M_Q,h M_K,g: a bound on every |s q.k| (§18.2), uncentred keys
 
 
-def compute_lambda_h(norms: HeadNorms, r2: float) -> torch.Tensor:
-    """``Lambda_h`` of §5.2 for every query head: ``[H]``."""
-    wk, bk = norms.per_query(norms.wk), norms.per_query(norms.bk_rot)
-    return norms.wq * (wk * r2 + bk) + wk * (norms.wq * r2 + norms.bq)
+@dataclass(frozen=True)
+class ProjectionConstants:
+    """``L`` and ``M`` of the q and k maps per query head (§18.1): ``[H]`` each, float64."""
+
+    lq: torch.Tensor
+    mq: torch.Tensor
+    lk: torch.Tensor
+    mk: torch.Tensor          # centred keys (the row-constant shift of §5.3 step 2)
+    mk_raw: torch.Tensor      # a bound on ||k_g|| itself (the logit bound)
 
 
-def compute_head_terms(norms: HeadNorms, theta: torch.Tensor | float, r2: float, scale: float) -> torch.Tensor:
+def compute_projection_constants(norms: HeadNorms, r2: float, stats: QKStats | None = None) -> ProjectionConstants:
+    """The q/k constants at radius ``r2``: linear maps (§5.2) or normalized ones (§18.2, local at ``stats``)."""
+    wk = norms.per_query(norms.wk)
+    if norms.q_normed is None:
+        lq, mq = norms.wq, norms.wq * r2 + norms.bq
+    else:
+        lq = norms.q_normed.lipschitz(None if stats is None else stats.q).expand(norms.n_heads)
+        mq = torch.full_like(lq, norms.q_normed.radius)
+    if norms.k_normed is None:
+        bk_full = torch.sqrt(norms.bk_rot ** 2 + norms.bk_pass.pow(2).sum(-1))
+        lk, mk, mk_raw = wk, wk * r2 + norms.per_query(norms.bk_rot), wk * r2 + norms.per_query(bk_full)
+    else:
+        lk_kv = norms.k_normed.lipschitz(None if stats is None else stats.k).expand(norms.wk.shape[0])
+        lk = norms.per_query(lk_kv)
+        mk = mk_raw = torch.full_like(lk, norms.k_normed.radius)
+    return ProjectionConstants(lq, mq, lk, mk, mk_raw)
+
+
+def compute_lambda_h(norms: HeadNorms, r2: float, stats: QKStats | None = None) -> torch.Tensor:
+    """``Lambda_h = L_Q M_K + M_Q L_K`` (§5.2, §18.1) for every query head: ``[H]``."""
+    pc = compute_projection_constants(norms, r2, stats)
+    return pc.lq * pc.mk + pc.mq * pc.lk
+
+
+def compute_head_terms(norms: HeadNorms, theta: torch.Tensor | float, r2: float, scale: float,
+                       stats: QKStats | None = None) -> torch.Tensor:
     """``c_h = ||W^V_g|| (1 + s theta_h Lambda_h R2)`` (§5.2): ``[H]``; ``theta`` is ``[H]`` or a scalar."""
     theta_h = torch.as_tensor(theta, dtype=F64).expand(norms.n_heads)
-    return norms.per_query(norms.wv) * (1.0 + scale * theta_h * compute_lambda_h(norms, r2) * r2)
+    return norms.per_query(norms.wv) * (1.0 + scale * theta_h * compute_lambda_h(norms, r2, stats) * r2)
 
 
-def compute_mha_bound(norms: HeadNorms, theta: torch.Tensor | float, r2: float, scale: float) -> MHABound:
-    """Evaluate §5.2 at radius ``r2`` with per-head ``theta`` (1 for tier 1, ``theta_tilde_hi`` for tier 2)."""
+def compute_mha_bound(norms: HeadNorms, theta: torch.Tensor | float, r2: float, scale: float,
+                      stats: QKStats | None = None) -> MHABound:
+    """Evaluate §5.2 at radius ``r2`` with per-head ``theta`` (1 for tier 1, ``theta_tilde_hi`` for tier 2); q/k
+    norm constants are local at ``stats`` (tier 2) or global without (tier 1)."""
     theta_h = torch.as_tensor(theta, dtype=F64).expand(norms.n_heads)
-    lam, wv = compute_lambda_h(norms, r2), norms.per_query(norms.wv)
-    c = compute_head_terms(norms, theta_h, r2, scale)                                   # [H]
+    pc = compute_projection_constants(norms, r2, stats)
+    lam, wv = pc.lq * pc.mk + pc.mq * pc.lk, norms.per_query(norms.wv)
+    c = compute_head_terms(norms, theta_h, r2, scale, stats)                            # [H]
     attn = float(norms.wo * (scale * theta_h * lam * wv * r2).sum())
     return MHABound(
         lambda_h=lam, phi_h=lam * wv * r2 / math.sqrt(norms.head_dim), head_term_calibrated=c,
         mha_value_path=float(norms.wo * wv.sum()), mha_attn_path=attn, lip_mha=float(norms.wo * c.sum()),
         lip_mha_l2=float(norms.wo * torch.linalg.vector_norm(c)), lip_mha_block=float((norms.wo_heads * c).sum()),
+        logit_bound=float(scale * (pc.mq * pc.mk_raw).max()),
     )
 
 
@@ -186,15 +276,19 @@ def _spreads(p: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norms: HeadNorms
 
 
 def compute_mha_refined(norms: HeadNorms, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                        allowed: torch.Tensor, theta_hi: torch.Tensor, block: int = 256) -> RefinedMHABound:
+                        allowed: torch.Tensor, theta_hi: torch.Tensor, block: int = 256,
+                        stats: QKStats | None = None) -> RefinedMHABound:
     """Tier-2r bound from one sequence's ``q [H, T, D]``, ``k, v [H_kv, T, D]`` (biased, rotated), the key sets
-    ``allowed [T, T]`` and certified per-row ``theta_hi [H, T]``; rows are processed ``block`` at a time."""
+    ``allowed [T, T]`` and certified per-row ``theta_hi [H, T]``; rows are processed ``block`` at a time; q/k norm
+    constants are local at ``stats`` (§18.1: ``L_Q``, ``L_K`` in place of ``||W^Q_h||``, ``||W^K_g||``)."""
     q64, norms = q.to(F64), norms.to(q.device)
     k64, v64 = norms.per_query(k.to(F64)), norms.per_query(v.to(F64))                 # [H, T, D]
     allowed = allowed.to(q.device)
     t = allowed.shape[-1]
     causal = allowed.shape[0] == t and torch.equal(allowed, torch.ones_like(allowed).tril())
-    wq, wk, wv = norms.wq[:, None], norms.per_query(norms.wk)[:, None], norms.per_query(norms.wv)[:, None]
+    pc = compute_projection_constants(norms, 0.0, None if stats is None else
+                                      QKStats(stats.q.to(q.device), stats.k.to(q.device)))
+    wq, wk, wv = pc.lq[:, None], pc.lk[:, None], norms.per_query(norms.wv)[:, None]   # L_Q, L_K, L_V: [H, 1]
     keys, vals = [], []
     for start in range(0, q64.shape[1], block):
         rows = slice(start, start + block)
