@@ -16,7 +16,8 @@ the end). A subprocess that runs past ``--timeout`` is killed and recorded as a 
 
 Figures (``--only NAME``): ``real_size`` (SmolLM2-135M-shaped LLaMA, 8x256 and 1x2048 tokens), ``plain_theta``
 (GPT-2-width 6-layer model, 2x1024), ``readme`` (the README's first command), ``memory`` (llama-tiny's architecture
-at 1x8192), ``threads`` (the 8x256 scan with 1 and all threads, idle and under load; ``--threads-study`` runs only
+at 1x8192), ``qwen3`` (Qwen3-0.6B-shaped model with per-head q/k norms, 4x256, the real-size budgets),
+``threads`` (the 8x256 scan with 1 and all threads, idle and under load; ``--threads-study`` runs only
 this, ``--quick`` skips it).
 
 Run:  python bench/scan_cost.py [--quick] [--only NAME] [--threads-study] [--timeout 1800] [--out-json PATH]
@@ -54,6 +55,11 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_act="silu",
                     rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192,
                     bos_token_id=0, eos_token_id=0)
+# Qwen3-0.6B's configuration (Qwen/Qwen3-0.6B config.json), random weights: per-head q/k RMSNorm.
+QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, hidden_act="silu", rms_norm_eps=1e-6,
+                 rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=40960,
+                 attention_bias=False, bos_token_id=0, eos_token_id=0)
 # GPT-2-small width, 6 layers, GPT-2's own vocabulary size.
 GPT2_6L = dict(n_layer=6, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
 LLAMA_TINY = ROOT / "sample_checkpoints" / "llama-tiny"
@@ -70,6 +76,8 @@ def child_build(kind: str, directory: Path) -> dict:
     torch.manual_seed(0)
     if kind == "smollm2-135m":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_135M))
+    elif kind == "qwen3-0.6b":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3_06B))
     elif kind == "gpt2-6l":
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_6L))
     elif kind == "llama-tiny-8k":
@@ -304,6 +312,18 @@ def fig_real_size(ctx: Ctx) -> list[dict]:
     return recs
 
 
+def fig_qwen3(ctx: Ctx) -> list[dict]:
+    """6. Qwen3-0.6B-shaped model (q/k norms) at 4x256: the real-size budgets of figure 1, for a q/k-norm family."""
+    model, info = build(ctx, "qwen3-0.6b")
+    tokens = make_tokens(ctx, model, (4, 256))
+    plain, scan = run_plain(ctx, model, tokens), run_scan(ctx, model, tokens)
+    checks = [check("ratio_wall", ratio(scan, plain, "wall_s"), "<=", 3),
+              check("ratio_rss", ratio(scan, plain, "peak_rss_mb"), "<=", 1.5)]
+    return [record("qwen3_0.6b_4x256", "attnstab scan (defaults) vs plain transformers SDPA float32 forward, whole "
+                   "processes", [4, 256], scan, plain, checks, ctx,
+                   model={"kind": "qwen3-0.6b (random weights)", "parameters": info["parameters"]})]
+
+
 def fig_plain_theta(ctx: Ctx) -> list[dict]:
     """2. GPT-2-width 6 layers at 2x1024: attnstab >= 5x faster and <= 1/5 the peak RSS of the plain θ script."""
     model, info = build(ctx, "gpt2-6l")
@@ -366,7 +386,7 @@ def fig_threads(ctx: Ctx) -> list[dict]:
 
 FIGURES: dict[str, Callable[[Ctx], list[dict]]] = {
     "readme": fig_readme, "memory": fig_memory, "plain_theta": fig_plain_theta, "real_size": fig_real_size,
-    "threads": fig_threads}
+    "qwen3": fig_qwen3, "threads": fig_threads}
 
 
 # ------------------------------------------------------------------------------------------------------- output

@@ -1,7 +1,7 @@
 """Regenerate attnstab's bundled sample checkpoints (dev-time only).
 
 Trains one byte-level BPE tokenizer and a few tiny transformers (GPT-2, BERT,
-LLaMA, GPT-NeoX) on the bundled calibration corpus
+LLaMA, GPT-NeoX, Qwen3) on the bundled calibration corpus
 (``attnstab_cli/calibration/corpus/*.txt``, sorted by name), on CPU with one
 thread, fixed seeds and deterministic algorithms, so that a rerun on the same
 software stack reproduces the saved files byte for byte.
@@ -51,6 +51,8 @@ from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -190,6 +192,20 @@ def build_llama(data: TokenData, dropout: float) -> PreTrainedModel:
     return LlamaForCausalLM._from_config(cfg, attn_implementation="eager")
 
 
+def build_qwen3(data: TokenData, dropout: float) -> PreTrainedModel:
+    """Qwen3: llama-tiny's shape (GQA 4/2, head_dim 16, RoPE 1e4, RMSNorm, untied head) plus per-head q/k RMSNorm."""
+    eot = data.ids["<|endoftext|>"]
+    cfg = Qwen3Config(
+        vocab_size=data.vocab_size, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_act="silu",
+        max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False, attention_bias=False, attention_dropout=dropout, use_sliding_window=False,
+        bos_token_id=eot, eos_token_id=eot, pad_token_id=data.ids["[PAD]"],
+    )
+    return Qwen3ForCausalLM._from_config(cfg, attn_implementation="eager")
+
+
 def build_pythia(data: TokenData, dropout: float) -> PreTrainedModel:
     """GPT-NeoX (Pythia-style): partial rotary 0.25, parallel residual, untied head."""
     eot = data.ids["<|endoftext|>"]
@@ -226,6 +242,7 @@ RUNS: dict[str, Run] = {
     "bert": Run(build_bert, "mlm", 600, 1e-3, {600: ["bert-tiny"]}),
     "llama": Run(build_llama, "clm", 500, 3e-3, {500: ["llama-tiny"]}),
     "pythia": Run(build_pythia, "clm", 500, 3e-3, {500: ["pythia-tiny"]}),
+    "qwen3": Run(build_qwen3, "clm", 250, 3e-3, {250: ["qwen3-tiny"]}),   # longer runs overfit the corpus
 }
 ALL_NAMES = [n for run in RUNS.values() for names in run.saves.values() for n in names]
 

@@ -39,7 +39,7 @@ class WeightPass:
             rec = asdict(h)
             rec.update({f"sigma_min_{m}": rec[f"{m}_norm"] / rec[f"kappa_{m}"] for m in ("wq", "wk", "wv")})
             self.heads.append(rec)
-        self.layers.append(asdict(layer))
+        self.layers.append({**asdict(layer), "attn_window": self.cfg.sliding_windows[w.layer]})
 
     def finish(self, tables: Tables) -> TableParts:
         return TableParts(layers=self.layers, heads=self.heads, model=self.model_record(), nulls=self.null_reasons())

@@ -39,6 +39,7 @@ def compute_findings(manifest: dict[str, Any], tables: dict[str, list[dict[str, 
     if manifest.get("calibration") is not None and heads:
         out += _lowest_theta(heads) + _widest_intervals(heads, manifest)
     out += _dominant_bound(layers)
+    out += _local_and_global(layers)
     out += _low_precision(layers)
     out += _gradient(layers)
     return out
@@ -108,6 +109,29 @@ def _dominant_bound(layers: list[dict[str, Any]]) -> list[Finding]:
             + ", ".join(f"layer {layer} {share:.0%}" for layer, share in top)
             + (f" (mean share {1 / len(logs):.0%})" if len(logs) > 1 else ""))
     return [Finding("dominant_bound", "info", text, tuple(_item(layer, None, share) for layer, share in top))]
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _local_and_global(layers: list[dict[str, Any]]) -> list[Finding]:
+    """Models that alternate windowed (local) and global layers (THEORY §18.6): the two kinds side by side, since a
+    local layer's θ rows see at most its window's keys and its bounds are not comparable with a global layer's."""
+    local = [r for r in layers if r.get("attn_window") is not None]
+    full = [r for r in layers if r.get("attn_window") is None]
+    if not local or not full:
+        return []
+    parts = []
+    for name, group in (("local", local), ("global", full)):
+        theta = _mean([r["theta_bar"] for r in group if r.get("theta_bar") is not None])
+        bound = [r["lip_layer_calibrated"] for r in group if r.get("lip_layer_calibrated") is not None]
+        windows = sorted({r["attn_window"] for r in group if r.get("attn_window") is not None})
+        parts.append(f"{len(group)} {name} layers" + (f" (window {', '.join(map(str, windows))})" if windows else "")
+                     + f": mean θ̄ {format_value(theta, '.3f')}"
+                     + (f", largest tier-2 bound {format_value(max(bound))}" if bound else ""))
+    return [Finding("local_global", "info", "; ".join(parts),
+                    tuple(_item(r["layer"], None, r.get("attn_window")) for r in local))]
 
 
 def _low_precision(layers: list[dict[str, Any]]) -> list[Finding]:

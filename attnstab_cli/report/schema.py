@@ -14,11 +14,11 @@ SCHEMA_VERSION = "5"
 # Version 3 added the optional curvature table (``scan --curvature``); older reports simply have none.
 # Version 4 added no column: ``theta_paper_mean`` became the mean over a seeded sample of rows on the CPU (every row
 # on CUDA; the manifest's run.theta.paper_rows says which), where it had been over every row.
-# Version 5 added the logit bound and the q/k norm gains (THEORY §18.2); the manifest's run.null_columns gives the
-# reason for every column a family leaves null.
+# Version 5 added the logit bound and the q/k norm gains (THEORY §18.2) and each layer's attention window; the
+# manifest's run.null_columns gives the reason for every column a family leaves null.
 SCHEMA_HISTORY: dict[str, dict[str, tuple[str, ...]]] = {
     "1": {}, "2": {}, "3": {}, "4": {},
-    "5": {"layers": ("qnorm_gamma_max", "knorm_gamma_max", "logit_bound")},
+    "5": {"layers": ("attn_window", "qnorm_gamma_max", "knorm_gamma_max", "logit_bound")},
 }
 
 
@@ -67,6 +67,7 @@ LAYER_COLUMNS: tuple[Column, ...] = (
     Column("knorm_gamma_max", F64, "1", "max |gamma| of the k norm on the projections (null without)"),
     Column("norm_eps", F64, "variance", "the norms' epsilon"),
     Column("attn_scale", F64, "1", "softmax scale s of the layer's logits s q.k"),
+    Column("attn_window", I64, "tokens", "the layer's sliding attention window (local layers); null for global attention"),
     Column("theta_bar", F64, "1", "mean over heads of theta_mean (THEORY §12)"),
     Column("sens_proxy_resid", F64, "1", "2 s theta_bar r_resid_mean^2 proj_product_layer (THEORY §12)"),
     Column("sens_proxy_ln", F64, "1", "2 s theta_bar r_ln_mean^2 proj_product_layer (THEORY §12)"),

@@ -12,7 +12,8 @@ SAMPLES = Path(__file__).resolve().parents[2] / "sample_checkpoints"
 NAMES = sorted(p.name for p in SAMPLES.iterdir() if (p / "config.json").is_file())
 EXPECTED = {"gpt2-tiny": ("gpt2", "pre-norm"), "gpt2-tiny-step200": ("gpt2", "pre-norm"),
             "gpt2-tiny-step800": ("gpt2", "pre-norm"), "bert-tiny": ("bert", "post-norm"),
-            "llama-tiny": ("llama", "pre-norm"), "pythia-tiny": ("gpt_neox", "parallel residual (pre-norm)")}
+            "llama-tiny": ("llama", "pre-norm"), "pythia-tiny": ("gpt_neox", "parallel residual (pre-norm)"),
+            "qwen3-tiny": ("qwen3", "pre-norm")}
 
 
 def test_the_promised_samples_exist() -> None:

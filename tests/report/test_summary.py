@@ -68,6 +68,19 @@ def test_findings_flag_non_finite_values_and_contractive_stacks() -> None:
     assert "every θ interval is within" in _by_kind(compute_findings(MANIFEST, narrow))["widest_interval"].text
 
 
+def test_local_and_global_layers_are_reported_apart() -> None:
+    """A model alternating windowed and global layers gets one finding naming both groups with their own figures;
+    a model with one kind gets none."""
+    tables = _tables()
+    for r, window, theta in zip(tables["layers"], (4, None, 4), (0.2, 0.8, 0.4)):
+        r["attn_window"], r["theta_bar"] = window, theta
+    f = _by_kind(compute_findings(MANIFEST, tables))["local_global"]
+    assert [i["layer"] for i in f.items] == [0, 2]
+    assert "2 local layers (window 4): mean θ̄ 0.300, largest tier-2 bound 3" in f.text
+    assert "1 global layers: mean θ̄ 0.800, largest tier-2 bound 50" in f.text
+    assert "local_global" not in _by_kind(compute_findings(MANIFEST, _tables()))
+
+
 @pytest.fixture(scope="module")
 def scanned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("summary") / "r"
