@@ -34,6 +34,7 @@ from attnstab_cli.model.load import OpenModel, open_model
 from attnstab_cli.model.stream import LayerStream
 from attnstab_cli.model.weight_values import check_weight_values
 from attnstab_cli.report.read import Report
+from attnstab_cli.report.null_reasons import explain_nulls
 from attnstab_cli.report.schema import SCHEMA_VERSION
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -144,7 +145,7 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     for p in passes:
         tables.add(p.finish(tables))
     facts = {"device": str(device), "dtype": opts.dtype, "kernel": kernel, **tables.facts,
-             "null_columns": tables.nulls, "peak_resident_weight_bytes": model.reader.peak_live_bytes}
+             "peak_resident_weight_bytes": model.reader.peak_live_bytes}
     if flow is not None:
         t = time.perf_counter()
         flow.on_layer = on_progress
@@ -166,6 +167,7 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
         out["curvature"], facts["curvature"] = compute_curvature(model, list(calib.batches), device, opts.curvature,
                                                                  on_block)
         timings["curvature_s"] = time.perf_counter() - t
+    facts["null_columns"] = explain_nulls(out, tables.nulls)
     return ScanResult(out, final, timings, facts)
 
 
@@ -183,9 +185,11 @@ def run_weights_only(model: OpenModel, opts: ScanOptions,
     timings = {"total_s": time.perf_counter() - t0}
     tables = Tables()
     tables.add(weights.finish(tables))
-    facts = {"device": str(device), "dtype": opts.dtype, "weights_only": True, "null_columns": tables.nulls,
+    out = {"layers": tables.layers, "heads": tables.heads, "model": [tables.model]}
+    facts = {"device": str(device), "dtype": opts.dtype, "weights_only": True,
+             "null_columns": explain_nulls(out, tables.nulls, calibrated=False),
              "peak_resident_weight_bytes": model.reader.peak_live_bytes}
-    return ScanResult({"layers": tables.layers, "heads": tables.heads, "model": [tables.model]}, [], timings, facts)
+    return ScanResult(out, [], timings, facts)
 
 
 def build_manifest(model: OpenModel, calib: CalibrationSet | None, result: ScanResult, seed: int,

@@ -49,7 +49,7 @@ class WeightPass:
         if self.cfg.layout.qk_norm is not None:
             return {"qk_norm": "a q/k norm sits between the projections and the logits, so W_Q W_K^T is not the "
                                "logit map (THEORY §18.2); logit_bound bounds the logits instead"}
-        return {"qnorm_gamma_max": "no q/k norm in this family", "knorm_gamma_max": "no q/k norm in this family"}
+        return {}
 
     def model_record(self) -> dict[str, Any]:
         """Model-level totals (THEORY §10): ``depth_budget`` = N · max_l Π_l."""

@@ -73,6 +73,15 @@ def test_scan_runs_end_to_end(family: str, tiny_checkpoints: dict, tmp_path: Pat
     assert all(r["lip_layer_empirical"] is None and r["lip_layer_calibrated"] <= r["lip_layer_weights"]
                for r in table.to_pylist())                     # --empirical-seqs 0: no tier 3, tiers 1/2 always
     assert table.schema.field("r2_in").metadata[b"unit"] == b"l2"
+    reasons = json.loads((out / "manifest.json").read_text())["run"]["null_columns"]
+    for name in ("layers", "heads", "model"):      # every value finite, or null with its reason in the manifest
+        rows = pq.read_table(out / f"{name}.parquet").to_pylist()
+        for column in rows[0]:
+            values = [r[column] for r in rows]
+            assert all(math.isfinite(v) for v in values if isinstance(v, float)), (family, column)
+            if all(v is None for v in values):
+                assert reasons.get(column), (family, name, column)
+    assert reasons["lip_layer_empirical"].endswith("(--empirical-seqs 0)") and "grad_h_in" in reasons
     assert json.loads((out / "manifest.json").read_text())["checkpoint"]["family"] == data["manifest"]["checkpoint"]["family"]
     heads = pq.read_table(out / "heads.parquet").to_pylist()
     n_heads, n_kv = ref.config.num_attention_heads, getattr(ref.config, "num_key_value_heads", None) or \
@@ -160,6 +169,21 @@ def test_weights_only_scan(tiny_checkpoints: dict, tmp_path: Path) -> None:
     model = pq.read_table(out / "model.parquet").to_pylist()
     assert model[0]["n_layers"] == ref.config.num_hidden_layers and model[0]["depth_budget"] > 0
     assert "weights only" in invoke("scan", path, "--weights-only").stdout
+    assert data["manifest"]["run"]["null_columns"]["theta_mean"] == "no calibration text (--weights-only)"
+
+
+def test_qk_norm_family_reports_why_qk_norm_is_null(tiny_checkpoints: dict, tmp_path: Path) -> None:
+    """Qwen3's q/k norms: ``qk_norm`` is null with its reason, the q/k gains are those of the stored weights."""
+    path, ref = tiny_checkpoints["qwen3"]
+    result = invoke("scan", path, "--weights-only", "--out", tmp_path / "r", "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert "THEORY §18.2" in data["manifest"]["run"]["null_columns"]["qk_norm"]
+    assert all(r["qk_norm"] is None and r["wq_norm"] > 0 for r in data["heads"])
+    for r in data["layers"]:
+        attn = ref.model.layers[r["layer"]].self_attn
+        assert r["qnorm_gamma_max"] == pytest.approx(float(attn.q_norm.weight.abs().max()), rel=1e-6)
+        assert r["knorm_gamma_max"] == pytest.approx(float(attn.k_norm.weight.abs().max()), rel=1e-6)
 
 
 def test_grad_scan_writes_gradient_columns(tiny_checkpoints: dict, tmp_path: Path) -> None:
