@@ -25,6 +25,7 @@ class AttentionTrace:
     key_padding_mask: torch.Tensor | None    # [B, T] bool, True = real token
     context: torch.Tensor                    # [B, H, T, D]  softmax(s q k^T) v per head
     out: torch.Tensor                        # [B, T, d]     after W_O and b_O
+    logit_cap: float | None = None           # logits are c tanh(scale q.k / c) when set (THEORY §18.5)
 
 
 @dataclass
@@ -44,5 +45,6 @@ class LayerTrace:
     attn: AttentionTrace
     ffn_in: torch.Tensor                     # [B, T, d]
     ffn_out: torch.Tensor                    # [B, T, d]
-    norms: dict[str, NormTrace] = field(default_factory=dict)   # "norm_attn", "norm_ffn"
+    norms: dict[str, NormTrace] = field(default_factory=dict)   # "norm_attn", "norm_ffn" (+ "norm_attn_out",
+                                                                 # "norm_ffn_out" with branch-output norms)
     weights: LayerWeights | None = None

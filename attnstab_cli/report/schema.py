@@ -7,14 +7,20 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 # Columns each version added, per table (what a reader fills with null for an older report). Version 2 added no
 # column: its manifest gained the weight fingerprint, the calibration source hash and per-stage timings, and each
 # Parquet file's metadata the tool version, checkpoint fingerprint, family, calibration id, seed, device, versions.
 # Version 3 added the optional curvature table (``scan --curvature``); older reports simply have none.
 # Version 4 added no column: ``theta_paper_mean`` became the mean over a seeded sample of rows on the CPU (every row
 # on CUDA; the manifest's run.theta.paper_rows says which), where it had been over every row.
-SCHEMA_HISTORY: dict[str, dict[str, tuple[str, ...]]] = {"1": {}, "2": {}, "3": {}, "4": {}}
+# Version 5 added the branch-output norm columns (THEORY §18.3; null for families without such norms).
+SCHEMA_HISTORY: dict[str, dict[str, tuple[str, ...]]] = {
+    "1": {}, "2": {}, "3": {}, "4": {},
+    "5": {"layers": ("norm1_out_min_var", "norm2_out_min_var", "norm1_out_gamma_max", "norm1_out_beta_norm",
+                     "norm2_out_gamma_max", "norm2_out_beta_norm", "ln1_out_lip_global", "ln1_out_lip_local",
+                     "ln2_out_lip_global", "ln2_out_lip_local")},
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,10 @@ LAYER_COLUMNS: tuple[Column, ...] = (
     Column("norm1_min_var", F64, "variance",
            "smallest per-token variance (LayerNorm) or mean square (RMSNorm) at the first norm's input"),
     Column("norm2_min_var", F64, "variance", "the same at the second norm's input"),
+    Column("norm1_out_min_var", F64, "variance", "the same at the attention-output norm's input, i.e. the MHA "
+           "output tokens (THEORY §18.3; null without branch-output norms)"),
+    Column("norm2_out_min_var", F64, "variance", "the same at the FFN-output norm's input, i.e. the FFN output tokens "
+           "(null without branch-output norms)"),
     Column("wq_full_norm", F64, "l2 operator", "spectral norm of the full W_Q [d, H*D]"),
     Column("wk_full_norm", F64, "l2 operator", "spectral norm of the full W_K [d, H_kv*D]"),
     Column("wv_full_norm", F64, "l2 operator", "spectral norm of the full W_V [d, H_kv*D]"),
@@ -58,6 +68,11 @@ LAYER_COLUMNS: tuple[Column, ...] = (
     Column("norm1_beta_norm", F64, "l2", "l2 norm of the first norm's beta (null for RMSNorm)"),
     Column("norm2_gamma_max", F64, "1", "max |gamma| of the second norm"),
     Column("norm2_beta_norm", F64, "l2", "l2 norm of the second norm's beta (null for RMSNorm)"),
+    Column("norm1_out_gamma_max", F64, "1", "max |gamma| of the norm on the attention output (THEORY §18.3; null "
+           "without branch-output norms); gamma = 1 + w where the model stores w (§18.6), as for every gamma column"),
+    Column("norm1_out_beta_norm", F64, "l2", "l2 norm of that norm's beta (null for RMSNorm or without it)"),
+    Column("norm2_out_gamma_max", F64, "1", "max |gamma| of the norm on the FFN output (null without it)"),
+    Column("norm2_out_beta_norm", F64, "l2", "l2 norm of that norm's beta (null for RMSNorm or without it)"),
     Column("norm_eps", F64, "variance", "the norms' epsilon"),
     Column("attn_scale", F64, "1", "softmax scale s of the layer's logits s q.k"),
     Column("theta_bar", F64, "1", "mean over heads of theta_mean (THEORY §12)"),
@@ -85,6 +100,11 @@ LAYER_COLUMNS: tuple[Column, ...] = (
     Column("ln1_lip_local", F64, "1", "the same at the measured norm inputs (max over sequences)"),
     Column("ln2_lip_global", F64, "1", "second norm, all inputs"),
     Column("ln2_lip_local", F64, "1", "second norm, measured inputs (max over sequences)"),
+    Column("ln1_out_lip_global", F64, "1", "norm on the attention output (N1b of THEORY §18.3), all inputs; null "
+           "without branch-output norms"),
+    Column("ln1_out_lip_local", F64, "1", "the same at the measured MHA output tokens (max over sequences)"),
+    Column("ln2_out_lip_global", F64, "1", "norm on the FFN output (N2b), all inputs; null without it"),
+    Column("ln2_out_lip_local", F64, "1", "the same at the measured FFN output tokens (max over sequences)"),
     Column("lip_mha_weights", F64, "inf,2", "MHA bound, tier 1: theta = 1, radius r2_in_reset (THEORY §5.2, §8.1)"),
     Column("lip_mha_calibrated", F64, "inf,2", "MHA bound, tier 2: theta_tilde_hi per head, measured R2 (max over sequences)"),
     Column("lip_mha_refined", F64, "inf,2", "MHA bound, tier 2r: activation-norm form (THEORY §5.5; max over sequences)"),
