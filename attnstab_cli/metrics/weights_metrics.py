@@ -78,11 +78,11 @@ class LayerWeightMetrics:
     norm1_beta_norm: float | None
     norm2_gamma_max: float
     norm2_beta_norm: float | None
+    norm_eps: float
     norm1_out_gamma_max: float | None = None   # branch-output norms (THEORY §18.3); None without them
     norm1_out_beta_norm: float | None = None
     norm2_out_gamma_max: float | None = None
     norm2_out_beta_norm: float | None = None
-    norm_eps: float
 
 
 @dataclass(frozen=True)
