@@ -31,7 +31,7 @@ def test_no_args_shows_help() -> None:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "distilbert", "roberta", "xlm_roberta",
-                                    "gptj", "phi"])
+                                    "gptj", "phi", "gemma2"])
 def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     path, ref = tiny_checkpoints[family]
     result = invoke("info", path, "--json")
@@ -48,10 +48,20 @@ def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     assert data["n_params"] == stored
     assert data["tied_embeddings"] == bool(cfg.tie_word_embeddings)
     expected = {"gpt2": "pre-norm", "llama": "pre-norm", "neox": "parallel residual (pre-norm)", "bert": "post-norm",
-                "gptj": "parallel residual (one shared pre-norm)", "phi": "parallel residual (one shared pre-norm)"}
+                "gptj": "parallel residual (one shared pre-norm)", "phi": "parallel residual (one shared pre-norm)",
+                "gemma2": "sandwich (pre-norm and a norm on each branch output)"}
     expected.update(dict.fromkeys(("distilbert", "roberta", "xlm_roberta"), "post-norm"))
     assert data["placement"] == expected[family]
-    assert data["norm"] == ("rmsnorm" if family == "llama" else "layernorm")
+    assert data["norm"] == ("rmsnorm" if family in ("llama", "gemma2") else "layernorm")
+    assert data["norm_weight"] == ("one_plus" if family == "gemma2" else "gamma")
+    if family == "gemma2":                                     # the layout facts Gemma 2 adds (THEORY §18.5, §18.6)
+        assert data["residual"] == "sandwich" and data["embed_scale"] == "sqrt_d"
+        assert data["attn_scale"] == pytest.approx(cfg.query_pre_attn_scalar ** -0.5)
+        assert (data["attn_logit_cap"], data["final_logit_cap"]) == (cfg.attn_logit_softcapping,
+                                                                     cfg.final_logit_softcapping)
+        assert data["sliding_layers"] == [i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"]
+        text = invoke("info", path).stdout
+        assert "logit soft-cap 5" in text and "gamma = 1 + stored weight" in text and "layers 0, 2" in text
     assert sum(data["files"].values()) == data["total_bytes"] > 0
 
 
