@@ -196,7 +196,8 @@ TABLES: dict[str, tuple[Column, ...]] = {"layers": LAYER_COLUMNS, "heads": HEAD_
 CURVATURE_COLUMNS: tuple[Column, ...] = (
     Column("layer", I64, "index", "0-based layer index (null for the whole-model row)"),
     Column("block", pa.string(), "text", "parameter block: attn_q, attn_k, attn_v, attn_out, ffn_in, ffn_out, "
-           "norm_attn.gamma, norm_attn.beta, norm_ffn.gamma, norm_ffn.beta, or model (all blocks)", required=True),
+           "norm_attn.gamma, norm_attn.beta, norm_ffn.gamma, norm_ffn.beta (norm_attn_out.*, norm_ffn_out.* with "
+           "branch-output norms), or model (all blocks)", required=True),
     Column("n_params", I64, "count", "parameters in the block"),
     Column("lambda_max", F64, "loss / param^2",
            "largest eigenvalue of the block's Hessian diagonal block (Lanczos top Ritz value, never above it)"),
