@@ -262,6 +262,7 @@ def test_reset_radii_by_hand() -> None:
     tok = torch.tensor([[3.0, 4.0], [1.0, 0.0]], dtype=F64)
     pos = torch.tensor([[0.0, 2.0], [0.0, 1.0]], dtype=F64)
     assert compute_first_layer_radius(NormKind.LAYERNORM, None, tok, pos) == pytest.approx(7.0)
+    assert compute_first_layer_radius(NormKind.LAYERNORM, None, tok, pos, tok_scale=8.0) == pytest.approx(42.0)
     assert compute_first_layer_radius(NormKind.LAYERNORM, NormWeights(gamma, beta)) == pytest.approx(9.0)
     with pytest.raises(ValueError):
         compute_first_layer_radius(NormKind.LAYERNORM, None)
