@@ -203,14 +203,16 @@ def _spreads(p: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norms: HeadNorms
 def compute_mha_refined(norms: HeadNorms, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                         allowed: torch.Tensor, theta_hi: torch.Tensor, block: int = 256) -> RefinedMHABound:
     """Tier-2r bound from one sequence's ``q [H, T, D]``, ``k, v [H_kv, T, D]`` (biased, rotated), the key sets
-    ``allowed [T, T]`` and certified per-row ``theta_hi [H, T]``; rows are processed ``block`` at a time."""
+    ``allowed [T, T]`` and certified per-row ``theta_hi [H, T]``; rows are processed ``block`` at a time. Under a
+    logit cap the attention term of row i carries the factor ``max_j sech^2(s q_i.k_j / c) <= 1`` (§18.5): at this
+    input each capped logit moves by sech^2 times its raw logit's move."""
     q64, norms = q.to(F64), norms.to(q.device)
     k64, v64 = norms.per_query(k.to(F64)), norms.per_query(v.to(F64))                 # [H, T, D]
     allowed = allowed.to(q.device)
     t = allowed.shape[-1]
     causal = allowed.shape[0] == t and torch.equal(allowed, torch.ones_like(allowed).tril())
     wq, wk, wv = norms.wq[:, None], norms.per_query(norms.wk)[:, None], norms.per_query(norms.wv)[:, None]
-    keys, vals = [], []
+    keys, vals, slopes = [], [], []
     for start in range(0, q64.shape[1], block):
         rows = slice(start, start + block)
         seen = torch.nonzero(allowed[rows].any(0))[:, 0]                              # keys any row of the block sees
@@ -220,8 +222,13 @@ def compute_mha_refined(norms: HeadNorms, q: torch.Tensor, k: torch.Tensor, v: t
         key, val = _spreads(p, k64[:, lo:hi], v64[:, lo:hi], norms, band, rows if causal else None)
         keys.append(key)
         vals.append(val)
+        if norms.logit_cap is not None:
+            raw = scale * q64[:, rows] @ k64[:, lo:hi].transpose(-1, -2)               # [H, c, T_band]
+            sech2 = torch.cosh(raw / norms.logit_cap).pow(-2).clamp_max(1.0)
+            slopes.append(sech2.masked_fill(~band, 0.0).amax(dim=-1))                  # [H, c]
     key_spread, value_spread = torch.cat(keys, dim=1), torch.cat(vals, dim=1)           # [H, T]
+    slope = torch.cat(slopes, dim=1) if slopes else 1.0                                 # [H, T] or 1
     q_norm = torch.linalg.vector_norm(q64, dim=-1)                                      # [H, T]
-    c = wv + scale * theta_hi.to(F64) * (wq * key_spread + wk * q_norm) * value_spread  # [H, T]
+    c = wv + scale * theta_hi.to(F64) * slope * (wq * key_spread + wk * q_norm) * value_spread  # [H, T]
     rows_bound = norms.wo * torch.linalg.vector_norm(c, dim=0)                          # [T]
     return RefinedMHABound(float(rows_bound.max()), rows_bound, c, key_spread, value_spread)

@@ -66,7 +66,8 @@ def test_mha_bounds_dominate_lower_bound(case: int) -> None:
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_capped_mha_bounds_dominate_lower_bound(case: int) -> None:
     """T34: with logits c tanh(s q.k / c) and raw logits well beyond c, every form (tier 1, tier 2 with θ of the capped
-    rows, tier 2r with the uncentred key spread) >= LB of the exact Jacobian; biased keys enter whole (§18.5)."""
+    rows, tier 2r with the uncentred key spread and the per-row factor max_j sech^2) >= LB of the exact Jacobian;
+    biased keys enter whole (§18.5)."""
     d, dh, h, hkv, biases, rot, sf, mask = CASES[case]
     t = 7
     m = make_random_heads(d, dh, h, hkv, t, biases=biases, rotary_dim=rot, scale_factor=2.0 * sf, mask=mask,
@@ -94,6 +95,12 @@ def test_capped_mha_bounds_dominate_lower_bound(case: int) -> None:
         kn = torch.linalg.vector_norm(k, dim=-1).repeat_interleave(h // hkv, 0)        # [H, T]
         expected = kn[:, None, :].masked_fill(~m.allowed, 0.0).amax(-1)               # max_j ||k_j|| per row
         torch.testing.assert_close(refined.key_spread, expected, rtol=1e-12, atol=1e-12)
+        raw_sech2 = (1.0 - torch.tanh(raw / m.logit_cap).pow(2)).masked_fill(~m.allowed, 0.0).amax(-1)  # [H, T]
+        assert float(raw_sech2.min()) < 0.9                                            # the factor bites somewhere
+        wq, wk = norms.wq[:, None], norms.per_query(norms.wk)[:, None]
+        attn = refined.head_row_terms - norms.per_query(norms.wv)[:, None]            # s θ m_i (...) V_i per row
+        plain = m.scale * theta_rows * (wq * expected + wk * torch.linalg.vector_norm(q, dim=-1)) * refined.value_spread
+        torch.testing.assert_close(attn, raw_sech2 * plain, rtol=1e-10, atol=1e-14)
         m.logit_cap = None
 
 
