@@ -57,7 +57,8 @@ class LayerStream:
         self.hidden: list[torch.Tensor] = []
 
     def embed(self) -> list[torch.Tensor]:
-        """h_0 for every batch: token (times the embedding scale) (+ learned position) (+ token-type) embeddings (+ embedding norm)."""
+        """h_0 for every batch: token (times the embedding scale) (+ learned position) (+ token-type) embeddings
+        (+ embedding norm)."""
         load = self.loader.tensor
         tok = load("embed_tokens.weight")
         pos = load("embed_positions.weight") if self.model.names.find("embed_positions.weight") else None

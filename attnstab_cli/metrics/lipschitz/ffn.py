@@ -61,7 +61,8 @@ _LIPSCHITZ = {"gelu": GELU_LIPSCHITZ, "gelu_new": GELU_LIPSCHITZ, "gelu_pytorch_
 
 _GELU_TANH = lambda z: torch.nn.functional.gelu(z, approximate="tanh")
 # activation -> (phi, phi', z*, max phi') for the gated bounds of §6.2 / §18.6
-GATED: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], float, float]] = {
+_Fn = Callable[[torch.Tensor], torch.Tensor]
+GATED: dict[str, tuple[_Fn, _Fn, float, float]] = {
     "silu": (torch.nn.functional.silu, silu_derivative, SILU_ZSTAR, SILU_DMAX),
     "swish": (torch.nn.functional.silu, silu_derivative, SILU_ZSTAR, SILU_DMAX),
     "gelu": (torch.nn.functional.gelu, gelu_erf_derivative, GELU_ERF_ZSTAR, GELU_ERF_DMAX),

@@ -369,8 +369,8 @@ def test_geglu_bounds_dominate_exact_jacobian(act: str, seed: int) -> None:
 
 
 def test_geglu_ball_hand_case() -> None:
-    """One unit: W_g = 3 (A = 3 R2 > z*), W_u = 0.5, W_d = 2 at R2 = 1: ball = 2 (max gelu' · 3 · 0.5 + 0.5 · gelu(3));
-    at R2 = 0.2 (A = 0.6 < z*) the slope is gelu'(0.6)."""
+    """One unit: W_g = 3 (A = 3 R2 > z*), W_u = 0.5, W_d = 2 at R2 = 1:
+    ball = 2 (max gelu' · 3 · 0.5 + 0.5 · gelu(3)); at R2 = 0.2 (A = 0.6 < z*) the slope is gelu'(0.6)."""
     t = lambda v: torch.tensor([[v]], dtype=F64)
     gelu = lambda v: float(F.gelu(torch.tensor(v, dtype=F64)))
     assert compute_swiglu_ball(1.0, t(3.0), t(0.5), t(2.0), activation="gelu") == pytest.approx(
