@@ -1,7 +1,8 @@
 """The only importer of ``attnstab_kernels``: choose the fused Triton kernel or the chunked torch reference.
 
 ``--kernel auto`` uses Triton on CUDA and the torch path on CPU; ``--kernel triton`` on a CPU works only under
-``TRITON_INTERPRET=1`` (how the kernel tests run). Both paths return the same :class:`RowStats`.
+``TRITON_INTERPRET=1`` (how the kernel tests run). Both paths return the same :class:`RowStats`. Soft-capped
+logits (THEORY §18.5) always take the torch path: the fused kernel computes plain ``scale · q·k``.
 """
 from __future__ import annotations
 
@@ -38,8 +39,13 @@ def resolve_kernel(name: str, device: torch.device) -> str:
 
 
 def attn_row_stats(q: torch.Tensor, k: torch.Tensor, scale: float, *, causal: bool,
-                   key_padding_mask: torch.Tensor | None, window: int | None, kernel: str) -> RowStats:
-    """Per-row softmax statistics ``[B, H, T_q]`` by the resolved ``kernel`` (``torch`` or ``triton``)."""
+                   key_padding_mask: torch.Tensor | None, window: int | None, kernel: str,
+                   logit_cap: float | None = None) -> RowStats:
+    """Per-row softmax statistics ``[B, H, T_q]`` by the resolved ``kernel`` (``torch`` or ``triton``); with a
+    ``logit_cap`` always the torch reference."""
+    if logit_cap is not None:
+        return attn_row_stats_ref(q, k, scale, causal=causal, key_padding_mask=key_padding_mask, window=window,
+                                  logit_cap=logit_cap)
     if kernel == "triton":
         from attnstab_kernels.row_stats import attn_row_stats as fused
 

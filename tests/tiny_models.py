@@ -59,6 +59,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "phi": ("PhiConfig", "PhiForCausalLM",                    # GQA, biases everywhere, partial rotary (8 of 16)
             dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=96, vocab_size=97, max_position_embeddings=64, partial_rotary_factor=0.5)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",           # sliding, global, sliding; raw logits beyond the cap
+               dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=96, vocab_size=97, max_position_embeddings=64, sliding_window=7,
+                    query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                    rms_norm_eps=1e-6, pad_token_id=0, initializer_range=0.06)),
 }
 
 

@@ -110,6 +110,11 @@ CONFIG_FIELDS: dict[str, Rule] = {
     "layer_types": TextList(("full_attention", "sliding_attention")),
     "tie_embeddings": Boolean(), "use_sliding_window": Boolean(), "use_parallel_residual": Boolean(),
     "scale_attn_weights": Boolean(), "scale_attn_by_inverse_layer_idx": Boolean(), "qk_layernorm": Boolean(),
+    # Gemma 2 (THEORY §18.5, §18.6): s = query_pre_attn_scalar^(-1/2); logit caps c tanh(x / c); without
+    # layer_types, every sliding_period-th layer (1-based) is global and the others slide
+    "query_pre_attn_scalar": Real(0.0, min_open=True), "attn_logit_cap": Real(0.0, min_open=True),
+    "final_logit_cap": Real(0.0, min_open=True), "sliding_period": POSITIVE,
+    "bidirectional_attention": Boolean(),
 }
 
 # Entries of ``rope_scaling`` / ``rope_parameters`` per rope type: (required, rules). Other entries are not read.

@@ -34,16 +34,47 @@ class NormKind(str, Enum):
     RMSNORM = "rmsnorm"
 
 
+class NormWeight(str, Enum):
+    """How a norm's stored weight w gives its scale gamma (THEORY §18.6)."""
+
+    GAMMA = "gamma"              # gamma = w
+    ONE_PLUS = "one_plus"        # gamma = 1 + w (Gemma): converted when loaded, so every formula sees gamma
+
+
+class EmbedScale(str, Enum):
+    """Factor on the token embedding rows, applied in the hidden dtype (THEORY §18.6)."""
+
+    NONE = "none"
+    SQRT_D = "sqrt_d"            # x sqrt(d_model) (Gemma)
+
+
 class Residual(str, Enum):
     PRE = "pre"            # h' = h + MHA(N1 h); h+ = h' + FFN(N2 h')
     POST = "post"          # h' = N1(h + MHA h); h+ = N2(h' + FFN h')
     PARALLEL = "parallel"  # h+ = h + MHA(N1 h) + FFN(N2 h)
     PARALLEL_SHARED = "parallel_shared"  # h+ = h + MHA(N1 h) + FFN(N1 h): one norm feeds both branches (GPT-J, Phi-2)
+    SANDWICH = "sandwich"  # h' = h + N1b(MHA(N1a h)); h+ = h' + N2b(FFN(N2a h')) (Gemma 2/3, THEORY §18.3)
 
     @property
     def shared_norm(self) -> bool:
         """One norm per layer feeds both branches; the spec declares no ``norm_ffn`` tensors (THEORY §18.6)."""
         return self is Residual.PARALLEL_SHARED
+
+    @property
+    def output_norms(self) -> bool:
+        """Each branch output passes a norm (``norm_attn_out``, ``norm_ffn_out``) before the residual add (§18.3)."""
+        return self is Residual.SANDWICH
+
+    @property
+    def input_norms(self) -> bool:
+        """Each branch reads a normalized input (``norm_attn``, ``norm_ffn``); an output-norm-only wiring
+        (OLMo 2, §18.3) would be the one with ``output_norms`` and not this."""
+        return True
+
+    @property
+    def serial(self) -> bool:
+        """h' = h + branch_1(h), h+ = h' + branch_2(h'): the pre-norm and branch-output-norm rows of §7, §18.3."""
+        return self in (Residual.PRE, Residual.SANDWICH)
 
 
 class Positions(str, Enum):
@@ -83,6 +114,8 @@ class Layout:
     causal: bool
     ffn: FFNKind
     qk_norm: QKNorm | None = None   # None: logits are linear in the projections
+    norm_weight: NormWeight = NormWeight.GAMMA
+    embed_scale: EmbedScale = EmbedScale.NONE
 
 
 @dataclass(frozen=True)
@@ -123,6 +156,10 @@ _KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefix
          "unsupported_if_true"}
 
 
+_LAYOUT_KEYS = {"orientation", "qkv_packing", "norm", "residual", "positions", "rope_style", "causal", "ffn",
+                "norm_weight", "embed_scale", "qk_norm"}
+
+
 def _templates(mapping: dict[str, str | list[str]]) -> dict[str, tuple[str, ...]]:
     return {role: (t,) if isinstance(t, str) else tuple(t) for role, t in mapping.items()}
 
@@ -146,7 +183,11 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         rope_style=RopeStyle(lay["rope_style"]) if lay.get("rope_style") else None,
         causal=bool(lay["causal"]), ffn=FFNKind(lay["ffn"]),
         qk_norm=QKNorm(lay["qk_norm"]) if lay.get("qk_norm") else None,
+        norm_weight=NormWeight(lay.get("norm_weight", "gamma")), embed_scale=EmbedScale(lay.get("embed_scale", "none")),
     )
+    unknown_layout = set(lay) - _LAYOUT_KEYS
+    if unknown_layout:
+        raise ValueError(f"spec {data.get('name')!r}: unknown layout keys {sorted(unknown_layout)}")
     switch = data.get("residual_switch")
     refused = dict(data.get("unsupported_if_true", {}))
     if set(refused) - set(data["config"]):
@@ -158,6 +199,13 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
     if layout.residual.shared_norm and any(r.startswith("norm_ffn.") for r in data["layer_tensors"]):
         raise ValueError(f"spec {data.get('name')!r}: residual {layout.residual.value!r} shares norm_attn; "
                          "it declares no norm_ffn tensors")
+    out_roles = {"norm_attn_out.weight", "norm_ffn_out.weight"}
+    if layout.residual.output_norms and not out_roles <= set(data["layer_tensors"]):
+        raise ValueError(f"spec {data.get('name')!r}: residual {layout.residual.value!r} needs layer tensors "
+                         f"{sorted(out_roles)}")
+    if not layout.residual.output_norms and any(r.split(".")[0] in ("norm_attn_out", "norm_ffn_out")
+                                                for r in data["layer_tensors"]):
+        raise ValueError(f"spec {data.get('name')!r}: residual {layout.residual.value!r} has no branch-output norms")
     return ArchSpec(
         name=data["name"], description=data["description"],
         model_types=tuple(data["match"].get("model_types", ())),

@@ -26,8 +26,12 @@ def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv
         ("layers", data["n_layers"]), ("hidden size", data["d_model"]),
         ("heads / kv heads", f"{data['n_heads']} / {data['n_kv_heads']}"), ("head dim", data["head_dim"]),
         ("ffn", f"{data['ffn']} {data['d_ff']} ({data['activation']})"),
-        ("norm", f"{data['norm']} eps={data['norm_eps']:g}, {data['placement']}"),
+        ("norm", f"{data['norm']} eps={data['norm_eps']:g}, {data['placement']}"
+                 + (", gamma = 1 + stored weight" if data["norm_weight"] == "one_plus" else "")),
         ("attention", ("causal" if data["causal"] else "bidirectional")
+         + (f", scale {data['attn_scale']:.6g}" if data["attn_scale"] is not None else "")
+         + (f" (query_pre_attn_scalar {data['query_pre_attn_scalar']:g})" if data["query_pre_attn_scalar"] else "")
+         + (f", logit soft-cap {data['attn_logit_cap']:g}" if data["attn_logit_cap"] else "")
          + (f", q/k {data['norm']} on the projections ({data['qk_norm'].replace('_', ' ')}, before RoPE)"
             if data["qk_norm"] else "")),
         ("positions", data["positions"] + (f" theta={data['rope']['theta']:g} rotary_dim={data['rope']['rotary_dim']}"
@@ -41,8 +45,14 @@ def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv
         ("files", "\n".join(f"{f} ({b:,} bytes)" for f, b in data["files"].items())),
         ("tokenizer", data["tokenizer"] or "none"),
     ]
+    if data["embed_scale"] != "none":
+        rows.insert(7, ("embedding scale", data["embed_scale"]))
+    if data["final_logit_cap"]:
+        rows.insert(7, ("output logit soft-cap", f"{data['final_logit_cap']:g}"))
     if data["sliding_window"]:
-        rows.insert(7, ("sliding window", data["sliding_window"]))
+        layers = data["sliding_layers"]
+        where = "all layers" if len(layers) == data["n_layers"] else "layers " + ", ".join(map(str, layers))
+        rows.insert(7, ("sliding window", f"{data['sliding_window']} ({where})"))
     for k, v in rows:
         table.add_row(k, str(v))
     stdout_console().print(table)

@@ -113,7 +113,7 @@ class FragilityPass:
         picks = torch.randperm(b * h * t, generator=self.gen)[:min(self.rows_per_batch, b * h * t)]
         bi, hi, ti = picks // (h * t), picks // t % h, picks % t
         s, allowed = compute_row_logits(a.q, a.k, a.scale, bi, hi, ti, causal=a.causal, window=a.window,
-                                        key_padding_mask=a.key_padding_mask)          # [r, T_k] float64
+                                        key_padding_mask=a.key_padding_mask, logit_cap=a.logit_cap)  # [r, T_k]
         keep = allowed.any(-1)
         p = compute_masked_softmax(s[keep], allowed[keep])                             # [r', T_k]
         lam = compute_softmax_lambda_max(p)

@@ -207,6 +207,8 @@ class GradientFlow:
         logits = h @ top["head"].T + (top["head_b"] if top["head_b"] is not None else 0)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()                                           # the loss itself in float32 at least
+        if cfg.final_logit_cap is not None:                                   # Gemma 2: c tanh(z / c) (§18.5)
+            logits = cfg.final_logit_cap * torch.tanh(logits / cfg.final_logit_cap)
         return F.cross_entropy(logits.flatten(0, 1), target.to(self.device).flatten(), ignore_index=-100,
                                reduction="sum")
 

@@ -103,5 +103,6 @@ class LayerContexts:
             tok = loader.tensor("embed_tokens.weight") if norm is None else None
             pos = loader.tensor("embed_positions.weight") if norm is None and names.find("embed_positions.weight") \
                 else None
-            self.first_radius = compute_first_layer_radius(self.cfg.layout.norm, norm, tok, pos)
+            scale = 1.0 if tok is None else self.cfg.embed_multiplier(tok.dtype)
+            self.first_radius = compute_first_layer_radius(self.cfg.layout.norm, norm, tok, pos, tok_scale=scale)
         return self.first_radius

@@ -53,9 +53,12 @@ class LipschitzPass:
             rec = asdict(result.record)
             row = self.rows.setdefault(layer, {})
             for key, value in rec.items():
-                if value is None or key == "layer":
+                if key == "layer":
                     continue
-                row[key] = value if key not in row else max(row[key], value)
+                if value is None:                                # not applicable (no branch-output norms)
+                    row.setdefault(key, None)
+                    continue
+                row[key] = value if row.get(key) is None else max(row[key], value)
             ct = result.calibrated_tier
             heads = self.head_terms.setdefault(layer, {})
             for name in ("lambda_h", "phi_h", "head_term_calibrated"):

@@ -24,6 +24,8 @@ class _LayerMagnitudes:
     r2_ffn_in: float = 0.0
     norm1_min_var: float = float("inf")
     norm2_min_var: float = float("inf")
+    norm1_out_min_var: float | None = None      # branch-output norms (THEORY §18.3); None without them
+    norm2_out_min_var: float | None = None
 
 
 @dataclass
@@ -46,6 +48,10 @@ class MagnitudePass:
         acc.r2_ffn_in = max(acc.r2_ffn_in, float(trace.ffn_in.double().norm(dim=-1).max()))
         acc.norm1_min_var = min(acc.norm1_min_var, float(trace.norms["norm_attn"].stat.min()))
         acc.norm2_min_var = min(acc.norm2_min_var, float(trace.norms["norm_ffn"].stat.min()))
+        for role, name in (("norm_attn_out", "norm1_out_min_var"), ("norm_ffn_out", "norm2_out_min_var")):
+            if role in trace.norms:
+                value, seen = float(trace.norms[role].stat.min()), getattr(acc, name)
+                setattr(acc, name, value if seen is None else min(seen, value))
 
     def finish(self, tables: Tables) -> TableParts:
         return TableParts(layers=self.records())
@@ -55,7 +61,8 @@ class MagnitudePass:
         return [
             {"layer": layer, "r_resid_max": a.resid_max, "r_resid_mean": a.resid_sum / a.tokens,
              "r_ln_mean": a.ln_sum / a.tokens, "r2_in": a.r2_in, "r2_ffn_in": a.r2_ffn_in,
-             "norm1_min_var": a.norm1_min_var, "norm2_min_var": a.norm2_min_var}
+             "norm1_min_var": a.norm1_min_var, "norm2_min_var": a.norm2_min_var,
+             "norm1_out_min_var": a.norm1_out_min_var, "norm2_out_min_var": a.norm2_out_min_var}
             for layer, a in sorted(self.layers.items())
         ]
 

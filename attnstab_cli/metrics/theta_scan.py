@@ -88,7 +88,7 @@ def _row_chunks(n_rows: int, t_k: int) -> list[slice]:
 
 def _probabilities(a: AttentionTrace, b: Tensor, h: Tensor, i: Tensor) -> Tensor:
     p, _ = compute_row_probabilities(a.q, a.k, a.scale, b, h, i, causal=a.causal, window=a.window,
-                                     key_padding_mask=a.key_padding_mask)
+                                     key_padding_mask=a.key_padding_mask, logit_cap=a.logit_cap)
     return p                                                                # [R, T_k] float64
 
 
@@ -131,7 +131,7 @@ class ThetaPass:
         """Per-row values of every row of one batch: full coverage, then refinement and A5 (module docstring)."""
         o = self.opts
         st = attn_row_stats(a.q, a.k, a.scale, causal=a.causal, key_padding_mask=a.key_padding_mask,
-                            window=a.window, kernel=o.kernel)
+                            window=a.window, kernel=o.kernel, logit_cap=a.logit_cap)
         err = st.theta_err                                                  # [B, H, T], logit rounding (§3.7)
         lo = (st.theta_lo - err).clamp_min(0.0).cpu()
         hi = torch.where(st.theta_hi >= 1.0, 1.0, (st.theta_hi + err).clamp_max(1.0)).cpu()

@@ -81,6 +81,10 @@ class LayerWeightMetrics:
     norm_eps: float
     qnorm_gamma_max: float | None = None   # q/k norms on the projections (THEORY §18.2); None without
     knorm_gamma_max: float | None = None
+    norm1_out_gamma_max: float | None = None   # branch-output norms (THEORY §18.3); None without them
+    norm1_out_beta_norm: float | None = None
+    norm2_out_gamma_max: float | None = None
+    norm2_out_beta_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -295,6 +299,8 @@ def compute_layer_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int |
     gated = cfg.layout.ffn is FFNKind.GATED
     g_max1, b1 = _norm_stats(w.norm_attn)
     g_max2, b2 = _norm_stats(w.norm_ffn)
+    g_max1o, b1o = _norm_stats(w.norm_attn_out) if w.norm_attn_out is not None else (None, None)
+    g_max2o, b2o = _norm_stats(w.norm_ffn_out) if w.norm_ffn_out is not None else (None, None)
     return LayerWeightMetrics(
         layer=layer, proj_product_layer=proj, alpha_geo=proj ** 0.25,
         kappa_eff=float(sum(_kappa(s, KAPPA_EFF_RIDGE) for s in (s_1, s_2, s_o))),
@@ -305,6 +311,7 @@ def compute_layer_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int |
         ffn_gate_norm_2inf=float(norm_2_to_inf(w.ffn["w_gate"])) if gated else None,
         ffn_up_norm_2inf=float(norm_2_to_inf(w.ffn["w_up"])) if gated else None,
         norm1_gamma_max=g_max1, norm1_beta_norm=b1, norm2_gamma_max=g_max2, norm2_beta_norm=b2,
+        norm1_out_gamma_max=g_max1o, norm1_out_beta_norm=b1o, norm2_out_gamma_max=g_max2o, norm2_out_beta_norm=b2o,
         norm_eps=cfg.norm_eps,
         qnorm_gamma_max=None if w.q_norm is None else _norm_stats(w.q_norm)[0],
         knorm_gamma_max=None if w.k_norm is None else _norm_stats(w.k_norm)[0],

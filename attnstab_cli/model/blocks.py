@@ -1,4 +1,5 @@
-"""One transformer layer in plain torch: norms, attention through SDPA, FFN, and the residual wirings of §7.
+"""One transformer layer in plain torch: norms, attention through SDPA (explicit for soft-capped logits, §18.5),
+FFN, and the residual wirings of §7 and §18.3.
 
 The layer is written once; families differ only in the layout facts of their spec (norm kind, residual wiring,
 QKV packing, RoPE), never in code paths of their own.
@@ -73,12 +74,43 @@ def run_attention(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, layer: int
         q, k = apply_rope(q, *rope_cs, cfg.rope), apply_rope(k, *rope_cs, cfg.rope)
     causal, window, scale = cfg.layout.causal, cfg.sliding_windows[layer], cfg.attn_scale(layer)
     mask = build_attention_mask(t, causal, window, key_padding_mask, x.device)
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                         scale=scale, enable_gqa=hkv != h)     # [B, H, T, D]
+    cap = cfg.attn_logit_cap
+    if cap is None:
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                             scale=scale, enable_gqa=hkv != h)  # [B, H, T, D]
+    else:
+        if mask is None:
+            mask = compute_allowed(0, t, t, t, causal=causal, window=None, key_padding_mask=None, device=x.device)
+        ctx = capped_attention(q, k, v, mask, scale, cap)                      # [B, H, T, D]
     out = _project(ctx.transpose(1, 2).reshape(b, t, h * dh), w.wo, w.bo)     # [B, T, d]
     return AttentionTrace(x=x, q=q, k=k, v=v, scale=scale, causal=causal, window=window,
-                          key_padding_mask=key_padding_mask, context=ctx, out=out,
+                          key_padding_mask=key_padding_mask, context=ctx, out=out, logit_cap=cap,
                           q_norm_stat=q_norm, k_norm_stat=k_norm)
+
+
+_CAPPED_BLOCK_ELEMENTS = 1 << 22   # logits per query block of the explicit soft-capped attention
+
+
+def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
+                     cap: float) -> torch.Tensor:
+    """softmax(c tanh(s q.k / c)) v over the ``allowed [B|1, 1, T, T]`` keys (THEORY §18.5), which SDPA cannot
+    express: computed explicitly, one block of query rows at a time. ``q [B, H, T, D]``, ``k, v [B, H_kv, T, D]``;
+    the softmax runs in float32 or wider, as the model's does."""
+    b, h, t, dh = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    block = max(1, _CAPPED_BLOCK_ELEMENTS // max(1, b * h * t))
+    soft_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    parts = []
+    for i0 in range(0, t, block):
+        i1 = min(t, i0 + block)
+        qi = q[:, :, i0:i1].reshape(b, hkv, g * (i1 - i0), dh)                  # query heads of one K/V head together
+        s = (qi @ k.transpose(-1, -2)).reshape(b, h, i1 - i0, t) * scale       # [B, H, c, T]
+        s = cap * torch.tanh(s / cap)
+        s = s.masked_fill(~allowed[..., i0:i1, :], float("-inf"))
+        p = torch.softmax(s, dim=-1, dtype=soft_dtype).to(q.dtype)
+        parts.append((p.reshape(b, hkv, g * (i1 - i0), t) @ v).reshape(b, h, i1 - i0, dh))
+    return torch.cat(parts, dim=2)
 
 
 def run_ffn(x: torch.Tensor, ffn: dict[str, torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
@@ -98,7 +130,9 @@ def run_layer(hidden: torch.Tensor, w: LayerWeights, cfg: ModelConfig, layer: in
               rope_cs: tuple[torch.Tensor, torch.Tensor] | None,
               key_padding_mask: torch.Tensor | None = None) -> LayerTrace:
     """h_l -> h_{l+1} with the family's residual wiring, recording everything the metrics need; with a shared
-    parallel norm the ``norm_ffn`` trace is the ``norm_attn`` one (the FFN reads the same normalized input)."""
+    parallel norm the ``norm_ffn`` trace is the ``norm_attn`` one (the FFN reads the same normalized input).
+    Branch-output norms (``norm_attn_out``, ``norm_ffn_out``, §18.3) normalize each branch's output before its
+    residual add; their traces' statistics are of the branch outputs."""
     kind, eps, residual = cfg.layout.norm, cfg.norm_eps, cfg.layout.residual
     if residual is Residual.POST:
         attn = run_attention(hidden, w, cfg, layer, rope_cs, key_padding_mask)
@@ -108,13 +142,22 @@ def run_layer(hidden: torch.Tensor, w: LayerWeights, cfg: ModelConfig, layer: in
         return LayerTrace(layer, batch, hidden, n2.out, attn, n1.out, ffn_out, {"norm_attn": n1, "norm_ffn": n2}, w)
     n1 = apply_norm(hidden, w.norm_attn, kind, eps)
     attn = run_attention(n1.out, w, cfg, layer, rope_cs, key_padding_mask)
-    if residual in (Residual.PARALLEL, Residual.PARALLEL_SHARED):
+    if not residual.serial:
         n2 = n1 if residual.shared_norm else apply_norm(hidden, w.norm_ffn, kind, eps)
         ffn_out = run_ffn(n2.out, w.ffn, cfg)
         out = hidden + attn.out + ffn_out
-    else:
-        mid = hidden + attn.out
-        n2 = apply_norm(mid, w.norm_ffn, kind, eps)
-        ffn_out = run_ffn(n2.out, w.ffn, cfg)
-        out = mid + ffn_out
-    return LayerTrace(layer, batch, hidden, out, attn, n2.out, ffn_out, {"norm_attn": n1, "norm_ffn": n2}, w)
+        return LayerTrace(layer, batch, hidden, out, attn, n2.out, ffn_out, {"norm_attn": n1, "norm_ffn": n2}, w)
+    norms = {"norm_attn": n1}
+    attn_branch = attn.out
+    if residual.output_norms:
+        norms["norm_attn_out"] = apply_norm(attn.out, w.norm_attn_out, kind, eps)
+        attn_branch = norms["norm_attn_out"].out
+    mid = hidden + attn_branch
+    n2 = norms["norm_ffn"] = apply_norm(mid, w.norm_ffn, kind, eps)
+    ffn_out = run_ffn(n2.out, w.ffn, cfg)
+    ffn_branch = ffn_out
+    if residual.output_norms:
+        norms["norm_ffn_out"] = apply_norm(ffn_out, w.norm_ffn_out, kind, eps)
+        ffn_branch = norms["norm_ffn_out"].out
+    out = mid + ffn_branch
+    return LayerTrace(layer, batch, hidden, out, attn, n2.out, ffn_out, norms, w)

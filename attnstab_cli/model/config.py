@@ -13,7 +13,9 @@ from attnstab_cli.arch.config_fields import (
     CONFIG_FIELDS, ROPE_SCALING_FIELDS, check_field, check_rope_scaling, rope_type_of,
 )
 from attnstab_cli.arch.registry import TensorNames
-from attnstab_cli.arch.spec import ArchSpec, FFNKind, Layout, Positions, RopeStyle
+import torch
+
+from attnstab_cli.arch.spec import ArchSpec, EmbedScale, FFNKind, Layout, Positions, RopeStyle
 from attnstab_cli.checkpoints.safetensors_header import TensorInfo
 from attnstab_cli.errors import InputError, UnsupportedError, UsageError
 from attnstab_cli.model.activations import ACTIVATIONS
@@ -60,6 +62,15 @@ class ModelConfig:
     tie_embeddings: bool = False
     config_dtype: str | None = None
     pad_token_id: int | None = None
+    query_pre_attn_scalar: float | None = None   # s = query_pre_attn_scalar^(-1/2) when given (THEORY §18.6)
+    attn_logit_cap: float | None = None          # attention logits c tanh(s q.k / c) (THEORY §18.5)
+    final_logit_cap: float | None = None         # output logits c tanh(z / c): the --grad / --curvature loss only
+
+    def embed_multiplier(self, dtype: torch.dtype) -> float:
+        """Factor on the token embedding rows, rounded to ``dtype`` as the model applies it (THEORY §18.6)."""
+        if self.layout.embed_scale is EmbedScale.NONE:
+            return 1.0
+        return float(torch.tensor(math.sqrt(self.d_model), dtype=torch.float32).to(dtype))
 
     @property
     def position_offset(self) -> int:
@@ -74,7 +85,8 @@ class ModelConfig:
 
     def attn_scale(self, layer: int) -> float:
         """Softmax scale s of layer ``layer`` (0-based): logits are s * q.k (THEORY §5.6)."""
-        s = 1.0 / math.sqrt(self.head_dim) if self.scale_attn_weights else 1.0
+        base = self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
+        s = 1.0 / math.sqrt(base) if self.scale_attn_weights else 1.0
         return s / (layer + 1) if self.scale_by_inverse_layer_idx else s
 
     @property
@@ -201,6 +213,8 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
         tie_embeddings=raw.get("tie_embeddings", False),
         pad_token_id=raw.get("pad_token_id"),
         config_dtype=str((config or {}).get("torch_dtype") or (config or {}).get("dtype") or "") or None,
+        query_pre_attn_scalar=raw.get("query_pre_attn_scalar"), attn_logit_cap=raw.get("attn_logit_cap"),
+        final_logit_cap=raw.get("final_logit_cap"),
     )
     if cfg.rope and (cfg.rope.rotary_dim % 2 or not 0 < cfg.rope.rotary_dim <= cfg.head_dim):
         source = subject("rotary_dim") if "rotary_dim" in raw else f"rotary fraction times head_dim {cfg.head_dim}"
@@ -253,11 +267,15 @@ def _build_rope(spec: ArchSpec, raw: dict[str, Any], head_dim: int) -> RopeConfi
 
 
 def _sliding_windows(raw: dict[str, Any], n_layers: int) -> tuple[int | None, ...]:
-    """Per-layer sliding window (Mistral; Qwen2 only with ``use_sliding_window``; ``layer_types`` when given)."""
+    """Per-layer sliding window (Mistral; Qwen2 only with ``use_sliding_window``; ``layer_types`` when given; else
+    with ``sliding_period`` p every p-th layer, 1-based, is global: Gemma 2's alternation is p = 2)."""
     window = raw.get("sliding_window")
     if not window or not raw.get("use_sliding_window", True):
         return (None,) * n_layers
     types = raw.get("layer_types")
     if isinstance(types, list) and len(types) == n_layers:
         return tuple(int(window) if t == "sliding_attention" else None for t in types)
+    period = raw.get("sliding_period")
+    if period:
+        return tuple(None if (i + 1) % period == 0 else int(window) for i in range(n_layers))
     return (int(window),) * n_layers

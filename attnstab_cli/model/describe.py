@@ -9,7 +9,8 @@ from attnstab_cli.arch.spec import Residual
 from attnstab_cli.model.load import OpenModel
 
 PLACEMENT = {Residual.PRE: "pre-norm", Residual.POST: "post-norm", Residual.PARALLEL: "parallel residual (pre-norm)",
-             Residual.PARALLEL_SHARED: "parallel residual (one shared pre-norm)"}
+             Residual.PARALLEL_SHARED: "parallel residual (one shared pre-norm)",
+             Residual.SANDWICH: "sandwich (pre-norm and a norm on each branch output)"}
 
 
 def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
@@ -35,6 +36,7 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "activation": cfg.activation,
         "norm": cfg.layout.norm.value,
         "norm_eps": cfg.norm_eps,
+        "norm_weight": cfg.layout.norm_weight.value,
         "placement": PLACEMENT[cfg.layout.residual],
         "residual": cfg.layout.residual.value,
         "causal": cfg.layout.causal,
@@ -43,6 +45,12 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "rope": None if rope is None else {"theta": rope.theta, "rotary_dim": rope.rotary_dim,
                                            "style": rope.style.value, "scaling": rope.scaling_dict or None},
         "sliding_window": next((w for w in cfg.sliding_windows if w), None),
+        "sliding_layers": [i for i, w in enumerate(cfg.sliding_windows) if w],
+        "attn_scale": cfg.attn_scale(0) if not cfg.scale_by_inverse_layer_idx else None,
+        "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+        "attn_logit_cap": cfg.attn_logit_cap,
+        "final_logit_cap": cfg.final_logit_cap,
+        "embed_scale": cfg.layout.embed_scale.value,
         "vocab_size": cfg.vocab_size,
         "max_positions": cfg.max_positions,
         "position_offset": cfg.position_offset,

@@ -71,6 +71,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
         "qkv.weight": _matrix(d, width), "qkv.bias": _vector(width),
         "norm_attn.weight": _vector(d), "norm_attn.bias": _vector(d),
         "norm_ffn.weight": _vector(d), "norm_ffn.bias": _vector(d),
+        "norm_attn_out.weight": _vector(d), "norm_attn_out.bias": _vector(d),
+        "norm_ffn_out.weight": _vector(d), "norm_ffn_out.bias": _vector(d),
         "ffn_in.weight": _matrix(d, m), "ffn_in.bias": _vector(m),
         "ffn_out.weight": _matrix(m, d), "ffn_out.bias": _vector(d),
         "ffn_gate.weight": _matrix(d, m), "ffn_up.weight": _matrix(d, m),

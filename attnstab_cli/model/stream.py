@@ -57,15 +57,17 @@ class LayerStream:
         self.hidden: list[torch.Tensor] = []
 
     def embed(self) -> list[torch.Tensor]:
-        """h_0 for every batch: token (+ learned position) (+ token-type) embeddings (+ embedding norm)."""
+        """h_0 for every batch: token (times the embedding scale) (+ learned position) (+ token-type) embeddings
+        (+ embedding norm)."""
         load = self.loader.tensor
         tok = load("embed_tokens.weight")
         pos = load("embed_positions.weight") if self.model.names.find("embed_positions.weight") else None
         types = load("embed_types.weight") if self.model.names.find("embed_types.weight") else None
         norm = self.loader.norm("embed_norm") if self.model.names.find("embed_norm.weight") else None
         self.hidden = []
+        scale = self.cfg.embed_multiplier(tok.dtype)                          # Gemma: sqrt(d) in the hidden dtype
         for ids in self.batches:
-            h = tok[ids]                                                      # [B, T, d]
+            h = tok[ids] if scale == 1.0 else tok[ids] * scale                # [B, T, d]
             if pos is not None:
                 h = h + pos[position_ids(ids, self.cfg)]                      # [B, T, d]
             if types is not None:

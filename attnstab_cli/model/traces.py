@@ -35,6 +35,7 @@ class AttentionTrace:
     out: torch.Tensor                        # [B, T, d]     after W_O and b_O
     q_norm_stat: torch.Tensor | None = None  # q/k norms (THEORY §18.2): the norm statistic of the projections,
     k_norm_stat: torch.Tensor | None = None  # [B, T, H|H_kv] per head, [B, T] full width; None without q/k norms
+    logit_cap: float | None = None           # logits are c tanh(scale q.k / c) when set (THEORY §18.5)
 
 
 @dataclass
@@ -46,5 +47,6 @@ class LayerTrace:
     attn: AttentionTrace
     ffn_in: torch.Tensor                     # [B, T, d]
     ffn_out: torch.Tensor                    # [B, T, d]
-    norms: dict[str, NormTrace] = field(default_factory=dict)   # "norm_attn", "norm_ffn"
+    norms: dict[str, NormTrace] = field(default_factory=dict)   # "norm_attn", "norm_ffn" (+ "norm_attn_out",
+                                                                 # "norm_ffn_out" with branch-output norms)
     weights: LayerWeights | None = None

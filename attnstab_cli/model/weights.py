@@ -8,7 +8,7 @@ import torch
 
 from attnstab_cli.arch.layouts import orient, split_packed_qkv
 from attnstab_cli.arch.registry import TensorNames
-from attnstab_cli.arch.spec import FFNKind, QKVPacking
+from attnstab_cli.arch.spec import FFNKind, NormWeight, QKVPacking
 from attnstab_cli.checkpoints.reader import TensorReader
 from attnstab_cli.errors import InputError
 from attnstab_cli.model.config import ModelConfig
@@ -39,6 +39,19 @@ class LayerWeights:
     ffn: dict[str, torch.Tensor]   # mlp: w_in [d,m], b_in, w_out [m,d], b_out; gated: w_gate, w_up [d,m], w_out [m,d]
     q_norm: NormWeights | None = None   # q/k norms (THEORY §18.2): [D] per head or [H*D] / [H_kv*D] full width
     k_norm: NormWeights | None = None
+    norm_attn_out: NormWeights | None = None   # branch-output norms (THEORY §18.3); None without them
+    norm_ffn_out: NormWeights | None = None
+
+    def norms(self) -> dict[str, NormWeights]:
+        """Every distinct norm of the layer by role, in forward order (a shared norm once)."""
+        out = {"norm_attn": self.norm_attn}
+        if self.norm_attn_out is not None:
+            out["norm_attn_out"] = self.norm_attn_out
+        if self.norm_ffn is not self.norm_attn:
+            out["norm_ffn"] = self.norm_ffn
+        if self.norm_ffn_out is not None:
+            out["norm_ffn_out"] = self.norm_ffn_out
+        return out
 
 
 class WeightLoader:
@@ -65,7 +78,12 @@ class WeightLoader:
         return t
 
     def norm(self, role: str, layer: int | None = None) -> NormWeights:
-        return NormWeights(self.tensor(f"{role}.weight", layer), self.tensor(f"{role}.bias", layer))
+        """A norm's gamma and beta; a stored ``w`` of a ``one_plus`` family becomes ``gamma = 1 + w``, formed in
+        float32 or wider (THEORY §18.6; the model forms it so and scales its float32 statistics by it)."""
+        weight = self.tensor(f"{role}.weight", layer)
+        if self.cfg.layout.norm_weight is NormWeight.ONE_PLUS:
+            weight = 1.0 + (weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight)
+        return NormWeights(weight, self.tensor(f"{role}.bias", layer))
 
     def layer(self, layer: int) -> LayerWeights:
         """All weights of one layer; only these are resident while the layer runs."""
@@ -86,6 +104,8 @@ class WeightLoader:
             layer=layer, wq=wq, wk=wk, wv=wv, wo=self.tensor("o.weight", layer),
             bq=bq, bk=bk, bv=bv, bo=self.tensor("o.bias", layer),
             norm_attn=norm_attn, norm_ffn=norm_ffn, ffn=self._ffn(layer), q_norm=qk[0], k_norm=qk[1],
+            norm_attn_out=self.norm("norm_attn_out", layer) if c.layout.residual.output_norms else None,
+            norm_ffn_out=self.norm("norm_ffn_out", layer) if c.layout.residual.output_norms else None,
         )
 
     def _ffn(self, layer: int) -> dict[str, torch.Tensor]:

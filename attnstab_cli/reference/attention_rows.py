@@ -15,8 +15,10 @@ F64 = torch.float64
 
 
 def compute_row_logits(q: Tensor, k: Tensor, scale: float, b: Tensor, h: Tensor, i: Tensor, *, causal: bool,
-                       window: int | None, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Float64 logits ``s = scale · q_i·k_j`` of the rows ``(b[r], h[r], i[r])`` and their key masks.
+                       window: int | None, key_padding_mask: Tensor | None,
+                       logit_cap: float | None = None) -> tuple[Tensor, Tensor]:
+    """Float64 logits ``s = scale · q_i·k_j`` (``c · tanh(s / c)`` with a ``logit_cap`` c, §18.5) of the rows
+    ``(b[r], h[r], i[r])`` and their key masks.
 
     q ``[B, H, T_q, D]``, k ``[B, H_kv, T_k, D]`` (query head h reads key head h // (H / H_kv)), index tensors
     int64 ``[R]``. Returns ``(s [R, T_k], allowed [R, T_k])``; masked logits are −inf.
@@ -43,15 +45,17 @@ def compute_row_logits(q: Tensor, k: Tensor, scale: float, b: Tensor, h: Tensor,
         bi, g = divmod(gid, n_kv)
         rows = q[bi, h[sel], i[sel]].to(F64)                                        # [r, D]
         s[sel] = scale * rows @ k[bi, g].to(F64).T                                  # [r, T_k]
+    if logit_cap is not None:
+        s = logit_cap * torch.tanh(s / logit_cap)
     return s.masked_fill(~allowed, -math.inf), allowed
 
 
 def compute_row_probabilities(q: Tensor, k: Tensor, scale: float, b: Tensor, h: Tensor, i: Tensor, *,
-                              causal: bool, window: int | None,
-                              key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+                              causal: bool, window: int | None, key_padding_mask: Tensor | None,
+                              logit_cap: float | None = None) -> tuple[Tensor, Tensor]:
     """Float64 softmax rows ``p [R, T_k]`` (masked keys exactly 0; a row with no key is all 0) and their masks."""
     s, allowed = compute_row_logits(q, k, scale, b, h, i, causal=causal, window=window,
-                                    key_padding_mask=key_padding_mask)
+                                    key_padding_mask=key_padding_mask, logit_cap=logit_cap)
     return compute_masked_softmax(s, allowed), allowed
 
 

@@ -238,6 +238,7 @@ def attn_row_stats_ref(
     key_padding_mask: Tensor | None = None,
     window: int | None = None,
     block_q: int | None = None,
+    logit_cap: float | None = None,
 ) -> RowStats:
     """Softmax row statistics of s = scale · q kᵀ, chunked over query blocks (THEORY §3.5).
 
@@ -245,6 +246,7 @@ def attn_row_stats_ref(
     attention by a view, never a copy per head); `causal` bottom-right aligned (query i sees keys j ≤ i + T_k − T_q);
     `key_padding_mask` bool `# [B, T_k]`, True = real token; `window` Mistral sliding window (position − j < window).
     `block_q` query rows per chunk; default keeps each chunk near 1M logits. Precision as in the module docstring.
+    `logit_cap` c: the softmax reads c · tanh(s / c) (THEORY §18.5), in float64 like s.
     Returns `RowStats` of `# [B, H, T_q]` float64 tensors (n_keys int32).
     """
     B, H, H_kv, T_q, T_k, D = check_row_stats_inputs(q, k, key_padding_mask, window)
@@ -263,6 +265,8 @@ def attn_row_stats_ref(
             continue
         q_c = q[:, :, i0:i1].to(torch.float64).reshape(B, H_kv, G * (i1 - i0), D)  # [B, H_kv, G·T_chunk, D]
         s = ((q_c * scale) @ k_t[..., j0:j1]).reshape(B, H, i1 - i0, j1 - j0)  # [B, H, T_chunk, T_band] float64
+        if logit_cap is not None:
+            s = logit_cap * torch.tanh(s / logit_cap)
         allowed = compute_allowed(i0, i1, T_q, T_k, causal=causal, key_padding_mask=key_padding_mask, window=window,
                                   device=q.device)[..., j0:j1]
         parts.append(_stats_chunk(s, allowed))

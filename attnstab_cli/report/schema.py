@@ -14,11 +14,15 @@ SCHEMA_VERSION = "5"
 # Version 3 added the optional curvature table (``scan --curvature``); older reports simply have none.
 # Version 4 added no column: ``theta_paper_mean`` became the mean over a seeded sample of rows on the CPU (every row
 # on CUDA; the manifest's run.theta.paper_rows says which), where it had been over every row.
-# Version 5 added the logit bound and the q/k norm gains (THEORY §18.2) and each layer's attention window; the
-# manifest's run.null_columns gives the reason for every column a family leaves null.
+# Version 5 added the logit bound and the q/k norm gains (THEORY §18.2), each layer's attention window and the
+# branch-output norm columns (THEORY §18.3; null for families without such norms); the manifest's run.null_columns
+# gives the reason for every column that is null in every row.
 SCHEMA_HISTORY: dict[str, dict[str, tuple[str, ...]]] = {
     "1": {}, "2": {}, "3": {}, "4": {},
-    "5": {"layers": ("attn_window", "qnorm_gamma_max", "knorm_gamma_max", "logit_bound")},
+    "5": {"layers": ("attn_window", "qnorm_gamma_max", "knorm_gamma_max", "logit_bound",
+                     "norm1_out_min_var", "norm2_out_min_var", "norm1_out_gamma_max", "norm1_out_beta_norm",
+                     "norm2_out_gamma_max", "norm2_out_beta_norm", "ln1_out_lip_global", "ln1_out_lip_local",
+                     "ln2_out_lip_global", "ln2_out_lip_local")},
 }
 
 
@@ -46,6 +50,10 @@ LAYER_COLUMNS: tuple[Column, ...] = (
     Column("norm1_min_var", F64, "variance",
            "smallest per-token variance (LayerNorm) or mean square (RMSNorm) at the first norm's input"),
     Column("norm2_min_var", F64, "variance", "the same at the second norm's input"),
+    Column("norm1_out_min_var", F64, "variance", "the same at the attention-output norm's input, i.e. the MHA "
+           "output tokens (THEORY §18.3; null without branch-output norms)"),
+    Column("norm2_out_min_var", F64, "variance", "the same at the FFN-output norm's input, i.e. the FFN output tokens "
+           "(null without branch-output norms)"),
     Column("wq_full_norm", F64, "l2 operator", "spectral norm of the full W_Q [d, H*D]"),
     Column("wk_full_norm", F64, "l2 operator", "spectral norm of the full W_K [d, H_kv*D]"),
     Column("wv_full_norm", F64, "l2 operator", "spectral norm of the full W_V [d, H_kv*D]"),
@@ -63,6 +71,11 @@ LAYER_COLUMNS: tuple[Column, ...] = (
     Column("norm1_beta_norm", F64, "l2", "l2 norm of the first norm's beta (null for RMSNorm)"),
     Column("norm2_gamma_max", F64, "1", "max |gamma| of the second norm"),
     Column("norm2_beta_norm", F64, "l2", "l2 norm of the second norm's beta (null for RMSNorm)"),
+    Column("norm1_out_gamma_max", F64, "1", "max |gamma| of the norm on the attention output (THEORY §18.3; null "
+           "without branch-output norms); gamma = 1 + w where the model stores w (§18.6), as for every gamma column"),
+    Column("norm1_out_beta_norm", F64, "l2", "l2 norm of that norm's beta (null for RMSNorm or without it)"),
+    Column("norm2_out_gamma_max", F64, "1", "max |gamma| of the norm on the FFN output (null without it)"),
+    Column("norm2_out_beta_norm", F64, "l2", "l2 norm of that norm's beta (null for RMSNorm or without it)"),
     Column("qnorm_gamma_max", F64, "1", "max |gamma| of the q norm on the projections (THEORY §18.2; null without)"),
     Column("knorm_gamma_max", F64, "1", "max |gamma| of the k norm on the projections (null without)"),
     Column("norm_eps", F64, "variance", "the norms' epsilon"),
@@ -93,6 +106,11 @@ LAYER_COLUMNS: tuple[Column, ...] = (
     Column("ln1_lip_local", F64, "1", "the same at the measured norm inputs (max over sequences)"),
     Column("ln2_lip_global", F64, "1", "second norm, all inputs"),
     Column("ln2_lip_local", F64, "1", "second norm, measured inputs (max over sequences)"),
+    Column("ln1_out_lip_global", F64, "1", "norm on the attention output (N1b of THEORY §18.3), all inputs; null "
+           "without branch-output norms"),
+    Column("ln1_out_lip_local", F64, "1", "the same at the measured MHA output tokens (max over sequences)"),
+    Column("ln2_out_lip_global", F64, "1", "norm on the FFN output (N2b), all inputs; null without it"),
+    Column("ln2_out_lip_local", F64, "1", "the same at the measured FFN output tokens (max over sequences)"),
     Column("logit_bound", F64, "1",
            "tier 1 bound on every logit |s q.k|: max_h s M_Q M_K, the q/k norms' reset radii with q/k norms, else "
            "(||W_Q^h|| R + ||b_Q^h||)(||W_K^g|| R + ||b_K^g||) at R = r2_in_reset (THEORY §18.2)"),
@@ -187,7 +205,8 @@ TABLES: dict[str, tuple[Column, ...]] = {"layers": LAYER_COLUMNS, "heads": HEAD_
 CURVATURE_COLUMNS: tuple[Column, ...] = (
     Column("layer", I64, "index", "0-based layer index (null for the whole-model row)"),
     Column("block", pa.string(), "text", "parameter block: attn_q, attn_k, attn_v, attn_out, ffn_in, ffn_out, "
-           "norm_attn.gamma, norm_attn.beta, norm_ffn.gamma, norm_ffn.beta, or model (all blocks)", required=True),
+           "norm_attn.gamma, norm_attn.beta, norm_ffn.gamma, norm_ffn.beta (norm_attn_out.*, norm_ffn_out.* with "
+           "branch-output norms), or model (all blocks)", required=True),
     Column("n_params", I64, "count", "parameters in the block"),
     Column("lambda_max", F64, "loss / param^2",
            "largest eigenvalue of the block's Hessian diagonal block (Lanczos top Ritz value, never above it)"),

@@ -51,3 +51,30 @@ def test_unsupported_if_true_must_name_a_field_the_spec_reads() -> None:
     del data["config"]["qk_layernorm"]
     with pytest.raises(ValueError, match="qk_layernorm"):
         parse_spec(data)
+
+
+def test_branch_output_norm_roles_go_with_the_sandwich_wiring() -> None:
+    """§18.3: residual 'sandwich' needs both branch-output norms; another wiring may not declare them."""
+    data = _spec_data("gemma2")
+    spec = parse_spec(data)
+    assert spec.layout.residual.output_norms and spec.layout.residual.input_norms
+    assert (spec.layout.norm_weight.value, spec.layout.embed_scale.value) == ("one_plus", "sqrt_d")
+    del data["layer_tensors"]["norm_ffn_out.weight"]
+    with pytest.raises(ValueError, match="norm_ffn_out"):
+        parse_spec(data)
+    llama = _spec_data("llama")
+    llama["layer_tensors"]["norm_attn_out.weight"] = "layers.{layer}.post_attention_layernorm.weight"
+    with pytest.raises(ValueError, match="no branch-output norms"):
+        parse_spec(llama)
+
+
+def test_an_unknown_layout_key_or_value_is_refused() -> None:
+    data = _spec_data("gemma2")
+    data["layout"]["norm_weight"] = "one_minus"
+    with pytest.raises(ValueError, match="one_minus"):
+        parse_spec(data)
+    data = _spec_data("llama")
+    data["layout"]["embed_scaling"] = "sqrt_d"
+    with pytest.raises(ValueError, match="embed_scaling"):
+        parse_spec(data)
+    assert parse_spec(_spec_data("llama")).layout.norm_weight.value == "gamma"

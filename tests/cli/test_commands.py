@@ -31,7 +31,7 @@ def test_no_args_shows_help() -> None:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "distilbert", "roberta", "xlm_roberta",
-                                    "gptj", "phi", "qwen3"])
+                                    "gptj", "phi", "qwen3", "gemma2"])
 def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     path, ref = tiny_checkpoints[family]
     result = invoke("info", path, "--json")
@@ -49,12 +49,21 @@ def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     assert data["tied_embeddings"] == bool(cfg.tie_word_embeddings)
     expected = {"gpt2": "pre-norm", "llama": "pre-norm", "neox": "parallel residual (pre-norm)", "bert": "post-norm",
                 "gptj": "parallel residual (one shared pre-norm)", "phi": "parallel residual (one shared pre-norm)",
-                "qwen3": "pre-norm"}
+                "qwen3": "pre-norm", "gemma2": "sandwich (pre-norm and a norm on each branch output)"}
     expected.update(dict.fromkeys(("distilbert", "roberta", "xlm_roberta"), "post-norm"))
     assert data["placement"] == expected[family]
-    assert data["norm"] == ("rmsnorm" if family in ("llama", "qwen3") else "layernorm")
+    assert data["norm"] == ("rmsnorm" if family in ("llama", "qwen3", "gemma2") else "layernorm")
     assert data["qk_norm"] == ("per_head" if family == "qwen3" else None)
     assert data["head_dim"] == (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    assert data["norm_weight"] == ("one_plus" if family == "gemma2" else "gamma")
+    if family == "gemma2":                                     # the layout facts Gemma 2 adds (THEORY §18.5, §18.6)
+        assert data["residual"] == "sandwich" and data["embed_scale"] == "sqrt_d"
+        assert data["attn_scale"] == pytest.approx(cfg.query_pre_attn_scalar ** -0.5)
+        assert (data["attn_logit_cap"], data["final_logit_cap"]) == (cfg.attn_logit_softcapping,
+                                                                     cfg.final_logit_softcapping)
+        assert data["sliding_layers"] == [i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"]
+        text = invoke("info", path).stdout
+        assert "logit soft-cap 5" in text and "gamma = 1 + stored weight" in text and "layers 0, 2" in text
     assert sum(data["files"].values()) == data["total_bytes"] > 0
 
 
@@ -89,11 +98,11 @@ def test_scan_runs_end_to_end(family: str, tiny_checkpoints: dict, tmp_path: Pat
     assert [(r["layer"], r["head"], r["kv_head"]) for r in heads] == [
         (layer, h, h // (n_heads // n_kv)) for layer in range(ref.config.num_hidden_layers) for h in range(n_heads)]
     assert heads == data["heads"]
-    for r in heads:   # causal rows 0..14 are short; Mistral's window of 7 keys makes every row short
+    for r in heads:   # causal rows 0..14 are short; a window of 7 keys (Mistral, Gemma 2's sliding layers) all rows
         assert r["n_rows"] + r["n_rows_short"] == 4 * 24
         assert 0.0 <= r["theta_tilde_lo"] <= r["theta_tilde_hi"] <= 1.0
         if r["n_rows"] == 0:
-            assert family == "mistral" and r["theta_mean"] is None
+            assert family in ("mistral", "gemma2") and r["theta_mean"] is None
             continue
         assert 0.0 <= r["theta_mean"] <= r["theta_hi_mean"] <= 1.0
         assert r["theta_p05_lo"] <= r["theta_p05"] <= r["theta_p05_hi"] <= r["theta_p50_lo"] + 1e-3

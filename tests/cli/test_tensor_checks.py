@@ -17,7 +17,7 @@ from tiny_models import save_tiny_model
 
 SCAN = ("--calib", "random", "--seq-len", "16", "--batch-size", "1", "--batches", "1", "--empirical-seqs", "0",
         "--quiet")
-FAMILIES = ("gpt2", "llama", "neox", "bert", "mistral", "gptj", "phi")
+FAMILIES = ("gpt2", "llama", "neox", "bert", "mistral", "gptj", "phi", "gemma2")
 
 
 def _save_transformers(directory: Path, config_cls: str, model_cls: str, **kwargs: object) -> Path:
@@ -96,7 +96,7 @@ def test_unsupported_model_type_hint_says_the_tensors_are_checked(ckpts: dict[st
     assert "Adding a family" in result.stderr
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "gptj"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "gptj", "gemma2"])
 def test_an_extra_unknown_tensor_is_refused(family: str, ckpts: dict[str, Path], tmp_path: Path) -> None:
     ck = _edit_weights(_copy(ckpts[family], tmp_path), lambda s: s.update({"adapter.lora_A.weight": torch.ones(4, 64)}))
     assert_input_error(invoke("scan", ck, *SCAN), "model.safetensors", "1 tensor not read", "adapter.lora_A.weight")
@@ -160,6 +160,7 @@ def test_forced_bert_on_mpnet_says_no_tensor_matches(ckpts: dict[str, Path]) -> 
     ("llama", ("model.norm.weight",), "model.norm.weight"),
     ("gptj", ("transformer.h.1.ln_1.bias",), "transformer.h.1.ln_1.bias"),       # the one norm both branches read
     ("bert", ("bert.embeddings.LayerNorm.weight", "bert.embeddings.LayerNorm.bias"), "embeddings.LayerNorm.weight"),
+    ("gemma2", ("model.layers.2.post_feedforward_layernorm.weight",), "layers.2.post_feedforward_layernorm.weight"),
 ])
 def test_a_missing_required_tensor_is_refused_before_any_work(family: str, removed: tuple[str, ...], needle: str,
                                                               ckpts: dict[str, Path], tmp_path: Path) -> None:

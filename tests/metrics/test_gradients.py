@@ -21,6 +21,9 @@ GROUPS = {
                     ("input_layernorm", "post_attention_layernorm")),
     "gptj": (lambda m: m.transformer.h, ("attn",), ("mlp",), ("ln_1",)),
     "phi": (lambda m: m.model.layers, ("self_attn",), ("mlp",), ("input_layernorm",)),
+    "gemma2": (lambda m: m.model.layers, ("self_attn",), ("mlp",),     # final-logit soft-cap in the loss
+               ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm")),
     "bert": (lambda m: m.bert.encoder.layer, ("attention.self", "attention.output.dense"),
              ("intermediate", "output.dense"), ("attention.output.LayerNorm", "output.LayerNorm")),
     "roberta": (lambda m: m.roberta.encoder.layer, ("attention.self", "attention.output.dense"),

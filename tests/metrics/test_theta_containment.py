@@ -28,6 +28,8 @@ def dense_rows(a, b: int) -> torch.Tensor:
     h, h_kv, t = a.q.shape[1], a.k.shape[1], a.q.shape[2]
     k = a.k[b].double().repeat_interleave(h // h_kv, dim=0)                       # [H, T, D]
     s = a.scale * a.q[b].double() @ k.transpose(-1, -2)                            # [H, T, T]
+    if a.logit_cap is not None:                                                    # Gemma 2 soft-cap (§18.5)
+        s = a.logit_cap * torch.tanh(s / a.logit_cap)
     pad = None if a.key_padding_mask is None else a.key_padding_mask[b:b + 1]
     allowed = compute_allowed(0, t, t, t, causal=a.causal, window=a.window, key_padding_mask=pad, device="cpu")
     p = torch.softmax(s.masked_fill(~allowed[0], float("-inf")), dim=-1).nan_to_num(0.0)
@@ -66,3 +68,26 @@ def test_theta_intervals_contain_exact_values_samples(name: str) -> None:
     vocab = open_model(path).cfg.vocab_size
     tokens = torch.randint(0, vocab, (1, 80), generator=torch.Generator().manual_seed(5))
     assert check_model(path, [tokens]) > 0
+
+
+def test_capped_theta_contains_eager_probabilities(tiny_checkpoints: dict) -> None:
+    """θ of the soft-capped rows (THEORY §18.5) from the reference's own eager attention probabilities (float32,
+    so within 1e-4 by the 2-Lipschitz regularity of θ, T9) lies in the scan's certified intervals."""
+    path, ref = tiny_checkpoints["gemma2"]
+    model = open_model(path)
+    assert model.cfg.attn_logit_cap is not None
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = ref(tokens, output_attentions=True).attentions
+    obs = ThetaPass(model.cfg.n_heads, model.cfg.n_kv_heads, ThetaOptions(slack=0.0, tol=0.0, rows_per_head=None))
+    capped = 0
+    for trace in LayerStream(model, [tokens]).layers():
+        a = trace.attn
+        raw = a.scale * a.q.double() @ a.k.double().repeat_interleave(model.cfg.group_size, 1).transpose(-1, -2)
+        capped += int((raw.abs() > a.logit_cap).sum())
+        v = obs.measure(a)
+        p = eager[trace.layer][0].double().reshape(-1, 40)                       # [H·T, T]
+        exact = compute_theta_interval(p, slack=0.0)
+        lo, hi = v.lo[0].reshape(-1), v.hi[0].reshape(-1)
+        assert bool((lo <= exact.hi + 1e-4).all() and (exact.lo <= hi + 1e-4).all())
+    assert capped > 0                                                             # raw logits beyond the cap

@@ -18,6 +18,8 @@ def probabilities_from_trace(a: AttentionTrace) -> torch.Tensor:
     """Dense softmax [B, H, T, T] rebuilt from Q, K, scale and the mask description (test sizes only)."""
     group = a.q.shape[1] // a.k.shape[1]
     logits = a.scale * a.q.double() @ a.k.double().repeat_interleave(group, 1).transpose(-1, -2)
+    if a.logit_cap is not None:
+        logits = a.logit_cap * torch.tanh(logits / a.logit_cap)
     t = logits.shape[-1]
     i, j = torch.arange(t)[:, None], torch.arange(t)[None]
     allowed = torch.ones(t, t, dtype=torch.bool)

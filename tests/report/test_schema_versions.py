@@ -75,7 +75,7 @@ def test_version_1_reads_and_missing_columns_come_back_null(report: Path, tmp_pa
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     old = _rewrite_version(report, tmp_path / "v1", "1")
     assert load_report(old).tables["layers"] == load_report(report).tables["layers"]
-    monkeypatch.setattr(read, "SCHEMA_HISTORY", {**read.SCHEMA_HISTORY, "2": {"layers": ("theta_bar",)}})
+    monkeypatch.setattr(read, "SCHEMA_HISTORY", {**schema.SCHEMA_HISTORY, "2": {"layers": ("theta_bar",)}})
     older = _rewrite_version(report, tmp_path / "v1b", "1", drop={"layers": "theta_bar"})
     loaded = load_report(older)
     assert all(r["theta_bar"] is None for r in loaded.layers)

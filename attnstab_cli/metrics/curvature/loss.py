@@ -7,7 +7,7 @@ below, named ``"<layer>.<block>.<tensor>"``:
 
 ``attn_q``, ``attn_k``, ``attn_v`` (W_Q, W_K, W_V, each with its bias), ``attn_out`` (W_O, b_O), ``ffn_in`` (W_in, b_in or W_gate, W_up),
 ``ffn_out`` (W_out, b_out), ``norm_attn.gamma``, ``norm_attn.beta``, ``norm_ffn.gamma``, ``norm_ffn.beta`` (β only for
-LayerNorm).
+LayerNorm), and with branch-output norms (THEORY §18.3) ``norm_attn_out.gamma``, ``norm_ffn_out.gamma`` (and β).
 """
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
     "norm_attn.beta": ("norm_attn.bias",),
     "norm_ffn.gamma": ("norm_ffn.weight",),
     "norm_ffn.beta": ("norm_ffn.bias",),
+    "norm_attn_out.gamma": ("norm_attn_out.weight",),
+    "norm_attn_out.beta": ("norm_attn_out.bias",),
+    "norm_ffn_out.gamma": ("norm_ffn_out.weight",),
+    "norm_ffn_out.beta": ("norm_ffn_out.bias",),
 }
 Params = dict[str, torch.Tensor]
 
@@ -59,7 +63,7 @@ def _get(w: LayerWeights, name: str) -> torch.Tensor | None:
         return value.get(tail)
     if isinstance(value, NormWeights):
         return value.weight if tail == "weight" else value.bias
-    return value
+    return value                                   # a tensor, or None (no such norm in this layer)
 
 
 def split_name(name: str) -> tuple[int, str, str]:
@@ -86,7 +90,9 @@ def with_params(w: LayerWeights, params: Params) -> LayerWeights:
         return w
     changes: dict[str, Any] = {}
     ffn = dict(w.ffn)
-    norms = {"norm_attn": w.norm_attn, "norm_ffn": w.norm_ffn}
+    norms = {role: norm for role, norm in (("norm_attn", w.norm_attn), ("norm_ffn", w.norm_ffn),
+                                           ("norm_attn_out", w.norm_attn_out), ("norm_ffn_out", w.norm_ffn_out))
+             if norm is not None}
     for name, value in fields.items():
         head, _, tail = name.partition(".")
         if head == "ffn":

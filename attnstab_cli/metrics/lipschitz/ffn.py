@@ -3,8 +3,12 @@
 * GELU-style MLP ``phi(x W1 + b1) W2 + b2``: ``J = W1 diag(phi'(a)) W2``, so
   ``||J(x)|| <= ||W1|| max_k |phi'(a_k)| ||W2||`` (tier 2; ReLU's kink counts with slope 1) and
   ``L_phi ||W1|| ||W2||`` with ``L_phi = 1.129`` for GELU (tier 1; erf max slope 1.12890, tanh 1.12899).
-* SwiGLU ``(silu(x Wg) * x Wu) Wd``: not globally Lipschitz; local, stacked and ball bounds of §6.2. SiLU constants:
-  ``max silu' = 1.0998393`` at ``z* = 2.399357``; ``sup_{|z|<=A} |silu| = A sigma(A)``.
+* Gated ``(phi(x Wg) * x Wu) Wd``: not globally Lipschitz; local, stacked and ball bounds of §6.2, with phi = SiLU
+  (SwiGLU) or GELU (GeGLU, §18.6). Per activation: ``z*`` the argmax of phi' and ``max phi'``; for both
+  ``phi'(z) + phi'(-z) = 1`` and ``phi`` is increasing on z >= 0 with ``|phi(-z)| <= phi(z)``, so
+  ``sup_{|z|<=A} |phi'| = phi'(min(A, z*))`` and ``sup_{|z|<=A} |phi| = phi(A)`` (``A sigma(A)``, ``A Phi(A)``).
+  SiLU: ``max silu' = 1.0998393`` at ``z* = 2.399357``; GELU: ``1.1289042`` at ``sqrt 2`` (erf form), ``1.1289931`` at
+  ``1.418504`` (tanh form).
 """
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ GELU_LIPSCHITZ = 1.129                    # >= max |GELU'| for the erf (1.128904
 SILU_ZSTAR = 2.399357280537518            # argmax of silu'
 SILU_DMAX = 1.0998393201289               # max silu' (1.09983932012887 rounded up)
 SILU_DMIN = 1.0 - SILU_DMAX               # min silu' at -z*, since silu'(z) + silu'(-z) = 1
+GELU_ERF_ZSTAR = math.sqrt(2.0)           # argmax of gelu' (erf form): gelu'' = N(z) (2 - z^2)
+GELU_ERF_DMAX = 1.1289042                 # max gelu' (erf), 1.12890414518515 rounded up
+GELU_TANH_ZSTAR = 1.4185039959294772      # argmax of the tanh form's derivative (ternary search, float64)
+GELU_TANH_DMAX = 1.1289931                # its maximum, 1.12899306865877 rounded up
 _TANH_C = math.sqrt(2.0 / math.pi)
 
 
@@ -49,6 +57,19 @@ _DERIVATIVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 _LIPSCHITZ = {"gelu": GELU_LIPSCHITZ, "gelu_new": GELU_LIPSCHITZ, "gelu_pytorch_tanh": GELU_LIPSCHITZ,
               "gelu_fast": GELU_LIPSCHITZ, "silu": SILU_DMAX, "swish": SILU_DMAX, "relu": 1.0}
+
+
+_GELU_TANH = lambda z: torch.nn.functional.gelu(z, approximate="tanh")
+# activation -> (phi, phi', z*, max phi') for the gated bounds of §6.2 / §18.6
+_Fn = Callable[[torch.Tensor], torch.Tensor]
+GATED: dict[str, tuple[_Fn, _Fn, float, float]] = {
+    "silu": (torch.nn.functional.silu, silu_derivative, SILU_ZSTAR, SILU_DMAX),
+    "swish": (torch.nn.functional.silu, silu_derivative, SILU_ZSTAR, SILU_DMAX),
+    "gelu": (torch.nn.functional.gelu, gelu_erf_derivative, GELU_ERF_ZSTAR, GELU_ERF_DMAX),
+    "gelu_new": (_GELU_TANH, gelu_tanh_derivative, GELU_TANH_ZSTAR, GELU_TANH_DMAX),
+    "gelu_pytorch_tanh": (_GELU_TANH, gelu_tanh_derivative, GELU_TANH_ZSTAR, GELU_TANH_DMAX),
+    "gelu_fast": (_GELU_TANH, gelu_tanh_derivative, GELU_TANH_ZSTAR, GELU_TANH_DMAX),
+}
 
 
 def activation_derivative(a: torch.Tensor, activation: str) -> torch.Tensor:
@@ -98,26 +119,31 @@ def _gated_preacts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) ->
 
 
 def compute_swiglu_local_tokens(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                                w_out: torch.Tensor, norms: dict[str, float] | None = None) -> torch.Tensor:
-    """Tier 2 per token (§6.2): ``||Wd|| (||Wg|| ||silu'(a) b||_inf + ||Wu|| ||silu(a)||_inf)``: ``[T]``
-    (``norms`` from :func:`compute_ffn_norms`, else computed here)."""
+                                w_out: torch.Tensor, norms: dict[str, float] | None = None,
+                                activation: str = "silu") -> torch.Tensor:
+    """Tier 2 per token (§6.2): ``||Wd|| (||Wg|| ||phi'(a) b||_inf + ||Wu|| ||phi(a)||_inf)``: ``[T]``
+    (``norms`` from :func:`compute_ffn_norms`, else computed here; phi the gate ``activation``)."""
+    phi, dphi, _, _ = GATED[activation]
     a, b = _gated_preacts(x, w_gate, w_up)
-    gate_term = _norm(w_gate, norms, "w_gate") * (silu_derivative(a) * b).abs().amax(dim=-1)
-    up_term = _norm(w_up, norms, "w_up") * torch.nn.functional.silu(a).abs().amax(dim=-1)
+    gate_term = _norm(w_gate, norms, "w_gate") * (dphi(a) * b).abs().amax(dim=-1)
+    up_term = _norm(w_up, norms, "w_up") * phi(a).abs().amax(dim=-1)
     return _norm(w_out, norms, "w_out") * (gate_term + up_term)
 
 
 def compute_swiglu_stacked_tokens(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                                  w_out: torch.Tensor) -> torch.Tensor:
-    """Stacked form (§6.2): ``||[Wg Wu]|| ||Wd|| max_k ((silu'(a_k) b_k)^2 + silu(a_k)^2)^(1/2)``: ``[T]``."""
+                                  w_out: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """Stacked form (§6.2): ``||[Wg Wu]|| ||Wd|| max_k ((phi'(a_k) b_k)^2 + phi(a_k)^2)^(1/2)``: ``[T]``."""
+    phi, dphi, _, _ = GATED[activation]
     a, b = _gated_preacts(x, w_gate, w_up)
-    coef = torch.sqrt((silu_derivative(a) * b).pow(2) + torch.nn.functional.silu(a).pow(2)).amax(dim=-1)
+    coef = torch.sqrt((dphi(a) * b).pow(2) + phi(a).pow(2)).amax(dim=-1)
     return spectral_norm(torch.cat([w_gate, w_up], dim=1)) * spectral_norm(w_out) * coef
 
 
 def compute_swiglu_ball(r2: float, w_gate: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor,
-                        b_gate: torch.Tensor | None = None, b_up: torch.Tensor | None = None) -> float:
-    """Lipschitz constant on the ball ``||x||_2 <= r2`` (§6.2, tier 1)."""
+                        b_gate: torch.Tensor | None = None, b_up: torch.Tensor | None = None,
+                        activation: str = "silu") -> float:
+    """Lipschitz constant on the ball ``||x||_2 <= r2`` (§6.2, tier 1; §18.6 for a GELU gate)."""
+    phi, dphi, z_star, d_max = GATED[activation]
     col_g = r2 * torch.linalg.vector_norm(w_gate.to(F64), dim=0)                  # [m] bound on |a_k|
     col_u = r2 * torch.linalg.vector_norm(w_up.to(F64), dim=0)                    # [m] bound on |b_k|
     if b_gate is not None:
@@ -125,9 +151,9 @@ def compute_swiglu_ball(r2: float, w_gate: torch.Tensor, w_up: torch.Tensor, w_o
     if b_up is not None:
         col_u = col_u + b_up.to(F64).abs()
     big_a, big_b = float(col_g.max()), float(col_u.max())
-    slope = SILU_DMAX if big_a >= SILU_ZSTAR else float(silu_derivative(torch.tensor(big_a, dtype=F64)))
-    sig = 1.0 / (1.0 + math.exp(-big_a))
-    inner = slope * float(spectral_norm(w_gate)) * big_b + float(spectral_norm(w_up)) * big_a * sig
+    slope = d_max if big_a >= z_star else float(dphi(torch.tensor(big_a, dtype=F64)))
+    value = float(phi(torch.tensor(big_a, dtype=F64)))                              # sup |phi| on [-A, A]
+    inner = slope * float(spectral_norm(w_gate)) * big_b + float(spectral_norm(w_up)) * value
     return float(spectral_norm(w_out)) * inner
 
 
@@ -139,15 +165,16 @@ def compute_swiglu_ball_simple(r2: float, w_gate: torch.Tensor, w_up: torch.Tens
 
 
 def _check_gated(activation: str) -> None:
-    if activation not in ("silu", "swish"):
-        raise UnsupportedError(f"gated FFN with activation {activation!r}: only SwiGLU bounds are implemented (§6.2)")
+    if activation not in GATED:
+        raise UnsupportedError(f"gated FFN with activation {activation!r}: bounds exist for SiLU and GELU gates only "
+                               "(§6.2, §18.6)")
 
 
 def compute_ffn_bound_weights(ffn: dict[str, torch.Tensor], kind: FFNKind, activation: str, r2: float) -> float:
     """Tier-1 FFN bound (§8.1): GELU weights-only, or the SwiGLU ball bound at the radius ``r2`` of its input."""
     if kind is FFNKind.GATED:
         _check_gated(activation)
-        return compute_swiglu_ball(r2, ffn["w_gate"], ffn["w_up"], ffn["w_out"])
+        return compute_swiglu_ball(r2, ffn["w_gate"], ffn["w_up"], ffn["w_out"], activation=activation)
     return compute_mlp_bound_weights(ffn["w_in"], ffn["w_out"], activation)
 
 
@@ -156,5 +183,5 @@ def compute_ffn_bound_tokens(ffn: dict[str, torch.Tensor], kind: FFNKind, activa
     """Tier-2 per-token FFN bound at the FFN inputs ``x [T, d]`` (§6.1, §6.2 local form): ``[T]``."""
     if kind is FFNKind.GATED:
         _check_gated(activation)
-        return compute_swiglu_local_tokens(x, ffn["w_gate"], ffn["w_up"], ffn["w_out"], norms)
+        return compute_swiglu_local_tokens(x, ffn["w_gate"], ffn["w_up"], ffn["w_out"], norms, activation)
     return compute_mlp_bound_tokens(x, ffn["w_in"], ffn.get("b_in"), ffn["w_out"], activation, norms)

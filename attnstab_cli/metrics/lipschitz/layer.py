@@ -3,8 +3,12 @@
 | wiring   | bound                                           |
 |----------|-------------------------------------------------|
 | pre      | ``(1 + L_N1 L_MHA)(1 + L_N2 L_FFN)``            |
+| sandwich | ``(1 + L_N1b L_MHA L_N1a)(1 + L_N2b L_FFN L_N2a)`` (§18.3) |
 | post     | ``L_N2 (1 + L_FFN) L_N1 (1 + L_MHA)``           |
 | parallel | ``1 + L_N1 L_MHA + L_N2 L_FFN``                 |
+
+Branch-output norms (``N1b``, ``N2b``; columns ``ln1_out_*``, ``ln2_out_*``) are evaluated, in tier 2, at the branch
+output tokens they read; the MHA and FFN radii are the resets of the input norms ``N1a``, ``N2a`` as in pre-norm.
 
 Tier 1 (§8.1): weights only, ``theta = 1``, global norm constants, MHA radius ``r2_in_reset``. Tier 2 (§8.2): at one
 sequence, each factor at its actual input; ``theta_tilde_h = max_i theta_hi`` over that sequence's rows. Tier 2r
@@ -49,25 +53,32 @@ class LayerLipschitz:
     lip_layer_refined: float | None
     r2_in_reset: float
     logit_bound: float                 # tier 1: max_h s M_Q M_K, a bound on every |s q.k| (THEORY §18.2)
+    ln1_out_lip_global: float | None = None     # branch-output norms (§18.3); None without them
+    ln1_out_lip_local: float | None = None
+    ln2_out_lip_global: float | None = None
+    ln2_out_lip_local: float | None = None
 
 
-def combine_layer_bound(residual: Residual, ln1: float, mha: float, ln2: float, ffn: float) -> float:
-    """The table of §7 for one set of factor bounds."""
-    if residual is Residual.PRE:
-        return (1.0 + ln1 * mha) * (1.0 + ln2 * ffn)
+def combine_layer_bound(residual: Residual, ln1: float, mha: float, ln2: float, ffn: float,
+                        ln1_out: float = 1.0, ln2_out: float = 1.0) -> float:
+    """The tables of §7 and §18.3 for one set of factor bounds; ``ln1_out``, ``ln2_out`` are the branch-output
+    norms' constants (1 where the wiring has none)."""
+    if residual.serial:
+        return (1.0 + ln1_out * mha * ln1) * (1.0 + ln2_out * ffn * ln2)
     if residual is Residual.POST:
         return ln2 * (1.0 + ffn) * ln1 * (1.0 + mha)
     return 1.0 + ln1 * mha + ln2 * ffn
 
 
 def compute_first_layer_radius(kind: NormKind, embed_norm: NormWeights | None, tok: torch.Tensor | None = None,
-                               pos: torch.Tensor | None = None, types: torch.Tensor | None = None) -> float:
+                               pos: torch.Tensor | None = None, types: torch.Tensor | None = None,
+                               tok_scale: float = 1.0) -> float:
     """Radius of ``h_0`` (§8.1, post-LN layer 1): the embedding norm's reset bound, else the embedding row norms."""
     if embed_norm is not None:
         return compute_reset_radius(embed_norm, kind)
     if tok is None:
         raise ValueError("without an embedding norm the token embedding table is needed for the layer-1 radius")
-    return compute_embedding_radius(tok, pos, types)
+    return compute_embedding_radius(tok, pos, types, tok_scale)
 
 
 def compute_r2_in_reset(cfg: ModelConfig, weights: LayerWeights, prev_norm_ffn: NormWeights | None = None,
@@ -100,6 +111,17 @@ class WeightsTier:
     lip_ffn_weights: float
     lip_layer_weights: float
     r2_in_reset: float
+    ln1_out_lip_global: float | None = None
+    ln2_out_lip_global: float | None = None
+
+
+def _factors(*constants: float | None) -> tuple[float, ...]:
+    """Branch-output norm constants as bound factors: 1 where the layer has no such norm."""
+    return tuple(1.0 if c is None else c for c in constants)
+
+
+def _out_norm_global(norm: NormWeights | None, eps: float) -> float | None:
+    return None if norm is None else compute_norm_lip_global(norm.weight, eps)
 
 
 def _cpu_head_norms(weights: LayerWeights, cfg: ModelConfig, norms: HeadNorms | None) -> HeadNorms:
@@ -116,8 +138,9 @@ def compute_weights_tier(weights: LayerWeights, cfg: ModelConfig, r2_in_reset: f
     ln2 = compute_norm_lip_global(weights.norm_ffn.weight, cfg.norm_eps)
     mha = compute_mha_bound(norms, 1.0, r2_in_reset, cfg.attn_scale(weights.layer))
     ffn = compute_ffn_bound_weights(weights.ffn, cfg.layout.ffn, cfg.activation, compute_ffn_reset_radius(cfg, weights))
-    layer = combine_layer_bound(cfg.layout.residual, ln1, mha.lip_mha, ln2, ffn)
-    return WeightsTier(ln1, ln2, mha, ffn, layer, r2_in_reset)
+    ln1o, ln2o = (_out_norm_global(n, cfg.norm_eps) for n in (weights.norm_attn_out, weights.norm_ffn_out))
+    layer = combine_layer_bound(cfg.layout.residual, ln1, mha.lip_mha, ln2, ffn, *_factors(ln1o, ln2o))
+    return WeightsTier(ln1, ln2, mha, ffn, layer, r2_in_reset, ln1o, ln2o)
 
 
 @dataclass(frozen=True)
@@ -133,6 +156,8 @@ class CalibratedTier:
     lip_ffn_calibrated: float
     lip_layer_calibrated: float
     lip_layer_refined: float
+    ln1_out_lip_local: float | None = None     # at the MHA output tokens (branch-output norm, §18.3)
+    ln2_out_lip_local: float | None = None     # at the FFN output tokens
 
 
 def qk_stats(trace: LayerTrace, batch: int) -> QKStats | None:
@@ -166,10 +191,14 @@ def compute_calibrated_tier(trace: LayerTrace, cfg: ModelConfig, theta_hi: torch
     ffn = float(compute_ffn_bound_tokens(w.ffn, cfg.layout.ffn, cfg.activation, trace.ffn_in[b],
                                          ffn_norms or compute_ffn_norms(w.ffn)).max())
     residual = cfg.layout.residual
+    ln1o, ln2o = (None if norm is None else compute_norm_lip_local(norm.weight, trace.norms[role].stat[b],
+                                                                   trace.norms[role].eps)
+                  for role, norm in (("norm_attn_out", w.norm_attn_out), ("norm_ffn_out", w.norm_ffn_out)))
+    outs = _factors(ln1o, ln2o)
     return CalibratedTier(
         ln1, ln2, r2, theta_tilde, mha, refined, ffn,
-        combine_layer_bound(residual, ln1, mha.lip_mha, ln2, ffn),
-        combine_layer_bound(residual, ln1, refined.lip_mha_refined, ln2, ffn),
+        combine_layer_bound(residual, ln1, mha.lip_mha, ln2, ffn, *outs),
+        combine_layer_bound(residual, ln1, refined.lip_mha_refined, ln2, ffn, *outs), ln1o, ln2o,
     )
 
 
@@ -205,5 +234,7 @@ def compute_layer_lipschitz(weights: LayerWeights, cfg: ModelConfig, r2_in_reset
         lip_ffn_weights=wt.lip_ffn_weights, lip_ffn_calibrated=ct and ct.lip_ffn_calibrated,
         lip_layer_weights=wt.lip_layer_weights, lip_layer_calibrated=ct and ct.lip_layer_calibrated,
         lip_layer_refined=ct and ct.lip_layer_refined, r2_in_reset=r2_in_reset, logit_bound=wt.mha.logit_bound,
+        ln1_out_lip_global=wt.ln1_out_lip_global, ln1_out_lip_local=ct and ct.ln1_out_lip_local,
+        ln2_out_lip_global=wt.ln2_out_lip_global, ln2_out_lip_local=ct and ct.ln2_out_lip_local,
     )
     return LayerLipschitzResult(record, wt, ct)

@@ -7,7 +7,9 @@ key/value head ``g = g(h)``::
     c_h      = ||W^V_g|| (1 + s theta_h Lambda_h R2)
     L_MHA   <= ||W^O|| sum_h c_h        (also ||W^O|| (sum_h c_h^2)^(1/2) and sum_h ||W^O_h|| c_h, §5.5)
 
-``beta^K_g`` is the norm of the rotary coordinates of ``b^K_g`` (pass-through coordinates cancel, §5.4). Tier 1 uses
+``beta^K_g`` is the norm of the rotary coordinates of ``b^K_g`` (pass-through coordinates cancel, §5.4); under a logit
+soft-cap (§18.5) no row constant may be shifted out, so it is the norm of all of ``b^K_g`` and tier 2r's key spread
+is ``max_j ||k_j||`` (centre 0), never the centred ``k_bar_i`` form; θ comes from the capped probabilities. Tier 1 uses
 ``theta = 1`` and the reset radius; tier 2 the measured radius and ``theta_tilde_hi`` (§5.2, §8). The activation-norm
 form (tier 2r, §5.5) uses the measured ``q, k, v`` row by row.
 
@@ -81,12 +83,13 @@ class HeadNorms:
     wo: float                 #           ||W^O||_2 of the full output projection
     wo_heads: torch.Tensor    # [H]       ||W^O_h||_2 of the row blocks
     bq: torch.Tensor          # [H]       ||b^Q_h||_2
-    bk_rot: torch.Tensor      # [H_kv]    beta^K_g: norm of the rotary coordinates of b^K_g
-    bk_pass: torch.Tensor     # [H_kv, D] b^K_g with its rotary coordinates zeroed (centre for tier 2r)
+    bk_rot: torch.Tensor      # [H_kv]    beta^K_g: norm of the rotary coordinates of b^K_g (all of b^K_g if capped)
+    bk_pass: torch.Tensor     # [H_kv, D] b^K_g with its rotary coordinates zeroed (centre for tier 2r; 0 if capped)
     bv: torch.Tensor          # [H_kv, D] b^V_g (zeros without bias)
     head_dim: int
     q_normed: NormedProjection | None = None   # q/k norms on the projections (§18.2); the biases above then sit
     k_normed: NormedProjection | None = None   # inside the norm and take no part in the constants
+    logit_cap: float | None = None   # soft-capped logits (§18.5): no row-constant shift in the key terms
 
     @property
     def n_heads(self) -> int:
@@ -109,9 +112,11 @@ class HeadNorms:
 
 def compute_head_norms(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
                        bq: torch.Tensor | None, bk: torch.Tensor | None, bv: torch.Tensor | None,
-                       n_heads: int, n_kv_heads: int, rotary_dim: int = 0) -> HeadNorms:
+                       n_heads: int, n_kv_heads: int, rotary_dim: int = 0,
+                       logit_cap: float | None = None) -> HeadNorms:
     """Spectral and bias norms per head from row-convention weights ``wq [d, H*D]``, ``wk, wv [d, H_kv*D]``,
-    ``wo [H*D, d]``; ``rotary_dim`` is the number of rotated coordinates per head (0 without RoPE)."""
+    ``wo [H*D, d]``; ``rotary_dim`` is the number of rotated coordinates per head (0 without RoPE). With a
+    ``logit_cap`` the key bias enters whole (``bk_rot`` = ||b^K_g||, ``bk_pass`` = 0; §18.5)."""
     head_dim = wq.shape[1] // n_heads
     zeros_q, zeros_kv = torch.zeros(n_heads, head_dim, dtype=F64), torch.zeros(n_kv_heads, head_dim, dtype=F64)
     bq_h = zeros_q if bq is None else bq.to(F64).reshape(n_heads, head_dim)             # [H, D]
@@ -119,19 +124,23 @@ def compute_head_norms(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo:
     bv_g = zeros_kv if bv is None else bv.to(F64).reshape(n_kv_heads, head_dim)         # [H_kv, D]
     bk_pass = bk_g.clone()
     bk_pass[:, :rotary_dim] = 0.0
+    shifted = bk_g[:, :rotary_dim]                      # the coordinates no row-constant shift removes
+    if logit_cap is not None:
+        bk_pass, shifted = torch.zeros_like(bk_g), bk_g
     return HeadNorms(
         wq=spectral_norm(head_slices(wq, n_heads)), wk=spectral_norm(head_slices(wk, n_kv_heads)),
         wv=spectral_norm(head_slices(wv, n_kv_heads)), wo=float(spectral_norm(wo)),
         wo_heads=spectral_norm(head_rows(wo, n_heads)),
-        bq=torch.linalg.vector_norm(bq_h, dim=-1), bk_rot=torch.linalg.vector_norm(bk_g[:, :rotary_dim], dim=-1),
-        bk_pass=bk_pass, bv=bv_g, head_dim=head_dim,
+        bq=torch.linalg.vector_norm(bq_h, dim=-1), bk_rot=torch.linalg.vector_norm(shifted, dim=-1),
+        bk_pass=bk_pass, bv=bv_g, head_dim=head_dim, logit_cap=logit_cap,
     )
 
 
 def compute_layer_head_norms(w: LayerWeights, cfg: ModelConfig) -> HeadNorms:
     """:func:`compute_head_norms` for one loaded layer, with its q/k norms (§18.2) when the layout has them."""
     rotary = cfg.rope.rotary_dim if cfg.rope is not None else 0
-    norms = compute_head_norms(w.wq, w.wk, w.wv, w.wo, w.bq, w.bk, w.bv, cfg.n_heads, cfg.n_kv_heads, rotary)
+    norms = compute_head_norms(w.wq, w.wk, w.wv, w.wo, w.bq, w.bk, w.bv, cfg.n_heads, cfg.n_kv_heads, rotary,
+                               cfg.attn_logit_cap)
     mode = cfg.layout.qk_norm
     if mode is None:
         return norms
@@ -225,9 +234,12 @@ def compute_attention_allowed(t: int, causal: bool, window: int | None,
 
 
 def compute_attention_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float,
-                                    allowed: torch.Tensor) -> torch.Tensor:
-    """Softmax rows ``[H, T_q, T_k]`` in float64 from ``q [H, T_q, D]``, ``k [H, T_k, D]`` (already expanded)."""
+                                    allowed: torch.Tensor, logit_cap: float | None = None) -> torch.Tensor:
+    """Softmax rows ``[H, T_q, T_k]`` in float64 from ``q [H, T_q, D]``, ``k [H, T_k, D]`` (already expanded), of
+    the logits ``s q.k`` or, with a ``logit_cap`` c, ``c tanh(s q.k / c)``."""
     logits = scale * q.to(F64) @ k.to(F64).transpose(-1, -2)                           # [H, T_q, T_k]
+    if logit_cap is not None:
+        logits = logit_cap * torch.tanh(logits / logit_cap)
     return compute_masked_softmax(logits, allowed)
 
 
@@ -266,11 +278,14 @@ def _masked_key_max(values: torch.Tensor, allowed: torch.Tensor, causal_rows: sl
 
 def _spreads(p: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norms: HeadNorms, allowed: torch.Tensor,
              causal_rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``K_i`` and ``V_i`` of §5.5 for a block of query rows: ``[H, c]`` each (p ``[H, c, T]``, k, v ``[H, T, D]``)."""
-    k_bar, o = p @ k, p @ v                                                             # [H, c, D]
+    """``K_i`` and ``V_i`` of §5.5 for a block of query rows: ``[H, c]`` each (p ``[H, c, T]``, k, v ``[H, T, D]``);
+    under a logit cap ``K_i = max_j ||k_j||`` (§18.5: the row-constant shift behind the centred forms is gone)."""
+    o = p @ v                                                                           # [H, c, D]
     k_pass = torch.linalg.vector_norm(k - norms.per_query(norms.bk_pass)[:, None], dim=-1)   # [H, T]
     v_bias = torch.linalg.vector_norm(v - norms.per_query(norms.bv)[:, None], dim=-1)        # [H, T]
-    key = torch.minimum(_max_distance(k_bar, k, allowed), _masked_key_max(k_pass, allowed, causal_rows))
+    key = _masked_key_max(k_pass, allowed, causal_rows)
+    if norms.logit_cap is None:
+        key = torch.minimum(_max_distance(p @ k, k, allowed), key)
     val = torch.minimum(_max_distance(o, v, allowed), _masked_key_max(v_bias, allowed, causal_rows))
     return key, val
 
@@ -280,7 +295,9 @@ def compute_mha_refined(norms: HeadNorms, q: torch.Tensor, k: torch.Tensor, v: t
                         stats: QKStats | None = None) -> RefinedMHABound:
     """Tier-2r bound from one sequence's ``q [H, T, D]``, ``k, v [H_kv, T, D]`` (biased, rotated), the key sets
     ``allowed [T, T]`` and certified per-row ``theta_hi [H, T]``; rows are processed ``block`` at a time; q/k norm
-    constants are local at ``stats`` (§18.1: ``L_Q``, ``L_K`` in place of ``||W^Q_h||``, ``||W^K_g||``)."""
+    constants are local at ``stats`` (§18.1: ``L_Q``, ``L_K`` in place of ``||W^Q_h||``, ``||W^K_g||``). Under a
+    logit cap the attention term of row i carries the factor ``max_j sech^2(s q_i.k_j / c) <= 1`` (§18.5): at this
+    input each capped logit moves by sech^2 times its raw logit's move."""
     q64, norms = q.to(F64), norms.to(q.device)
     k64, v64 = norms.per_query(k.to(F64)), norms.per_query(v.to(F64))                 # [H, T, D]
     allowed = allowed.to(q.device)
@@ -289,18 +306,23 @@ def compute_mha_refined(norms: HeadNorms, q: torch.Tensor, k: torch.Tensor, v: t
     pc = compute_projection_constants(norms, 0.0, None if stats is None else
                                       QKStats(stats.q.to(q.device), stats.k.to(q.device)))
     wq, wk, wv = pc.lq[:, None], pc.lk[:, None], norms.per_query(norms.wv)[:, None]   # L_Q, L_K, L_V: [H, 1]
-    keys, vals = [], []
+    keys, vals, slopes = [], [], []
     for start in range(0, q64.shape[1], block):
         rows = slice(start, start + block)
         seen = torch.nonzero(allowed[rows].any(0))[:, 0]                              # keys any row of the block sees
         lo, hi = (int(seen[0]), int(seen[-1]) + 1) if seen.numel() else (0, 1)
         band = allowed[rows, lo:hi]                          # causal / windowed: the keys outside are never scored
-        p = compute_attention_probabilities(q64[:, rows], k64[:, lo:hi], scale, band)   # [H, c, T_band]
+        p = compute_attention_probabilities(q64[:, rows], k64[:, lo:hi], scale, band, norms.logit_cap)  # [H, c, T]
         key, val = _spreads(p, k64[:, lo:hi], v64[:, lo:hi], norms, band, rows if causal else None)
         keys.append(key)
         vals.append(val)
+        if norms.logit_cap is not None:
+            raw = scale * q64[:, rows] @ k64[:, lo:hi].transpose(-1, -2)               # [H, c, T_band]
+            sech2 = torch.cosh(raw / norms.logit_cap).pow(-2).clamp_max(1.0)
+            slopes.append(sech2.masked_fill(~band, 0.0).amax(dim=-1))                  # [H, c]
     key_spread, value_spread = torch.cat(keys, dim=1), torch.cat(vals, dim=1)           # [H, T]
+    slope = torch.cat(slopes, dim=1) if slopes else 1.0                                 # [H, T] or 1
     q_norm = torch.linalg.vector_norm(q64, dim=-1)                                      # [H, T]
-    c = wv + scale * theta_hi.to(F64) * (wq * key_spread + wk * q_norm) * value_spread  # [H, T]
+    c = wv + scale * theta_hi.to(F64) * slope * (wq * key_spread + wk * q_norm) * value_spread  # [H, T]
     rows_bound = norms.wo * torch.linalg.vector_norm(c, dim=0)                          # [T]
     return RefinedMHABound(float(rows_bound.max()), rows_bound, c, key_spread, value_spread)

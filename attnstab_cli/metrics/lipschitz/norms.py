@@ -58,12 +58,13 @@ def compute_reset_radius(norm: NormWeights, kind: NormKind) -> float:
 
 
 def compute_embedding_radius(tok: torch.Tensor, pos: torch.Tensor | None = None,
-                             types: torch.Tensor | None = None) -> float:
-    """Radius of ``h_0`` without an embedding norm (§8.1): ``max ||E_tok|| + max ||E_pos|| + max ||E_type||``."""
+                             types: torch.Tensor | None = None, tok_scale: float = 1.0) -> float:
+    """Radius of ``h_0`` without an embedding norm (§8.1): ``max ||E_tok|| + max ||E_pos|| + max ||E_type||``, the
+    token rows times the model's embedding scale (§18.6)."""
     total = 0.0
-    for table in (tok, pos, types):                                          # each [rows, d]
+    for table, factor in ((tok, tok_scale), (pos, 1.0), (types, 1.0)):      # each [rows, d]
         if table is not None:
-            total += float(torch.linalg.vector_norm(table.to(torch.float64), dim=-1).max())
+            total += factor * float(torch.linalg.vector_norm(table.to(torch.float64), dim=-1).max())
     return total
 
 

@@ -17,7 +17,7 @@ from attnstab_cli.model.load import open_model
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "bert", "gptj"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "bert", "gptj", "gemma2"])
 def loss(request, tiny_checkpoints) -> ModelLoss:
     model = open_model(tiny_checkpoints[request.param][0])
     ids = torch.randint(0, model.cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -48,6 +48,8 @@ def test_names_split_into_layer_block_and_field(loss: ModelLoss) -> None:
     if loss.cfg.layout.residual.shared_norm:             # one norm feeds both branches: one parameter, one block
         expected.remove("norm_ffn.gamma")
         assert not any(b.startswith("norm_ffn") for _, b in blocks)
+    if loss.cfg.layout.residual.output_norms:             # Gemma 2's branch-output norms are blocks of their own
+        expected |= {"norm_attn_out.gamma", "norm_ffn_out.gamma"}
     assert {b for _, b in blocks} >= expected
     assert split_name("1.norm_attn.gamma.norm_attn.weight") == (1, "norm_attn.gamma", "norm_attn.weight")
     assert block_of("0.ffn_in.ffn.w_gate") == (0, "ffn_in")

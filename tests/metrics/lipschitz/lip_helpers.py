@@ -83,6 +83,7 @@ class RandomHeads:
     angles: torch.Tensor        # [T, rotary_dim / 2] rotation angle per position and pair
     scale: float
     allowed: torch.Tensor       # [T, T] bool
+    logit_cap: float | None = None   # logits c tanh(s q.k / c) (THEORY §18.5)
 
     @property
     def head_dim(self) -> int:
@@ -137,7 +138,7 @@ def heads_mha(x: torch.Tensor, m: RandomHeads) -> torch.Tensor:
     q, k, v = heads_qkv(x, m)
     group = m.n_heads // m.n_kv_heads
     k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)                  # [H, T, D]
-    logits = (m.scale * q @ k.transpose(-1, -2)).masked_fill(~m.allowed, float("-inf"))
+    logits = capped(m.scale * q @ k.transpose(-1, -2), m.logit_cap).masked_fill(~m.allowed, float("-inf"))
     ctx = logits.softmax(-1) @ v                                                         # [H, T, D]
     out = ctx.transpose(0, 1).reshape(x.shape[0], -1) @ m.wo
     return out if m.bo is None else out + m.bo
@@ -147,7 +148,12 @@ def heads_probabilities(x: torch.Tensor, m: RandomHeads) -> torch.Tensor:
     """Attention rows ``[H, T, T]``."""
     q, k, _ = heads_qkv(x, m)
     k = k.repeat_interleave(m.n_heads // m.n_kv_heads, 0)
-    return (m.scale * q @ k.transpose(-1, -2)).masked_fill(~m.allowed, float("-inf")).softmax(-1)
+    return capped(m.scale * q @ k.transpose(-1, -2), m.logit_cap).masked_fill(~m.allowed, float("-inf")).softmax(-1)
+
+
+def capped(s: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``c tanh(s / c)``, or ``s`` without a cap."""
+    return s if cap is None else cap * torch.tanh(s / cap)
 
 
 # --- whole layers (THEORY §7, T21, T25) ---------------------------------------------------------------------------
@@ -165,13 +171,14 @@ class RandomLayer:
     rope_cs: tuple[torch.Tensor, torch.Tensor] | None
     key_padding_mask: torch.Tensor | None    # [T] bool, True = real token
     norm_kind: str              # "layernorm" | "rmsnorm"
-    residual: str               # "pre" | "post" | "parallel" | "parallel_shared"
+    residual: str               # "pre" | "post" | "parallel" | "parallel_shared" | "sandwich"
     eps: float
     ffn: dict[str, torch.Tensor]
     activation: str
 
     def norm(self, x: torch.Tensor, which: str) -> torch.Tensor:
-        """Reference LayerNorm / RMSNorm of ``x [T, d]`` with the weights of ``norm_attn`` or ``norm_ffn``."""
+        """Reference LayerNorm / RMSNorm of ``x [T, d]`` with the weights of ``norm_attn``, ``norm_ffn`` (or the
+        branch-output norms ``norm_attn_out``, ``norm_ffn_out``)."""
         w = getattr(self.weights, which)
         if self.norm_kind == "layernorm":
             c = x - x.mean(-1, keepdim=True)
@@ -183,7 +190,7 @@ class RandomLayer:
         """Reference FFN of ``x [T, d]``: GELU/ReLU MLP or SwiGLU."""
         f = self.ffn
         if "w_gate" in f:
-            return (torch.nn.functional.silu(x @ f["w_gate"]) * (x @ f["w_up"])) @ f["w_out"]
+            return (GATES[self.activation](x @ f["w_gate"]) * (x @ f["w_up"])) @ f["w_out"]
         act = {"gelu": torch.nn.functional.gelu, "relu": torch.relu,
                "gelu_new": lambda a: torch.nn.functional.gelu(a, approximate="tanh")}[self.activation]
         return act(x @ f["w_in"] + f["b_in"]) @ f["w_out"] + f["b_out"]
@@ -192,7 +199,8 @@ class RandomLayer:
         return heads_mha(x, self.heads)
 
     def intermediates(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every factor's input and the output for ``h [T, d]``: keys ``n1_in, mha_in, n2_in, ffn_in, out``."""
+        """Every factor's input and the output for ``h [T, d]``: keys ``n1_in, mha_in, n2_in, ffn_in, out`` (and
+        ``n1o_in``, ``n2o_in``, the branch outputs, for sandwich layers)."""
         if self.residual == "post":
             u1 = h + self.mha(h)
             h1 = self.norm(u1, "norm_attn")
@@ -202,6 +210,13 @@ class RandomLayer:
         if self.residual in ("parallel", "parallel_shared"):
             f_in = self.norm(h, "norm_attn" if self.residual == "parallel_shared" else "norm_ffn")
             return dict(n1_in=h, mha_in=a, n2_in=h, ffn_in=f_in, out=h + self.mha(a) + self.ffn_map(f_in))
+        if self.residual == "sandwich":
+            attn = self.mha(a)
+            mid = h + self.norm(attn, "norm_attn_out")
+            f_in = self.norm(mid, "norm_ffn")
+            f_out = self.ffn_map(f_in)
+            return dict(n1_in=h, mha_in=a, n1o_in=attn, n2_in=mid, ffn_in=f_in, n2o_in=f_out,
+                        out=mid + self.norm(f_out, "norm_ffn_out"))
         mid = h + self.mha(a)
         f_in = self.norm(mid, "norm_ffn")
         return dict(n1_in=h, mha_in=a, n2_in=mid, ffn_in=f_in, out=mid + self.ffn_map(f_in))
@@ -211,7 +226,12 @@ class RandomLayer:
         return self.intermediates(h)["out"]
 
 
-# family: (norm, residual, ffn activation or "swiglu", d, D, H, H_kv, rotary_dim, biases, causal, window, padding)
+GATES = {"silu": torch.nn.functional.silu,
+         "gelu_pytorch_tanh": lambda a: torch.nn.functional.gelu(a, approximate="tanh")}
+GEMMA_SCALAR, GEMMA_CAP = 6.0, 0.75    # s = 6^(-1/2), not D^(-1/2); a cap the raw logits exceed
+
+# family: (norm, residual, ffn activation or "swiglu" / "geglu", d, D, H, H_kv, rotary_dim, biases, causal, window,
+# padding); "gemma2": sandwich norms, GeGLU, soft-capped logits, s from query_pre_attn_scalar (THEORY §18.3-18.6)
 FAMILY_SHAPES = {
     "gpt2": ("layernorm", "pre", "gelu_new", 8, 4, 2, 2, 0, True, True, None, False),
     "llama": ("rmsnorm", "pre", "swiglu", 8, 4, 2, 1, 4, False, True, 3, False),
@@ -219,6 +239,7 @@ FAMILY_SHAPES = {
     "neox": ("layernorm", "parallel", "gelu", 8, 4, 2, 2, 2, True, True, None, False),
     "gptj": ("layernorm", "parallel_shared", "gelu_new", 8, 4, 2, 2, 2, False, True, None, False),
     "bert": ("layernorm", "post", "gelu", 8, 4, 2, 2, 0, True, False, None, True),
+    "gemma2": ("rmsnorm", "sandwich", "geglu", 8, 4, 2, 1, 4, False, True, None, False),
 }
 
 
@@ -234,9 +255,13 @@ def make_random_layer(family: str, t: int, eps: float, seed: int, layer: int = 1
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *shape, s=1.0: s * torch.randn(*shape, generator=g, dtype=F64)
     scale = 1.0 / (dh ** 0.5 * (layer + 1)) if family == "gpt2" else 1.0 / dh ** 0.5
+    sandwich = residual == "sandwich"
+    if sandwich:
+        scale = GEMMA_SCALAR ** -0.5
     heads = make_random_heads(d, dh, h, hkv, t, biases=biases, rotary_dim=rot, scale_factor=scale * dh ** 0.5,
                               mask="none", seed=seed)
     heads.wq, heads.wk = 2.0 * heads.wq, 2.0 * heads.wk                    # sharper attention at unit-RMS inputs
+    heads.logit_cap = GEMMA_CAP if sandwich else None
     if family == "qwen2":
         heads.bo = None
     i, j = torch.arange(t)[:, None], torch.arange(t)[None]
@@ -253,7 +278,7 @@ def make_random_layer(family: str, t: int, eps: float, seed: int, layer: int = 1
     heads.allowed = allowed
     rope_cs = (heads.angles.cos(), heads.angles.sin()) if rot else None
     m = 12
-    if act == "swiglu":
+    if act in ("swiglu", "geglu"):
         ffn = {"w_gate": rnd(d, m, s=1.5 * d ** -0.5), "w_up": rnd(d, m, s=d ** -0.5), "w_out": rnd(m, d, s=m ** -0.5)}
     else:
         ffn = {"w_in": rnd(d, m, s=1.5 * d ** -0.5), "b_in": rnd(m, s=0.5), "w_out": rnd(m, d, s=m ** -0.5),
@@ -262,16 +287,18 @@ def make_random_layer(family: str, t: int, eps: float, seed: int, layer: int = 1
     make_norm = lambda: NormWeights(1.0 + 0.3 * rnd(d), 0.2 * rnd(d) if kind is NormKind.LAYERNORM else None)
     norm_attn = make_norm()
     norm_ffn = norm_attn if residual == "parallel_shared" else make_norm()    # GPT-J: one norm feeds both branches
+    outs = dict(norm_attn_out=make_norm(), norm_ffn_out=make_norm()) if sandwich else {}
     weights = LayerWeights(layer=layer, wq=heads.wq, wk=heads.wk, wv=heads.wv, wo=heads.wo, bq=heads.bq, bk=heads.bk,
-                           bv=heads.bv, bo=heads.bo, norm_attn=norm_attn, norm_ffn=norm_ffn, ffn=ffn)
+                           bv=heads.bv, bo=heads.bo, norm_attn=norm_attn, norm_ffn=norm_ffn, ffn=ffn, **outs)
     layout = Layout(orientation=Orientation.OUT_IN, qkv_packing=QKVPacking.SEPARATE, norm=kind,
                     residual=Residual(residual), positions=Positions.ROPE if rot else Positions.LEARNED,
                     rope_style=RopeStyle.HALF_SPLIT if rot else None, causal=causal,
-                    ffn=FFNKind.GATED if act == "swiglu" else FFNKind.MLP)
+                    ffn=FFNKind.GATED if act in ("swiglu", "geglu") else FFNKind.MLP)
     cfg = ModelConfig(family=family, model_type=family, layout=layout, n_layers=layer + 1, d_model=d, n_heads=h,
                       n_kv_heads=hkv, head_dim=dh, d_ff=m, vocab_size=11, max_positions=t, norm_eps=eps,
-                      activation="silu" if act == "swiglu" else act,
+                      activation={"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}.get(act, act),
                       rope=RopeConfig(theta=1e4, rotary_dim=rot, style=RopeStyle.HALF_SPLIT) if rot else None,
-                      sliding_windows=(window,) * (layer + 1), scale_by_inverse_layer_idx=family == "gpt2")
+                      sliding_windows=(window,) * (layer + 1), scale_by_inverse_layer_idx=family == "gpt2",
+                      query_pre_attn_scalar=GEMMA_SCALAR if sandwich else None, attn_logit_cap=heads.logit_cap)
     return RandomLayer(family, weights, cfg, layer, heads, rope_cs, kpm, norm, residual, eps, ffn,
                        cfg.activation)

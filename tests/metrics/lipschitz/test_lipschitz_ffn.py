@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from attnstab_cli.arch.spec import FFNKind
 from attnstab_cli.errors import UnsupportedError
 from attnstab_cli.metrics.spectral import norm_2_to_inf
-from attnstab_cli.metrics.lipschitz.ffn import (GELU_LIPSCHITZ, SILU_DMAX, SILU_DMIN, SILU_ZSTAR,
+from attnstab_cli.metrics.lipschitz.ffn import (GELU_ERF_DMAX, GELU_ERF_ZSTAR, GELU_LIPSCHITZ, GELU_TANH_DMAX,
+                                                GELU_TANH_ZSTAR, SILU_DMAX, SILU_DMIN, SILU_ZSTAR,
                                                 activation_derivative, activation_lipschitz,
                                                 compute_ffn_bound_tokens, compute_ffn_bound_weights,
                                                 compute_mlp_bound_tokens, compute_mlp_bound_weights,
@@ -295,11 +296,85 @@ def test_swiglu_ball_uses_column_norms() -> None:
     assert compute_swiglu_ball_simple(1.0, wg, eye, eye) == pytest.approx(1.0999 * spec + 5, rel=1e-14)
 
 
-def test_gated_ffn_needs_silu() -> None:
-    """Gated FFNs with another activation have no implemented bound: a clear UnsupportedError."""
+def test_gated_ffn_needs_silu_or_gelu() -> None:
+    """Gated FFNs with another activation (ReLU) have no implemented bound: a clear UnsupportedError."""
     wg, wu, wd, _ = _random_gated(0)
     ffn = {"w_gate": wg, "w_up": wu, "w_out": wd}
     with pytest.raises(UnsupportedError):
-        compute_ffn_bound_weights(ffn, FFNKind.GATED, "gelu", 1.0)
+        compute_ffn_bound_weights(ffn, FFNKind.GATED, "relu", 1.0)
     with pytest.raises(UnsupportedError):
         compute_ffn_bound_tokens(ffn, FFNKind.GATED, "relu", torch.zeros(1, 6, dtype=F64))
+
+
+# ------------------------------------------------------------------------------------------------ GeGLU (T36)
+
+GELU_FORMS = {"gelu": (F.gelu, GELU_ERF_ZSTAR, GELU_ERF_DMAX),
+              "gelu_pytorch_tanh": (lambda a: F.gelu(a, approximate="tanh"), GELU_TANH_ZSTAR, GELU_TANH_DMAX)}
+
+
+@pytest.mark.parametrize("act", sorted(GELU_FORMS))
+def test_gelu_gate_constants_on_a_grid(act: str) -> None:
+    """T36 (§18.6): on a grid of step 1e-5 over [-10, 10], autograd's phi' peaks at z* with max phi' (1.12890 erf,
+    1.12899 tanh) to 1e-5 and dips to 1 - max phi'; phi'(z) + phi'(-z) = 1; |phi(z)| <= |z|; on [-A, A]
+    sup |phi| = phi(A) and sup |phi'| = phi'(min(A, z*))."""
+    phi, z_star, d_max = GELU_FORMS[act]
+    z = torch.arange(-1_000_000, 1_000_001, dtype=F64) * 1e-5
+    z.requires_grad_(True)
+    (d,) = torch.autograd.grad(phi(z).sum(), z)
+    z = z.detach()
+    assert float(d.max()) <= d_max <= float(d.max()) + 1e-7
+    assert float(z[d.argmax()]) == pytest.approx(z_star, abs=1e-5)
+    assert float(d.min()) == pytest.approx(1.0 - d_max, abs=1e-7)
+    assert d_max == pytest.approx(1.12890 if act == "gelu" else 1.12899, abs=1e-5)
+    torch.testing.assert_close(d + d.flip(0), torch.ones_like(d), rtol=0, atol=1e-12)
+    torch.testing.assert_close(activation_derivative(z, act), d, rtol=0, atol=1e-12)
+    assert bool((phi(z).abs() <= z.abs() + 1e-15).all())
+    for big_a in (0.2, 1.0, 1.4, z_star, 2.0, 6.0):
+        inside = z.abs() <= big_a
+        assert float(phi(z)[inside].abs().max()) <= float(phi(torch.tensor(big_a, dtype=F64))) + 1e-15
+        sup = d[inside].abs().max()
+        assert float(sup) <= float(activation_derivative(torch.tensor(min(big_a, z_star), dtype=F64), act)) + 1e-12
+
+
+def _geglu(x, wg, wu, wd, act):
+    return (GELU_FORMS[act][0](x @ wg) * (x @ wu)) @ wd
+
+
+@pytest.mark.parametrize("act", sorted(GELU_FORMS))
+@pytest.mark.parametrize("seed", range(3))
+def test_geglu_bounds_dominate_exact_jacobian(act: str, seed: int) -> None:
+    """T36: gated-GELU local, stacked and ball bounds >= ||J|| at random, column-aligned and locally maximised points
+    of the ball; local <= ball; pairs in the ball have difference quotients <= ball."""
+    wg, wu, wd, g = _random_gated(10 + seed)
+    r2 = (1.0, 2.5, 4.0)[seed]
+    f = lambda u: _geglu(u, wg, wu, wd, act)
+    rnd = torch.randn(6, 6, generator=g, dtype=F64)
+    rnd = rnd / torch.linalg.vector_norm(rnd, dim=-1, keepdim=True) * r2 * torch.rand(6, 1, generator=g, dtype=F64)
+    x = torch.cat([rnd, _aligned_points(wg, wu, r2), _maximised_points(f, rnd[:2], r2)])
+    exact = _token_norms(f, x)
+    local = compute_swiglu_local_tokens(x, wg, wu, wd, activation=act)
+    stacked = compute_swiglu_stacked_tokens(x, wg, wu, wd, activation=act)
+    ball = compute_swiglu_ball(r2, wg, wu, wd, activation=act)
+    assert bool((local >= exact * (1 - 1e-12)).all()) and bool((stacked >= exact * (1 - 1e-12)).all())
+    assert float(exact.max()) <= ball and float(local.max()) <= ball * (1 + 1e-12)
+    ffn = {"w_gate": wg, "w_up": wu, "w_out": wd}
+    torch.testing.assert_close(compute_ffn_bound_tokens(ffn, FFNKind.GATED, act, x), local, rtol=0, atol=0)
+    assert compute_ffn_bound_weights(ffn, FFNKind.GATED, act, r2) == ball
+    assert ball != compute_swiglu_ball(r2, wg, wu, wd)                  # not the SiLU constants
+    a = torch.randn(200, 6, generator=g, dtype=F64)
+    b = a + 0.3 * torch.randn(200, 6, generator=g, dtype=F64)
+    a, b = (u * (r2 / torch.linalg.vector_norm(u, dim=-1, keepdim=True)).clamp_max(1.0) for u in (a, b))
+    quot = torch.linalg.vector_norm(f(a) - f(b), dim=-1) / torch.linalg.vector_norm(a - b, dim=-1)
+    assert float(quot.max()) <= ball
+
+
+def test_geglu_ball_hand_case() -> None:
+    """One unit: W_g = 3 (A = 3 R2 > z*), W_u = 0.5, W_d = 2 at R2 = 1:
+    ball = 2 (max gelu' · 3 · 0.5 + 0.5 · gelu(3)); at R2 = 0.2 (A = 0.6 < z*) the slope is gelu'(0.6)."""
+    t = lambda v: torch.tensor([[v]], dtype=F64)
+    gelu = lambda v: float(F.gelu(torch.tensor(v, dtype=F64)))
+    assert compute_swiglu_ball(1.0, t(3.0), t(0.5), t(2.0), activation="gelu") == pytest.approx(
+        2 * (GELU_ERF_DMAX * 3 * 0.5 + 0.5 * gelu(3.0)), rel=1e-14)
+    slope = float(activation_derivative(torch.tensor(0.6, dtype=F64), "gelu"))
+    assert compute_swiglu_ball(0.2, t(3.0), t(0.5), t(2.0), activation="gelu") == pytest.approx(
+        2 * (slope * 3 * 0.1 + 0.5 * gelu(0.6)), rel=1e-14)

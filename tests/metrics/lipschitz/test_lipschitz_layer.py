@@ -1,5 +1,6 @@
-"""THEORY T21 (per-layer tiers on GPT-2-, LLaMA-, Qwen2-, NeoX- and BERT-like layers), T23 (gradient-flow
-structure), the §7 table by hand and the §8.1 radii.
+"""THEORY T21 (per-layer tiers on GPT-2-, LLaMA-, Qwen2-, NeoX- and BERT-like layers), T32 (the same on Gemma-2-like
+sandwich layers: branch-output norms, GeGLU, soft-capped logits), T23 (gradient-flow structure), the §7 / §18.3
+tables by hand and the §8.1 radii.
 
 Every layer exists twice (``lip_helpers.make_random_layer``): as the package's weights and config, run by
 ``run_layer``, and as a plain reference built on ``heads_mha``; the two are checked equal and the certified lower bound
@@ -22,8 +23,8 @@ from attnstab_cli.metrics.lipschitz.layer import (combine_layer_bound, compute_c
 from attnstab_cli.metrics.lipschitz.mha import compute_head_norms, compute_mha_bound, compute_mha_refined
 from attnstab_cli.model.blocks import run_layer
 from attnstab_cli.model.weights import NormWeights
-from lip_helpers import (FAMILY_SHAPES, dense_alternating_max, heads_probabilities, heads_qkv, jacobian_blocks,
-                         make_random_layer, theta_exact)
+from lip_helpers import (FAMILY_SHAPES, GATES, capped, dense_alternating_max, heads_probabilities, heads_qkv,
+                         jacobian_blocks, make_random_layer, theta_exact)
 
 F64 = torch.float64
 T = 6
@@ -75,9 +76,10 @@ def _ffn_local(layer, x: torch.Tensor) -> float:
     """§6.1 / §6.2 local FFN bound at the tokens ``x``, with slopes from autograd of the reference activations."""
     f, sn = layer.ffn, _spec
     if "w_gate" in f:
+        gate = GATES[layer.activation]
         a, b = x @ f["w_gate"], x @ f["w_up"]
-        ds = torch.autograd.functional.jacobian(lambda u: torch.nn.functional.silu(u).sum(), a)
-        terms = sn(f["w_gate"]) * (ds * b).abs().amax(-1) + sn(f["w_up"]) * torch.nn.functional.silu(a).abs().amax(-1)
+        ds = torch.autograd.functional.jacobian(lambda u: gate(u).sum(), a)
+        terms = sn(f["w_gate"]) * (ds * b).abs().amax(-1) + sn(f["w_up"]) * gate(a).abs().amax(-1)
         return float(sn(f["w_out"]) * terms.max())
     act = {"gelu": torch.nn.functional.gelu, "gelu_new": lambda u: torch.nn.functional.gelu(u, approximate="tanh")}
     a = x @ f["w_in"] + f["b_in"]
@@ -85,15 +87,18 @@ def _ffn_local(layer, x: torch.Tensor) -> float:
     return sn(f["w_in"]) * float(slope.abs().max()) * sn(f["w_out"])
 
 
-def _combine(residual: str, ln1: float, mha: float, ln2: float, ffn: float) -> float:
+def _combine(residual: str, ln1: float, mha: float, ln2: float, ffn: float, ln1o: float = 1.0,
+             ln2o: float = 1.0) -> float:
     return {"pre": (1 + ln1 * mha) * (1 + ln2 * ffn), "post": ln2 * (1 + ffn) * ln1 * (1 + mha),
+            "sandwich": (1 + ln1o * mha * ln1) * (1 + ln2o * ffn * ln2),          # THEORY §18.3
             "parallel": 1 + ln1 * mha + ln2 * ffn,
             "parallel_shared": 1 + ln1 * (mha + ffn)}[residual]      # J = I + (J_MHA + J_FFN) J_N (THEORY §18.6)
 
 
 def _norms(layer):
     m = layer.heads
-    return compute_head_norms(m.wq, m.wk, m.wv, m.wo, m.bq, m.bk, m.bv, m.n_heads, m.n_kv_heads, m.rotary_dim)
+    return compute_head_norms(m.wq, m.wk, m.wv, m.wo, m.bq, m.bk, m.bv, m.n_heads, m.n_kv_heads, m.rotary_dim,
+                              m.logit_cap)
 
 
 def _setup(family: str, eps: float, seed: int):
@@ -115,7 +120,8 @@ def _setup(family: str, eps: float, seed: int):
 @pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
 @pytest.mark.parametrize("eps", EPS)
 def test_layer_tiers_dominate_lower_bound(family: str, eps: float) -> None:
-    """T21: ``LB <= B(2r) <= B(2) <= B(1)`` (ratios >= 1 - 1e-9), with every factor equal to its independent value."""
+    """T21 / T32: ``LB <= B(2r) <= B(2) <= B(1)`` (ratios >= 1 - 1e-9), with every factor equal to its independent
+    value; sandwich layers add the branch-output norms, each local at the branch output it reads (§18.3)."""
     layer, h, trace, mid, theta, r2_reset = _setup(family, eps, seed=len(family) + int(-math.log10(eps) * 7))
     rec = compute_layer_lipschitz(layer.weights, layer.cfg, r2_reset, trace, theta).record
     lower = _block_lower(layer.reference, h)
@@ -129,6 +135,16 @@ def test_layer_tiers_dominate_lower_bound(family: str, eps: float) -> None:
     ln2 = float(w.norm_ffn.weight.abs().max()) / math.sqrt(float(_stat(mid["n2_in"], kind).min()) + eps)
     assert rec.ln1_lip_local == pytest.approx(ln1, rel=1e-12)
     assert rec.ln2_lip_local == pytest.approx(ln2, rel=1e-12)
+    ln1o = ln2o = 1.0
+    if layer.residual == "sandwich":
+        ln1o = float(w.norm_attn_out.weight.abs().max()) / math.sqrt(float(_stat(mid["n1o_in"], kind).min()) + eps)
+        ln2o = float(w.norm_ffn_out.weight.abs().max()) / math.sqrt(float(_stat(mid["n2o_in"], kind).min()) + eps)
+        assert rec.ln1_out_lip_local == pytest.approx(ln1o, rel=1e-12)
+        assert rec.ln2_out_lip_local == pytest.approx(ln2o, rel=1e-12)
+        assert rec.ln1_out_lip_global == pytest.approx(float(w.norm_attn_out.weight.abs().max()) / math.sqrt(eps))
+        assert rec.ln2_out_lip_global == pytest.approx(float(w.norm_ffn_out.weight.abs().max()) / math.sqrt(eps))
+    else:
+        assert rec.ln1_out_lip_local is None and rec.ln2_out_lip_global is None
     r2 = float(torch.linalg.vector_norm(mid["mha_in"], dim=-1).max())
     norms, scale = _norms(layer), layer.heads.scale
     mha = compute_mha_bound(norms, theta.amax(-1), r2, scale)
@@ -140,20 +156,24 @@ def test_layer_tiers_dominate_lower_bound(family: str, eps: float) -> None:
     assert rec.lip_mha_refined == pytest.approx(refined, rel=1e-10)
     ffn = _ffn_local(layer, mid["ffn_in"])
     assert rec.lip_ffn_calibrated == pytest.approx(ffn, rel=1e-12)
-    assert rec.lip_layer_calibrated == pytest.approx(_combine(layer.residual, ln1, mha.lip_mha, ln2, ffn), rel=1e-12)
-    assert rec.lip_layer_refined == pytest.approx(_combine(layer.residual, ln1, refined, ln2, ffn), rel=1e-10)
+    assert rec.lip_layer_calibrated == pytest.approx(_combine(layer.residual, ln1, mha.lip_mha, ln2, ffn, ln1o, ln2o),
+                                                     rel=1e-12)
+    assert rec.lip_layer_refined == pytest.approx(_combine(layer.residual, ln1, refined, ln2, ffn, ln1o, ln2o),
+                                                  rel=1e-10)
     # tier 1 factors
     assert rec.ln1_lip_global == pytest.approx(float(w.norm_attn.weight.abs().max()) / math.sqrt(eps), rel=1e-14)
     assert rec.ln2_lip_global == pytest.approx(float(w.norm_ffn.weight.abs().max()) / math.sqrt(eps), rel=1e-14)
     assert rec.lip_mha_weights == pytest.approx(compute_mha_bound(norms, 1.0, r2_reset, scale).lip_mha, rel=1e-12)
     ffn_radius = _reset(w.norm_attn if layer.residual == "post" else w.norm_ffn, kind)
     if "w_gate" in layer.ffn:
-        ffn_w = compute_swiglu_ball(ffn_radius, layer.ffn["w_gate"], layer.ffn["w_up"], layer.ffn["w_out"])
+        ffn_w = compute_swiglu_ball(ffn_radius, layer.ffn["w_gate"], layer.ffn["w_up"], layer.ffn["w_out"],
+                                    activation=layer.activation)
     else:
         ffn_w = 1.129 * _spec(layer.ffn["w_in"]) * _spec(layer.ffn["w_out"])
     assert rec.lip_ffn_weights == pytest.approx(ffn_w, rel=1e-12)
+    outs = (rec.ln1_out_lip_global or 1.0, rec.ln2_out_lip_global or 1.0)
     assert rec.lip_layer_weights == pytest.approx(
-        _combine(layer.residual, rec.ln1_lip_global, rec.lip_mha_weights, rec.ln2_lip_global, ffn_w), rel=1e-12)
+        _combine(layer.residual, rec.ln1_lip_global, rec.lip_mha_weights, rec.ln2_lip_global, ffn_w, *outs), rel=1e-12)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
@@ -162,8 +182,12 @@ def test_layer_factors_dominate_their_lower_bounds(family: str) -> None:
     and 1 >= LB of the MHA at its input (inside the reset ball); FFN tiers 2 and 1 >= max_t ||J_FFN|| at its input."""
     layer, h, trace, mid, theta, r2_reset = _setup(family, 1e-2, seed=5)
     rec = compute_layer_lipschitz(layer.weights, layer.cfg, r2_reset, trace, theta).record
-    for which, point, local, glob in (("norm_attn", "n1_in", rec.ln1_lip_local, rec.ln1_lip_global),
-                                      ("norm_ffn", "n2_in", rec.ln2_lip_local, rec.ln2_lip_global)):
+    factors = [("norm_attn", "n1_in", rec.ln1_lip_local, rec.ln1_lip_global),
+               ("norm_ffn", "n2_in", rec.ln2_lip_local, rec.ln2_lip_global)]
+    if layer.residual == "sandwich":
+        factors += [("norm_attn_out", "n1o_in", rec.ln1_out_lip_local, rec.ln1_out_lip_global),
+                    ("norm_ffn_out", "n2o_in", rec.ln2_out_lip_local, rec.ln2_out_lip_global)]
+    for which, point, local, glob in factors:
         exact = _token_max(lambda u: layer.norm(u, which), mid[point])
         assert exact <= local * (1 + 1e-12) and local <= glob
     assert float(torch.linalg.vector_norm(mid["mha_in"], dim=-1).max()) <= r2_reset
@@ -205,6 +229,18 @@ def test_combine_layer_bound_by_hand() -> None:
     assert combine_layer_bound(Residual.PRE, 2.0, 3.0, 5.0, 7.0) == 252.0
     assert combine_layer_bound(Residual.POST, 2.0, 3.0, 5.0, 7.0) == 320.0
     assert combine_layer_bound(Residual.PARALLEL, 2.0, 3.0, 5.0, 7.0) == 42.0
+    # §18.3 sandwich with L_N1b = 11, L_N2b = 13: (1 + 11·3·2)(1 + 13·7·5) = 67 · 456
+    assert combine_layer_bound(Residual.SANDWICH, 2.0, 3.0, 5.0, 7.0, 11.0, 13.0) == 67.0 * 456.0
+    assert combine_layer_bound(Residual.SANDWICH, 2.0, 3.0, 5.0, 7.0) == 252.0
+
+
+def test_sandwich_layer_logits_exceed_the_cap() -> None:
+    """The Gemma-2-like random layers of T32 / T34 are soft-capped where it matters: raw logits beyond the cap."""
+    layer, h, _, mid, _, _ = _setup("gemma2", 1e-2, seed=5)
+    q, k, _ = heads_qkv(mid["mha_in"], layer.heads)
+    raw = layer.heads.scale * q @ k.repeat_interleave(2, 0).transpose(-1, -2)
+    assert float(raw.abs().max()) > 2 * layer.heads.logit_cap
+    assert not torch.allclose(capped(raw, layer.heads.logit_cap), raw)
 
 
 def test_reset_radii_by_hand() -> None:
@@ -226,6 +262,7 @@ def test_reset_radii_by_hand() -> None:
     tok = torch.tensor([[3.0, 4.0], [1.0, 0.0]], dtype=F64)
     pos = torch.tensor([[0.0, 2.0], [0.0, 1.0]], dtype=F64)
     assert compute_first_layer_radius(NormKind.LAYERNORM, None, tok, pos) == pytest.approx(7.0)
+    assert compute_first_layer_radius(NormKind.LAYERNORM, None, tok, pos, tok_scale=8.0) == pytest.approx(42.0)
     assert compute_first_layer_radius(NormKind.LAYERNORM, NormWeights(gamma, beta)) == pytest.approx(9.0)
     with pytest.raises(ValueError):
         compute_first_layer_radius(NormKind.LAYERNORM, None)
@@ -264,10 +301,11 @@ def _stack(fns):
     return f
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "gemma2"])
 def test_pre_norm_and_parallel_identity_path(family: str) -> None:
-    """T23 (Theorem 5.4): with both sublayers' output projections zeroed, two pre-norm / parallel layers are the
-    identity, ``d h_2 / d h_0 = I``: the residual path is additive and never passes through a norm."""
+    """T23 (Theorem 5.4; §18.3 for sandwich layers): with both sublayers' output projections zeroed, two pre-norm /
+    parallel / sandwich layers are the identity, ``d h_2 / d h_0 = I``: the residual path is additive and never
+    passes through a norm."""
     from attnstab_cli.metrics.lipschitz.empirical import make_layer_function
 
     layers = []

@@ -1,4 +1,4 @@
-"""THEORY T15, T16, T18, T22 and hand-computed cases for the MHA bounds of §5.
+"""THEORY T15, T16, T18, T22, T34 (soft-capped logits, §18.5) and hand-computed cases for the MHA bounds of §5.
 
 T16 compares every bound (paper form, l2 and block aggregation, activation form, tier 1) with the alternating-
 maximisation lower bound of the exact Jacobian (``torch.autograd.functional.jacobian``) on random heads with biases,
@@ -34,7 +34,8 @@ CASES = [
 
 
 def _norms(m):
-    return compute_head_norms(m.wq, m.wk, m.wv, m.wo, m.bq, m.bk, m.bv, m.n_heads, m.n_kv_heads, m.rotary_dim)
+    return compute_head_norms(m.wq, m.wk, m.wv, m.wo, m.bq, m.bk, m.bv, m.n_heads, m.n_kv_heads, m.rotary_dim,
+                              m.logit_cap)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
@@ -60,6 +61,47 @@ def test_mha_bounds_dominate_lower_bound(case: int) -> None:
         assert cal.lip_mha_l2 <= cal.lip_mha * (1 + 1e-12) and cal.lip_mha_block <= cal.lip_mha * (1 + 1e-12)
         assert cal.lip_mha <= tier1 * (1 + 1e-12)
         assert cal.mha_value_path + cal.mha_attn_path == pytest.approx(cal.lip_mha, rel=1e-13)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_capped_mha_bounds_dominate_lower_bound(case: int) -> None:
+    """T34: with logits c tanh(s q.k / c) and raw logits well beyond c, every form (tier 1, tier 2 with θ of the capped
+    rows, tier 2r with the uncentred key spread and the per-row factor max_j sech^2) >= LB of the exact Jacobian;
+    biased keys enter whole (§18.5)."""
+    d, dh, h, hkv, biases, rot, sf, mask = CASES[case]
+    t = 7
+    m = make_random_heads(d, dh, h, hkv, t, biases=biases, rotary_dim=rot, scale_factor=2.0 * sf, mask=mask,
+                          seed=50 + case)
+    g = torch.Generator().manual_seed(200 + case)
+    for scale_x in (1.0, 3.0):
+        x = scale_x * torch.randn(t, d, generator=g, dtype=F64)
+        q, k, v = heads_qkv(x, m)
+        raw = m.scale * q @ k.repeat_interleave(h // hkv, 0).transpose(-1, -2)
+        m.logit_cap = 0.3 * float(raw.abs().max())                                  # raw logits beyond the cap
+        assert bool(((raw.abs() > m.logit_cap) & m.allowed).any())
+        blocks = jacobian_blocks(lambda u: heads_mha(u, m), x)
+        lower, _ = dense_alternating_max(blocks, list(range(t)), restarts=3, seed=case)
+        norms, r2 = _norms(m), float(torch.linalg.vector_norm(x, dim=-1).max())
+        if biases:
+            torch.testing.assert_close(norms.bk_rot, torch.linalg.vector_norm(m.bk.reshape(hkv, dh), dim=-1))
+            assert float(norms.bk_pass.abs().max()) == 0.0
+        theta_rows = theta_exact(heads_probabilities(x, m))                          # [H, T], capped rows
+        cal = compute_mha_bound(norms, theta_rows.amax(-1), r2, m.scale)
+        tier1 = compute_mha_bound(norms, 1.0, r2, m.scale).lip_mha
+        refined = compute_mha_refined(norms, q, k, v, m.scale, m.allowed, theta_rows)
+        for value in (cal.lip_mha, cal.lip_mha_l2, cal.lip_mha_block, refined.lip_mha_refined, tier1):
+            assert value / lower >= 1 - 1e-9
+        assert refined.lip_mha_refined <= cal.lip_mha_l2 * (1 + 1e-12)
+        kn = torch.linalg.vector_norm(k, dim=-1).repeat_interleave(h // hkv, 0)        # [H, T]
+        expected = kn[:, None, :].masked_fill(~m.allowed, 0.0).amax(-1)               # max_j ||k_j|| per row
+        torch.testing.assert_close(refined.key_spread, expected, rtol=1e-12, atol=1e-12)
+        raw_sech2 = (1.0 - torch.tanh(raw / m.logit_cap).pow(2)).masked_fill(~m.allowed, 0.0).amax(-1)  # [H, T]
+        assert float(raw_sech2.min()) < 0.9                                            # the factor bites somewhere
+        wq, wk = norms.wq[:, None], norms.per_query(norms.wk)[:, None]
+        attn = refined.head_row_terms - norms.per_query(norms.wv)[:, None]            # s θ m_i (...) V_i per row
+        plain = m.scale * theta_rows * (wq * expected + wk * torch.linalg.vector_norm(q, dim=-1)) * refined.value_spread
+        torch.testing.assert_close(attn, raw_sech2 * plain, rtol=1e-10, atol=1e-14)
+        m.logit_cap = None
 
 
 def test_mha_global_pairs_in_ball() -> None:
