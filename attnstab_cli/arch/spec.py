@@ -63,6 +63,14 @@ class FFNKind(str, Enum):
     GATED = "gated"  # (act(x Wg) * x Wu) Wd
 
 
+class FFNPacking(str, Enum):
+    """How a gated FFN stores W_g and W_u (THEORY §18.6, fused projections)."""
+
+    SEPARATE = "separate"  # roles ffn_gate.weight, ffn_up.weight
+    GATE_UP = "gate_up"    # one role ffn_gate_up.weight, outputs [activated half; multiplying half] (Phi-3
+                           # gate_up_proj [gate; up], ModernBERT Wi [input; gate]); split into W_g, W_u at load
+
+
 @dataclass(frozen=True)
 class Layout:
     """Layout facts that decide how tensors are sliced and how the layer is wired."""
@@ -75,6 +83,7 @@ class Layout:
     rope_style: RopeStyle | None
     causal: bool
     ffn: FFNKind
+    ffn_packing: FFNPacking = FFNPacking.SEPARATE
 
 
 @dataclass(frozen=True)
@@ -137,7 +146,13 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         norm=NormKind(lay["norm"]), residual=Residual(lay["residual"]), positions=Positions(lay["positions"]),
         rope_style=RopeStyle(lay["rope_style"]) if lay.get("rope_style") else None,
         causal=bool(lay["causal"]), ffn=FFNKind(lay["ffn"]),
+        ffn_packing=FFNPacking(lay.get("ffn_packing", FFNPacking.SEPARATE.value)),
     )
+    unknown_layout = set(lay) - {"orientation", "qkv_packing", "norm", "residual", "positions", "rope_style", "causal",
+                                 "ffn", "ffn_packing"}
+    if unknown_layout:
+        raise ValueError(f"spec {data.get('name')!r}: unknown layout keys {sorted(unknown_layout)}")
+    _check_ffn_roles(data.get("name"), layout, set(data["layer_tensors"]))
     switch = data.get("residual_switch")
     refused = dict(data.get("unsupported_if_true", {}))
     if set(refused) - set(data["config"]):
@@ -160,6 +175,25 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         ignorable=tuple(data.get("ignorable", ())), buffers=tuple(data.get("buffers", ())),
         unsupported_if_true=refused,
     )
+
+
+FFN_ROLES = {
+    (FFNKind.MLP, FFNPacking.SEPARATE): {"ffn_in.weight", "ffn_out.weight"},
+    (FFNKind.GATED, FFNPacking.SEPARATE): {"ffn_gate.weight", "ffn_up.weight", "ffn_out.weight"},
+    (FFNKind.GATED, FFNPacking.GATE_UP): {"ffn_gate_up.weight", "ffn_out.weight"},
+}
+_FFN_WEIGHT_ROLES = {"ffn_in.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_gate_up.weight", "ffn_out.weight"}
+
+
+def _check_ffn_roles(name: str | None, layout: Layout, roles: set[str]) -> None:
+    """The FFN weight roles a spec declares are exactly those its ``ffn`` kind and ``ffn_packing`` read."""
+    want = FFN_ROLES.get((layout.ffn, layout.ffn_packing))
+    if want is None:
+        raise ValueError(f"spec {name!r}: ffn_packing {layout.ffn_packing.value!r} needs ffn 'gated'")
+    got = roles & _FFN_WEIGHT_ROLES
+    if got != want:
+        raise ValueError(f"spec {name!r}: ffn {layout.ffn.value!r} with ffn_packing {layout.ffn_packing.value!r} "
+                         f"declares FFN weights {sorted(want)}; the spec has {sorted(got)}")
 
 
 def load_builtin_specs() -> dict[str, ArchSpec]:

@@ -25,7 +25,7 @@ from attnstab_cli.errors import InputError
 from attnstab_cli.metrics.lipschitz._linalg import head_rows, head_slices
 from attnstab_cli.metrics.spectral import norm_2_to_inf, singular_values, spectral_norm_value
 from attnstab_cli.model.config import ModelConfig, RopeConfig
-from attnstab_cli.model.rope import apply_rope, compute_inv_freq
+from attnstab_cli.model.rope import apply_rope, compute_inv_freq, rope_regimes
 from attnstab_cli.model.weights import LayerWeights, NormWeights
 from attnstab_cli.metrics.threads import single_threaded
 
@@ -137,10 +137,11 @@ def rope_offsets(cfg: ModelConfig, layer: int, max_offset: int | None = None) ->
     return torch.arange(span) if cfg.layout.causal else torch.arange(-(span - 1), span)
 
 
-def rope_cos_sin(rope: RopeConfig, offsets: torch.Tensor,
-                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin`` of P_Delta for ``offsets [C]``: ``[C, rotary_dim/2]`` float64 (the model's float32 frequencies)."""
-    angles = offsets.to(F64)[:, None] * compute_inv_freq(rope).to(F64)[None, :]  # [C, r/2]
+def rope_cos_sin(rope: RopeConfig, offsets: torch.Tensor, device: torch.device | str,
+                 seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of P_Delta for ``offsets [C]``: ``[C, rotary_dim/2]`` float64 (the model's float32 frequencies
+    for a forward pass over ``seq_len`` positions)."""
+    angles = offsets.to(F64)[:, None] * compute_inv_freq(rope, seq_len).to(F64)[None, :]  # [C, r/2]
     return angles.cos().to(device), angles.sin().to(device)
 
 
@@ -213,11 +214,14 @@ def compute_qk_norms(wq: torch.Tensor, wk: torch.Tensor, kv_of_head: torch.Tenso
     basis = basis.reshape(basis.shape[0], -1)                                     # [2F+1, H k k]
     chunk = max(1, OFFSET_CHUNK_ELEMENTS // (n_heads * k * k))
     best = torch.zeros(n_heads, dtype=F64, device=wq.device)                      # [H]
-    for start in range(0, offsets.numel(), chunk):
-        cos, sin = rope_cos_sin(rope, offsets[start:start + chunk], wq.device)    # [C, F]
-        trig = torch.cat([torch.ones_like(cos[:, :1]), cos, sin], dim=1)          # [C, 2F+1]
-        m = (trig @ basis).reshape(-1, n_heads, k, k).transpose(0, 1)             # [H, C, k, k]  M_Delta
-        best = _chunk_max_sigma(m, best)                                          # [H]
+    a2 = rope.rot_scale ** 2           # P_i P_j^T = diag(a^2 R_Delta, b^2 I); the basis already holds one factor b
+    for seq_len, limit in rope_regimes(rope):
+        offs = offsets if limit is None else offsets[offsets.abs() < limit]
+        for start in range(0, offs.numel(), chunk):
+            cos, sin = rope_cos_sin(rope, offs[start:start + chunk], wq.device, seq_len)  # [C, F]
+            trig = torch.cat([torch.full_like(cos[:, :1], rope.pass_scale), cos * a2, sin * a2], dim=1)  # [C, 2F+1]
+            m = (trig @ basis).reshape(-1, n_heads, k, k).transpose(0, 1)         # [H, C, k, k]  M_Delta
+            best = _chunk_max_sigma(m, best)                                      # [H]
     return best
 
 

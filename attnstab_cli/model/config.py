@@ -12,8 +12,10 @@ from typing import Any
 from attnstab_cli.arch.config_fields import (
     CONFIG_FIELDS, ROPE_SCALING_FIELDS, check_field, check_rope_scaling, rope_type_of,
 )
+
+ROPE_LISTS = ROPE_SCALING_FIELDS["longrope"][1]["short_factor"]
 from attnstab_cli.arch.registry import TensorNames
-from attnstab_cli.arch.spec import ArchSpec, FFNKind, Layout, Positions, RopeStyle
+from attnstab_cli.arch.spec import ArchSpec, FFNKind, FFNPacking, Layout, Positions, RopeStyle
 from attnstab_cli.checkpoints.safetensors_header import TensorInfo
 from attnstab_cli.errors import InputError, UnsupportedError, UsageError
 from attnstab_cli.model.activations import ACTIVATIONS
@@ -23,16 +25,54 @@ SUPPORTED_ROPE_TYPES = tuple(ROPE_SCALING_FIELDS)
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding: base, rotated dims per head (partial rotary), pairing style and frequency scaling."""
+    """Rotary embedding: base, rotated dims per head (partial rotary), pairing style and frequency scaling.
+
+    LongRoPE (``longrope``) divides the base frequencies by ``short_factor`` for sequences of at most
+    ``original_max`` tokens and by ``long_factor`` beyond (one set per forward pass, chosen by its length), and
+    multiplies cos and sin by an ``attention_factor`` m: the rotary coordinates of q and k are scaled by m, the
+    pass-through ones (partial rotary) are not, so with partial rotary m is no scalar on the logits. Write the
+    model's map as P_i = diag(m R_i, I) and factor it as sqrt(c) diag(a R_i, b I) with c = max(m, 1)^2,
+    a = min(m, 1), b = 1 / max(m, 1): logits s (q P_i).(k P_j) = (s c) (q P'_i).(k P'_j) with
+    P'_i = diag(a R_i, b I). Here P'_i is the rotation (``rot_scale`` a, ``pass_scale`` b) and c joins the softmax
+    scale (:meth:`ModelConfig.attn_scale`). Since a, b <= 1, ||P'_i||_2 <= 1 and P'_i maps the pass-through
+    coordinates by the position-independent b I, which is all THEORY §5.3 uses of orthogonality (||q_i||, ||δq_i||
+    bounded as unrotated; the pass-through part of b^K a row constant): every bound, θ row and logit bound then
+    sees the true logits. With full rotary and m >= 1 this is "fold m^2 into s" (§5.5) with orthogonal P.
+    """
 
     theta: float
     rotary_dim: int
     style: RopeStyle
     scaling: tuple[tuple[str, Any], ...] = ()
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    original_max: int | None = None
+    attention_factor: float = 1.0
 
     @property
     def scaling_dict(self) -> dict[str, Any]:
         return dict(self.scaling)
+
+    @property
+    def logit_scale(self) -> float:
+        """c = max(m, 1)^2, the part of the attention factor carried by the softmax scale."""
+        return max(self.attention_factor, 1.0) ** 2
+
+    @property
+    def rot_scale(self) -> float:
+        """a = min(m, 1), the factor on cos and sin."""
+        return min(self.attention_factor, 1.0)
+
+    @property
+    def pass_scale(self) -> float:
+        """b = 1 / max(m, 1), the factor on the pass-through coordinates."""
+        return 1.0 / max(self.attention_factor, 1.0)
+
+    def uses_long_factor(self, seq_len: int | None) -> bool:
+        """Whether a forward pass over ``seq_len`` positions uses the long LongRoPE factors (None: the short set,
+        as the model is initialised)."""
+        return self.long_factor is not None and seq_len is not None and self.original_max is not None \
+            and seq_len > self.original_max
 
 
 @dataclass(frozen=True)
@@ -73,8 +113,11 @@ class ModelConfig:
         return None if self.max_positions is None else self.max_positions - self.position_offset
 
     def attn_scale(self, layer: int) -> float:
-        """Softmax scale s of layer ``layer`` (0-based): logits are s * q.k (THEORY §5.6)."""
+        """Softmax scale s of layer ``layer`` (0-based): logits are s * q.k (THEORY §5.6), with a RoPE attention
+        factor's part c folded in (§5.5; see :class:`RopeConfig`)."""
         s = 1.0 / math.sqrt(self.head_dim) if self.scale_attn_weights else 1.0
+        if self.rope is not None:
+            s *= self.rope.logit_scale
         return s / (layer + 1) if self.scale_by_inverse_layer_idx else s
 
     @property
@@ -229,11 +272,14 @@ def _infer_kv_heads(spec: ArchSpec, names: TensorNames, infos: dict[str, TensorI
 
 
 def _infer_d_ff(spec: ArchSpec, shape: Any) -> int | None:
-    role = "ffn_gate.weight" if spec.layout.ffn is FFNKind.GATED else "ffn_in.weight"
+    packed = spec.layout.ffn_packing is FFNPacking.GATE_UP
+    role = "ffn_gate_up.weight" if packed else "ffn_gate.weight" if spec.layout.ffn is FFNKind.GATED else \
+        "ffn_in.weight"
     s = shape(role, 0)
     if s is None or len(s) != 2:
         return None
-    return s[0] if spec.layout.orientation.value == "out_in" else s[1]
+    width = s[0] if spec.layout.orientation.value == "out_in" else s[1]
+    return width // 2 if packed else width
 
 
 def _build_rope(spec: ArchSpec, raw: dict[str, Any], head_dim: int) -> RopeConfig | None:
@@ -247,9 +293,38 @@ def _build_rope(spec: ArchSpec, raw: dict[str, Any], head_dim: int) -> RopeConfi
     kept = tuple(sorted((k, v) for k, v in scaling.items() if k not in ("rope_theta", "partial_rotary_factor")
                         and not isinstance(v, (dict, list))))
     rotary_dim = raw["rotary_dim"] if "rotary_dim" in raw else int(head_dim * fraction)  # GPT-J: absolute
-    return RopeConfig(theta=float(raw["rope_theta"]), rotary_dim=rotary_dim,
+    rope = RopeConfig(theta=float(raw["rope_theta"]), rotary_dim=rotary_dim,
                       style=spec.layout.rope_style or RopeStyle.HALF_SPLIT,
                       scaling=() if rope_type == "default" else kept)
+    return _longrope(rope, scaling, raw) if rope_type == "longrope" else rope
+
+
+def _longrope(rope: RopeConfig, scaling: dict[str, Any], raw: dict[str, Any]) -> RopeConfig:
+    """LongRoPE factors, original context and attention factor, resolved as Hugging Face does: a top-level
+    ``original_max_position_embeddings`` wins over the rope entry; ``attention_factor`` if given, else from
+    ``factor`` (else max_positions / original) as sqrt(1 + ln f / ln original), 1 when f <= 1."""
+    original = raw.get("original_max_positions") or scaling.get("original_max_position_embeddings")
+    if original is None:
+        raise InputError("rope type 'longrope' needs original_max_position_embeddings (config key or rope entry)")
+    original = int(original)
+    short, long = (check_field(ROPE_LISTS, f"rope entry {n!r}", scaling[n]) for n in ("short_factor", "long_factor"))
+    half = rope.rotary_dim // 2
+    for name, factors in (("short_factor", short), ("long_factor", long)):
+        if len(factors) != half:
+            raise InputError(f"rope entry {name!r} has {len(factors)} factors; expected rotary_dim / 2 = {half}")
+    factor = scaling.get("factor")
+    if factor is None and raw.get("max_positions") is not None:
+        factor = raw["max_positions"] / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        if factor is None:
+            raise InputError("rope type 'longrope' without attention_factor or factor needs max_position_embeddings")
+        if factor > 1.0 and original < 2:
+            raise InputError(f"original_max_position_embeddings is {original}; the LongRoPE attention factor "
+                             "needs at least 2")
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return replace(rope, short_factor=short, long_factor=long, original_max=original,
+                   attention_factor=float(attention))
 
 
 def _sliding_windows(raw: dict[str, Any], n_layers: int) -> tuple[int | None, ...]:
