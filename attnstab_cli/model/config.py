@@ -236,7 +236,7 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
         family=spec.name, model_type=(config or {}).get("model_type"), layout=layout, n_layers=found_layers,
         d_model=d, n_heads=h, n_kv_heads=n_kv, head_dim=head_dim, d_ff=d_ff, vocab_size=raw["vocab_size"],
         max_positions=raw.get("max_positions") or (pos[0] if pos else None),
-        norm_eps=float(raw["norm_eps"]), activation=activation, rope=_build_rope(spec, raw, head_dim),
+        norm_eps=float(raw["norm_eps"]), activation=activation, rope=_build_rope(spec, raw, head_dim, key("rope_scaling")),
         sliding_windows=_sliding_windows(raw, found_layers),
         scale_attn_weights=raw.get("scale_attn_weights", True),
         scale_by_inverse_layer_idx=raw.get("scale_attn_by_inverse_layer_idx", False),
@@ -282,7 +282,7 @@ def _infer_d_ff(spec: ArchSpec, shape: Any) -> int | None:
     return width // 2 if packed else width
 
 
-def _build_rope(spec: ArchSpec, raw: dict[str, Any], head_dim: int) -> RopeConfig | None:
+def _build_rope(spec: ArchSpec, raw: dict[str, Any], head_dim: int, key: str) -> RopeConfig | None:
     if spec.layout.positions is not Positions.ROPE:
         return None
     scaling = dict(raw.get("rope_scaling") or {})
@@ -296,22 +296,23 @@ def _build_rope(spec: ArchSpec, raw: dict[str, Any], head_dim: int) -> RopeConfi
     rope = RopeConfig(theta=float(raw["rope_theta"]), rotary_dim=rotary_dim,
                       style=spec.layout.rope_style or RopeStyle.HALF_SPLIT,
                       scaling=() if rope_type == "default" else kept)
-    return _longrope(rope, scaling, raw) if rope_type == "longrope" else rope
+    return _longrope(rope, scaling, raw, key) if rope_type == "longrope" else rope
 
 
-def _longrope(rope: RopeConfig, scaling: dict[str, Any], raw: dict[str, Any]) -> RopeConfig:
+def _longrope(rope: RopeConfig, scaling: dict[str, Any], raw: dict[str, Any], key: str) -> RopeConfig:
     """LongRoPE factors, original context and attention factor, resolved as Hugging Face does: a top-level
     ``original_max_position_embeddings`` wins over the rope entry; ``attention_factor`` if given, else from
     ``factor`` (else max_positions / original) as sqrt(1 + ln f / ln original), 1 when f <= 1."""
     original = raw.get("original_max_positions") or scaling.get("original_max_position_embeddings")
     if original is None:
-        raise InputError("rope type 'longrope' needs original_max_position_embeddings (config key or rope entry)")
+        raise InputError(f"config key {key!r} of rope type 'longrope' needs original_max_position_embeddings (there "
+                         "or at the top level)")
     original = int(original)
-    short, long = (check_field(ROPE_LISTS, f"rope entry {n!r}", scaling[n]) for n in ("short_factor", "long_factor"))
+    short, long = (check_field(ROPE_LISTS, f"config key '{key}.{n}'", scaling[n]) for n in ("short_factor", "long_factor"))
     half = rope.rotary_dim // 2
     for name, factors in (("short_factor", short), ("long_factor", long)):
         if len(factors) != half:
-            raise InputError(f"rope entry {name!r} has {len(factors)} factors; expected rotary_dim / 2 = {half}")
+            raise InputError(f"config key '{key}.{name}' has {len(factors)} factors; expected rotary_dim / 2 = {half}")
     factor = scaling.get("factor")
     if factor is None and raw.get("max_positions") is not None:
         factor = raw["max_positions"] / original

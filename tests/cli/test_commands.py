@@ -31,7 +31,7 @@ def test_no_args_shows_help() -> None:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "distilbert", "roberta", "xlm_roberta",
-                                    "gptj", "phi"])
+                                    "gptj", "phi", "phi3", "phi3_longrope"])
 def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     path, ref = tiny_checkpoints[family]
     result = invoke("info", path, "--json")
@@ -48,10 +48,11 @@ def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     assert data["n_params"] == stored
     assert data["tied_embeddings"] == bool(cfg.tie_word_embeddings)
     expected = {"gpt2": "pre-norm", "llama": "pre-norm", "neox": "parallel residual (pre-norm)", "bert": "post-norm",
-                "gptj": "parallel residual (one shared pre-norm)", "phi": "parallel residual (one shared pre-norm)"}
+                "gptj": "parallel residual (one shared pre-norm)", "phi": "parallel residual (one shared pre-norm)",
+                "phi3": "pre-norm", "phi3_longrope": "pre-norm"}
     expected.update(dict.fromkeys(("distilbert", "roberta", "xlm_roberta"), "post-norm"))
     assert data["placement"] == expected[family]
-    assert data["norm"] == ("rmsnorm" if family == "llama" else "layernorm")
+    assert data["norm"] == ("rmsnorm" if family in ("llama", "phi3", "phi3_longrope") else "layernorm")
     assert sum(data["files"].values()) == data["total_bytes"] > 0
 
 
