@@ -6,10 +6,21 @@ from collections import Counter
 from typing import Any
 
 from attnstab_cli.arch.spec import Residual
+from attnstab_cli.model.config import RopeConfig
 from attnstab_cli.model.load import OpenModel
 
 PLACEMENT = {Residual.PRE: "pre-norm", Residual.POST: "post-norm", Residual.PARALLEL: "parallel residual (pre-norm)",
              Residual.PARALLEL_SHARED: "parallel residual (one shared pre-norm)"}
+
+
+def _describe_rope(rope: RopeConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"theta": rope.theta, "rotary_dim": rope.rotary_dim, "style": rope.style.value,
+                           "scaling": rope.scaling_dict or None}
+    if rope.long_factor is not None:
+        out["longrope"] = {"original_max_positions": rope.original_max, "attention_factor": rope.attention_factor,
+                           "short_factor": list(rope.short_factor or ()), "long_factor": list(rope.long_factor),
+                           "long_factor_beyond": rope.original_max}
+    return out
 
 
 def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
@@ -32,6 +43,8 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "head_dim": cfg.head_dim,
         "d_ff": cfg.d_ff,
         "ffn": cfg.layout.ffn.value,
+        "ffn_packing": cfg.layout.ffn_packing.value,
+        "qkv_packing": cfg.layout.qkv_packing.value,
         "activation": cfg.activation,
         "norm": cfg.layout.norm.value,
         "norm_eps": cfg.norm_eps,
@@ -39,8 +52,7 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "residual": cfg.layout.residual.value,
         "causal": cfg.layout.causal,
         "positions": cfg.layout.positions.value,
-        "rope": None if rope is None else {"theta": rope.theta, "rotary_dim": rope.rotary_dim,
-                                           "style": rope.style.value, "scaling": rope.scaling_dict or None},
+        "rope": None if rope is None else _describe_rope(rope),
         "sliding_window": next((w for w in cfg.sliding_windows if w), None),
         "vocab_size": cfg.vocab_size,
         "max_positions": cfg.max_positions,

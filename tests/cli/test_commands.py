@@ -53,6 +53,17 @@ def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     expected.update(dict.fromkeys(("distilbert", "roberta", "xlm_roberta"), "post-norm"))
     assert data["placement"] == expected[family]
     assert data["norm"] == ("rmsnorm" if family in ("llama", "phi3", "phi3_longrope") else "layernorm")
+    assert data["ffn_packing"] == ("gate_up" if family.startswith("phi3") else "separate")
+    assert data["qkv_packing"] == {"gpt2": "concat", "neox": "interleaved_per_head", "phi3": "concat",
+                                   "phi3_longrope": "concat"}.get(family, "separate")
+    longrope = (data["rope"] or {}).get("longrope")
+    if family == "phi3_longrope":
+        rp = cfg.rope_parameters
+        assert longrope["short_factor"] == rp["short_factor"] and longrope["long_factor"] == rp["long_factor"]
+        assert longrope["original_max_positions"] == cfg.original_max_position_embeddings
+        assert longrope["attention_factor"] == pytest.approx(ref.model.rotary_emb.attention_scaling, rel=1e-15)
+    else:
+        assert longrope is None
     assert sum(data["files"].values()) == data["total_bytes"] > 0
 
 
