@@ -124,7 +124,7 @@ def rope_offsets(cfg: ModelConfig, layer: int, max_offset: int | None = None) ->
     """Relative offsets Delta = i - j the mask allows (THEORY §5.5): ``[n_offsets]`` long.
 
     Causal: ``0 .. span-1``; bidirectional: ``-(span-1) .. span-1``; ``span`` = ``max_offset`` (override) or
-    ``max_positions``, capped by the layer's sliding window (keys with ``i - j < window``). Without RoPE: ``[0]``.
+    ``max_positions``, capped by the layer's sliding window (keys with ``|i - j| < window``). Without RoPE: ``[0]``.
     """
     if cfg.rope is None:
         return torch.zeros(1, dtype=torch.long)

@@ -21,7 +21,7 @@ class AttentionTrace:
     v: torch.Tensor                          # [B, H_kv, T, D]
     scale: float                             # logits are scale * q.k
     causal: bool
-    window: int | None                       # sliding window: key j visible from query i iff i - j < window
+    window: int | None                       # sliding window: key j visible from query i iff |i - j| < window
     key_padding_mask: torch.Tensor | None    # [B, T] bool, True = real token
     context: torch.Tensor                    # [B, H, T, D]  softmax(s q k^T) v per head
     out: torch.Tensor                        # [B, T, d]     after W_O and b_O

@@ -24,7 +24,7 @@ def probabilities_from_trace(a: AttentionTrace) -> torch.Tensor:
     if a.causal:
         allowed &= j <= i
     if a.window is not None:
-        allowed &= (i - j) < a.window
+        allowed &= (i - j).abs() < a.window
     allowed = allowed[None, None]
     if a.key_padding_mask is not None:
         allowed = allowed & a.key_padding_mask[:, None, None, :]
