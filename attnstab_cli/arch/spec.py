@@ -84,6 +84,7 @@ class Layout:
     causal: bool
     ffn: FFNKind
     ffn_packing: FFNPacking = FFNPacking.SEPARATE
+    identity_norm_attn: tuple[int, ...] = ()  # layers whose norm_attn is the identity (ModernBERT's layer 0)
 
 
 @dataclass(frozen=True)
@@ -147,12 +148,15 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         rope_style=RopeStyle(lay["rope_style"]) if lay.get("rope_style") else None,
         causal=bool(lay["causal"]), ffn=FFNKind(lay["ffn"]),
         ffn_packing=FFNPacking(lay.get("ffn_packing", FFNPacking.SEPARATE.value)),
+        identity_norm_attn=tuple(lay.get("norm_attn_identity_layers", ())),
     )
     unknown_layout = set(lay) - {"orientation", "qkv_packing", "norm", "residual", "positions", "rope_style", "causal",
-                                 "ffn", "ffn_packing"}
+                                 "ffn", "ffn_packing", "norm_attn_identity_layers"}
     if unknown_layout:
         raise ValueError(f"spec {data.get('name')!r}: unknown layout keys {sorted(unknown_layout)}")
     _check_ffn_roles(data.get("name"), layout, set(data["layer_tensors"]))
+    if layout.identity_norm_attn:
+        _check_identity_norm(data.get("name"), layout, set(data["tensors"]))
     switch = data.get("residual_switch")
     refused = dict(data.get("unsupported_if_true", {}))
     if set(refused) - set(data["config"]):
@@ -194,6 +198,19 @@ def _check_ffn_roles(name: str | None, layout: Layout, roles: set[str]) -> None:
     if got != want:
         raise ValueError(f"spec {name!r}: ffn {layout.ffn.value!r} with ffn_packing {layout.ffn_packing.value!r} "
                          f"declares FFN weights {sorted(want)}; the spec has {sorted(got)}")
+
+
+def _check_identity_norm(name: str | None, layout: Layout, tensors: set[str]) -> None:
+    """An identity in place of N1 is supported in layer 0 of a pre-norm (or parallel) stack after an embedding norm:
+    the MHA then reads h_0, the embedding norm's output, whose reset radius bounds it (THEORY §8.1); deeper layers
+    would read the unnormalized residual stream, for which no reset radius exists."""
+    if layout.identity_norm_attn != (0,):
+        raise ValueError(f"spec {name!r}: norm_attn_identity_layers must be [0]; got {list(layout.identity_norm_attn)}")
+    if layout.residual is Residual.POST or layout.residual.shared_norm:
+        raise ValueError(f"spec {name!r}: norm_attn_identity_layers needs a pre-norm or parallel residual with two "
+                         "norms")
+    if "embed_norm.weight" not in tensors:
+        raise ValueError(f"spec {name!r}: norm_attn_identity_layers needs an embedding norm (embed_norm.weight)")
 
 
 def load_builtin_specs() -> dict[str, ArchSpec]:

@@ -255,7 +255,7 @@ class GradientFlow:
 
     def _step(self, stream: LayerStream, w: LayerWeights, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         """h_{l+1} from h_l for every batch (no autograd graph: the weights do not require grad here)."""
-        return [run_layer(h, w, self.cfg, w.layer, b, stream.rope(h.shape[1]), stream.masks[b]).resid_out.detach()
+        return [run_layer(h, w, self.cfg, w.layer, b, stream.rope(h.shape[1], w.layer), stream.masks[b]).resid_out.detach()
                 for b, h in enumerate(hidden)]                              # [B, T, d] each
 
     def _forward(self, stream: LayerStream, held: _Boundaries) -> None:
@@ -309,7 +309,7 @@ class GradientFlow:
         new_grads = []
         for b, h in enumerate(inputs):
             h = h.clone().requires_grad_(True)                             # [B, T, d]
-            out = run_layer(h, w, self.cfg, layer, b, stream.rope(h.shape[1]), stream.masks[b]).resid_out
+            out = run_layer(h, w, self.cfg, layer, b, stream.rope(h.shape[1], layer), stream.masks[b]).resid_out
             (out * grads[b]).sum().backward()      # = out.backward(grads[b]), without torch's symbolic-shapes import
             new_grads.append(h.grad)
         record = {"layer": layer, "grad_h_in": math.sqrt(sum(float(g.double().pow(2).sum()) for g in new_grads)),

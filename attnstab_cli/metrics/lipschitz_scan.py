@@ -69,7 +69,7 @@ class LipschitzPass:
 
     def _empirical(self, trace: LayerTrace, ctx: LayerContext, b: int, result: Any) -> None:
         """Tier 3 on sequence ``b`` of this trace under the budget of §8.3, the tier-2r row terms as scores."""
-        rope_cfg, full = self.cfg.rope, trace.resid_in.shape[1]
+        rope_cfg, full = self.cfg.rope_at(trace.layer), trace.resid_in.shape[1]
 
         def rope(t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
             """The first ``t`` positions rotated as in the whole sequence (its length selects LongRoPE's factors)."""

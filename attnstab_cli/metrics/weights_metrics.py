@@ -253,7 +253,7 @@ def compute_head_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int | 
     wq_n, wk_n, wv_n = s_q[:, 0], s_k[sl.kv_of_head, 0], s_v[sl.kv_of_head, 0]            # [H]
     wo_n = singular_values(sl.wo)[:, 0]                                                     # [H]
     wo_full = float(spectral_norm_value(w.wo)) if wo_full_norm is None else wo_full_norm
-    qk = compute_qk_norms(sl.wq, sl.wk, sl.kv_of_head, cfg.rope, rope_offsets(cfg, layer, max_offset))
+    qk = compute_qk_norms(sl.wq, sl.wk, sl.kv_of_head, cfg.rope_at(layer), rope_offsets(cfg, layer, max_offset))
     bq = head_bias_norms(w.bq, cfg.n_heads, cfg.head_dim)                                  # [H] | None
     bk = rotary_key_bias_norms(w.bk, cfg.n_kv_heads, cfg.head_dim, cfg.rope)               # [H_kv] | None
     kq, kk, kv = _kappa(s_q), _kappa(s_k)[sl.kv_of_head], _kappa(s_v)[sl.kv_of_head]
@@ -277,8 +277,10 @@ def ffn_first_matrix(ffn: Mapping[str, torch.Tensor], kind: FFNKind) -> torch.Te
     return ffn["w_in"].to(F64)                                                     # [d, m]
 
 
-def _norm_stats(norm: NormWeights) -> tuple[float, float | None]:
-    """``(||gamma||_inf, ||beta||_2 or None)`` of a norm layer (THEORY §4)."""
+def _norm_stats(norm: NormWeights) -> tuple[float | None, float | None]:
+    """``(||gamma||_inf, ||beta||_2 or None)`` of a norm layer (THEORY §4); both None for the identity."""
+    if norm.identity:
+        return None, None
     beta = None if norm.bias is None else float(norm.bias.to(F64).norm())
     return float(norm.weight.to(F64).abs().max()), beta
 

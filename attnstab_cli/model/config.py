@@ -93,13 +93,21 @@ class ModelConfig:
     norm_eps: float
     activation: str
     rope: RopeConfig | None
-    sliding_windows: tuple[int | None, ...]
+    sliding_windows: tuple[int | None, ...]     # per layer; key j visible from query i iff |i - j| < window
     scale_attn_weights: bool = True
     scale_by_inverse_layer_idx: bool = False
     type_vocab_size: int | None = None
     tie_embeddings: bool = False
     config_dtype: str | None = None
     pad_token_id: int | None = None
+    layer_types: tuple[str, ...] | None = None   # per layer: full_attention | sliding_attention
+    rope_by_type: tuple[tuple[str, RopeConfig], ...] = ()   # layer type -> its own RoPE (else ``rope``)
+
+    def rope_at(self, layer: int) -> RopeConfig | None:
+        """The RoPE of layer ``layer``: its layer type's own (ModernBERT's and Gemma 3's local base), else ``rope``."""
+        if self.rope is None or not self.layer_types or not self.rope_by_type:
+            return self.rope
+        return dict(self.rope_by_type).get(self.layer_types[layer], self.rope)
 
     @property
     def position_offset(self) -> int:
@@ -116,8 +124,9 @@ class ModelConfig:
         """Softmax scale s of layer ``layer`` (0-based): logits are s * q.k (THEORY §5.6), with a RoPE attention
         factor's part c folded in (§5.5; see :class:`RopeConfig`)."""
         s = 1.0 / math.sqrt(self.head_dim) if self.scale_attn_weights else 1.0
-        if self.rope is not None:
-            s *= self.rope.logit_scale
+        rope = self.rope_at(layer)
+        if rope is not None:
+            s *= rope.logit_scale
         return s / (layer + 1) if self.scale_by_inverse_layer_idx else s
 
     @property
@@ -147,7 +156,7 @@ def read_config_fields(spec: ArchSpec, config: dict[str, Any]) -> tuple[dict[str
             continue
         key, value = found
         values[name] = check_field(CONFIG_FIELDS[name], f"config key {key!r}", value)
-        if name == "rope_scaling":
+        if name.startswith("rope_scaling"):
             check_rope_scaling(key, values[name])
         keys[name] = key
     return values, keys
@@ -222,6 +231,9 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
             raise InputError(f"{subject(field)} is {raw[field]}; expected at most {rows[0]}, the rows of tensor "
                              f"{names.find(role)!r}")
     types = raw.get("layer_types")
+    if types is None and "global_every" in raw:            # ModernBERT: layer i is global iff i % n == 0
+        types = ["full_attention" if i % raw["global_every"] == 0 else "sliding_attention" for i in range(found_layers)]
+        raw["layer_types"] = types
     if types is not None and len(types) != found_layers:
         raise InputError(f"{subject('layer_types')} has {len(types)} entries; expected one per layer "
                          f"({found_layers})")
@@ -238,6 +250,8 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
         max_positions=raw.get("max_positions") or (pos[0] if pos else None),
         norm_eps=float(raw["norm_eps"]), activation=activation, rope=_build_rope(spec, raw, head_dim, key("rope_scaling")),
         sliding_windows=_sliding_windows(raw, found_layers),
+        layer_types=tuple(types) if types is not None else None,
+        rope_by_type=_rope_by_type(spec, raw, head_dim, key("rope_scaling_sliding")),
         scale_attn_weights=raw.get("scale_attn_weights", True),
         scale_by_inverse_layer_idx=raw.get("scale_attn_by_inverse_layer_idx", False),
         type_vocab_size=raw.get("type_vocab_size"),
@@ -328,9 +342,24 @@ def _longrope(rope: RopeConfig, scaling: dict[str, Any], raw: dict[str, Any], ke
                    attention_factor=float(attention))
 
 
+def _rope_by_type(spec: ArchSpec, raw: dict[str, Any], head_dim: int, key: str) -> tuple[tuple[str, RopeConfig], ...]:
+    """The sliding layers' own RoPE when the config gives a base or scaling for them (``rope_theta_sliding``,
+    ``rope_scaling_sliding``); rotary dimension and style are the model's."""
+    if spec.layout.positions is not Positions.ROPE or not ({"rope_theta_sliding", "rope_scaling_sliding"} & set(raw)):
+        return ()
+    local = {**raw, "rope_theta": raw.get("rope_theta_sliding", raw.get("rope_theta")),
+             "rope_scaling": raw.get("rope_scaling_sliding", raw.get("rope_scaling"))}
+    return (("sliding_attention", _build_rope(spec, local, head_dim, key)),)
+
+
 def _sliding_windows(raw: dict[str, Any], n_layers: int) -> tuple[int | None, ...]:
-    """Per-layer sliding window (Mistral; Qwen2 only with ``use_sliding_window``; ``layer_types`` when given)."""
+    """Per-layer sliding window (Mistral; Qwen2 only with ``use_sliding_window``; ``layer_types`` when given).
+
+    ``local_attention`` (ModernBERT) is a bidirectional window of that many keys: |i - j| <= local_attention // 2,
+    i.e. window local_attention // 2 + 1 under the rule |i - j| < window."""
     window = raw.get("sliding_window")
+    if "local_attention" in raw:
+        window = raw["local_attention"] // 2 + 1
     if not window or not raw.get("use_sliding_window", True):
         return (None,) * n_layers
     types = raw.get("layer_types")

@@ -29,8 +29,9 @@ class AttentionTrace:
 
 @dataclass
 class NormTrace:
-    kind: str                                # "layernorm" | "rmsnorm"
-    stat: torch.Tensor                       # [B, T] per-token biased variance (LN) or mean square (RMSNorm) of the input
+    kind: str                                # "layernorm" | "rmsnorm" | "identity"
+    stat: torch.Tensor | None                # [B, T] per-token biased variance (LN) or mean square (RMSNorm) of the
+                                             # input; None for the identity
     eps: float
     out: torch.Tensor                        # [B, T, d]     the norm output
 

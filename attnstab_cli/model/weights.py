@@ -17,8 +17,12 @@ from attnstab_cli.model.shapes import expected_shapes
 
 @dataclass
 class NormWeights:
-    weight: torch.Tensor           # [d]  gamma
+    weight: torch.Tensor | None    # [d]  gamma; None: the norm is the identity (``identity_norm_attn``)
     bias: torch.Tensor | None      # [d]  beta (LayerNorm only)
+
+    @property
+    def identity(self) -> bool:
+        return self.weight is None
 
 
 @dataclass

@@ -5,10 +5,14 @@
   ``L_phi ||W1|| ||W2||`` with ``L_phi = 1.129`` for GELU (tier 1; erf max slope 1.12890, tanh 1.12899).
 * SwiGLU ``(silu(x Wg) * x Wu) Wd``: not globally Lipschitz; local, stacked and ball bounds of §6.2. SiLU constants:
   ``max silu' = 1.0998393`` at ``z* = 2.399357``; ``sup_{|z|<=A} |silu| = A sigma(A)``.
+* Gated GELU (GeGLU, ModernBERT's ``Wi``): the same forms with the exact GELU (§18.6): ``max gelu' = 1.1289042`` at
+  ``z* = sqrt 2``, ``sup_{|z|<=A} |gelu| = A Phi(A)``. Both activations satisfy ``act'(z) + act'(-z) = 1`` with
+  ``act'`` increasing on ``[0, z*]``, so ``sup_{|z|<=A} |act'| = act'(min(A, z*))`` and ``sup |act| = act(A)``.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,6 +27,8 @@ SILU_ZSTAR = 2.399357280537518            # argmax of silu'
 SILU_DMAX = 1.0998393201289               # max silu' (1.09983932012887 rounded up)
 SILU_DMIN = 1.0 - SILU_DMAX               # min silu' at -z*, since silu'(z) + silu'(-z) = 1
 _TANH_C = math.sqrt(2.0 / math.pi)
+GELU_ZSTAR = math.sqrt(2.0)               # argmax of the exact gelu'
+GELU_DMAX = 1.1289042                     # max exact gelu' (1.128904145..., rounded up)
 
 
 def gelu_erf_derivative(a: torch.Tensor) -> torch.Tensor:
@@ -92,32 +98,59 @@ def compute_mlp_bound_tokens(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Te
     return _norm(w_in, norms, "w_in") * slope * _norm(w_out, norms, "w_out")
 
 
+@dataclass(frozen=True)
+class GatedActivation:
+    """What the gated-FFN bounds need of the activation: the function, its derivative, the argmax z* of the
+    derivative and its maximum (rounded up)."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    derivative: Callable[[torch.Tensor], torch.Tensor]
+    zstar: float
+    dmax: float
+
+
+def _gelu_erf(z: torch.Tensor) -> torch.Tensor:
+    return 0.5 * z * (1.0 + torch.erf(z / math.sqrt(2.0)))
+
+
+GATED_ACTIVATIONS: dict[str, GatedActivation] = {
+    "silu": GatedActivation(torch.nn.functional.silu, silu_derivative, SILU_ZSTAR, SILU_DMAX),
+    "swish": GatedActivation(torch.nn.functional.silu, silu_derivative, SILU_ZSTAR, SILU_DMAX),
+    "gelu": GatedActivation(_gelu_erf, gelu_erf_derivative, GELU_ZSTAR, GELU_DMAX),
+}
+
+
 def _gated_preacts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x64 = x.to(F64)
     return x64 @ w_gate.to(F64), x64 @ w_up.to(F64)                                # [T, m] each
 
 
 def compute_swiglu_local_tokens(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                                w_out: torch.Tensor, norms: dict[str, float] | None = None) -> torch.Tensor:
-    """Tier 2 per token (§6.2): ``||Wd|| (||Wg|| ||silu'(a) b||_inf + ||Wu|| ||silu(a)||_inf)``: ``[T]``
+                                w_out: torch.Tensor, norms: dict[str, float] | None = None,
+                                activation: str = "silu") -> torch.Tensor:
+    """Tier 2 per token (§6.2): ``||Wd|| (||Wg|| ||act'(a) b||_inf + ||Wu|| ||act(a)||_inf)``: ``[T]``
     (``norms`` from :func:`compute_ffn_norms`, else computed here)."""
+    act = GATED_ACTIVATIONS[activation]
     a, b = _gated_preacts(x, w_gate, w_up)
-    gate_term = _norm(w_gate, norms, "w_gate") * (silu_derivative(a) * b).abs().amax(dim=-1)
-    up_term = _norm(w_up, norms, "w_up") * torch.nn.functional.silu(a).abs().amax(dim=-1)
+    gate_term = _norm(w_gate, norms, "w_gate") * (act.derivative(a) * b).abs().amax(dim=-1)
+    up_term = _norm(w_up, norms, "w_up") * act.fn(a).abs().amax(dim=-1)
     return _norm(w_out, norms, "w_out") * (gate_term + up_term)
 
 
 def compute_swiglu_stacked_tokens(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                                  w_out: torch.Tensor) -> torch.Tensor:
-    """Stacked form (§6.2): ``||[Wg Wu]|| ||Wd|| max_k ((silu'(a_k) b_k)^2 + silu(a_k)^2)^(1/2)``: ``[T]``."""
+                                  w_out: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """Stacked form (§6.2): ``||[Wg Wu]|| ||Wd|| max_k ((act'(a_k) b_k)^2 + act(a_k)^2)^(1/2)``: ``[T]``."""
+    act = GATED_ACTIVATIONS[activation]
     a, b = _gated_preacts(x, w_gate, w_up)
-    coef = torch.sqrt((silu_derivative(a) * b).pow(2) + torch.nn.functional.silu(a).pow(2)).amax(dim=-1)
+    coef = torch.sqrt((act.derivative(a) * b).pow(2) + act.fn(a).pow(2)).amax(dim=-1)
     return spectral_norm(torch.cat([w_gate, w_up], dim=1)) * spectral_norm(w_out) * coef
 
 
 def compute_swiglu_ball(r2: float, w_gate: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor,
-                        b_gate: torch.Tensor | None = None, b_up: torch.Tensor | None = None) -> float:
+                        b_gate: torch.Tensor | None = None, b_up: torch.Tensor | None = None,
+                        activation: str = "silu") -> float:
     """Lipschitz constant on the ball ``||x||_2 <= r2`` (§6.2, tier 1)."""
+    act = GATED_ACTIVATIONS[activation]
     col_g = r2 * torch.linalg.vector_norm(w_gate.to(F64), dim=0)                  # [m] bound on |a_k|
     col_u = r2 * torch.linalg.vector_norm(w_up.to(F64), dim=0)                    # [m] bound on |b_k|
     if b_gate is not None:
@@ -125,9 +158,9 @@ def compute_swiglu_ball(r2: float, w_gate: torch.Tensor, w_up: torch.Tensor, w_o
     if b_up is not None:
         col_u = col_u + b_up.to(F64).abs()
     big_a, big_b = float(col_g.max()), float(col_u.max())
-    slope = SILU_DMAX if big_a >= SILU_ZSTAR else float(silu_derivative(torch.tensor(big_a, dtype=F64)))
-    sig = 1.0 / (1.0 + math.exp(-big_a))
-    inner = slope * float(spectral_norm(w_gate)) * big_b + float(spectral_norm(w_up)) * big_a * sig
+    slope = act.dmax if big_a >= act.zstar else float(act.derivative(torch.tensor(big_a, dtype=F64)))
+    sup_act = float(act.fn(torch.tensor(big_a, dtype=F64)))                     # A sigma(A) | A Phi(A)
+    inner = slope * float(spectral_norm(w_gate)) * big_b + float(spectral_norm(w_up)) * sup_act
     return float(spectral_norm(w_out)) * inner
 
 
@@ -139,15 +172,16 @@ def compute_swiglu_ball_simple(r2: float, w_gate: torch.Tensor, w_up: torch.Tens
 
 
 def _check_gated(activation: str) -> None:
-    if activation not in ("silu", "swish"):
-        raise UnsupportedError(f"gated FFN with activation {activation!r}: only SwiGLU bounds are implemented (§6.2)")
+    if activation not in GATED_ACTIVATIONS:
+        raise UnsupportedError(f"gated FFN with activation {activation!r}: bounds are implemented for "
+                               f"{', '.join(sorted(GATED_ACTIVATIONS))} (§6.2, §18.6)")
 
 
 def compute_ffn_bound_weights(ffn: dict[str, torch.Tensor], kind: FFNKind, activation: str, r2: float) -> float:
     """Tier-1 FFN bound (§8.1): GELU weights-only, or the SwiGLU ball bound at the radius ``r2`` of its input."""
     if kind is FFNKind.GATED:
         _check_gated(activation)
-        return compute_swiglu_ball(r2, ffn["w_gate"], ffn["w_up"], ffn["w_out"])
+        return compute_swiglu_ball(r2, ffn["w_gate"], ffn["w_up"], ffn["w_out"], activation=activation)
     return compute_mlp_bound_weights(ffn["w_in"], ffn["w_out"], activation)
 
 
@@ -156,5 +190,5 @@ def compute_ffn_bound_tokens(ffn: dict[str, torch.Tensor], kind: FFNKind, activa
     """Tier-2 per-token FFN bound at the FFN inputs ``x [T, d]`` (§6.1, §6.2 local form): ``[T]``."""
     if kind is FFNKind.GATED:
         _check_gated(activation)
-        return compute_swiglu_local_tokens(x, ffn["w_gate"], ffn["w_up"], ffn["w_out"], norms)
+        return compute_swiglu_local_tokens(x, ffn["w_gate"], ffn["w_up"], ffn["w_out"], norms, activation)
     return compute_mlp_bound_tokens(x, ffn["w_in"], ffn.get("b_in"), ffn["w_out"], activation, norms)

@@ -295,11 +295,66 @@ def test_swiglu_ball_uses_column_norms() -> None:
     assert compute_swiglu_ball_simple(1.0, wg, eye, eye) == pytest.approx(1.0999 * spec + 5, rel=1e-14)
 
 
-def test_gated_ffn_needs_silu() -> None:
-    """Gated FFNs with another activation have no implemented bound: a clear UnsupportedError."""
+def test_gated_ffn_needs_a_supported_activation() -> None:
+    """Gated FFNs with an activation without implemented constants: a clear UnsupportedError."""
     wg, wu, wd, _ = _random_gated(0)
     ffn = {"w_gate": wg, "w_up": wu, "w_out": wd}
     with pytest.raises(UnsupportedError):
-        compute_ffn_bound_weights(ffn, FFNKind.GATED, "gelu", 1.0)
+        compute_ffn_bound_weights(ffn, FFNKind.GATED, "gelu_new", 1.0)
     with pytest.raises(UnsupportedError):
         compute_ffn_bound_tokens(ffn, FFNKind.GATED, "relu", torch.zeros(1, 6, dtype=F64))
+
+
+# ------------------------------------------------------------------------------------------- gated GELU (T36, §18.6)
+
+def test_gated_gelu_constants_on_a_grid() -> None:
+    """T36: max exact gelu' at sqrt 2 is 1.1289041 (the constant rounds it up), min -0.128904 at -sqrt 2;
+    gelu'(z) + gelu'(-z) = 1; sup_{|z|<=A} |gelu| = A Phi(A); sup_{|z|<=A} |gelu'| = gelu'(min(A, sqrt 2))."""
+    from attnstab_cli.metrics.lipschitz.ffn import GATED_ACTIVATIONS, GELU_DMAX, GELU_ZSTAR
+
+    z = torch.linspace(-12, 12, 2_400_001, dtype=F64)
+    autograd_slope = torch.func.vmap(torch.func.grad(lambda u: F.gelu(u)))(z)
+    act = GATED_ACTIVATIONS["gelu"]
+    torch.testing.assert_close(act.derivative(z), autograd_slope, rtol=0, atol=1e-14)
+    torch.testing.assert_close(act.fn(z), F.gelu(z), rtol=0, atol=1e-14)
+    i = int(autograd_slope.argmax())
+    assert float(z[i]) == pytest.approx(GELU_ZSTAR, abs=1e-5)
+    assert 0 <= GELU_DMAX - float(autograd_slope.max()) < 1e-6
+    assert float(autograd_slope.min()) == pytest.approx(1 - float(autograd_slope.max()), abs=1e-10)
+    torch.testing.assert_close(act.derivative(z) + act.derivative(-z), torch.ones_like(z), rtol=0, atol=1e-14)
+    for a in (0.3, 1.0, 1.41, 2.0, 5.0):
+        inside = z.abs() <= a
+        assert float(F.gelu(z[inside]).abs().max()) <= float(act.fn(torch.tensor(a, dtype=F64))) + 1e-12
+        sup_slope = act.derivative(torch.tensor(min(a, GELU_ZSTAR), dtype=F64))
+        assert float(autograd_slope[inside].abs().max()) <= float(sup_slope) + 1e-12
+
+
+def _geglu(x, wg, wu, wd):
+    return (F.gelu(x @ wg) * (x @ wu)) @ wd
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gated_gelu_bounds_dominate_exact_jacobian(seed: int) -> None:
+    """T36: gated-GELU local, stacked and ball bounds >= ||J|| at random, column-aligned and locally maximised points
+    of the ball; pairs in the ball have difference quotients <= the ball bound."""
+    wg, wu, wd, g = _random_gated(seed + 10)
+    r2 = (1.0, 2.5, 4.0)[seed]
+    f = lambda u: _geglu(u, wg, wu, wd)
+    rnd = torch.randn(6, 6, generator=g, dtype=F64)
+    rnd = rnd / torch.linalg.vector_norm(rnd, dim=-1, keepdim=True) * r2 * torch.rand(6, 1, generator=g, dtype=F64)
+    x = torch.cat([rnd, _aligned_points(wg, wu, r2), _maximised_points(f, rnd[:2], r2)])
+    exact = _token_norms(f, x)
+    local = compute_swiglu_local_tokens(x, wg, wu, wd, activation="gelu")
+    stacked = compute_swiglu_stacked_tokens(x, wg, wu, wd, activation="gelu")
+    ball = compute_swiglu_ball(r2, wg, wu, wd, activation="gelu")
+    assert bool((local >= exact * (1 - 1e-12)).all()) and bool((stacked >= exact * (1 - 1e-12)).all())
+    assert float(exact.max()) <= ball and float(local.max()) <= ball * (1 + 1e-12)
+    ffn = {"w_gate": wg, "w_up": wu, "w_out": wd}
+    torch.testing.assert_close(compute_ffn_bound_tokens(ffn, FFNKind.GATED, "gelu", x), local, rtol=0, atol=0)
+    assert compute_ffn_bound_weights(ffn, FFNKind.GATED, "gelu", r2) == ball
+    assert compute_ffn_bound_weights(ffn, FFNKind.GATED, "silu", r2) != ball       # the activation is read
+    a = torch.randn(200, 6, generator=g, dtype=F64)
+    b = a + 0.3 * torch.randn(200, 6, generator=g, dtype=F64)
+    a, b = (u * (r2 / torch.linalg.vector_norm(u, dim=-1, keepdim=True)).clamp_max(1.0) for u in (a, b))
+    quot = torch.linalg.vector_norm(f(a) - f(b), dim=-1) / torch.linalg.vector_norm(a - b, dim=-1)
+    assert float(quot.max()) <= ball
