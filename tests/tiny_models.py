@@ -70,6 +70,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                                             "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                                             "long_factor": [1.5, 2.0, 3.0, 4.5, 7.0, 11.0]},
                            pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM",  # MHA only; layers global, local (|i-j| <= 4), global
+                   dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, intermediate_size=96,
+                        vocab_size=97, max_position_embeddings=64, global_attn_every_n_layers=2, local_attention=8,
+                        attention_bias=True,
+                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 60.0}},
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
 }
 
 

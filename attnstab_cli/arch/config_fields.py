@@ -123,7 +123,7 @@ CONFIG_FIELDS: dict[str, Rule] = {
     "d_ff": POSITIVE, "vocab_size": POSITIVE, "max_positions": POSITIVE, "type_vocab_size": POSITIVE,
     "sliding_window": POSITIVE, "pad_token_id": Integer(0), "original_max_positions": POSITIVE,
     "local_attention": POSITIVE, "global_every": POSITIVE, "rope_theta_sliding": Real(1.0),
-    "rope_scaling_sliding": Object(),
+    "rope_scaling_sliding": Object(), "head_activation": Text(), "mlp_bias": Boolean(),
     "norm_eps": Real(0.0, min_open=True), "rope_theta": Real(1.0), "rotary_fraction": FRACTION, "rotary_dim": POSITIVE,
     "activation": Text(), "rope_scaling": Object(),
     "layer_types": TextList(("full_attention", "sliding_attention")),

@@ -203,7 +203,8 @@ class GradientFlow:
             return 0.5 * (h @ top["probe"].to(h.dtype)).pow(2).sum()
         if self.loss.kind == LOSS_MLM:
             h = h @ top["mlm_w"] + (top["mlm_b"] if top["mlm_b"] is not None else 0)
-            h = apply_norm(ACTIVATIONS[cfg.activation](h), top["mlm_norm"], cfg.layout.norm, cfg.norm_eps).out
+            act = ACTIVATIONS[cfg.head_activation or cfg.activation]
+            h = apply_norm(act(h), top["mlm_norm"], cfg.layout.norm, cfg.norm_eps).out
         logits = h @ top["head"].T + (top["head_b"] if top["head_b"] is not None else 0)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()                                           # the loss itself in float32 at least

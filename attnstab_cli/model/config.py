@@ -100,6 +100,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     config_dtype: str | None = None
     pad_token_id: int | None = None
+    head_activation: str | None = None          # the MLM head's activation when it is not ``activation``
     layer_types: tuple[str, ...] | None = None   # per layer: full_attention | sliding_attention
     rope_by_type: tuple[tuple[str, RopeConfig], ...] = ()   # layer type -> its own RoPE (else ``rope``)
 
@@ -241,15 +242,17 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
     layout = _resolve_layout(spec, raw)
     d_ff = raw.get("d_ff") or _infer_d_ff(spec, shape) or 4 * d
     activation = raw["activation"]
-    if activation not in ACTIVATIONS:
-        raise UnsupportedError(f"unsupported activation {activation!r} ({subject('activation')}); "
-                               f"supported: {', '.join(sorted(ACTIVATIONS))}")
+    for name in ("activation", "head_activation"):
+        if name in raw and raw[name] not in ACTIVATIONS:
+            raise UnsupportedError(f"unsupported activation {raw[name]!r} ({subject(name)}); "
+                                   f"supported: {', '.join(sorted(ACTIVATIONS))}")
     cfg = ModelConfig(
         family=spec.name, model_type=(config or {}).get("model_type"), layout=layout, n_layers=found_layers,
         d_model=d, n_heads=h, n_kv_heads=n_kv, head_dim=head_dim, d_ff=d_ff, vocab_size=raw["vocab_size"],
         max_positions=raw.get("max_positions") or (pos[0] if pos else None),
         norm_eps=float(raw["norm_eps"]), activation=activation, rope=_build_rope(spec, raw, head_dim, key("rope_scaling")),
         sliding_windows=_sliding_windows(raw, found_layers),
+        head_activation=raw.get("head_activation"),
         layer_types=tuple(types) if types is not None else None,
         rope_by_type=_rope_by_type(spec, raw, head_dim, key("rope_scaling_sliding")),
         scale_attn_weights=raw.get("scale_attn_weights", True),

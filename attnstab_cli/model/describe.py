@@ -54,6 +54,12 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "positions": cfg.layout.positions.value,
         "rope": None if rope is None else _describe_rope(rope),
         "sliding_window": next((w for w in cfg.sliding_windows if w), None),
+        "window_rule": "key j visible from query i iff |i - j| < window" + ("" if cfg.layout.causal else
+                                                                             " (bidirectional)"),
+        "layer_types": None if cfg.layer_types is None else list(cfg.layer_types),
+        "sliding_windows": list(cfg.sliding_windows),
+        "rope_by_layer_type": {t: _describe_rope(r) for t, r in cfg.rope_by_type} or None,
+        "norm_attn_identity_layers": list(cfg.layout.identity_norm_attn),
         "vocab_size": cfg.vocab_size,
         "max_positions": cfg.max_positions,
         "position_offset": cfg.position_offset,

@@ -31,7 +31,7 @@ def test_no_args_shows_help() -> None:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "distilbert", "roberta", "xlm_roberta",
-                                    "gptj", "phi", "phi3", "phi3_longrope"])
+                                    "gptj", "phi", "phi3", "phi3_longrope", "modernbert"])
 def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     path, ref = tiny_checkpoints[family]
     result = invoke("info", path, "--json")
@@ -49,13 +49,21 @@ def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     assert data["tied_embeddings"] == bool(cfg.tie_word_embeddings)
     expected = {"gpt2": "pre-norm", "llama": "pre-norm", "neox": "parallel residual (pre-norm)", "bert": "post-norm",
                 "gptj": "parallel residual (one shared pre-norm)", "phi": "parallel residual (one shared pre-norm)",
-                "phi3": "pre-norm", "phi3_longrope": "pre-norm"}
+                "phi3": "pre-norm", "phi3_longrope": "pre-norm", "modernbert": "pre-norm"}
     expected.update(dict.fromkeys(("distilbert", "roberta", "xlm_roberta"), "post-norm"))
     assert data["placement"] == expected[family]
     assert data["norm"] == ("rmsnorm" if family in ("llama", "phi3", "phi3_longrope") else "layernorm")
-    assert data["ffn_packing"] == ("gate_up" if family.startswith("phi3") else "separate")
+    assert data["ffn_packing"] == ("gate_up" if family.startswith("phi3") or family == "modernbert" else "separate")
     assert data["qkv_packing"] == {"gpt2": "concat", "neox": "interleaved_per_head", "phi3": "concat",
-                                   "phi3_longrope": "concat"}.get(family, "separate")
+                                   "phi3_longrope": "concat", "modernbert": "concat"}.get(family, "separate")
+    if family == "modernbert":                            # global, local, global; window |i - j| <= 8 // 2
+        assert data["layer_types"] == list(cfg.layer_types) and data["sliding_windows"] == [None, 5, None]
+        assert data["rope"]["theta"] == cfg.rope_parameters["full_attention"]["rope_theta"]
+        assert data["rope_by_layer_type"]["sliding_attention"]["theta"] == \
+            cfg.rope_parameters["sliding_attention"]["rope_theta"]
+        assert data["norm_attn_identity_layers"] == [0] and "bidirectional" in data["window_rule"]
+        text = invoke("info", path)
+        assert "full_attention: 2, sliding_attention: 1" in text.stdout and "theta=60" in text.stdout
     longrope = (data["rope"] or {}).get("longrope")
     if family == "phi3_longrope":
         rp = cfg.rope_parameters

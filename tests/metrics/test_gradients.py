@@ -28,6 +28,7 @@ GROUPS = {
                 ("intermediate", "output.dense"), ("attention.output.LayerNorm", "output.LayerNorm")),
     "xlm_roberta": (lambda m: m.roberta.encoder.layer, ("attention.self", "attention.output.dense"),
                     ("intermediate", "output.dense"), ("attention.output.LayerNorm", "output.LayerNorm")),
+    "modernbert": (lambda m: m.model.layers, ("attn",), ("mlp",), ("attn_norm", "mlp_norm")),
     "distilbert": (lambda m: m.distilbert.transformer.layer, ("attention",), ("ffn",),
                    ("sa_layer_norm", "output_layer_norm")),
 }

@@ -104,8 +104,22 @@ def test_per_head_slices_recombine_to_attention_output(tiny_checkpoints: dict) -
 # float32, which caps the LLaMA-family comparison near 1e-7 (their float32 forward match above still holds).
 # Phi3RMSNorm casts too: for the families in UNCAST_RMSNORM the reference's RMSNorm modules are replaced by the same
 # formula in the input dtype (weight * x / sqrt(mean(x^2) + eps)), everything else stays the model's own.
-FLOAT64_REFERENCE = ("bert", "gpt2", "gpt2_scaled", "gptj", "neox", "neox_serial", "phi", "phi3", "phi3_longrope")
+# ModernBERT's apply_rotary_pos_emb casts q and k to float32: for UNCAST_ROPE it is replaced, for the test only, by
+# the same rotate-half formula in the input dtype.
+FLOAT64_REFERENCE = ("bert", "gpt2", "gpt2_scaled", "gptj", "neox", "neox_serial", "phi", "phi3", "phi3_longrope",
+                     "modernbert")
 UNCAST_RMSNORM = ("phi3", "phi3_longrope")
+UNCAST_ROPE = {"modernbert": "transformers.models.modernbert.modeling_modernbert"}
+
+
+def _rotate_in_input_dtype(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+    def half(x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return torch.cat((-b, a), dim=-1)
+    return q * cos + half(q) * sin, k * cos + half(k) * sin
 
 
 def _float64_reference(family: str, ref: torch.nn.Module) -> torch.nn.Module:
@@ -125,7 +139,8 @@ def _float64_reference(family: str, ref: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.mark.parametrize("family", [f for f in sorted(FAMILIES) if f in FLOAT64_REFERENCE])
 @pytest.mark.parametrize("seq_len", [40, 12])
-def test_float64_layers_match(family: str, seq_len: int, tiny_checkpoints: dict) -> None:
+def test_float64_layers_match(family: str, seq_len: int, tiny_checkpoints: dict,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 13 item 2: in float64 every layer's output h_{l+1} matches ``transformers`` to 1e-10 relative.
 
     The reference runs SDPA attention: some eager implementations (GPT-J) cast q and k to float32 for the logits,
@@ -133,6 +148,10 @@ def test_float64_layers_match(family: str, seq_len: int, tiny_checkpoints: dict)
     at 40 positions (beyond its original 16) and its short ones at 12."""
     path, ref = tiny_checkpoints[family]
     ref64 = _float64_reference(family, ref)
+    if family in UNCAST_ROPE:
+        import importlib
+
+        monkeypatch.setattr(importlib.import_module(UNCAST_ROPE[family]), "apply_rotary_pos_emb", _rotate_in_input_dtype)
     model = open_model(path)
     ids = torch.randint(0, model.cfg.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
