@@ -256,7 +256,8 @@ class GradientFlow:
 
     def _step(self, stream: LayerStream, w: LayerWeights, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         """h_{l+1} from h_l for every batch (no autograd graph: the weights do not require grad here)."""
-        return [run_layer(h, w, self.cfg, w.layer, b, stream.rope(h.shape[1], w.layer), stream.masks[b]).resid_out.detach()
+        return [run_layer(h, w, self.cfg, w.layer, b, stream.rope(h.shape[1], w.layer),
+                          stream.masks[b]).resid_out.detach()
                 for b, h in enumerate(hidden)]                              # [B, T, d] each
 
     def _forward(self, stream: LayerStream, held: _Boundaries) -> None:

@@ -250,7 +250,8 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
         family=spec.name, model_type=(config or {}).get("model_type"), layout=layout, n_layers=found_layers,
         d_model=d, n_heads=h, n_kv_heads=n_kv, head_dim=head_dim, d_ff=d_ff, vocab_size=raw["vocab_size"],
         max_positions=raw.get("max_positions") or (pos[0] if pos else None),
-        norm_eps=float(raw["norm_eps"]), activation=activation, rope=_build_rope(spec, raw, head_dim, key("rope_scaling")),
+        norm_eps=float(raw["norm_eps"]), activation=activation,
+        rope=_build_rope(spec, raw, head_dim, key("rope_scaling")),
         sliding_windows=_sliding_windows(raw, found_layers),
         head_activation=raw.get("head_activation"),
         layer_types=tuple(types) if types is not None else None,
@@ -325,7 +326,8 @@ def _longrope(rope: RopeConfig, scaling: dict[str, Any], raw: dict[str, Any], ke
         raise InputError(f"config key {key!r} of rope type 'longrope' needs original_max_position_embeddings (there "
                          "or at the top level)")
     original = int(original)
-    short, long = (check_field(ROPE_LISTS, f"config key '{key}.{n}'", scaling[n]) for n in ("short_factor", "long_factor"))
+    short, long = (check_field(ROPE_LISTS, f"config key '{key}.{n}'", scaling[n])
+                   for n in ("short_factor", "long_factor"))
     half = rope.rotary_dim // 2
     for name, factors in (("short_factor", short), ("long_factor", long)):
         if len(factors) != half:

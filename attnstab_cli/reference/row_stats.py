@@ -245,7 +245,7 @@ def attn_row_stats_ref(
 
     q `# [B, H, T_q, D]`, k `# [B, H_kv, T_k, D]` (query head h reads key head h // (H // H_kv), grouped-query
     attention by a view, never a copy per head); `causal` bottom-right aligned (query i sees keys j ≤ i + T_k − T_q);
-    `key_padding_mask` bool `# [B, T_k]`, True = real token; `window` sliding window (|position − j| < window, masks.py).
+    `key_padding_mask` bool `# [B, T_k]`, True = real token; `window` sliding window (|position − j| < window).
     `block_q` query rows per chunk; default keeps each chunk near 1M logits. Precision as in the module docstring.
     Returns `RowStats` of `# [B, H, T_q]` float64 tensors (n_keys int32).
     """

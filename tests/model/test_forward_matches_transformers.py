@@ -151,7 +151,8 @@ def test_float64_layers_match(family: str, seq_len: int, tiny_checkpoints: dict,
     if family in UNCAST_ROPE:
         import importlib
 
-        monkeypatch.setattr(importlib.import_module(UNCAST_ROPE[family]), "apply_rotary_pos_emb", _rotate_in_input_dtype)
+        module = importlib.import_module(UNCAST_ROPE[family])
+        monkeypatch.setattr(module, "apply_rotary_pos_emb", _rotate_in_input_dtype)
     model = open_model(path)
     ids = torch.randint(0, model.cfg.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
