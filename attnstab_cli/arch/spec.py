@@ -15,7 +15,7 @@ from enum import Enum
 from importlib import resources
 from typing import Any
 
-from attnstab_cli.arch.config_fields import CONFIG_FIELDS
+from attnstab_cli.arch.config_fields import CONFIG_FIELDS, ROPE_SCALING_FIELDS
 
 
 class Orientation(str, Enum):
@@ -118,11 +118,12 @@ class ArchSpec:
     ignorable: tuple[str, ...] = ()    # weights a scan does not use (templates, ``{layer}`` below the layer count)
     buffers: tuple[str, ...] = ()      # stored constants that are not weights (same templates); never value-checked
     unsupported_if_true: dict[str, str] = field(default_factory=dict)  # boolean field -> the layout it would switch on
+    rope_type_aliases: dict[str, str] = field(default_factory=dict)   # older rope type names -> the supported one
 
 
 _KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefixes", "tensors", "head_tensors",
          "layer_tensors", "optional", "tied", "required_without_config", "residual_switch", "ignorable", "buffers",
-         "unsupported_if_true"}
+         "unsupported_if_true", "rope_type_aliases"}
 
 
 def _templates(mapping: dict[str, str | list[str]]) -> dict[str, tuple[str, ...]]:
@@ -165,6 +166,10 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
     if layout.residual.shared_norm and any(r.startswith("norm_ffn.") for r in data["layer_tensors"]):
         raise ValueError(f"spec {data.get('name')!r}: residual {layout.residual.value!r} shares norm_attn; "
                          "it declares no norm_ffn tensors")
+    aliases = dict(data.get("rope_type_aliases", {}))
+    if set(aliases.values()) - set(ROPE_SCALING_FIELDS):
+        raise ValueError(f"spec {data.get('name')!r}: rope_type_aliases name unsupported rope types "
+                         f"{sorted(set(aliases.values()) - set(ROPE_SCALING_FIELDS))}")
     return ArchSpec(
         name=data["name"], description=data["description"],
         model_types=tuple(data["match"].get("model_types", ())),
@@ -177,7 +182,7 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         residual_switch=ResidualSwitch(switch["key"], Residual(switch["if_true"]), Residual(switch["if_false"]))
         if switch else None,
         ignorable=tuple(data.get("ignorable", ())), buffers=tuple(data.get("buffers", ())),
-        unsupported_if_true=refused,
+        unsupported_if_true=refused, rope_type_aliases=aliases,
     )
 
 

@@ -158,6 +158,10 @@ def read_config_fields(spec: ArchSpec, config: dict[str, Any]) -> tuple[dict[str
         key, value = found
         values[name] = check_field(CONFIG_FIELDS[name], f"config key {key!r}", value)
         if name.startswith("rope_scaling"):
+            entry, rope_type = rope_type_of(values[name])
+            if isinstance(rope_type, str) and rope_type in spec.rope_type_aliases:   # Phi-3's older "su"
+                values[name] = {**{k: v for k, v in values[name].items() if k != entry},
+                                "rope_type": spec.rope_type_aliases[rope_type]}
             check_rope_scaling(key, values[name])
         keys[name] = key
     return values, keys

@@ -102,3 +102,21 @@ def test_tiers_ordered_in_the_long_regime(tiny_checkpoints: dict) -> None:
                       ScanOptions(device="cpu", dtype="float64", empirical_seqs=1)).tables
     for row in tables["layers"]:
         assert_tiers_ordered(row)
+
+
+@pytest.mark.parametrize("old_type", ["su", "yarn"])
+def test_older_longrope_type_names(old_type: str, tiny_checkpoints: dict, tmp_path) -> None:
+    """Phi-3 configs of the hub's first revisions name LongRoPE "su" (or "yarn") under ``type``: transformers reads
+    both as longrope, so does the phi3 spec (``rope_type_aliases``)."""
+    import shutil
+
+    path = tiny_checkpoints["phi3_longrope"][0]
+    ck = tmp_path / "old"
+    shutil.copytree(path, ck)
+    data = json.loads((ck / "config.json").read_text())
+    scaling = dict(data.pop("rope_parameters"))
+    scaling.pop("rope_type")
+    data.update(rope_theta=scaling.pop("rope_theta"), partial_rotary_factor=scaling.pop("partial_rotary_factor"))
+    data["rope_scaling"] = {**scaling, "type": old_type}
+    (ck / "config.json").write_text(json.dumps(data))
+    assert open_model(ck).cfg.rope == open_model(path).cfg.rope
