@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attnstab_cli.report.cells import MISSING
+from attnstab_cli.report.cells import MISSING, format_value
 from attnstab_cli.report.findings import compute_findings
 
 # per-layer table: report column -> heading (columns absent from a report are dropped, e.g. grad without --grad)
@@ -85,6 +85,27 @@ def theta_note(manifest: dict[str, Any], heads: list[dict[str, Any]]) -> str | N
             + (f", {unrefined} of them beyond --theta-rows" if unrefined else ""))
 
 
+def layer_types_note(manifest: dict[str, Any], layers: list[dict[str, Any]]) -> str | None:
+    """Local (windowed) and global layers apart (THEORY §18.6): per layer type, its layers, mean θ̄ and the largest
+    tier-2 layer bound; None unless the model mixes layer types."""
+    types = (manifest.get("checkpoint") or {}).get("layer_types")
+    if not types or len(set(types)) < 2:
+        return None
+    windows = (manifest.get("checkpoint") or {}).get("sliding_windows") or [None] * len(types)
+    by_layer = {r["layer"]: r for r in layers}
+    parts = []
+    for kind in sorted(set(types)):
+        idx = [i for i, t in enumerate(types) if t == kind]
+        thetas = [by_layer[i]["theta_bar"] for i in idx if by_layer.get(i, {}).get("theta_bar") is not None]
+        bounds = [by_layer[i]["lip_layer_calibrated"] for i in idx
+                  if by_layer.get(i, {}).get("lip_layer_calibrated") is not None]
+        window = next((windows[i] for i in idx if windows[i]), None)
+        parts.append(f"{kind} ({len(idx)} layers" + (f", window {window}" if window else "") + "): "
+                     f"mean θ̄ {format_value(sum(thetas) / len(thetas)) if thetas else MISSING}, "
+                     f"max tier-2 layer bound {format_value(max(bounds)) if bounds else MISSING}")
+    return "layer types: " + "; ".join(parts)
+
+
 def compute_curvature_rows(curvature: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per layer, the sharpest block (largest lambda_max) and the layer's total trace; the model row last."""
     by_layer: dict[int, list[dict[str, Any]]] = {}
@@ -136,6 +157,7 @@ def build_digest(manifest: dict[str, Any], tables: dict[str, list[dict[str, Any]
             "loss_kind": model["grad_loss_kind"], "loss": model.get("grad_loss"),
             "identity_path": model.get("identity_grad_path")},
         "theta_note": theta_note(manifest, heads),
+        "layer_types_note": layer_types_note(manifest, tables.get("layers") or []),
         "findings": [f.as_dict() for f in compute_findings(manifest, tables)],
         "curvature": compute_curvature_rows(tables.get("curvature") or []),
     }

@@ -46,6 +46,8 @@ def render_markdown(manifest: dict[str, Any], tables: dict[str, list[dict[str, A
         out += ["", "</details>", ""]
     if d["theta_note"]:
         out += [d["theta_note"], ""]
+    if d["layer_types_note"]:
+        out += [d["layer_types_note"], ""]
     if d["curvature"]:
         out += ["| layer | sharpest block | λ_max | trace | ± se | ‖∇‖ | converged |", "|---:" * 7 + "|"]
         out += ["| " + " | ".join(_cell(x) for x in ("all" if r["layer"] is None else r["layer"], r["sharpest_block"],

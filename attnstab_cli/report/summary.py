@@ -38,6 +38,8 @@ def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str,
         console.print(theta_heatmap(tables["heads"]))
     if digest["theta_note"]:
         console.print(digest["theta_note"], highlight=False)
+    if digest["layer_types_note"]:
+        console.print(digest["layer_types_note"], highlight=False)
     if digest["curvature"]:
         _curvature_table(console, digest["curvature"])
     if digest["findings"]:

@@ -137,3 +137,19 @@ def test_masked_lm_gradients_match_autograd(tiny_checkpoints: dict, tmp_path: Pa
         block = ref64.model.layers[layer]
         ffn = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in block.mlp.parameters()))
         assert row["grad_ffn_params"] == pytest.approx(ffn, rel=1e-5)
+
+
+def test_summary_reports_layer_types_apart() -> None:
+    """THEORY §18.6: local and global layers apart, from the manifest's layer types and the layer rows."""
+    from attnstab_cli.report.digest import layer_types_note
+
+    manifest = {"checkpoint": {"layer_types": ["full_attention", "sliding_attention", "full_attention"],
+                               "sliding_windows": [None, 5, None]}}
+    layers = [{"layer": 0, "theta_bar": 0.5, "lip_layer_calibrated": 3.0},
+              {"layer": 1, "theta_bar": 0.9, "lip_layer_calibrated": 7.0},
+              {"layer": 2, "theta_bar": 0.7, "lip_layer_calibrated": 4.0}]
+    note = layer_types_note(manifest, layers)
+    assert "full_attention (2 layers): mean θ̄ 0.6" in note and "max tier-2 layer bound 4" in note
+    assert "sliding_attention (1 layers, window 5): mean θ̄ 0.9" in note and "bound 7" in note
+    assert layer_types_note({"checkpoint": {"layer_types": ["full_attention"] * 3}}, layers) is None
+    assert layer_types_note({"checkpoint": {}}, layers) is None
