@@ -83,6 +83,19 @@ def test_phi_with_qk_layernorm_is_refused_naming_the_key(tmp_path: Path) -> None
                            "not supported for family 'phi'")
 
 
+def test_a_layer0_attention_norm_in_modernbert_is_refused(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """ModernBERT's layer 0 has no attention norm: a stored one is a layout the family does not describe."""
+    ck = _edit_weights(_copy(ckpts["modernbert"], tmp_path),
+                       lambda s: s.update({"model.layers.0.attn_norm.weight": torch.ones(64)}))
+    assert_input_error(invoke("scan", ck, *SCAN), "model.safetensors", "1 tensor not read by family 'modernbert'",
+                       "model.layers.0.attn_norm.weight")
+
+
+def test_modernbert_with_mlp_biases_is_refused_naming_the_key(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    ck = _edit_config(_copy(ckpts["modernbert"], tmp_path), mlp_bias=True)
+    assert_input_error(invoke("info", ck), "config.json", "'mlp_bias' is true", "not supported for family 'modernbert'")
+
+
 def test_unsupported_model_type_hint_says_the_tensors_are_checked(ckpts: dict[str, Path]) -> None:
     result = invoke("info", ckpts["qwen3"])
     assert_input_error(result, "config.json", "unsupported model_type 'qwen3'")
