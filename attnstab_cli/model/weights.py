@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnstab_cli.arch.layouts import orient, split_packed_qkv
+from attnstab_cli.arch.layouts import orient, split_packed_ffn, split_packed_qkv
 from attnstab_cli.arch.registry import TensorNames
 from attnstab_cli.arch.spec import FFNKind, FFNPacking, QKVPacking
 from attnstab_cli.checkpoints.reader import TensorReader
@@ -91,8 +91,9 @@ class WeightLoader:
 
     def _ffn(self, layer: int) -> dict[str, torch.Tensor]:
         if self.cfg.layout.ffn_packing is FFNPacking.GATE_UP:
-            # canonical [d, 2m]: columns [activated half | multiplying half] -> W_g, W_u (THEORY §18.6)
-            w_gate, w_up = torch.split(self.tensor("ffn_gate_up.weight", layer), self.cfg.d_ff, dim=-1)
+            w_gate, w_up = split_packed_ffn(self.tensor("ffn_gate_up.weight", layer), self.cfg.layout.ffn_packing,
+                                            self.cfg.d_ff)                    # THEORY §18.6
+
             return {"w_gate": w_gate, "w_up": w_up, "w_out": self.tensor("ffn_out.weight", layer)}
         if self.cfg.layout.ffn is FFNKind.GATED:
             roles = {"w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_out": "ffn_out.weight"}
