@@ -12,8 +12,6 @@ from typing import Any
 from attnstab_cli.arch.config_fields import (
     CONFIG_FIELDS, ROPE_SCALING_FIELDS, check_field, check_rope_scaling, rope_type_of,
 )
-
-ROPE_LISTS = ROPE_SCALING_FIELDS["longrope"][1]["short_factor"]
 from attnstab_cli.arch.registry import TensorNames
 from attnstab_cli.arch.spec import ArchSpec, FFNKind, FFNPacking, Layout, Positions, RopeStyle
 from attnstab_cli.checkpoints.safetensors_header import TensorInfo
@@ -21,6 +19,7 @@ from attnstab_cli.errors import InputError, UnsupportedError, UsageError
 from attnstab_cli.model.activations import ACTIVATIONS
 
 SUPPORTED_ROPE_TYPES = tuple(ROPE_SCALING_FIELDS)
+ROPE_LISTS = ROPE_SCALING_FIELDS["longrope"][1]["short_factor"]    # the rule of LongRoPE's factor lists
 
 
 @dataclass(frozen=True)

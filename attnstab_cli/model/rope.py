@@ -2,10 +2,10 @@
 
 Each rotation P_i is orthogonal (THEORY §5.5): block rotations of coordinate pairs, either rotate-half pairs
 (i, i + r/2) or interleaved pairs (2i, 2i+1), on the first ``rotary_dim`` coordinates of each head; the rest pass
-through. Scalings: ``linear`` (positions / factor), ``llama3`` (wavelength-banded), ``dynamic`` (NTK, only active
+through. With a LongRoPE attention factor P_i is a contraction instead (rotations times a <= 1, pass-through times
+b <= 1), the rest of the factor being part of the softmax scale. Scalings: ``linear`` (positions / factor), ``llama3`` (wavelength-banded), ``dynamic`` (NTK, only active
 beyond the original context, which attnstab never exceeds), ``longrope`` (per-frequency divisors, a short and a long
-set chosen by the sequence length; its attention factor is part of the softmax scale, see
-:class:`~attnstab_cli.model.config.RopeConfig`).
+set chosen by the sequence length; its attention factor as above, see :class:`~attnstab_cli.model.config.RopeConfig`).
 """
 from __future__ import annotations
 
