@@ -66,7 +66,7 @@ def _score_block(
     if IS_CAUSAL:
         valid = valid & (offs_k[None, :] <= pos[:, None])
     if HAS_WINDOW:
-        valid = valid & ((pos[:, None] - offs_k[None, :]) < window)
+        valid = valid & (tl.abs(pos[:, None] - offs_k[None, :]) < window)
     if HAS_PAD:
         real = tl.load(pad_base + offs_k * stride_pt, mask=in_k, other=0)  # [BLOCK_K]
         valid = valid & (real != 0)[None, :]
@@ -203,8 +203,9 @@ def _attn_row_stats_kernel(
     """Row statistics of softmax(s) with s_ij = scale · q_i·k_j over the allowed keys of row i (THEORY §3.5).
 
     Masking: key j is allowed for query i at position P = i + T_k − T_q iff j < T_k, j ≤ P (IS_CAUSAL),
-    P − j < window (HAS_WINDOW, Mistral) and PAD[b, j] ≠ 0 (HAS_PAD); masked keys never enter a sum, and key blocks
-    wholly outside the causal/window band are skipped. Query head h reads key head h // GROUP (GQA by indexing).
+    |P − j| < window (HAS_WINDOW; causal: Mistral, bidirectional: ModernBERT) and PAD[b, j] ≠ 0 (HAS_PAD); masked
+    keys never enter a sum, and key blocks wholly outside the causal/window band are skipped. Query head h reads
+    key head h // GROUP (GQA by indexing).
     Pass 1, online max and log-sum-exp: per row keep the running max m, z = Σ_{j≠argmax} e^{s_j−m} and
     t = Σ_j e^{s_j−m}(s_j−m). A block with new max m' > m rescales by α = e^{m−m'}:
     t ← α(t + (1+z)(m−m')), z ← α(z+1), then adds its own terms, leaving out its first argmax (the new "1"), so z

@@ -64,6 +64,27 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                     intermediate_size=96, vocab_size=97, max_position_embeddings=64, sliding_window=7,
                     query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
                     rms_norm_eps=1e-6, pad_token_id=0, initializer_range=0.06)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM",                 # fused qkv (GQA) and gate_up, rotary 12 of 16, window 7
+             dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=96, vocab_size=97, max_position_embeddings=64, sliding_window=7,
+                  rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.75},
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "phi3_longrope": ("Phi3Config", "Phi3ForCausalLM",        # LongRoPE: tests run beyond the original 16 positions
+                      dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                           intermediate_size=96, vocab_size=97, max_position_embeddings=64,
+                           original_max_position_embeddings=16, tie_word_embeddings=True,
+                           rope_parameters={"rope_type": "longrope", "rope_theta": 1000.0,
+                                            "partial_rotary_factor": 0.75,
+                                            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                            "long_factor": [1.5, 2.0, 3.0, 4.5, 7.0, 11.0]},
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM",  # MHA only; layers global, local (|i-j| <= 4), global
+                   dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, intermediate_size=96,
+                        vocab_size=97, max_position_embeddings=64, global_attn_every_n_layers=2, local_attention=8,
+                        attention_bias=True,
+                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 60.0}},
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
 }
 
 

@@ -88,6 +88,23 @@ class TextList:
 
 
 @dataclass(frozen=True)
+class RealList:
+    """A non-empty JSON list of finite numbers, each per ``item`` (LongRoPE's per-frequency factors)."""
+
+    item: Real
+
+    @property
+    def expected(self) -> str:
+        return f"a non-empty list of numbers, each {self.item.expected.removeprefix('a finite number ')}"
+
+    def convert(self, value: Any) -> tuple[float, ...] | None:
+        if not isinstance(value, list) or not value:
+            return None
+        items = [self.item.convert(v) for v in value]
+        return None if any(v is None for v in items) else tuple(items)
+
+
+@dataclass(frozen=True)
 class Object:
     """A JSON object; its entries are checked by :func:`check_rope_scaling`."""
 
@@ -97,14 +114,16 @@ class Object:
         return dict(value) if isinstance(value, dict) else None
 
 
-Rule = Integer | Real | Boolean | Text | TextList | Object
+Rule = Integer | Real | Boolean | Text | TextList | RealList | Object
 
 POSITIVE = Integer(1)
 FRACTION = Real(0.0, min_open=True, max=1.0)
 CONFIG_FIELDS: dict[str, Rule] = {
     "n_layers": POSITIVE, "d_model": POSITIVE, "n_heads": POSITIVE, "n_kv_heads": POSITIVE, "head_dim": POSITIVE,
     "d_ff": POSITIVE, "vocab_size": POSITIVE, "max_positions": POSITIVE, "type_vocab_size": POSITIVE,
-    "sliding_window": POSITIVE, "pad_token_id": Integer(0),
+    "sliding_window": POSITIVE, "pad_token_id": Integer(0), "original_max_positions": POSITIVE,
+    "local_attention": POSITIVE, "global_every": POSITIVE, "rope_theta_sliding": Real(1.0),
+    "rope_scaling_sliding": Object(), "head_activation": Text(), "mlp_bias": Boolean(),
     "norm_eps": Real(0.0, min_open=True), "rope_theta": Real(1.0), "rotary_fraction": FRACTION, "rotary_dim": POSITIVE,
     "activation": Text(), "rope_scaling": Object(),
     "layer_types": TextList(("full_attention", "sliding_attention")),
@@ -127,6 +146,12 @@ ROPE_SCALING_FIELDS: dict[str, tuple[tuple[str, ...], dict[str, Rule]]] = {
     "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
                {"factor": FACTOR, "low_freq_factor": Real(0.0, min_open=True),
                 "high_freq_factor": Real(0.0, min_open=True), "original_max_position_embeddings": POSITIVE}),
+    # LongRoPE (Phi-3): per-frequency divisors, short for sequences up to the original context, long beyond it;
+    # original_max_position_embeddings may instead sit at the top level of the config (it then takes priority)
+    "longrope": (("short_factor", "long_factor"),
+                 {"short_factor": RealList(Real(0.0, min_open=True)), "long_factor": RealList(Real(0.0, min_open=True)),
+                  "factor": FACTOR, "attention_factor": Real(0.0, min_open=True),
+                  "original_max_position_embeddings": POSITIVE}),
 }
 ROPE_SCALING_COMMON: dict[str, Rule] = {"rope_theta": Real(1.0), "partial_rotary_factor": FRACTION}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from attnstab_cli.arch.spec import Orientation, QKVPacking
+from attnstab_cli.arch.spec import FFNPacking, Orientation, QKVPacking
 
 
 def orient(weight: torch.Tensor, orientation: Orientation) -> torch.Tensor:
@@ -38,3 +38,15 @@ def packed_qkv_width(packing: QKVPacking, n_heads: int, n_kv_heads: int, head_di
     if packing is QKVPacking.INTERLEAVED_PER_HEAD:
         return 3 * n_heads * head_dim
     return (n_heads + 2 * n_kv_heads) * head_dim
+
+
+def split_packed_ffn(packed: torch.Tensor, packing: FFNPacking, d_ff: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a canonical fused gated-FFN input weight ``[d, 2 m]`` into ``W_g, W_u [d, m]``.
+
+    ``gate_up``: the stored rows are [activated half; multiplying half] (Phi-3 ``gate_up_proj`` [gate; up],
+    ModernBERT ``Wi`` [input; gate]), i.e. canonical columns [W_g | W_u]; the FFN is ``(act(x W_g) * x W_u) W_d``.
+    """
+    if packing is FFNPacking.GATE_UP:
+        w_gate, w_up = torch.split(packed, d_ff, dim=-1)
+        return w_gate, w_up
+    raise ValueError(f"packing {packing} is not a fused FFN layout")

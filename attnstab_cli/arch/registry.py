@@ -63,11 +63,17 @@ class TensorNames:
                          f"the checkpoint holds e.g. {name_examples(self.ordered)}")
 
     def _templates(self, role: str, layer: int | None) -> list[str]:
+        if layer is not None and role.startswith("norm_attn.") and layer in self.spec.layout.identity_norm_attn:
+            return []                                       # this layer's N1 is the identity: no tensor exists
         if layer is not None:
             return [self.prefix + t.format(layer=layer) for t in self.spec.layer_tensors.get(role, ())]
         if role in self.spec.head_tensors:
             return [p + t for t in self.spec.head_tensors[role] for p in ("", self.prefix)]
         return [self.prefix + t for t in self.spec.tensors.get(role, ())]
+
+    def declares(self, role: str, layer: int | None = None) -> bool:
+        """Whether the family has a tensor for ``role`` (in ``layer``) at all."""
+        return bool(self._templates(role, layer)) or role in self.spec.tied
 
     def find(self, role: str, layer: int | None = None) -> str | None:
         """Stored name for ``role`` (following ``tied``), or None when absent."""
@@ -165,7 +171,7 @@ def infer_spec_from_tensors(keys: Iterable[str]) -> ArchSpec:
         except InputError:
             continue
         roles = names.required_layer_roles()
-        hits = sum(names.find(r, 0) is not None for r in roles)
+        hits = sum(names.find(r, 0) is not None or not names.declares(r, 0) for r in roles)
         (complete if hits == len(roles) else partial).append((hits / len(roles), spec.name))
     if len(complete) == 1:
         return builtin_specs()[complete[0][1]]

@@ -15,7 +15,7 @@ from enum import Enum
 from importlib import resources
 from typing import Any
 
-from attnstab_cli.arch.config_fields import CONFIG_FIELDS
+from attnstab_cli.arch.config_fields import CONFIG_FIELDS, ROPE_SCALING_FIELDS
 
 
 class Orientation(str, Enum):
@@ -101,6 +101,14 @@ class FFNKind(str, Enum):
     GATED = "gated"  # (act(x Wg) * x Wu) Wd
 
 
+class FFNPacking(str, Enum):
+    """How a gated FFN stores W_g and W_u (THEORY §18.6, fused projections)."""
+
+    SEPARATE = "separate"  # roles ffn_gate.weight, ffn_up.weight
+    GATE_UP = "gate_up"    # one role ffn_gate_up.weight, outputs [activated half; multiplying half] (Phi-3
+                           # gate_up_proj [gate; up], ModernBERT Wi [input; gate]); split into W_g, W_u at load
+
+
 @dataclass(frozen=True)
 class Layout:
     """Layout facts that decide how tensors are sliced and how the layer is wired."""
@@ -116,6 +124,8 @@ class Layout:
     qk_norm: QKNorm | None = None   # None: logits are linear in the projections
     norm_weight: NormWeight = NormWeight.GAMMA
     embed_scale: EmbedScale = EmbedScale.NONE
+    ffn_packing: FFNPacking = FFNPacking.SEPARATE
+    identity_norm_attn: tuple[int, ...] = ()  # layers whose norm_attn is the identity (ModernBERT's layer 0)
 
 
 @dataclass(frozen=True)
@@ -149,15 +159,16 @@ class ArchSpec:
     ignorable: tuple[str, ...] = ()    # weights a scan does not use (templates, ``{layer}`` below the layer count)
     buffers: tuple[str, ...] = ()      # stored constants that are not weights (same templates); never value-checked
     unsupported_if_true: dict[str, str] = field(default_factory=dict)  # boolean field -> the layout it would switch on
+    rope_type_aliases: dict[str, str] = field(default_factory=dict)   # older rope type names -> the supported one
 
 
 _KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefixes", "tensors", "head_tensors",
          "layer_tensors", "optional", "tied", "required_without_config", "residual_switch", "ignorable", "buffers",
-         "unsupported_if_true"}
+         "unsupported_if_true", "rope_type_aliases"}
 
 
 _LAYOUT_KEYS = {"orientation", "qkv_packing", "norm", "residual", "positions", "rope_style", "causal", "ffn",
-                "norm_weight", "embed_scale", "qk_norm"}
+                "norm_weight", "embed_scale", "qk_norm", "ffn_packing", "norm_attn_identity_layers"}
 
 
 def _templates(mapping: dict[str, str | list[str]]) -> dict[str, tuple[str, ...]]:
@@ -184,10 +195,15 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         causal=bool(lay["causal"]), ffn=FFNKind(lay["ffn"]),
         qk_norm=QKNorm(lay["qk_norm"]) if lay.get("qk_norm") else None,
         norm_weight=NormWeight(lay.get("norm_weight", "gamma")), embed_scale=EmbedScale(lay.get("embed_scale", "none")),
+        ffn_packing=FFNPacking(lay.get("ffn_packing", FFNPacking.SEPARATE.value)),
+        identity_norm_attn=tuple(lay.get("norm_attn_identity_layers", ())),
     )
     unknown_layout = set(lay) - _LAYOUT_KEYS
     if unknown_layout:
         raise ValueError(f"spec {data.get('name')!r}: unknown layout keys {sorted(unknown_layout)}")
+    _check_ffn_roles(data.get("name"), layout, set(data["layer_tensors"]))
+    if layout.identity_norm_attn:
+        _check_identity_norm(data.get("name"), layout, set(data["tensors"]))
     switch = data.get("residual_switch")
     refused = dict(data.get("unsupported_if_true", {}))
     if set(refused) - set(data["config"]):
@@ -206,6 +222,10 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
     if not layout.residual.output_norms and any(r.split(".")[0] in ("norm_attn_out", "norm_ffn_out")
                                                 for r in data["layer_tensors"]):
         raise ValueError(f"spec {data.get('name')!r}: residual {layout.residual.value!r} has no branch-output norms")
+    aliases = dict(data.get("rope_type_aliases", {}))
+    if set(aliases.values()) - set(ROPE_SCALING_FIELDS):
+        raise ValueError(f"spec {data.get('name')!r}: rope_type_aliases name unsupported rope types "
+                         f"{sorted(set(aliases.values()) - set(ROPE_SCALING_FIELDS))}")
     return ArchSpec(
         name=data["name"], description=data["description"],
         model_types=tuple(data["match"].get("model_types", ())),
@@ -218,8 +238,40 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         residual_switch=ResidualSwitch(switch["key"], Residual(switch["if_true"]), Residual(switch["if_false"]))
         if switch else None,
         ignorable=tuple(data.get("ignorable", ())), buffers=tuple(data.get("buffers", ())),
-        unsupported_if_true=refused,
+        unsupported_if_true=refused, rope_type_aliases=aliases,
     )
+
+
+FFN_ROLES = {
+    (FFNKind.MLP, FFNPacking.SEPARATE): {"ffn_in.weight", "ffn_out.weight"},
+    (FFNKind.GATED, FFNPacking.SEPARATE): {"ffn_gate.weight", "ffn_up.weight", "ffn_out.weight"},
+    (FFNKind.GATED, FFNPacking.GATE_UP): {"ffn_gate_up.weight", "ffn_out.weight"},
+}
+_FFN_WEIGHT_ROLES = {"ffn_in.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_gate_up.weight", "ffn_out.weight"}
+
+
+def _check_ffn_roles(name: str | None, layout: Layout, roles: set[str]) -> None:
+    """The FFN weight roles a spec declares are exactly those its ``ffn`` kind and ``ffn_packing`` read."""
+    want = FFN_ROLES.get((layout.ffn, layout.ffn_packing))
+    if want is None:
+        raise ValueError(f"spec {name!r}: ffn_packing {layout.ffn_packing.value!r} needs ffn 'gated'")
+    got = roles & _FFN_WEIGHT_ROLES
+    if got != want:
+        raise ValueError(f"spec {name!r}: ffn {layout.ffn.value!r} with ffn_packing {layout.ffn_packing.value!r} "
+                         f"declares FFN weights {sorted(want)}; the spec has {sorted(got)}")
+
+
+def _check_identity_norm(name: str | None, layout: Layout, tensors: set[str]) -> None:
+    """An identity in place of N1 is supported in layer 0 of a pre-norm (or parallel) stack after an embedding norm:
+    the MHA then reads h_0, the embedding norm's output, whose reset radius bounds it (THEORY §8.1); deeper layers
+    would read the unnormalized residual stream, for which no reset radius exists."""
+    if layout.identity_norm_attn != (0,):
+        raise ValueError(f"spec {name!r}: norm_attn_identity_layers must be [0]; got {list(layout.identity_norm_attn)}")
+    if layout.residual is Residual.POST or layout.residual.shared_norm:
+        raise ValueError(f"spec {name!r}: norm_attn_identity_layers needs a pre-norm or parallel residual with two "
+                         "norms")
+    if "embed_norm.weight" not in tensors:
+        raise ValueError(f"spec {name!r}: norm_attn_identity_layers needs an embedding norm (embed_norm.weight)")
 
 
 def load_builtin_specs() -> dict[str, ArchSpec]:

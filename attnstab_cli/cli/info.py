@@ -53,6 +53,12 @@ def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv
         layers = data["sliding_layers"]
         where = "all layers" if len(layers) == data["n_layers"] else "layers " + ", ".join(map(str, layers))
         rows.insert(7, ("sliding window", f"{data['sliding_window']} ({where})"))
+    if data["layer_types"]:
+        kinds = ", ".join(f"{t}: {sum(x == t for x in data['layer_types'])}" for t in sorted(set(data["layer_types"])))
+        local = "; ".join(f"{t} theta={r['theta']:g}" for t, r in (data["rope_by_layer_type"] or {}).items())
+        rows.insert(8, ("layer types", kinds + (f" ({local})" if local else "")))
+    if data["norm_attn_identity_layers"]:
+        rows.insert(8, ("no attention norm in layers", ", ".join(map(str, data["norm_attn_identity_layers"]))))
     for k, v in rows:
         table.add_row(k, str(v))
     stdout_console().print(table)

@@ -102,6 +102,8 @@ class FragilityPass:
         self.kappa_v[layer] = max(self.kappa_v.get(layer, 0.0), float(compute_kappa_v(a.v).max()))
         self.softmax_rows.setdefault(layer, []).extend(self._softmax_terms(trace))
         for name, norm in trace.norms.items():
+            if norm.stat is None:                       # an identity in place of a norm
+                continue
             self.stats.setdefault(layer, {}).setdefault(name, []).append(norm.stat.detach().reshape(-1).cpu().double())
             self.eps.setdefault(layer, {})[name] = norm.eps
 

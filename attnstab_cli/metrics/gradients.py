@@ -203,7 +203,8 @@ class GradientFlow:
             return 0.5 * (h @ top["probe"].to(h.dtype)).pow(2).sum()
         if self.loss.kind == LOSS_MLM:
             h = h @ top["mlm_w"] + (top["mlm_b"] if top["mlm_b"] is not None else 0)
-            h = apply_norm(ACTIVATIONS[cfg.activation](h), top["mlm_norm"], cfg.layout.norm, cfg.norm_eps).out
+            act = ACTIVATIONS[cfg.head_activation or cfg.activation]
+            h = apply_norm(act(h), top["mlm_norm"], cfg.layout.norm, cfg.norm_eps).out
         logits = h @ top["head"].T + (top["head_b"] if top["head_b"] is not None else 0)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()                                           # the loss itself in float32 at least
@@ -257,7 +258,8 @@ class GradientFlow:
 
     def _step(self, stream: LayerStream, w: LayerWeights, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         """h_{l+1} from h_l for every batch (no autograd graph: the weights do not require grad here)."""
-        return [run_layer(h, w, self.cfg, w.layer, b, stream.rope(h.shape[1]), stream.masks[b]).resid_out.detach()
+        return [run_layer(h, w, self.cfg, w.layer, b, stream.rope(h.shape[1], w.layer),
+                          stream.masks[b]).resid_out.detach()
                 for b, h in enumerate(hidden)]                              # [B, T, d] each
 
     def _forward(self, stream: LayerStream, held: _Boundaries) -> None:
@@ -311,7 +313,7 @@ class GradientFlow:
         new_grads = []
         for b, h in enumerate(inputs):
             h = h.clone().requires_grad_(True)                             # [B, T, d]
-            out = run_layer(h, w, self.cfg, layer, b, stream.rope(h.shape[1]), stream.masks[b]).resid_out
+            out = run_layer(h, w, self.cfg, layer, b, stream.rope(h.shape[1], layer), stream.masks[b]).resid_out
             (out * grads[b]).sum().backward()      # = out.backward(grads[b]), without torch's symbolic-shapes import
             new_grads.append(h.grad)
         record = {"layer": layer, "grad_h_in": math.sqrt(sum(float(g.double().pow(2).sum()) for g in new_grads)),

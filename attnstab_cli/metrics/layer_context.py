@@ -55,7 +55,7 @@ class LayerContext:
     ffn_norms: dict[str, float]
     weights_tier: WeightsTier
     r2_reset: float
-    first_radius: float | None                 # the embedding radius, post-norm models (None otherwise)
+    first_radius: float | None                 # the radius of h_0 where a layer reads it (post-norm; identity N1)
     theta_hi: list[torch.Tensor] | None = None     # per sequence of the current trace: θ_hi + slack, [H, T]
     copies: dict[torch.dtype, LayerWeights] = field(default_factory=dict)
 
@@ -96,8 +96,10 @@ class LayerContexts:
         self.current = None
 
     def _first_radius(self, w: LayerWeights) -> float | None:
-        """The post-norm embedding radius (§4), read from the embedding tensors once, at layer 0."""
-        if self.cfg.layout.residual is Residual.POST and w.layer == 0 and self.first_radius is None:
+        """The radius of h_0 (§8.1), read from the embedding tensors once, at layer 0: for post-norm stacks and for
+        a layer 0 whose N1 is the identity."""
+        reads_h0 = self.cfg.layout.residual is Residual.POST or w.norm_attn.identity
+        if reads_h0 and w.layer == 0 and self.first_radius is None:
             loader, names = self.model.loader(), self.model.names
             norm = loader.norm("embed_norm") if names.find("embed_norm.weight") else None
             tok = loader.tensor("embed_tokens.weight") if norm is None else None

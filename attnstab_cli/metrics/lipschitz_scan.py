@@ -72,10 +72,11 @@ class LipschitzPass:
 
     def _empirical(self, trace: LayerTrace, ctx: LayerContext, b: int, result: Any) -> None:
         """Tier 3 on sequence ``b`` of this trace under the budget of §8.3, the tier-2r row terms as scores."""
-        rope_cfg = self.cfg.rope
+        rope_cfg, full = self.cfg.rope_at(trace.layer), trace.resid_in.shape[1]
 
         def rope(t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-            return None if rope_cfg is None else compute_rope_cos_sin(rope_cfg, torch.arange(t), dtype)
+            """The first ``t`` positions rotated as in the whole sequence (its length selects LongRoPE's factors)."""
+            return None if rope_cfg is None else compute_rope_cos_sin(rope_cfg, torch.arange(t), dtype, seq_len=full)
 
         kpm = None if trace.attn.key_padding_mask is None else trace.attn.key_padding_mask[b:b + 1].cpu()
         ct = result.calibrated_tier

@@ -22,7 +22,7 @@ class _LayerMagnitudes:
     ln_sum: float = 0.0
     r2_in: float = 0.0
     r2_ffn_in: float = 0.0
-    norm1_min_var: float = float("inf")
+    norm1_min_var: float | None = float("inf")   # None where N1 is the identity
     norm2_min_var: float = float("inf")
     norm1_out_min_var: float | None = None      # branch-output norms (THEORY §18.3); None without them
     norm2_out_min_var: float | None = None
@@ -46,7 +46,8 @@ class MagnitudePass:
         acc.ln_sum += float(attn_in.sum())
         acc.r2_in = max(acc.r2_in, float(attn_in.max()))
         acc.r2_ffn_in = max(acc.r2_ffn_in, float(trace.ffn_in.double().norm(dim=-1).max()))
-        acc.norm1_min_var = min(acc.norm1_min_var, float(trace.norms["norm_attn"].stat.min()))
+        n1 = trace.norms["norm_attn"]
+        acc.norm1_min_var = None if n1.stat is None else min(acc.norm1_min_var, float(n1.stat.min()))
         acc.norm2_min_var = min(acc.norm2_min_var, float(trace.norms["norm_ffn"].stat.min()))
         for role, name in (("norm_attn_out", "norm1_out_min_var"), ("norm_ffn_out", "norm2_out_min_var")):
             if role in trace.norms:

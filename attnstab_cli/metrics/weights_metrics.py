@@ -25,7 +25,7 @@ from attnstab_cli.errors import InputError
 from attnstab_cli.metrics.lipschitz._linalg import head_rows, head_slices
 from attnstab_cli.metrics.spectral import norm_2_to_inf, singular_values, spectral_norm_value
 from attnstab_cli.model.config import ModelConfig, RopeConfig
-from attnstab_cli.model.rope import apply_rope, compute_inv_freq
+from attnstab_cli.model.rope import apply_rope, compute_inv_freq, rope_regimes
 from attnstab_cli.model.weights import LayerWeights, NormWeights
 from attnstab_cli.metrics.threads import single_threaded
 
@@ -130,7 +130,7 @@ def rope_offsets(cfg: ModelConfig, layer: int, max_offset: int | None = None) ->
     """Relative offsets Delta = i - j the mask allows (THEORY §5.5): ``[n_offsets]`` long.
 
     Causal: ``0 .. span-1``; bidirectional: ``-(span-1) .. span-1``; ``span`` = ``max_offset`` (override) or
-    ``max_positions``, capped by the layer's sliding window (keys with ``i - j < window``). Without RoPE: ``[0]``.
+    ``max_positions``, capped by the layer's sliding window (keys with ``|i - j| < window``). Without RoPE: ``[0]``.
     """
     if cfg.rope is None:
         return torch.zeros(1, dtype=torch.long)
@@ -143,10 +143,11 @@ def rope_offsets(cfg: ModelConfig, layer: int, max_offset: int | None = None) ->
     return torch.arange(span) if cfg.layout.causal else torch.arange(-(span - 1), span)
 
 
-def rope_cos_sin(rope: RopeConfig, offsets: torch.Tensor,
-                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin`` of P_Delta for ``offsets [C]``: ``[C, rotary_dim/2]`` float64 (the model's float32 frequencies)."""
-    angles = offsets.to(F64)[:, None] * compute_inv_freq(rope).to(F64)[None, :]  # [C, r/2]
+def rope_cos_sin(rope: RopeConfig, offsets: torch.Tensor, device: torch.device | str,
+                 seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of P_Delta for ``offsets [C]``: ``[C, rotary_dim/2]`` float64 (the model's float32 frequencies
+    for a forward pass over ``seq_len`` positions)."""
+    angles = offsets.to(F64)[:, None] * compute_inv_freq(rope, seq_len).to(F64)[None, :]  # [C, r/2]
     return angles.cos().to(device), angles.sin().to(device)
 
 
@@ -219,11 +220,14 @@ def compute_qk_norms(wq: torch.Tensor, wk: torch.Tensor, kv_of_head: torch.Tenso
     basis = basis.reshape(basis.shape[0], -1)                                     # [2F+1, H k k]
     chunk = max(1, OFFSET_CHUNK_ELEMENTS // (n_heads * k * k))
     best = torch.zeros(n_heads, dtype=F64, device=wq.device)                      # [H]
-    for start in range(0, offsets.numel(), chunk):
-        cos, sin = rope_cos_sin(rope, offsets[start:start + chunk], wq.device)    # [C, F]
-        trig = torch.cat([torch.ones_like(cos[:, :1]), cos, sin], dim=1)          # [C, 2F+1]
-        m = (trig @ basis).reshape(-1, n_heads, k, k).transpose(0, 1)             # [H, C, k, k]  M_Delta
-        best = _chunk_max_sigma(m, best)                                          # [H]
+    a2 = rope.rot_scale ** 2           # P_i P_j^T = diag(a^2 R_Delta, b^2 I); the basis already holds one factor b
+    for seq_len, limit in rope_regimes(rope):
+        offs = offsets if limit is None else offsets[offsets.abs() < limit]
+        for start in range(0, offs.numel(), chunk):
+            cos, sin = rope_cos_sin(rope, offs[start:start + chunk], wq.device, seq_len)  # [C, F]
+            trig = torch.cat([torch.full_like(cos[:, :1], rope.pass_scale), cos * a2, sin * a2], dim=1)  # [C, 2F+1]
+            m = (trig @ basis).reshape(-1, n_heads, k, k).transpose(0, 1)         # [H, C, k, k]  M_Delta
+            best = _chunk_max_sigma(m, best)                                      # [H]
     return best
 
 
@@ -256,7 +260,7 @@ def compute_head_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int | 
     wo_n = singular_values(sl.wo)[:, 0]                                                     # [H]
     wo_full = float(spectral_norm_value(w.wo)) if wo_full_norm is None else wo_full_norm
     qk = None if cfg.layout.qk_norm else \
-        compute_qk_norms(sl.wq, sl.wk, sl.kv_of_head, cfg.rope, rope_offsets(cfg, layer, max_offset))
+        compute_qk_norms(sl.wq, sl.wk, sl.kv_of_head, cfg.rope_at(layer), rope_offsets(cfg, layer, max_offset))
     bq = head_bias_norms(w.bq, cfg.n_heads, cfg.head_dim)                                  # [H] | None
     bk = rotary_key_bias_norms(w.bk, cfg.n_kv_heads, cfg.head_dim, cfg.rope)               # [H_kv] | None
     kq, kk, kv = _kappa(s_q), _kappa(s_k)[sl.kv_of_head], _kappa(s_v)[sl.kv_of_head]
@@ -281,8 +285,10 @@ def ffn_first_matrix(ffn: Mapping[str, torch.Tensor], kind: FFNKind) -> torch.Te
     return ffn["w_in"].to(F64)                                                     # [d, m]
 
 
-def _norm_stats(norm: NormWeights) -> tuple[float, float | None]:
-    """``(||gamma||_inf, ||beta||_2 or None)`` of a norm layer (THEORY §4)."""
+def _norm_stats(norm: NormWeights) -> tuple[float | None, float | None]:
+    """``(||gamma||_inf, ||beta||_2 or None)`` of a norm layer (THEORY §4); both None for the identity."""
+    if norm.identity:
+        return None, None
     beta = None if norm.bias is None else float(norm.bias.to(F64).norm())
     return float(norm.weight.to(F64).abs().max()), beta
 

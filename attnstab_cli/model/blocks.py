@@ -19,7 +19,10 @@ from attnstab_cli.model.weights import LayerWeights, NormWeights
 
 
 def apply_norm(x: torch.Tensor, w: NormWeights, kind: NormKind, eps: float) -> NormTrace:
-    """LayerNorm (gamma * z + beta) or RMSNorm (gamma * x / sqrt(ms + eps)), statistics in float32 or better."""
+    """LayerNorm (gamma * z + beta) or RMSNorm (gamma * x / sqrt(ms + eps)), statistics in float32 or better; a
+    norm without weights is the identity."""
+    if w.identity:
+        return NormTrace(kind="identity", stat=None, eps=eps, out=x)
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     if kind is NormKind.LAYERNORM:
         stat = xf.var(dim=-1, unbiased=False)                                   # [B, T]
@@ -70,8 +73,9 @@ def run_attention(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, layer: int
     q = q.view(b, t, h, dh).transpose(1, 2)                                    # [B, H, T, D]
     k = k.view(b, t, hkv, dh).transpose(1, 2)                                  # [B, H_kv, T, D]
     v = _project(x, w.wv, w.bv).view(b, t, hkv, dh).transpose(1, 2)            # [B, H_kv, T, D]
-    if cfg.rope is not None and rope_cs is not None:
-        q, k = apply_rope(q, *rope_cs, cfg.rope), apply_rope(k, *rope_cs, cfg.rope)
+    rope = cfg.rope_at(layer)
+    if rope is not None and rope_cs is not None:
+        q, k = apply_rope(q, *rope_cs, rope), apply_rope(k, *rope_cs, rope)
     causal, window, scale = cfg.layout.causal, cfg.sliding_windows[layer], cfg.attn_scale(layer)
     mask = build_attention_mask(t, causal, window, key_padding_mask, x.device)
     cap = cfg.attn_logit_cap

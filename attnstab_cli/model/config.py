@@ -9,32 +9,71 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
 from attnstab_cli.arch.config_fields import (
     CONFIG_FIELDS, ROPE_SCALING_FIELDS, check_field, check_rope_scaling, rope_type_of,
 )
 from attnstab_cli.arch.registry import TensorNames
-import torch
-
-from attnstab_cli.arch.spec import ArchSpec, EmbedScale, FFNKind, Layout, Positions, RopeStyle
+from attnstab_cli.arch.spec import ArchSpec, EmbedScale, FFNKind, FFNPacking, Layout, Positions, RopeStyle
 from attnstab_cli.checkpoints.safetensors_header import TensorInfo
 from attnstab_cli.errors import InputError, UnsupportedError, UsageError
 from attnstab_cli.model.activations import ACTIVATIONS
 
 SUPPORTED_ROPE_TYPES = tuple(ROPE_SCALING_FIELDS)
+ROPE_LISTS = ROPE_SCALING_FIELDS["longrope"][1]["short_factor"]    # the rule of LongRoPE's factor lists
 
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding: base, rotated dims per head (partial rotary), pairing style and frequency scaling."""
+    """Rotary embedding: base, rotated dims per head (partial rotary), pairing style and frequency scaling.
+
+    LongRoPE (``longrope``) divides the base frequencies by ``short_factor`` for sequences of at most
+    ``original_max`` tokens and by ``long_factor`` beyond (one set per forward pass, chosen by its length), and
+    multiplies cos and sin by an ``attention_factor`` m: the rotary coordinates of q and k are scaled by m, the
+    pass-through ones (partial rotary) are not, so with partial rotary m is no scalar on the logits. Write the
+    model's map as P_i = diag(m R_i, I) and factor it as sqrt(c) diag(a R_i, b I) with c = max(m, 1)^2,
+    a = min(m, 1), b = 1 / max(m, 1): logits s (q P_i).(k P_j) = (s c) (q P'_i).(k P'_j) with
+    P'_i = diag(a R_i, b I). Here P'_i is the rotation (``rot_scale`` a, ``pass_scale`` b) and c joins the softmax
+    scale (:meth:`ModelConfig.attn_scale`). Since a, b <= 1, ||P'_i||_2 <= 1 and P'_i maps the pass-through
+    coordinates by the position-independent b I, which is all THEORY §5.3 uses of orthogonality (||q_i||, ||δq_i||
+    bounded as unrotated; the pass-through part of b^K a row constant): every bound, θ row and logit bound then
+    sees the true logits. With full rotary and m >= 1 this is "fold m^2 into s" (§5.5) with orthogonal P.
+    """
 
     theta: float
     rotary_dim: int
     style: RopeStyle
     scaling: tuple[tuple[str, Any], ...] = ()
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    original_max: int | None = None
+    attention_factor: float = 1.0
 
     @property
     def scaling_dict(self) -> dict[str, Any]:
         return dict(self.scaling)
+
+    @property
+    def logit_scale(self) -> float:
+        """c = max(m, 1)^2, the part of the attention factor carried by the softmax scale."""
+        return max(self.attention_factor, 1.0) ** 2
+
+    @property
+    def rot_scale(self) -> float:
+        """a = min(m, 1), the factor on cos and sin."""
+        return min(self.attention_factor, 1.0)
+
+    @property
+    def pass_scale(self) -> float:
+        """b = 1 / max(m, 1), the factor on the pass-through coordinates."""
+        return 1.0 / max(self.attention_factor, 1.0)
+
+    def uses_long_factor(self, seq_len: int | None) -> bool:
+        """Whether a forward pass over ``seq_len`` positions uses the long LongRoPE factors (None: the short set,
+        as the model is initialised)."""
+        return self.long_factor is not None and seq_len is not None and self.original_max is not None \
+            and seq_len > self.original_max
 
 
 @dataclass(frozen=True)
@@ -55,7 +94,7 @@ class ModelConfig:
     norm_eps: float
     activation: str
     rope: RopeConfig | None
-    sliding_windows: tuple[int | None, ...]
+    sliding_windows: tuple[int | None, ...]     # per layer; key j visible from query i iff |i - j| < window
     scale_attn_weights: bool = True
     scale_by_inverse_layer_idx: bool = False
     type_vocab_size: int | None = None
@@ -71,6 +110,15 @@ class ModelConfig:
         if self.layout.embed_scale is EmbedScale.NONE:
             return 1.0
         return float(torch.tensor(math.sqrt(self.d_model), dtype=torch.float32).to(dtype))
+    head_activation: str | None = None          # the MLM head's activation when it is not ``activation``
+    layer_types: tuple[str, ...] | None = None   # per layer: full_attention | sliding_attention
+    rope_by_type: tuple[tuple[str, RopeConfig], ...] = ()   # layer type -> its own RoPE (else ``rope``)
+
+    def rope_at(self, layer: int) -> RopeConfig | None:
+        """The RoPE of layer ``layer``: its layer type's own (ModernBERT's and Gemma 3's local base), else ``rope``."""
+        if self.rope is None or not self.layer_types or not self.rope_by_type:
+            return self.rope
+        return dict(self.rope_by_type).get(self.layer_types[layer], self.rope)
 
     @property
     def position_offset(self) -> int:
@@ -84,9 +132,13 @@ class ModelConfig:
         return None if self.max_positions is None else self.max_positions - self.position_offset
 
     def attn_scale(self, layer: int) -> float:
-        """Softmax scale s of layer ``layer`` (0-based): logits are s * q.k (THEORY §5.6)."""
+        """Softmax scale s of layer ``layer`` (0-based): logits are s * q.k (THEORY §5.6), with a RoPE attention
+        factor's part c folded in (§5.5; see :class:`RopeConfig`)."""
         base = self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
         s = 1.0 / math.sqrt(base) if self.scale_attn_weights else 1.0
+        rope = self.rope_at(layer)
+        if rope is not None:
+            s *= rope.logit_scale
         return s / (layer + 1) if self.scale_by_inverse_layer_idx else s
 
     @property
@@ -116,7 +168,11 @@ def read_config_fields(spec: ArchSpec, config: dict[str, Any]) -> tuple[dict[str
             continue
         key, value = found
         values[name] = check_field(CONFIG_FIELDS[name], f"config key {key!r}", value)
-        if name == "rope_scaling":
+        if name.startswith("rope_scaling"):
+            entry, rope_type = rope_type_of(values[name])
+            if isinstance(rope_type, str) and rope_type in spec.rope_type_aliases:   # Phi-3's older "su"
+                values[name] = {**{k: v for k, v in values[name].items() if k != entry},
+                                "rope_type": spec.rope_type_aliases[rope_type]}
             check_rope_scaling(key, values[name])
         keys[name] = key
     return values, keys
@@ -191,6 +247,9 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
             raise InputError(f"{subject(field)} is {raw[field]}; expected at most {rows[0]}, the rows of tensor "
                              f"{names.find(role)!r}")
     types = raw.get("layer_types")
+    if types is None and "global_every" in raw:            # ModernBERT: layer i is global iff i % n == 0
+        types = ["full_attention" if i % raw["global_every"] == 0 else "sliding_attention" for i in range(found_layers)]
+        raw["layer_types"] = types
     if types is not None and len(types) != found_layers:
         raise InputError(f"{subject('layer_types')} has {len(types)} entries; expected one per layer "
                          f"({found_layers})")
@@ -198,15 +257,20 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
     layout = _resolve_layout(spec, raw)
     d_ff = raw.get("d_ff") or _infer_d_ff(spec, shape) or 4 * d
     activation = raw["activation"]
-    if activation not in ACTIVATIONS:
-        raise UnsupportedError(f"unsupported activation {activation!r} ({subject('activation')}); "
-                               f"supported: {', '.join(sorted(ACTIVATIONS))}")
+    for name in ("activation", "head_activation"):
+        if name in raw and raw[name] not in ACTIVATIONS:
+            raise UnsupportedError(f"unsupported activation {raw[name]!r} ({subject(name)}); "
+                                   f"supported: {', '.join(sorted(ACTIVATIONS))}")
     cfg = ModelConfig(
         family=spec.name, model_type=(config or {}).get("model_type"), layout=layout, n_layers=found_layers,
         d_model=d, n_heads=h, n_kv_heads=n_kv, head_dim=head_dim, d_ff=d_ff, vocab_size=raw["vocab_size"],
         max_positions=raw.get("max_positions") or (pos[0] if pos else None),
-        norm_eps=float(raw["norm_eps"]), activation=activation, rope=_build_rope(spec, raw, head_dim),
+        norm_eps=float(raw["norm_eps"]), activation=activation,
+        rope=_build_rope(spec, raw, head_dim, key("rope_scaling")),
         sliding_windows=_sliding_windows(raw, found_layers),
+        head_activation=raw.get("head_activation"),
+        layer_types=tuple(types) if types is not None else None,
+        rope_by_type=_rope_by_type(spec, raw, head_dim, key("rope_scaling_sliding")),
         scale_attn_weights=raw.get("scale_attn_weights", True),
         scale_by_inverse_layer_idx=raw.get("scale_attn_by_inverse_layer_idx", False),
         type_vocab_size=raw.get("type_vocab_size"),
@@ -243,14 +307,17 @@ def _infer_kv_heads(spec: ArchSpec, names: TensorNames, infos: dict[str, TensorI
 
 
 def _infer_d_ff(spec: ArchSpec, shape: Any) -> int | None:
-    role = "ffn_gate.weight" if spec.layout.ffn is FFNKind.GATED else "ffn_in.weight"
+    packed = spec.layout.ffn_packing is FFNPacking.GATE_UP
+    role = "ffn_gate_up.weight" if packed else "ffn_gate.weight" if spec.layout.ffn is FFNKind.GATED else \
+        "ffn_in.weight"
     s = shape(role, 0)
     if s is None or len(s) != 2:
         return None
-    return s[0] if spec.layout.orientation.value == "out_in" else s[1]
+    width = s[0] if spec.layout.orientation.value == "out_in" else s[1]
+    return width // 2 if packed else width
 
 
-def _build_rope(spec: ArchSpec, raw: dict[str, Any], head_dim: int) -> RopeConfig | None:
+def _build_rope(spec: ArchSpec, raw: dict[str, Any], head_dim: int, key: str) -> RopeConfig | None:
     if spec.layout.positions is not Positions.ROPE:
         return None
     scaling = dict(raw.get("rope_scaling") or {})
@@ -261,15 +328,61 @@ def _build_rope(spec: ArchSpec, raw: dict[str, Any], head_dim: int) -> RopeConfi
     kept = tuple(sorted((k, v) for k, v in scaling.items() if k not in ("rope_theta", "partial_rotary_factor")
                         and not isinstance(v, (dict, list))))
     rotary_dim = raw["rotary_dim"] if "rotary_dim" in raw else int(head_dim * fraction)  # GPT-J: absolute
-    return RopeConfig(theta=float(raw["rope_theta"]), rotary_dim=rotary_dim,
+    rope = RopeConfig(theta=float(raw["rope_theta"]), rotary_dim=rotary_dim,
                       style=spec.layout.rope_style or RopeStyle.HALF_SPLIT,
                       scaling=() if rope_type == "default" else kept)
+    return _longrope(rope, scaling, raw, key) if rope_type == "longrope" else rope
+
+
+def _longrope(rope: RopeConfig, scaling: dict[str, Any], raw: dict[str, Any], key: str) -> RopeConfig:
+    """LongRoPE factors, original context and attention factor, resolved as Hugging Face does: a top-level
+    ``original_max_position_embeddings`` wins over the rope entry; ``attention_factor`` if given, else from
+    ``factor`` (else max_positions / original) as sqrt(1 + ln f / ln original), 1 when f <= 1."""
+    original = raw.get("original_max_positions") or scaling.get("original_max_position_embeddings")
+    if original is None:
+        raise InputError(f"config key {key!r} of rope type 'longrope' needs original_max_position_embeddings (there "
+                         "or at the top level)")
+    original = int(original)
+    short, long = (check_field(ROPE_LISTS, f"config key '{key}.{n}'", scaling[n])
+                   for n in ("short_factor", "long_factor"))
+    half = rope.rotary_dim // 2
+    for name, factors in (("short_factor", short), ("long_factor", long)):
+        if len(factors) != half:
+            raise InputError(f"config key '{key}.{name}' has {len(factors)} factors; expected rotary_dim / 2 = {half}")
+    factor = scaling.get("factor")
+    if factor is None and raw.get("max_positions") is not None:
+        factor = raw["max_positions"] / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        if factor is None:
+            raise InputError("rope type 'longrope' without attention_factor or factor needs max_position_embeddings")
+        if factor > 1.0 and original < 2:
+            raise InputError(f"original_max_position_embeddings is {original}; the LongRoPE attention factor "
+                             "needs at least 2")
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return replace(rope, short_factor=short, long_factor=long, original_max=original,
+                   attention_factor=float(attention))
+
+
+def _rope_by_type(spec: ArchSpec, raw: dict[str, Any], head_dim: int, key: str) -> tuple[tuple[str, RopeConfig], ...]:
+    """The sliding layers' own RoPE when the config gives a base or scaling for them (``rope_theta_sliding``,
+    ``rope_scaling_sliding``); rotary dimension and style are the model's."""
+    if spec.layout.positions is not Positions.ROPE or not ({"rope_theta_sliding", "rope_scaling_sliding"} & set(raw)):
+        return ()
+    local = {**raw, "rope_theta": raw.get("rope_theta_sliding", raw.get("rope_theta")),
+             "rope_scaling": raw.get("rope_scaling_sliding", raw.get("rope_scaling"))}
+    return (("sliding_attention", _build_rope(spec, local, head_dim, key)),)
 
 
 def _sliding_windows(raw: dict[str, Any], n_layers: int) -> tuple[int | None, ...]:
     """Per-layer sliding window (Mistral; Qwen2 only with ``use_sliding_window``; ``layer_types`` when given; else
-    with ``sliding_period`` p every p-th layer, 1-based, is global: Gemma 2's alternation is p = 2)."""
+    with ``sliding_period`` p every p-th layer, 1-based, is global: Gemma 2's alternation is p = 2).
+
+    ``local_attention`` (ModernBERT) is a bidirectional window of that many keys: |i - j| <= local_attention // 2,
+    i.e. window local_attention // 2 + 1 under the rule |i - j| < window."""
     window = raw.get("sliding_window")
+    if "local_attention" in raw:
+        window = raw["local_attention"] // 2 + 1
     if not window or not raw.get("use_sliding_window", True):
         return (None,) * n_layers
     types = raw.get("layer_types")

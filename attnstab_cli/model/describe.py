@@ -6,11 +6,22 @@ from collections import Counter
 from typing import Any
 
 from attnstab_cli.arch.spec import Residual
+from attnstab_cli.model.config import RopeConfig
 from attnstab_cli.model.load import OpenModel
 
 PLACEMENT = {Residual.PRE: "pre-norm", Residual.POST: "post-norm", Residual.PARALLEL: "parallel residual (pre-norm)",
              Residual.PARALLEL_SHARED: "parallel residual (one shared pre-norm)",
              Residual.SANDWICH: "sandwich (pre-norm and a norm on each branch output)"}
+
+
+def _describe_rope(rope: RopeConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"theta": rope.theta, "rotary_dim": rope.rotary_dim, "style": rope.style.value,
+                           "scaling": rope.scaling_dict or None}
+    if rope.long_factor is not None:
+        out["longrope"] = {"original_max_positions": rope.original_max, "attention_factor": rope.attention_factor,
+                           "short_factor": list(rope.short_factor or ()), "long_factor": list(rope.long_factor),
+                           "long_factor_beyond": rope.original_max}
+    return out
 
 
 def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
@@ -33,6 +44,8 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "head_dim": cfg.head_dim,
         "d_ff": cfg.d_ff,
         "ffn": cfg.layout.ffn.value,
+        "ffn_packing": cfg.layout.ffn_packing.value,
+        "qkv_packing": cfg.layout.qkv_packing.value,
         "activation": cfg.activation,
         "norm": cfg.layout.norm.value,
         "norm_eps": cfg.norm_eps,
@@ -42,8 +55,7 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "causal": cfg.layout.causal,
         "qk_norm": None if cfg.layout.qk_norm is None else cfg.layout.qk_norm.value,
         "positions": cfg.layout.positions.value,
-        "rope": None if rope is None else {"theta": rope.theta, "rotary_dim": rope.rotary_dim,
-                                           "style": rope.style.value, "scaling": rope.scaling_dict or None},
+        "rope": None if rope is None else _describe_rope(rope),
         "sliding_window": next((w for w in cfg.sliding_windows if w), None),
         "sliding_layers": [i for i, w in enumerate(cfg.sliding_windows) if w],
         "attn_scale": cfg.attn_scale(0) if not cfg.scale_by_inverse_layer_idx else None,
@@ -51,6 +63,12 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "attn_logit_cap": cfg.attn_logit_cap,
         "final_logit_cap": cfg.final_logit_cap,
         "embed_scale": cfg.layout.embed_scale.value,
+        "window_rule": "key j visible from query i iff |i - j| < window" + ("" if cfg.layout.causal else
+                                                                             " (bidirectional)"),
+        "layer_types": None if cfg.layer_types is None else list(cfg.layer_types),
+        "sliding_windows": list(cfg.sliding_windows),
+        "rope_by_layer_type": {t: _describe_rope(r) for t, r in cfg.rope_by_type} or None,
+        "norm_attn_identity_layers": list(cfg.layout.identity_norm_attn),
         "vocab_size": cfg.vocab_size,
         "max_positions": cfg.max_positions,
         "position_offset": cfg.position_offset,

@@ -10,7 +10,9 @@ def compute_allowed(i0: int, i1: int, t_q: int, t_k: int, *, causal: bool, windo
     """Allowed (query, key) pairs for query rows [i0, i1): bool ``[B or 1, 1, i1 − i0, T_k]``.
 
     Query i sits at absolute position i + (T_k − T_q) (bottom-right alignment, as in SDPA). Causal: key j ≤ position;
-    ``window`` (Mistral): position − j < window; ``key_padding_mask`` ``[B, T_k]``: True for real tokens.
+    ``window``: |position − j| < window, i.e. the last ``window`` keys of a causal row (Mistral, Phi-3) and the keys
+    within ``window − 1`` positions on either side of a bidirectional one (ModernBERT's local layers);
+    ``key_padding_mask`` ``[B, T_k]``: True for real tokens.
     """
     pos = torch.arange(i0, i1, device=device)[:, None] + (t_k - t_q)       # [R, 1]
     j = torch.arange(t_k, device=device)[None, :]                          # [1, T_k]
@@ -18,7 +20,7 @@ def compute_allowed(i0: int, i1: int, t_q: int, t_k: int, *, causal: bool, windo
     if causal:
         allowed &= j <= pos
     if window is not None:
-        allowed &= (pos - j) < window
+        allowed &= (pos - j).abs() < window
     allowed = allowed[None, None]                                          # [1, 1, R, T_k]
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :]             # [B, 1, R, T_k]

@@ -2,8 +2,10 @@
 
 Each rotation P_i is orthogonal (THEORY §5.5): block rotations of coordinate pairs, either rotate-half pairs
 (i, i + r/2) or interleaved pairs (2i, 2i+1), on the first ``rotary_dim`` coordinates of each head; the rest pass
-through. Scalings: ``linear`` (positions / factor), ``llama3`` (wavelength-banded), ``dynamic`` (NTK, only active
-beyond the original context, which attnstab never exceeds).
+through. With a LongRoPE attention factor P_i is a contraction instead (rotations times a <= 1, pass-through times
+b <= 1), the rest of the factor being part of the softmax scale. Scalings: ``linear`` (positions / factor), ``llama3`` (wavelength-banded), ``dynamic`` (NTK, only active
+beyond the original context, which attnstab never exceeds), ``longrope`` (per-frequency divisors, a short and a long
+set chosen by the sequence length; its attention factor as above, see :class:`~attnstab_cli.model.config.RopeConfig`).
 """
 from __future__ import annotations
 
@@ -15,16 +17,21 @@ from attnstab_cli.arch.spec import RopeStyle
 from attnstab_cli.model.config import RopeConfig
 
 
-def compute_inv_freq(rope: RopeConfig) -> torch.Tensor:
-    """Inverse frequencies ``[rotary_dim / 2]`` after the configured scaling.
+def compute_inv_freq(rope: RopeConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies ``[rotary_dim / 2]`` after the configured scaling, for a forward pass over ``seq_len``
+    positions (only LongRoPE depends on it; None: its short set).
 
     Formed in float32 on purpose: checkpoints were trained with float32 angles (the Hugging Face convention), and
     reproducing the model's own logits matters more here than a more accurate rotation.
     """
     r = rope.rotary_dim
-    inv = 1.0 / rope.theta ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r)
+    powers = rope.theta ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r)
     sc = rope.scaling_dict
     kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "longrope":                       # the divisor multiplies theta^(2i/r) first: the model's rounding
+        factors = rope.long_factor if rope.uses_long_factor(seq_len) else rope.short_factor
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32) * powers)
+    inv = 1.0 / powers
     if kind == "linear":
         inv = inv / float(sc["factor"])
     elif kind == "llama3":
@@ -44,16 +51,42 @@ def _llama3_scale(inv: torch.Tensor, sc: dict) -> torch.Tensor:
     return torch.where(mid, blended, out)
 
 
-def compute_rope_cos_sin(rope: RopeConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin`` of shape ``[T, rotary_dim / 2]`` for integer ``positions [T]`` (float32 angles, as trained)."""
-    angles = positions.float()[:, None] * compute_inv_freq(rope).to(positions.device)[None, :]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+def compute_rope_cos_sin(rope: RopeConfig, positions: torch.Tensor, dtype: torch.dtype,
+                         seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of shape ``[T, rotary_dim / 2]`` for integer ``positions [T]`` (float32 angles, as trained).
+
+    ``seq_len`` is the length of the forward pass the positions belong to, which selects LongRoPE's factors
+    (default: the largest position + 1, as in Hugging Face); a prefix of a longer sequence passes the full length.
+    With an attention factor m the model multiplies by its float32 m cos, m sin; these are returned times a / m
+    (``rot_scale`` a of :class:`RopeConfig`), so the rotation's norm is a up to that float32 rounding.
+    """
+    if seq_len is None:
+        seq_len = int(positions.max()) + 1 if positions.numel() else None
+    angles = positions.float()[:, None] * compute_inv_freq(rope, seq_len).to(positions.device)[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    m = rope.attention_factor
+    if m != 1.0:
+        k = rope.rot_scale / m
+        cos, sin = (cos * m).double() * k, (sin * m).double() * k       # the model's float32 m cos, m sin, times a/m
+    return cos.to(dtype), sin.to(dtype)
+
+
+def rope_regimes(rope: RopeConfig) -> list[tuple[int | None, int | None]]:
+    """The frequency sets a forward pass may use, as ``(seq_len selecting it, bound on |i - j| under it)``:
+    LongRoPE's short set serves sequences of at most ``original_max`` tokens, so offsets below it, its long set
+    any offset; every other rope type has one set."""
+    if rope.long_factor is None or rope.original_max is None:
+        return [(None, None)]
+    return [(None, rope.original_max), (rope.original_max + 1, None)]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
-    """Rotate the first ``rotary_dim`` coordinates of ``x [B, H, T, D]`` by position; the rest pass through."""
+    """Rotate the first ``rotary_dim`` coordinates of ``x [B, H, T, D]`` by position; the rest pass through, times
+    ``pass_scale`` (1 unless an attention factor is split off, :class:`RopeConfig`)."""
     r = rope.rotary_dim
     rot, rest = x[..., :r], x[..., r:]
+    if rope.pass_scale != 1.0 and rest.shape[-1]:
+        rest = rest * rope.pass_scale
     if rope.style is RopeStyle.HALF_SPLIT:
         a, b = rot[..., : r // 2], rot[..., r // 2:]
         rotated = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)

@@ -75,5 +75,5 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
         "norm_ffn_out.weight": _vector(d), "norm_ffn_out.bias": _vector(d),
         "ffn_in.weight": _matrix(d, m), "ffn_in.bias": _vector(m),
         "ffn_out.weight": _matrix(m, d), "ffn_out.bias": _vector(d),
-        "ffn_gate.weight": _matrix(d, m), "ffn_up.weight": _matrix(d, m),
+        "ffn_gate.weight": _matrix(d, m), "ffn_up.weight": _matrix(d, m), "ffn_gate_up.weight": _matrix(d, 2 * m),
     }

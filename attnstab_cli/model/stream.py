@@ -78,10 +78,12 @@ class LayerStream:
             self.hidden.append(h)
         return self.hidden
 
-    def rope(self, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.cfg.rope is None:
+    def rope(self, t: int, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``cos, sin`` of layer ``layer``'s RoPE (its layer type's own base, if any) over ``t`` positions."""
+        rope = self.cfg.rope_at(layer)
+        if rope is None:
             return None
-        return compute_rope_cos_sin(self.cfg.rope, torch.arange(t, device=self.device), self.dtype)
+        return compute_rope_cos_sin(rope, torch.arange(t, device=self.device), self.dtype)
 
     def layers(self, on_layer_start: Callable[[int], None] | None = None) -> Iterator[LayerTrace]:
         """Yield one trace per (layer, batch); weights of layer l are dropped before layer l+1 is loaded."""
@@ -92,7 +94,7 @@ class LayerStream:
                 on_layer_start(layer)
             weights = self.loader.layer(layer)
             for bi, h in enumerate(self.hidden):
-                trace = run_layer(h, weights, self.cfg, layer, bi, self.rope(h.shape[1]), self.masks[bi])
+                trace = run_layer(h, weights, self.cfg, layer, bi, self.rope(h.shape[1], layer), self.masks[bi])
                 check_finite_hidden(trace.resid_out, self.dtype, f"layer {layer}", self.model.files.source)
                 trace.weights = weights                                       # a reference: still one layer resident
                 self.hidden[bi] = trace.resid_out

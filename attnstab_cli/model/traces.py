@@ -15,8 +15,9 @@ from attnstab_cli.model.weights import LayerWeights
 
 @dataclass
 class NormTrace:
-    kind: str                                # "layernorm" | "rmsnorm"
-    stat: torch.Tensor                       # [B, T] per-token biased variance (LN) or mean square (RMSNorm) of the input
+    kind: str                                # "layernorm" | "rmsnorm" | "identity"
+    stat: torch.Tensor | None                # [B, T] per-token biased variance (LN) or mean square (RMSNorm) of the
+                                             # input; None for the identity
     eps: float
     out: torch.Tensor                        # [B, T, d]     the norm output
 
@@ -29,7 +30,7 @@ class AttentionTrace:
     v: torch.Tensor                          # [B, H_kv, T, D]
     scale: float                             # logits are scale * q.k
     causal: bool
-    window: int | None                       # sliding window: key j visible from query i iff i - j < window
+    window: int | None                       # sliding window: key j visible from query i iff |i - j| < window
     key_padding_mask: torch.Tensor | None    # [B, T] bool, True = real token
     context: torch.Tensor                    # [B, H, T, D]  softmax(s q k^T) v per head
     out: torch.Tensor                        # [B, T, d]     after W_O and b_O

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from attnstab_cli.arch.layouts import orient, split_packed_qkv
+from attnstab_cli.arch.layouts import orient, split_packed_ffn, split_packed_qkv
 from attnstab_cli.arch.registry import TensorNames
-from attnstab_cli.arch.spec import FFNKind, NormWeight, QKVPacking
+from attnstab_cli.arch.spec import FFNKind, FFNPacking, NormWeight, QKVPacking
 from attnstab_cli.checkpoints.reader import TensorReader
 from attnstab_cli.errors import InputError
 from attnstab_cli.model.config import ModelConfig
@@ -17,8 +17,12 @@ from attnstab_cli.model.shapes import expected_shapes
 
 @dataclass
 class NormWeights:
-    weight: torch.Tensor           # [d]  gamma
+    weight: torch.Tensor | None    # [d]  gamma; None: the norm is the identity (``identity_norm_attn``)
     bias: torch.Tensor | None      # [d]  beta (LayerNorm only)
+
+    @property
+    def identity(self) -> bool:
+        return self.weight is None
 
 
 @dataclass
@@ -81,7 +85,7 @@ class WeightLoader:
         """A norm's gamma and beta; a stored ``w`` of a ``one_plus`` family becomes ``gamma = 1 + w``, formed in
         float32 or wider (THEORY §18.6; the model forms it so and scales its float32 statistics by it)."""
         weight = self.tensor(f"{role}.weight", layer)
-        if self.cfg.layout.norm_weight is NormWeight.ONE_PLUS:
+        if weight is not None and self.cfg.layout.norm_weight is NormWeight.ONE_PLUS:
             weight = 1.0 + (weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight)
         return NormWeights(weight, self.tensor(f"{role}.bias", layer))
 
@@ -109,6 +113,11 @@ class WeightLoader:
         )
 
     def _ffn(self, layer: int) -> dict[str, torch.Tensor]:
+        if self.cfg.layout.ffn_packing is FFNPacking.GATE_UP:
+            w_gate, w_up = split_packed_ffn(self.tensor("ffn_gate_up.weight", layer), self.cfg.layout.ffn_packing,
+                                            self.cfg.d_ff)                    # THEORY §18.6
+
+            return {"w_gate": w_gate, "w_up": w_up, "w_out": self.tensor("ffn_out.weight", layer)}
         if self.cfg.layout.ffn is FFNKind.GATED:
             roles = {"w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_out": "ffn_out.weight"}
         else:

@@ -36,7 +36,7 @@ def compute_row_logits(q: Tensor, k: Tensor, scale: float, b: Tensor, h: Tensor,
     if causal:
         allowed &= j <= pos[:, None]
     if window is not None:
-        allowed &= (pos[:, None] - j) < window
+        allowed &= (pos[:, None] - j).abs() < window
     if key_padding_mask is not None:
         allowed &= key_padding_mask.to(dev)[b]
     group_id = b * n_kv + h // group                                                # [R]

@@ -214,6 +214,8 @@ def compute_key_band(i0: int, i1: int, t_q: int, t_k: int, causal: bool, window:
     for all of these rows, so a chunk need not compute their logits."""
     offset = t_k - t_q
     j1 = max(0, min(t_k, i1 + offset)) if causal else t_k
+    if window is not None and not causal:                  # bidirectional window: |position - j| < window
+        j1 = max(0, min(t_k, i1 - 1 + offset + window))
     j0 = min(j1, max(0, i0 + offset - window + 1)) if window is not None else 0
     return j0, j1
 
@@ -244,7 +246,7 @@ def attn_row_stats_ref(
 
     q `# [B, H, T_q, D]`, k `# [B, H_kv, T_k, D]` (query head h reads key head h // (H // H_kv), grouped-query
     attention by a view, never a copy per head); `causal` bottom-right aligned (query i sees keys j ≤ i + T_k − T_q);
-    `key_padding_mask` bool `# [B, T_k]`, True = real token; `window` Mistral sliding window (position − j < window).
+    `key_padding_mask` bool `# [B, T_k]`, True = real token; `window` sliding window (|position − j| < window).
     `block_q` query rows per chunk; default keeps each chunk near 1M logits. Precision as in the module docstring.
     `logit_cap` c: the softmax reads c · tanh(s / c) (THEORY §18.5), in float64 like s.
     Returns `RowStats` of `# [B, H, T_q]` float64 tensors (n_keys int32).

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnstab_cli.arch.layouts import orient, packed_qkv_width, split_packed_qkv
+from attnstab_cli.arch.layouts import orient, packed_qkv_width, split_packed_ffn, split_packed_qkv
 from attnstab_cli.arch.registry import builtin_specs, infer_spec_from_tensors, spec_by_name
-from attnstab_cli.arch.spec import Orientation, QKVPacking, parse_spec
+from attnstab_cli.arch.spec import FFNPacking, Orientation, QKVPacking, parse_spec
 from attnstab_cli.errors import UnsupportedError
 
 
@@ -29,6 +29,24 @@ def test_interleaved_per_head_split() -> None:
         assert torch.equal(v[:, head * dh:(head + 1) * dh], w[:, base + 2 * dh:base + 3 * dh])
     bq, _, _ = split_packed_qkv(torch.arange(3 * h * dh), QKVPacking.INTERLEAVED_PER_HEAD, h, h, dh)
     assert bq.tolist() == [0, 1, 2, 3, 12, 13, 14, 15, 24, 25, 26, 27]
+
+
+def test_concat_split_with_gqa_from_out_in_rows() -> None:
+    """Phi-3 qkv_proj stores rows [Q (H D); K (H_kv D); V (H_kv D)]: after orientation, column blocks."""
+    d, h, hkv, dh = 3, 4, 1, 2
+    stored = torch.arange((h + 2 * hkv) * dh * d).view(-1, d)                  # [(H + 2 H_kv) D, d]
+    q, k, v = split_packed_qkv(orient(stored, Orientation.OUT_IN), QKVPacking.CONCAT, h, hkv, dh)
+    assert torch.equal(q, stored[:8].t()) and torch.equal(k, stored[8:10].t()) and torch.equal(v, stored[10:12].t())
+
+
+def test_gate_up_split() -> None:
+    """Stored rows [activated half; multiplying half] (gate_up_proj, Wi) -> W_g, W_u column halves."""
+    d, m = 3, 4
+    stored = torch.arange(2 * m * d).view(2 * m, d)                             # [2m, d]
+    w_gate, w_up = split_packed_ffn(orient(stored, Orientation.OUT_IN), FFNPacking.GATE_UP, m)
+    assert torch.equal(w_gate, stored[:m].t()) and torch.equal(w_up, stored[m:].t())
+    with pytest.raises(ValueError):
+        split_packed_ffn(stored, FFNPacking.SEPARATE, m)
 
 
 def test_orientation() -> None:

@@ -31,7 +31,7 @@ def test_no_args_shows_help() -> None:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "distilbert", "roberta", "xlm_roberta",
-                                    "gptj", "phi", "qwen3", "gemma2"])
+                                    "gptj", "phi", "qwen3", "gemma2", "phi3", "phi3_longrope", "modernbert"])
 def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     path, ref = tiny_checkpoints[family]
     result = invoke("info", path, "--json")
@@ -49,10 +49,12 @@ def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     assert data["tied_embeddings"] == bool(cfg.tie_word_embeddings)
     expected = {"gpt2": "pre-norm", "llama": "pre-norm", "neox": "parallel residual (pre-norm)", "bert": "post-norm",
                 "gptj": "parallel residual (one shared pre-norm)", "phi": "parallel residual (one shared pre-norm)",
-                "qwen3": "pre-norm", "gemma2": "sandwich (pre-norm and a norm on each branch output)"}
+                "qwen3": "pre-norm", "gemma2": "sandwich (pre-norm and a norm on each branch output)",
+                "phi3": "pre-norm", "phi3_longrope": "pre-norm", "modernbert": "pre-norm"}
     expected.update(dict.fromkeys(("distilbert", "roberta", "xlm_roberta"), "post-norm"))
     assert data["placement"] == expected[family]
-    assert data["norm"] == ("rmsnorm" if family in ("llama", "qwen3", "gemma2") else "layernorm")
+    assert data["norm"] == ("rmsnorm" if family in ("llama", "qwen3", "gemma2", "phi3", "phi3_longrope")
+                            else "layernorm")
     assert data["qk_norm"] == ("per_head" if family == "qwen3" else None)
     assert data["head_dim"] == (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     assert data["norm_weight"] == ("one_plus" if family == "gemma2" else "gamma")
@@ -64,6 +66,25 @@ def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
         assert data["sliding_layers"] == [i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"]
         text = invoke("info", path).stdout
         assert "logit soft-cap 5" in text and "gamma = 1 + stored weight" in text and "layers 0, 2" in text
+    assert data["ffn_packing"] == ("gate_up" if family.startswith("phi3") or family == "modernbert" else "separate")
+    assert data["qkv_packing"] == {"gpt2": "concat", "neox": "interleaved_per_head", "phi3": "concat",
+                                   "phi3_longrope": "concat", "modernbert": "concat"}.get(family, "separate")
+    if family == "modernbert":                            # global, local, global; window |i - j| <= 8 // 2
+        assert data["layer_types"] == list(cfg.layer_types) and data["sliding_windows"] == [None, 5, None]
+        assert data["rope"]["theta"] == cfg.rope_parameters["full_attention"]["rope_theta"]
+        assert data["rope_by_layer_type"]["sliding_attention"]["theta"] == \
+            cfg.rope_parameters["sliding_attention"]["rope_theta"]
+        assert data["norm_attn_identity_layers"] == [0] and "bidirectional" in data["window_rule"]
+        text = invoke("info", path)
+        assert "full_attention: 2, sliding_attention: 1" in text.stdout and "theta=60" in text.stdout
+    longrope = (data["rope"] or {}).get("longrope")
+    if family == "phi3_longrope":
+        rp = cfg.rope_parameters
+        assert longrope["short_factor"] == rp["short_factor"] and longrope["long_factor"] == rp["long_factor"]
+        assert longrope["original_max_positions"] == cfg.original_max_position_embeddings
+        assert longrope["attention_factor"] == pytest.approx(ref.model.rotary_emb.attention_scaling, rel=1e-15)
+    else:
+        assert longrope is None
     assert sum(data["files"].values()) == data["total_bytes"] > 0
 
 
@@ -98,11 +119,12 @@ def test_scan_runs_end_to_end(family: str, tiny_checkpoints: dict, tmp_path: Pat
     assert [(r["layer"], r["head"], r["kv_head"]) for r in heads] == [
         (layer, h, h // (n_heads // n_kv)) for layer in range(ref.config.num_hidden_layers) for h in range(n_heads)]
     assert heads == data["heads"]
-    for r in heads:   # causal rows 0..14 are short; a window of 7 keys (Mistral, Gemma 2's sliding layers) all rows
-        assert r["n_rows"] + r["n_rows_short"] == 4 * 24
+    window = getattr(ref.config, "sliding_window", None)
+    for r in heads:   # causal rows 0..14 are short; a window of 7 keys (Mistral, Phi-3, Gemma 2's sliding layers)
+        assert r["n_rows"] + r["n_rows_short"] == 4 * 24          # makes every row short
         assert 0.0 <= r["theta_tilde_lo"] <= r["theta_tilde_hi"] <= 1.0
         if r["n_rows"] == 0:
-            assert family in ("mistral", "gemma2") and r["theta_mean"] is None
+            assert window is not None and window < 16 and r["theta_mean"] is None
             continue
         assert 0.0 <= r["theta_mean"] <= r["theta_hi_mean"] <= 1.0
         assert r["theta_p05_lo"] <= r["theta_p05"] <= r["theta_p05_hi"] <= r["theta_p50_lo"] + 1e-3
@@ -191,8 +213,8 @@ def test_qk_norm_family_reports_why_qk_norm_is_null(tiny_checkpoints: dict, tmp_
     assert all(r["qk_norm"] is None and r["wq_norm"] > 0 for r in data["heads"])
     for r in data["layers"]:
         attn = ref.model.layers[r["layer"]].self_attn
-        assert r["qnorm_gamma_max"] == pytest.approx(float(attn.q_norm.weight.abs().max()), rel=1e-6)
-        assert r["knorm_gamma_max"] == pytest.approx(float(attn.k_norm.weight.abs().max()), rel=1e-6)
+        assert r["qnorm_gamma_max"] == pytest.approx(float(attn.q_norm.weight.detach().abs().max()), rel=1e-6)
+        assert r["knorm_gamma_max"] == pytest.approx(float(attn.k_norm.weight.detach().abs().max()), rel=1e-6)
 
 
 def test_grad_scan_writes_gradient_columns(tiny_checkpoints: dict, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from tiny_models import save_tiny_model
 
 SCAN = ("--calib", "random", "--seq-len", "16", "--batch-size", "1", "--batches", "1", "--empirical-seqs", "0",
         "--quiet")
-FAMILIES = ("gpt2", "llama", "neox", "bert", "mistral", "gptj", "phi", "gemma2")
+FAMILIES = ("gpt2", "llama", "neox", "bert", "mistral", "gptj", "phi", "gemma2", "phi3", "modernbert")
 
 
 def _save_transformers(directory: Path, config_cls: str, model_cls: str, **kwargs: object) -> Path:
@@ -87,6 +87,19 @@ def test_phi_with_qk_layernorm_is_refused_naming_the_key(tmp_path: Path) -> None
     for args in (("info", ck), ("scan", ck, *SCAN)):
         assert_input_error(invoke(*args), "config.json", "'qk_layernorm' is true", "q/k LayerNorm",
                            "not supported for family 'phi'")
+
+
+def test_a_layer0_attention_norm_in_modernbert_is_refused(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """ModernBERT's layer 0 has no attention norm: a stored one is a layout the family does not describe."""
+    ck = _edit_weights(_copy(ckpts["modernbert"], tmp_path),
+                       lambda s: s.update({"model.layers.0.attn_norm.weight": torch.ones(64)}))
+    assert_input_error(invoke("scan", ck, *SCAN), "model.safetensors", "1 tensor not read by family 'modernbert'",
+                       "model.layers.0.attn_norm.weight")
+
+
+def test_modernbert_with_mlp_biases_is_refused_naming_the_key(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    ck = _edit_config(_copy(ckpts["modernbert"], tmp_path), mlp_bias=True)
+    assert_input_error(invoke("info", ck), "config.json", "'mlp_bias' is true", "not supported for family 'modernbert'")
 
 
 def test_unsupported_model_type_hint_says_the_tensors_are_checked(ckpts: dict[str, Path]) -> None:
@@ -161,12 +174,23 @@ def test_forced_bert_on_mpnet_says_no_tensor_matches(ckpts: dict[str, Path]) -> 
     ("gptj", ("transformer.h.1.ln_1.bias",), "transformer.h.1.ln_1.bias"),       # the one norm both branches read
     ("bert", ("bert.embeddings.LayerNorm.weight", "bert.embeddings.LayerNorm.bias"), "embeddings.LayerNorm.weight"),
     ("gemma2", ("model.layers.2.post_feedforward_layernorm.weight",), "layers.2.post_feedforward_layernorm.weight"),
+    ("phi3", ("model.layers.1.mlp.gate_up_proj.weight",), "model.layers.1.mlp.gate_up_proj.weight"),
 ])
 def test_a_missing_required_tensor_is_refused_before_any_work(family: str, removed: tuple[str, ...], needle: str,
                                                               ckpts: dict[str, Path], tmp_path: Path) -> None:
     ck = _edit_weights(_copy(ckpts[family], tmp_path), lambda s: [s.pop(n) for n in removed])
     for args in (("scan", ck, *SCAN), ("scan", ck, "--weights-only", "--quiet")):
         assert_input_error(invoke(*args), "model.safetensors", "missing tensor", needle)
+
+
+@pytest.mark.parametrize("name, shape, needle", [
+    ("model.layers.0.mlp.gate_up_proj.weight", (96, 64), "[192, 64]"),       # [gate; up]: twice intermediate_size
+    ("model.layers.0.self_attn.qkv_proj.weight", (192, 64), "[128, 64]"),    # Q (4 x 16) + K, V (2 x 16 each)
+])
+def test_a_fused_phi3_tensor_of_the_wrong_shape_is_refused(name: str, shape: tuple[int, int], needle: str,
+                                                           ckpts: dict[str, Path], tmp_path: Path) -> None:
+    ck = _edit_weights(_copy(ckpts["phi3"], tmp_path), lambda s: s.update({name: torch.ones(shape)}))
+    assert_input_error(invoke("scan", ck, *SCAN), "model.safetensors", name, needle)
 
 
 def test_an_integer_weight_is_refused(ckpts: dict[str, Path], tmp_path: Path) -> None:
@@ -292,6 +316,15 @@ CONFIG_CASES = [
     ("gptj", "rotary_dim", 32, "is not an even number in 2..16"),
     ("gptj", "rotary_dim", "8", "expected an integer from 1 to 2^53"),
     ("phi", "qk_layernorm", "yes", "expected true or false"),
+    ("phi3", "rope_parameters", {"rope_type": "longrope", "rope_theta": 500.0, "short_factor": [1.0] * 6},
+     "lacks 'long_factor'"),
+    ("phi3", "rope_parameters", {"rope_type": "longrope", "rope_theta": 500.0, "partial_rotary_factor": 0.75,
+                                 "short_factor": [1.0] * 6, "long_factor": [1.0, "2"]}, "non-empty list of numbers"),
+    ("phi3", "rope_parameters", {"rope_type": "longrope", "rope_theta": 500.0, "partial_rotary_factor": 0.75,
+                                 "short_factor": [1.0] * 6, "long_factor": [1.0] * 5}, "expected rotary_dim / 2 = 6"),
+    ("phi3", "rope_parameters", {"rope_type": "longrope", "rope_theta": 500.0, "partial_rotary_factor": 0.75,
+                                 "short_factor": [1.0] * 6, "long_factor": [1.0] * 6, "attention_factor": 0},
+     "expected a finite number > 0"),
     ("neox", "use_parallel_residual", "false", "expected true or false"),
     ("neox", "intermediate_size", "128", "expected an integer from 1 to 2^53"),
     ("bert", "type_vocab_size", 5, "expected at most 2"),

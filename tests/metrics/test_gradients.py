@@ -24,12 +24,16 @@ GROUPS = {
     "gemma2": (lambda m: m.model.layers, ("self_attn",), ("mlp",),     # final-logit soft-cap in the loss
                ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                 "post_feedforward_layernorm")),
+    "phi3": (lambda m: m.model.layers, ("self_attn",), ("mlp",), ("input_layernorm", "post_attention_layernorm")),
+    "phi3_longrope": (lambda m: m.model.layers, ("self_attn",), ("mlp",),
+                      ("input_layernorm", "post_attention_layernorm")),
     "bert": (lambda m: m.bert.encoder.layer, ("attention.self", "attention.output.dense"),
              ("intermediate", "output.dense"), ("attention.output.LayerNorm", "output.LayerNorm")),
     "roberta": (lambda m: m.roberta.encoder.layer, ("attention.self", "attention.output.dense"),
                 ("intermediate", "output.dense"), ("attention.output.LayerNorm", "output.LayerNorm")),
     "xlm_roberta": (lambda m: m.roberta.encoder.layer, ("attention.self", "attention.output.dense"),
                     ("intermediate", "output.dense"), ("attention.output.LayerNorm", "output.LayerNorm")),
+    "modernbert": (lambda m: m.model.layers, ("attn",), ("mlp",), ("attn_norm", "mlp_norm")),
     "distilbert": (lambda m: m.distilbert.transformer.layer, ("attention",), ("ffn",),
                    ("sa_layer_norm", "output_layer_norm")),
 }

@@ -89,7 +89,7 @@ def test_tiers_on_adversarial_inputs(family: str, tiny_checkpoints: dict) -> Non
                 contexts = LayerContexts(model)
                 if layer > 0:                                   # post-LN radii need the previous layer's LN2
                     contexts.prev_norm_ffn = loader.layer(layer - 1).norm_ffn
-                trace = run_layer(h, w, cfg, layer, 0, stream.rope(t), None)
+                trace = run_layer(h, w, cfg, layer, 0, stream.rope(t, layer), None)
                 ctx = contexts.for_trace(trace)
                 theta.observe(trace, ctx)
                 lip.observe(trace, ctx)

@@ -26,7 +26,7 @@ def probabilities_from_trace(a: AttentionTrace) -> torch.Tensor:
     if a.causal:
         allowed &= j <= i
     if a.window is not None:
-        allowed &= (i - j) < a.window
+        allowed &= (i - j).abs() < a.window
     allowed = allowed[None, None]
     if a.key_padding_mask is not None:
         allowed = allowed & a.key_padding_mask[:, None, None, :]
@@ -48,6 +48,29 @@ def test_probabilities_and_hidden_states_match(family: str, tiny_checkpoints: di
         seen += 1
     assert seen == model.cfg.n_layers
     torch.testing.assert_close(stream.final_hidden()[0], expected.hidden_states[-1], atol=1e-4, rtol=0)
+
+
+def test_longrope_selects_its_factor_set_by_length(tiny_checkpoints: dict) -> None:
+    """LongRoPE: the long factors beyond the original context, the short ones within it, as the model chooses; the
+    attention factor's split keeps every rotation a contraction and leaves logits unchanged."""
+    from attnstab_cli.model.rope import apply_rope, compute_inv_freq, compute_rope_cos_sin
+
+    path, ref = tiny_checkpoints["phi3_longrope"]
+    rope = open_model(path).cfg.rope
+    emb = ref.model.rotary_emb
+    x = torch.zeros(1)
+    for t in (12, 16, 17, 40):
+        cos, sin = emb(x, torch.arange(t)[None])                           # [1, T, r]  m cos, m sin
+        want = emb.inv_freq.clone()
+        used = compute_inv_freq(rope, t)
+        assert torch.equal(used, want), t
+        assert torch.equal(used, compute_inv_freq(rope, 12)) == (t <= 16)
+        ours_cos, ours_sin = compute_rope_cos_sin(rope, torch.arange(t), torch.float64)
+        scale = rope.rot_scale / rope.attention_factor
+        torch.testing.assert_close(ours_cos, cos[0, :, : rope.rotary_dim // 2].double() * scale, rtol=1e-15, atol=0)
+    q = torch.randn(1, 1, 40, 16, dtype=torch.float64)
+    rotated = apply_rope(q, *compute_rope_cos_sin(rope, torch.arange(40), torch.float64), rope)
+    assert float((rotated.norm(dim=-1) / q.norm(dim=-1)).max()) <= 1 + 1e-7     # float32 cos/sin rounding
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
@@ -81,22 +104,59 @@ def test_per_head_slices_recombine_to_attention_output(tiny_checkpoints: dict) -
 
 # Families whose ``transformers`` reference computes in float64 when cast to it. LlamaRMSNorm casts its input to
 # float32, which caps the LLaMA-family comparison near 1e-7 (their float32 forward match above still holds).
-FLOAT64_REFERENCE = ("bert", "gpt2", "gpt2_scaled", "gptj", "neox", "neox_serial", "phi")
+# Phi3RMSNorm casts too: for the families in UNCAST_RMSNORM the reference's RMSNorm modules are replaced by the same
+# formula in the input dtype (weight * x / sqrt(mean(x^2) + eps)), everything else stays the model's own.
+# ModernBERT's apply_rotary_pos_emb casts q and k to float32: for UNCAST_ROPE it is replaced, for the test only, by
+# the same rotate-half formula in the input dtype.
+FLOAT64_REFERENCE = ("bert", "gpt2", "gpt2_scaled", "gptj", "neox", "neox_serial", "phi", "phi3", "phi3_longrope",
+                     "modernbert")
+UNCAST_RMSNORM = ("phi3", "phi3_longrope")
+UNCAST_ROPE = {"modernbert": "transformers.models.modernbert.modeling_modernbert"}
+
+
+def _rotate_in_input_dtype(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+    def half(x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return torch.cat((-b, a), dim=-1)
+    return q * cos + half(q) * sin, k * cos + half(k) * sin
+
+
+def _float64_reference(family: str, ref: torch.nn.Module) -> torch.nn.Module:
+    """A float64 SDPA copy of ``ref`` (RMSNorms in float64 for UNCAST_RMSNORM families)."""
+    import copy
+
+    ref64 = copy.deepcopy(ref).double()
+    ref64.set_attn_implementation("sdpa")
+    if family in UNCAST_RMSNORM:
+        for module in ref64.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                def forward(x: torch.Tensor, m: torch.nn.Module = module) -> torch.Tensor:
+                    return m.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
+                module.forward = forward
+    return ref64
 
 
 @pytest.mark.parametrize("family", [f for f in sorted(FAMILIES) if f in FLOAT64_REFERENCE])
-def test_float64_layers_match(family: str, tiny_checkpoints: dict) -> None:
+@pytest.mark.parametrize("seq_len", [40, 12])
+def test_float64_layers_match(family: str, seq_len: int, tiny_checkpoints: dict,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 13 item 2: in float64 every layer's output h_{l+1} matches ``transformers`` to 1e-10 relative.
 
     The reference runs SDPA attention: some eager implementations (GPT-J) cast q and k to float32 for the logits,
-    which would cap a float64 comparison at float32 precision."""
-    import copy
-
+    which would cap a float64 comparison at float32 precision. Two lengths: ``phi3_longrope`` uses its long factors
+    at 40 positions (beyond its original 16) and its short ones at 12."""
     path, ref = tiny_checkpoints[family]
-    ref64 = copy.deepcopy(ref).double()
-    ref64.set_attn_implementation("sdpa")
+    ref64 = _float64_reference(family, ref)
+    if family in UNCAST_ROPE:
+        import importlib
+
+        module = importlib.import_module(UNCAST_ROPE[family])
+        monkeypatch.setattr(module, "apply_rotary_pos_emb", _rotate_in_input_dtype)
     model = open_model(path)
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(6))
+    ids = torch.randint(0, model.cfg.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = ref64(ids, output_hidden_states=True).hidden_states
     stream = LayerStream(model, [ids], dtype=torch.float64)

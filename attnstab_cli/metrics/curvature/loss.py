@@ -127,7 +127,7 @@ class ModelLoss:
         with sdpa_kernel([SDPBackend.MATH]):            # the fused kernels have no forward-mode AD (jvp of grad)
             for b, h in enumerate(self.h0):
                 for w in layers:
-                    h = run_layer(h, w, self.cfg, w.layer, b, self.stream.rope(h.shape[1]),
+                    h = run_layer(h, w, self.cfg, w.layer, b, self.stream.rope(h.shape[1], w.layer),
                                   self.stream.masks[b]).resid_out
                 total = total + self.flow.top_loss(self.top, h, b)
         return total / self.count

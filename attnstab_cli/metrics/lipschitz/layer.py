@@ -84,8 +84,13 @@ def compute_first_layer_radius(kind: NormKind, embed_norm: NormWeights | None, t
 def compute_r2_in_reset(cfg: ModelConfig, weights: LayerWeights, prev_norm_ffn: NormWeights | None = None,
                         first_layer_radius: float | None = None) -> float:
     """``r2_in_reset`` (§8.1): pre/parallel the reset of this layer's N1; post-LN the previous layer's LN2 (pass
-    ``prev_norm_ffn``) or, for layer 1, ``first_layer_radius`` (:func:`compute_first_layer_radius`)."""
+    ``prev_norm_ffn``) or, for layer 1, ``first_layer_radius`` (:func:`compute_first_layer_radius`); a pre-norm layer
+    whose N1 is the identity (layer 0 after an embedding norm) also takes ``first_layer_radius``."""
     kind = cfg.layout.norm
+    if cfg.layout.residual is not Residual.POST and weights.norm_attn.identity:
+        if first_layer_radius is None:                 # layer 0 reads h_0: the embedding norm's reset bound
+            raise ValueError(f"layer {weights.layer}: N1 is the identity; give the embedding norm's radius")
+        return first_layer_radius
     if cfg.layout.residual is not Residual.POST:
         return compute_reset_radius(weights.norm_attn, kind)
     if prev_norm_ffn is not None:
@@ -99,6 +104,11 @@ def compute_ffn_reset_radius(cfg: ModelConfig, weights: LayerWeights) -> float:
     """Radius of the FFN input on every input (§8.1): the reset of N2 (pre/parallel) or of LN1 (post-LN)."""
     norm = weights.norm_attn if cfg.layout.residual is Residual.POST else weights.norm_ffn
     return compute_reset_radius(norm, cfg.layout.norm)
+
+
+def norm_lip_global(norm: NormWeights, eps: float) -> float:
+    """Global constant of a norm layer (§4); 1 for the identity."""
+    return 1.0 if norm.identity else compute_norm_lip_global(norm.weight, eps)
 
 
 @dataclass(frozen=True)
@@ -134,8 +144,8 @@ def compute_weights_tier(weights: LayerWeights, cfg: ModelConfig, r2_in_reset: f
                          norms: HeadNorms | None = None) -> WeightsTier:
     """Weights-only bound of one layer at MHA radius ``r2_in_reset`` (theta = 1, global norm constants)."""
     norms = _cpu_head_norms(weights, cfg, norms)
-    ln1 = compute_norm_lip_global(weights.norm_attn.weight, cfg.norm_eps)
-    ln2 = compute_norm_lip_global(weights.norm_ffn.weight, cfg.norm_eps)
+    ln1 = norm_lip_global(weights.norm_attn, cfg.norm_eps)
+    ln2 = norm_lip_global(weights.norm_ffn, cfg.norm_eps)
     mha = compute_mha_bound(norms, 1.0, r2_in_reset, cfg.attn_scale(weights.layer))
     ffn = compute_ffn_bound_weights(weights.ffn, cfg.layout.ffn, cfg.activation, compute_ffn_reset_radius(cfg, weights))
     ln1o, ln2o = (_out_norm_global(n, cfg.norm_eps) for n in (weights.norm_attn_out, weights.norm_ffn_out))
@@ -179,7 +189,7 @@ def compute_calibrated_tier(trace: LayerTrace, cfg: ModelConfig, theta_hi: torch
     norms = _cpu_head_norms(w, cfg, norms)
     stats = qk_stats(trace, b)
     n1, n2 = trace.norms["norm_attn"], trace.norms["norm_ffn"]
-    ln1 = compute_norm_lip_local(w.norm_attn.weight, n1.stat[b], n1.eps)
+    ln1 = 1.0 if w.norm_attn.identity else compute_norm_lip_local(w.norm_attn.weight, n1.stat[b], n1.eps)
     ln2 = compute_norm_lip_local(w.norm_ffn.weight, n2.stat[b], n2.eps)
     r2 = float(torch.linalg.vector_norm(a.x[b].to(torch.float64), dim=-1).max())
     theta_hi = theta_hi.to(torch.float64)
