@@ -64,6 +64,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                     intermediate_size=96, vocab_size=97, max_position_embeddings=64, sliding_window=7,
                     query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
                     rms_norm_eps=1e-6, pad_token_id=0, initializer_range=0.06)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",      # sliding, global, sliding, with a local RoPE base
+               dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=96, vocab_size=97, max_position_embeddings=64, sliding_window=20,
+                    query_pre_attn_scalar=24, rms_norm_eps=1e-6, pad_token_id=0,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})),
     "phi3": ("Phi3Config", "Phi3ForCausalLM",                 # fused qkv (GQA) and gate_up, rotary 12 of 16, window 7
              dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=96, vocab_size=97, max_position_embeddings=64, sliding_window=7,

@@ -134,10 +134,26 @@ class TensorNames:
         return self._matches(self.spec.buffers, name, n_layers)
 
     def unread(self, n_layers: int) -> list[str]:
-        """Stored names the spec neither reads nor declares ignorable or a buffer, in file order."""
+        """Stored names the spec neither reads nor declares ignorable, a buffer or part of an ignored model part, in
+        file order."""
         bound = self.bound(n_layers)
         return [k for k in self.ordered if k not in bound and not self.is_buffer(k, n_layers)
-                and not self._matches(self.spec.ignorable, k, n_layers)]
+                and not self._matches(self.spec.ignorable, k, n_layers) and self.ignored_part(k) is None]
+
+    def ignored_part(self, name: str) -> str | None:
+        """The model part (``ignored_parts``) that tensor ``name`` belongs to, at the top level or under ``model.``."""
+        for prefix, part in self.spec.ignored_parts.items():
+            if name.startswith(prefix) or name.startswith("model." + prefix):
+                return part
+        return None
+
+    def ignored_parts(self) -> dict[str, int]:
+        """Model part -> number of its tensors in the checkpoint, for the parts the family does not analyse."""
+        counts: dict[str, int] = {}
+        for name in self.ordered:
+            if (part := self.ignored_part(name)) is not None:
+                counts[part] = counts.get(part, 0) + 1
+        return counts
 
     def _matches(self, templates: tuple[str, ...], name: str, n_layers: int) -> bool:
         for template in templates:

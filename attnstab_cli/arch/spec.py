@@ -159,12 +159,14 @@ class ArchSpec:
     ignorable: tuple[str, ...] = ()    # weights a scan does not use (templates, ``{layer}`` below the layer count)
     buffers: tuple[str, ...] = ()      # stored constants that are not weights (same templates); never value-checked
     unsupported_if_true: dict[str, str] = field(default_factory=dict)  # boolean field -> the layout it would switch on
+    ignored_parts: dict[str, str] = field(default_factory=dict)  # name prefix -> the model part it holds (a vision
+                                                                 # tower): not analysed, counted and reported
     rope_type_aliases: dict[str, str] = field(default_factory=dict)   # older rope type names -> the supported one
 
 
 _KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefixes", "tensors", "head_tensors",
          "layer_tensors", "optional", "tied", "required_without_config", "residual_switch", "ignorable", "buffers",
-         "unsupported_if_true", "rope_type_aliases"}
+         "unsupported_if_true", "rope_type_aliases", "ignored_parts"}
 
 
 _LAYOUT_KEYS = {"orientation", "qkv_packing", "norm", "residual", "positions", "rope_style", "causal", "ffn",
@@ -238,7 +240,7 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         residual_switch=ResidualSwitch(switch["key"], Residual(switch["if_true"]), Residual(switch["if_false"]))
         if switch else None,
         ignorable=tuple(data.get("ignorable", ())), buffers=tuple(data.get("buffers", ())),
-        unsupported_if_true=refused, rope_type_aliases=aliases,
+        unsupported_if_true=refused, rope_type_aliases=aliases, ignored_parts=dict(data.get("ignored_parts", {})),
     )
 
 

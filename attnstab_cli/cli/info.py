@@ -59,6 +59,8 @@ def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv
         rows.insert(8, ("layer types", kinds + (f" ({local})" if local else "")))
     if data["norm_attn_identity_layers"]:
         rows.insert(8, ("no attention norm in layers", ", ".join(map(str, data["norm_attn_identity_layers"]))))
+    for part, n in (data["ignored_parts"] or {}).items():
+        rows.append(("not analysed", f"{part}: {n} tensors (the text model alone is read)"))
     for k, v in rows:
         table.add_row(k, str(v))
     stdout_console().print(table)

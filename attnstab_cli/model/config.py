@@ -250,6 +250,10 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
     if types is None and "global_every" in raw:            # ModernBERT: layer i is global iff i % n == 0
         types = ["full_attention" if i % raw["global_every"] == 0 else "sliding_attention" for i in range(found_layers)]
         raw["layer_types"] = types
+    if types is None and raw.get("sliding_period") and raw.get("sliding_window"):   # Gemma: every p-th (1-based)
+        period = raw["sliding_period"]                                              # layer is global
+        types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(found_layers)]
+        raw["layer_types"] = types
     if types is not None and len(types) != found_layers:
         raise InputError(f"{subject('layer_types')} has {len(types)} entries; expected one per layer "
                          f"({found_layers})")
@@ -375,8 +379,8 @@ def _rope_by_type(spec: ArchSpec, raw: dict[str, Any], head_dim: int, key: str) 
 
 
 def _sliding_windows(raw: dict[str, Any], n_layers: int) -> tuple[int | None, ...]:
-    """Per-layer sliding window (Mistral; Qwen2 only with ``use_sliding_window``; ``layer_types`` when given; else
-    with ``sliding_period`` p every p-th layer, 1-based, is global: Gemma 2's alternation is p = 2).
+    """Per-layer sliding window (Mistral; Qwen2 only with ``use_sliding_window``; ``layer_types`` when given or derived
+    from ``sliding_period`` / ``global_every``).
 
     ``local_attention`` (ModernBERT) is a bidirectional window of that many keys: |i - j| <= local_attention // 2,
     i.e. window local_attention // 2 + 1 under the rule |i - j| < window."""
@@ -388,7 +392,4 @@ def _sliding_windows(raw: dict[str, Any], n_layers: int) -> tuple[int | None, ..
     types = raw.get("layer_types")
     if isinstance(types, list) and len(types) == n_layers:
         return tuple(int(window) if t == "sliding_attention" else None for t in types)
-    period = raw.get("sliding_period")
-    if period:
-        return tuple(None if (i + 1) % period == 0 else int(window) for i in range(n_layers))
     return (int(window),) * n_layers

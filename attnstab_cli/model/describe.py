@@ -54,6 +54,7 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "residual": cfg.layout.residual.value,
         "causal": cfg.layout.causal,
         "qk_norm": None if cfg.layout.qk_norm is None else cfg.layout.qk_norm.value,
+        "ignored_parts": model.names.ignored_parts() or None,
         "positions": cfg.layout.positions.value,
         "rope": None if rope is None else _describe_rope(rope),
         "sliding_window": next((w for w in cfg.sliding_windows if w), None),

@@ -31,7 +31,8 @@ def describe_model(manifest: dict[str, Any]) -> str:
     fp = ck.get("fingerprint")
     return (f"{get['checkpoint']}  {get['family']}  {get['n_layers']} layers  d={get['d_model']}  "
             f"heads={get['n_heads']}/{get['n_kv_heads']}  {get['norm']} {get['placement']}"
-            + (f"  weights {fp.split(':')[-1][:12]}" if fp else ""))
+            + (f"  weights {fp.split(':')[-1][:12]}" if fp else "")
+            + "".join(f"  ({part} not analysed: {n} tensors)" for part, n in (ck.get("ignored_parts") or {}).items()))
 
 
 def describe_calibration(manifest: dict[str, Any]) -> str:

@@ -31,7 +31,8 @@ def test_no_args_shows_help() -> None:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "distilbert", "roberta", "xlm_roberta",
-                                    "gptj", "phi", "qwen3", "gemma2", "phi3", "phi3_longrope", "modernbert"])
+                                    "gptj", "phi", "qwen3", "gemma2", "gemma3", "phi3", "phi3_longrope",
+                                    "modernbert"])
 def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     path, ref = tiny_checkpoints[family]
     result = invoke("info", path, "--json")
@@ -50,14 +51,20 @@ def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     expected = {"gpt2": "pre-norm", "llama": "pre-norm", "neox": "parallel residual (pre-norm)", "bert": "post-norm",
                 "gptj": "parallel residual (one shared pre-norm)", "phi": "parallel residual (one shared pre-norm)",
                 "qwen3": "pre-norm", "gemma2": "sandwich (pre-norm and a norm on each branch output)",
+                "gemma3": "sandwich (pre-norm and a norm on each branch output)",
                 "phi3": "pre-norm", "phi3_longrope": "pre-norm", "modernbert": "pre-norm"}
     expected.update(dict.fromkeys(("distilbert", "roberta", "xlm_roberta"), "post-norm"))
     assert data["placement"] == expected[family]
-    assert data["norm"] == ("rmsnorm" if family in ("llama", "qwen3", "gemma2", "phi3", "phi3_longrope")
+    assert data["norm"] == ("rmsnorm" if family in ("llama", "qwen3", "gemma2", "gemma3", "phi3", "phi3_longrope")
                             else "layernorm")
-    assert data["qk_norm"] == ("per_head" if family == "qwen3" else None)
+    assert data["qk_norm"] == ("per_head" if family in ("qwen3", "gemma3") else None)
     assert data["head_dim"] == (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    assert data["norm_weight"] == ("one_plus" if family == "gemma2" else "gamma")
+    assert data["norm_weight"] == ("one_plus" if family in ("gemma2", "gemma3") else "gamma")
+    if family == "gemma3":                       # local layers rotate with their own base (THEORY §18.6)
+        assert data["rope"]["theta"] == cfg.rope_parameters["full_attention"]["rope_theta"]
+        assert data["rope_by_layer_type"]["sliding_attention"]["theta"] == \
+            cfg.rope_parameters["sliding_attention"]["rope_theta"]
+        assert data["attn_logit_cap"] is None and data["sliding_layers"] == [0, 2]
     if family == "gemma2":                                     # the layout facts Gemma 2 adds (THEORY §18.5, §18.6)
         assert data["residual"] == "sandwich" and data["embed_scale"] == "sqrt_d"
         assert data["attn_scale"] == pytest.approx(cfg.query_pre_attn_scalar ** -0.5)

@@ -17,7 +17,7 @@ from tiny_models import save_tiny_model
 
 SCAN = ("--calib", "random", "--seq-len", "16", "--batch-size", "1", "--batches", "1", "--empirical-seqs", "0",
         "--quiet")
-FAMILIES = ("gpt2", "llama", "neox", "bert", "mistral", "gptj", "phi", "gemma2", "phi3", "modernbert")
+FAMILIES = ("gpt2", "llama", "neox", "bert", "mistral", "gptj", "phi", "gemma2", "gemma3", "phi3", "modernbert")
 
 
 def _save_transformers(directory: Path, config_cls: str, model_cls: str, **kwargs: object) -> Path:
@@ -64,6 +64,13 @@ def _edit_config(ck: Path, **changes: object) -> Path:
 
 
 # unread tensors -------------------------------------------------------------------------------------------------------
+
+def test_gemma3_without_its_qk_norms_names_the_missing_tensor(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 13 item 5: a known family with an expected tensor absent exits 2 naming the tensor."""
+    ck = _edit_weights(_copy(ckpts["gemma3"], tmp_path), lambda s: s.pop("model.layers.0.self_attn.q_norm.weight"))
+    for args in (("info", ck), ("scan", ck, *SCAN)):
+        assert_input_error(invoke(*args), "missing tensor", "model.layers.0.self_attn.q_norm.weight")
+
 
 def test_qwen3_without_its_qk_norms_names_the_missing_tensor(ckpts: dict[str, Path], tmp_path: Path) -> None:
     """A known family with an expected tensor absent exits 2 naming the tensor."""

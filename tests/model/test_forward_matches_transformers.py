@@ -102,15 +102,17 @@ def test_per_head_slices_recombine_to_attention_output(tiny_checkpoints: dict) -
         torch.testing.assert_close(total, trace.attn.out, rtol=1e-10, atol=1e-12)
 
 
-# Families whose ``transformers`` reference computes in float64 when cast to it. LlamaRMSNorm casts its input to
-# float32, which caps the LLaMA-family comparison near 1e-7 (their float32 forward match above still holds).
-# Phi3RMSNorm casts too: for the families in UNCAST_RMSNORM the reference's RMSNorm modules are replaced by the same
-# formula in the input dtype (weight * x / sqrt(mean(x^2) + eps)), everything else stays the model's own.
+# Families whose ``transformers`` reference computes in float64 when cast to it. The RMSNorms of the LLaMA family,
+# Qwen3, Phi-3 and Gemma 3 cast their input to float32, which would cap the comparison near 1e-7: for the families in
+# UNCAST_RMSNORM the reference's RMSNorm modules are replaced by the same formula in the input dtype
+# (gamma * x / sqrt(mean(x^2) + eps), gamma = w or 1 + w as the family stores it), everything else stays the
+# model's own.
 # ModernBERT's apply_rotary_pos_emb casts q and k to float32: for UNCAST_ROPE it is replaced, for the test only, by
 # the same rotate-half formula in the input dtype.
-FLOAT64_REFERENCE = ("bert", "gpt2", "gpt2_scaled", "gptj", "neox", "neox_serial", "phi", "phi3", "phi3_longrope",
-                     "modernbert")
-UNCAST_RMSNORM = ("phi3", "phi3_longrope")
+UNCAST_RMSNORM = {"phi3": "w", "phi3_longrope": "w", "llama": "w", "llama3_scaled": "w", "mistral": "w",
+                  "qwen2": "w", "qwen3": "w", "gemma3": "1+w"}
+FLOAT64_REFERENCE = ("bert", "gpt2", "gpt2_scaled", "gptj", "neox", "neox_serial", "phi", "modernbert",
+                     *UNCAST_RMSNORM)
 UNCAST_ROPE = {"modernbert": "transformers.models.modernbert.modeling_modernbert"}
 
 
@@ -131,10 +133,13 @@ def _float64_reference(family: str, ref: torch.nn.Module) -> torch.nn.Module:
     ref64 = copy.deepcopy(ref).double()
     ref64.set_attn_implementation("sdpa")
     if family in UNCAST_RMSNORM:
+        one_plus = UNCAST_RMSNORM[family] == "1+w"
         for module in ref64.modules():
             if type(module).__name__.endswith("RMSNorm"):
                 def forward(x: torch.Tensor, m: torch.nn.Module = module) -> torch.Tensor:
-                    return m.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
+                    eps = getattr(m, "variance_epsilon", None) or m.eps
+                    gamma = 1.0 + m.weight if one_plus else m.weight
+                    return gamma * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
                 module.forward = forward
     return ref64
 
