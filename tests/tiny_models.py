@@ -59,6 +59,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "phi": ("PhiConfig", "PhiForCausalLM",                    # GQA, biases everywhere, partial rotary (8 of 16)
             dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=96, vocab_size=97, max_position_embeddings=64, partial_rotary_factor=0.5)),
+    "phi_qk": ("PhiConfig", "PhiForCausalLM",                 # Phi-2 with its optional per-head q/k LayerNorm
+               dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=96, vocab_size=97, max_position_embeddings=64, partial_rotary_factor=0.5,
+                    qk_layernorm=True)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",           # sliding, global, sliding; raw logits beyond the cap
                dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                     intermediate_size=96, vocab_size=97, max_position_embeddings=64, sliding_window=7,

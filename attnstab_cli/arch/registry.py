@@ -5,7 +5,7 @@ import re
 from functools import lru_cache
 from typing import Any, Iterable
 
-from attnstab_cli.arch.spec import ArchSpec, load_builtin_specs
+from attnstab_cli.arch.spec import ArchSpec, Layout, load_builtin_specs
 from attnstab_cli.errors import InputError, UnsupportedError
 
 
@@ -53,6 +53,11 @@ class TensorNames:
         self.ordered = list(dict.fromkeys(keys))    # file order, for messages
         self.keys = set(self.ordered)
         self.prefix = self._find_prefix()
+        self.qk_norm = spec.layout.qk_norm is not None      # q/k norm roles exist (a config switch may turn them on)
+
+    def use_layout(self, layout: Layout) -> None:
+        """Bind the layout the config resolved: a q/k norm a config switch left off has no tensors."""
+        self.qk_norm = layout.qk_norm is not None
 
     def _find_prefix(self) -> str:
         for prefix in self.spec.prefixes:
@@ -63,6 +68,8 @@ class TensorNames:
                          f"the checkpoint holds e.g. {name_examples(self.ordered)}")
 
     def _templates(self, role: str, layer: int | None) -> list[str]:
+        if not self.qk_norm and role.split(".")[0] in ("q_norm", "k_norm"):
+            return []
         if layer is not None and role.startswith("norm_attn.") and layer in self.spec.layout.identity_norm_attn:
             return []                                       # this layer's N1 is the identity: no tensor exists
         if layer is not None:

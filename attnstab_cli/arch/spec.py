@@ -138,6 +138,14 @@ class ResidualSwitch:
 
 
 @dataclass(frozen=True)
+class QKNormSwitch:
+    """A boolean config key that puts a q/k norm on the projections (Phi-2's ``qk_layernorm``)."""
+
+    key: str
+    if_true: QKNorm
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """One architecture family, loaded from ``specs/<name>.json``."""
 
@@ -156,6 +164,7 @@ class ArchSpec:
     tied: dict[str, str] = field(default_factory=dict)
     required_without_config: tuple[str, ...] = ()
     residual_switch: ResidualSwitch | None = None
+    qk_norm_switch: QKNormSwitch | None = None
     ignorable: tuple[str, ...] = ()    # weights a scan does not use (templates, ``{layer}`` below the layer count)
     buffers: tuple[str, ...] = ()      # stored constants that are not weights (same templates); never value-checked
     unsupported_if_true: dict[str, str] = field(default_factory=dict)  # boolean field -> the layout it would switch on
@@ -165,7 +174,8 @@ class ArchSpec:
 
 
 _KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefixes", "tensors", "head_tensors",
-         "layer_tensors", "optional", "tied", "required_without_config", "residual_switch", "ignorable", "buffers",
+         "layer_tensors", "optional", "tied", "required_without_config", "residual_switch", "qk_norm_switch", "ignorable",
+         "buffers",
          "unsupported_if_true", "rope_type_aliases", "ignored_parts"}
 
 
@@ -211,9 +221,13 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
     if set(refused) - set(data["config"]):
         raise ValueError(f"spec {data.get('name')!r}: unsupported_if_true names fields it does not read: "
                          f"{sorted(set(refused) - set(data['config']))}")
+    qk_switch = data.get("qk_norm_switch")
+    if qk_switch and qk_switch["key"] not in data["config"]:
+        raise ValueError(f"spec {data.get('name')!r}: qk_norm_switch reads {qk_switch['key']!r}, not a config field")
     norm_roles = {r for r in data["layer_tensors"] if r in ("q_norm.weight", "k_norm.weight")}
-    if (layout.qk_norm is None) != (not norm_roles) or (norm_roles and len(norm_roles) != 2):
-        raise ValueError(f"spec {data.get('name')!r}: layout qk_norm and the q_norm/k_norm tensors go together")
+    if (layout.qk_norm is None and not qk_switch) != (not norm_roles) or (norm_roles and len(norm_roles) != 2):
+        raise ValueError(f"spec {data.get('name')!r}: a q/k norm (layout qk_norm or qk_norm_switch) and the "
+                         "q_norm/k_norm tensors go together")
     if layout.residual.shared_norm and any(r.startswith("norm_ffn.") for r in data["layer_tensors"]):
         raise ValueError(f"spec {data.get('name')!r}: residual {layout.residual.value!r} shares norm_attn; "
                          "it declares no norm_ffn tensors")
@@ -239,6 +253,7 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         tied=dict(data.get("tied", {})), required_without_config=tuple(data.get("required_without_config", ())),
         residual_switch=ResidualSwitch(switch["key"], Residual(switch["if_true"]), Residual(switch["if_false"]))
         if switch else None,
+        qk_norm_switch=QKNormSwitch(qk_switch["key"], QKNorm(qk_switch["if_true"])) if qk_switch else None,
         ignorable=tuple(data.get("ignorable", ())), buffers=tuple(data.get("buffers", ())),
         unsupported_if_true=refused, rope_type_aliases=aliases, ignored_parts=dict(data.get("ignored_parts", {})),
     )

@@ -295,10 +295,13 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
 
 
 def _resolve_layout(spec: ArchSpec, raw: dict[str, Any]) -> Layout:
-    switch = spec.residual_switch
-    if switch is None:
-        return spec.layout
-    return replace(spec.layout, residual=switch.if_true if raw.get(switch.key, True) else switch.if_false)
+    """The spec's layout with its config switches applied (NeoX's residual wiring, Phi-2's q/k LayerNorm)."""
+    layout, switch, qk = spec.layout, spec.residual_switch, spec.qk_norm_switch
+    if switch is not None:
+        layout = replace(layout, residual=switch.if_true if raw.get(switch.key, True) else switch.if_false)
+    if qk is not None and raw.get(qk.key):
+        layout = replace(layout, qk_norm=qk.if_true)
+    return layout
 
 
 def _infer_kv_heads(spec: ArchSpec, names: TensorNames, infos: dict[str, TensorInfo], head_dim: int, h: int) -> int:

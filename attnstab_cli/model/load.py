@@ -62,6 +62,7 @@ def open_model(target: str | Path, arch: str | None = None, overrides: dict[str,
         except AttnstabError as exc:
             raise exc.at(weights)
         cfg = build_model_config(spec, config, names, reader.infos, overrides)
+        names.use_layout(cfg.layout)
         check_tensors(cfg, names, reader.infos, weights)
     except AttnstabError as exc:
         raise exc.at(where)

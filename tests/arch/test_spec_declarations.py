@@ -46,11 +46,27 @@ def test_a_shared_norm_spec_declaring_a_second_norm_is_refused() -> None:
 
 
 def test_unsupported_if_true_must_name_a_field_the_spec_reads() -> None:
-    data = _spec_data("phi")
-    assert parse_spec(data).unsupported_if_true == {"qk_layernorm": "per-head q/k LayerNorm (THEORY §18.2)"}
-    del data["config"]["qk_layernorm"]
-    with pytest.raises(ValueError, match="qk_layernorm"):
+    data = _spec_data("gemma2")
+    assert parse_spec(data).unsupported_if_true == {
+        "bidirectional_attention": "bidirectional attention (use_bidirectional_attention)"}
+    del data["config"]["bidirectional_attention"]
+    with pytest.raises(ValueError, match="bidirectional_attention"):
         parse_spec(data)
+
+
+def test_qk_norm_switch_reads_a_config_field_and_needs_the_norm_tensors() -> None:
+    """Phi-2's ``qk_layernorm`` switch: a field the spec reads, and q_norm/k_norm roles to go with it."""
+    data = _spec_data("phi")
+    assert parse_spec(data).qk_norm_switch.key == "qk_layernorm"
+    no_field = _spec_data("phi")
+    del no_field["config"]["qk_layernorm"]
+    with pytest.raises(ValueError, match="qk_norm_switch reads 'qk_layernorm'"):
+        parse_spec(no_field)
+    no_roles = _spec_data("phi")
+    for role in ("q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias"):
+        del no_roles["layer_tensors"][role]
+    with pytest.raises(ValueError, match="go together"):
+        parse_spec(no_roles)
 
 
 def test_branch_output_norm_roles_go_with_the_sandwich_wiring() -> None:

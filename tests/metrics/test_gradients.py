@@ -21,6 +21,8 @@ GROUPS = {
                     ("input_layernorm", "post_attention_layernorm")),
     "gptj": (lambda m: m.transformer.h, ("attn",), ("mlp",), ("ln_1",)),
     "phi": (lambda m: m.model.layers, ("self_attn",), ("mlp",), ("input_layernorm",)),
+    "phi_qk": (lambda m: m.model.layers, tuple(f"self_attn.{p}_proj" for p in "qkv") + ("self_attn.dense",), ("mlp",),
+               ("input_layernorm", "self_attn.q_layernorm", "self_attn.k_layernorm")),
     "gemma3": (lambda m: m.model.layers, tuple(f"self_attn.{p}_proj" for p in "qkvo"), ("mlp",),
                ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                 "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm")),
