@@ -104,13 +104,13 @@ def test_per_head_slices_recombine_to_attention_output(tiny_checkpoints: dict) -
 
 # Families whose ``transformers`` reference computes in float64 when cast to it. LlamaRMSNorm casts its input to
 # float32, which caps the LLaMA-family comparison near 1e-7 (their float32 forward match above still holds).
-# Phi3RMSNorm casts too: for the families in UNCAST_RMSNORM the reference's RMSNorm modules are replaced by the same
+# Phi3RMSNorm and Olmo2RMSNorm (also OLMo 2's full-width q/k norms) cast too: for the families in UNCAST_RMSNORM the reference's RMSNorm modules are replaced by the same
 # formula in the input dtype (weight * x / sqrt(mean(x^2) + eps)), everything else stays the model's own.
 # ModernBERT's apply_rotary_pos_emb casts q and k to float32: for UNCAST_ROPE it is replaced, for the test only, by
 # the same rotate-half formula in the input dtype.
 FLOAT64_REFERENCE = ("bert", "gpt2", "gpt2_scaled", "gptj", "neox", "neox_serial", "phi", "phi3", "phi3_longrope",
-                     "modernbert")
-UNCAST_RMSNORM = ("phi3", "phi3_longrope")
+                     "modernbert", "olmo2")
+UNCAST_RMSNORM = ("phi3", "phi3_longrope", "olmo2")
 UNCAST_ROPE = {"modernbert": "transformers.models.modernbert.modeling_modernbert"}
 
 
