@@ -101,6 +101,21 @@ class LayerContexts:
         self.current = LayerContext(w.layer, w, norms, compute_ffn_norms(w.ffn), tier1, r2_reset, self.first_radius)
         return self.current
 
+    def start_at(self, layer: int) -> None:
+        """Prepare to build layer ``layer``'s context first (a scan of one layer): the state the stream would have
+        left, read from the weights of layers 0..layer-1 (post-LN: the previous LN2; without norms before the
+        branches: the radius of h_layer)."""
+        if layer == 0:
+            return
+        loader = self.model.loader()
+        if self.cfg.layout.residual.input_norms:
+            self.prev_norm_ffn = loader.layer(layer - 1).norm_ffn
+            return
+        radius = self._first_radius(loader.layer(0))
+        for m in range(layer):
+            radius = advance_stream_radius(self.cfg, loader.layer(m), radius)
+        self.stream_radius = radius
+
     def release(self) -> None:
         """Forget the current layer's context (the next trace of the same layer would rebuild it)."""
         self.current = None
