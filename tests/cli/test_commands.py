@@ -31,7 +31,8 @@ def test_no_args_shows_help() -> None:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "distilbert", "roberta", "xlm_roberta",
-                                    "gptj", "phi", "qwen3", "gemma2", "phi3", "phi3_longrope", "modernbert"])
+                                    "gptj", "phi", "qwen3", "gemma2", "phi3", "phi3_longrope", "modernbert",
+                                    "olmo2"])
 def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     path, ref = tiny_checkpoints[family]
     result = invoke("info", path, "--json")
@@ -50,12 +51,18 @@ def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     expected = {"gpt2": "pre-norm", "llama": "pre-norm", "neox": "parallel residual (pre-norm)", "bert": "post-norm",
                 "gptj": "parallel residual (one shared pre-norm)", "phi": "parallel residual (one shared pre-norm)",
                 "qwen3": "pre-norm", "gemma2": "sandwich (pre-norm and a norm on each branch output)",
-                "phi3": "pre-norm", "phi3_longrope": "pre-norm", "modernbert": "pre-norm"}
+                "phi3": "pre-norm", "phi3_longrope": "pre-norm", "modernbert": "pre-norm",
+                "olmo2": "output norms (a norm on each branch output, none before the branches)"}
     expected.update(dict.fromkeys(("distilbert", "roberta", "xlm_roberta"), "post-norm"))
     assert data["placement"] == expected[family]
-    assert data["norm"] == ("rmsnorm" if family in ("llama", "qwen3", "gemma2", "phi3", "phi3_longrope")
+    assert data["norm"] == ("rmsnorm" if family in ("llama", "qwen3", "gemma2", "phi3", "phi3_longrope", "olmo2")
                             else "layernorm")
-    assert data["qk_norm"] == ("per_head" if family == "qwen3" else None)
+    assert data["qk_norm"] == {"qwen3": "per_head", "olmo2": "full_width"}.get(family)
+    assert data["attn_input_normalized"] == (family != "olmo2")
+    if family == "olmo2":                                      # the layout facts OLMo 2 adds (THEORY §18.2, §18.3)
+        assert data["residual"] == "output_norm" and data["norm_attn_identity_layers"] == []
+        text = invoke("info", path).stdout
+        assert "full width, before RoPE" in text and "raw residual stream" in text
     assert data["head_dim"] == (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     assert data["norm_weight"] == ("one_plus" if family == "gemma2" else "gamma")
     if family == "gemma2":                                     # the layout facts Gemma 2 adds (THEORY §18.5, §18.6)

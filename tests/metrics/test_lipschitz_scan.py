@@ -154,3 +154,30 @@ def test_post_ln_reset_radius_uses_previous_layer_with_several_batches(tiny_chec
         assert own != pytest.approx(expected, rel=1e-9)        # the test can tell the two apart
         assert seen[layer] == pytest.approx([expected] * 3, rel=1e-12), layer
     assert len(set(seen[0])) == 1
+
+
+def test_output_norm_radius_grows_linearly_and_bounds_the_stream(tiny_checkpoints: dict) -> None:
+    """T32 (§18.3): without norms before the branches, r2_in_reset of layer l is max_t ||E_t|| plus the output norms'
+    resets (||gamma_1b|| + ||gamma_2b||)_inf sqrt(d) of layers < l, recomputed here from the transformers model's own
+    tensors; it is never below the measured ||h_l|| (r_resid_max, = r2_in: the MHA reads h_l), and the FFN input
+    stays within it plus ||gamma_1b^l||_inf sqrt(d)."""
+    path, ref = tiny_checkpoints["olmo2"]
+    model = open_model(path)
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=gen)
+    rows = run_scan(model, CalibrationSet(batches=(ids,), source="test", seq_len=16),
+                    ScanOptions(device="cpu", dtype="float64", empirical_seqs=0)).tables["layers"]
+    sqrt_d = math.sqrt(model.cfg.d_model)
+    radius = float(ref.model.embed_tokens.weight.double().norm(dim=-1).max())
+    for row, layer in zip(rows, ref.model.layers):
+        g1 = float(layer.post_attention_layernorm.weight.double().abs().max())
+        g2 = float(layer.post_feedforward_layernorm.weight.double().abs().max())
+        assert row["r2_in_reset"] == pytest.approx(radius, rel=1e-12), row["layer"]
+        assert row["r_resid_max"] == pytest.approx(row["r2_in"], rel=1e-12)
+        assert row["r_resid_max"] <= row["r2_in_reset"]
+        assert row["r2_ffn_in"] <= row["r2_in_reset"] + g1 * sqrt_d
+        radius += (g1 + g2) * sqrt_d
+    assert rows[-1]["r2_in_reset"] > rows[0]["r2_in_reset"]
+    contexts = LayerContexts(model)                       # a one-layer scan starts from the same radius
+    contexts.start_at(len(rows) - 1)
+    assert contexts.stream_radius == pytest.approx(rows[-1]["r2_in_reset"], rel=1e-6)    # float32 loader
