@@ -81,7 +81,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM",              # output norms only, full-width q/k norms, biases
               dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=96, vocab_size=97, max_position_embeddings=64, attention_bias=True,
-                   rope_parameters={"rope_type": "default", "rope_theta": 500.0}, pad_token_id=0)),
+                   rope_parameters={"rope_type": "default", "rope_theta": 500.0}, pad_token_id=0,
+                   eos_token_id=2)),
     "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM",  # MHA only; layers global, local (|i-j| <= 4), global
                    dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, intermediate_size=96,
                         vocab_size=97, max_position_embeddings=64, global_attn_every_n_layers=2, local_attention=8,
