@@ -169,9 +169,21 @@ def test_output_norm_radius_grows_linearly_and_bounds_the_stream(tiny_checkpoint
                     ScanOptions(device="cpu", dtype="float64", empirical_seqs=0)).tables["layers"]
     sqrt_d = math.sqrt(model.cfg.d_model)
     radius = float(ref.model.embed_tokens.weight.double().norm(dim=-1).max())
-    for row, layer in zip(rows, ref.model.layers):
+    traces = list(LayerStream(model, [ids], dtype=torch.float64).layers())
+    for row, layer, trace in zip(rows, ref.model.layers, traces):
         g1 = float(layer.post_attention_layernorm.weight.double().abs().max())
         g2 = float(layer.post_feedforward_layernorm.weight.double().abs().max())
+        assert (row["norm1_out_gamma_max"], row["norm2_out_gamma_max"]) == pytest.approx((g1, g2), rel=1e-6)
+        assert row["norm1_gamma_max"] is None and row["norm2_gamma_max"] is None
+        gq = float(layer.self_attn.q_norm.weight.double().abs().max())
+        gk = float(layer.self_attn.k_norm.weight.double().abs().max())
+        assert row["qnorm_gamma_max"] == pytest.approx(gq, rel=1e-6)
+        a = trace.attn                         # T31 full width: s ||g_q|| sqrt(H D) ||g_k|| sqrt(H_kv D) >= |s q.k|
+        s_ = a.scale
+        d_q, d_k = model.cfg.n_heads * model.cfg.head_dim, model.cfg.n_kv_heads * model.cfg.head_dim
+        assert row["logit_bound"] == pytest.approx(s_ * gq * math.sqrt(d_q) * gk * math.sqrt(d_k), rel=1e-6)
+        logits = s_ * a.q @ a.k.repeat_interleave(model.cfg.n_heads // model.cfg.n_kv_heads, 1).transpose(-1, -2)
+        assert float(logits.abs().max()) <= row["logit_bound"]
         assert row["r2_in_reset"] == pytest.approx(radius, rel=1e-12), row["layer"]
         assert row["r_resid_max"] == pytest.approx(row["r2_in"], rel=1e-12)
         assert row["r_resid_max"] <= row["r2_in_reset"]
