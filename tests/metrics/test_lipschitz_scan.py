@@ -168,15 +168,15 @@ def test_output_norm_radius_grows_linearly_and_bounds_the_stream(tiny_checkpoint
     rows = run_scan(model, CalibrationSet(batches=(ids,), source="test", seq_len=16),
                     ScanOptions(device="cpu", dtype="float64", empirical_seqs=0)).tables["layers"]
     sqrt_d = math.sqrt(model.cfg.d_model)
-    radius = float(ref.model.embed_tokens.weight.double().norm(dim=-1).max())
+    radius = float(ref.model.embed_tokens.weight.detach().double().norm(dim=-1).max())
     traces = list(LayerStream(model, [ids], dtype=torch.float64).layers())
     for row, layer, trace in zip(rows, ref.model.layers, traces):
-        g1 = float(layer.post_attention_layernorm.weight.double().abs().max())
-        g2 = float(layer.post_feedforward_layernorm.weight.double().abs().max())
+        g1 = float(layer.post_attention_layernorm.weight.detach().double().abs().max())
+        g2 = float(layer.post_feedforward_layernorm.weight.detach().double().abs().max())
         assert (row["norm1_out_gamma_max"], row["norm2_out_gamma_max"]) == pytest.approx((g1, g2), rel=1e-6)
         assert row["norm1_gamma_max"] is None and row["norm2_gamma_max"] is None
-        gq = float(layer.self_attn.q_norm.weight.double().abs().max())
-        gk = float(layer.self_attn.k_norm.weight.double().abs().max())
+        gq = float(layer.self_attn.q_norm.weight.detach().double().abs().max())
+        gk = float(layer.self_attn.k_norm.weight.detach().double().abs().max())
         assert row["qnorm_gamma_max"] == pytest.approx(gq, rel=1e-6)
         a = trace.attn                         # T31 full width: s ||g_q|| sqrt(H D) ||g_k|| sqrt(H_kv D) >= |s q.k|
         s_ = a.scale
