@@ -106,6 +106,8 @@ def build_tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.M
         for name, p in model.named_parameters():
             if "norm" in name.lower() or "ln" in name.split(".")[-2]:
                 p.add_(0.3 * torch.randn_like(p))          # gamma != 1, beta != 0
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.mul_(3.0)                            # q/k norms fix the logits' scale: sharpen them too
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn_like(p))
             else:
