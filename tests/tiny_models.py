@@ -89,6 +89,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                                             "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                                             "long_factor": [1.5, 2.0, 3.0, 4.5, 7.0, 11.0]},
                            pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM",              # output norms only, full-width q/k norms, biases
+              dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=96, vocab_size=97, max_position_embeddings=64, attention_bias=True,
+                   rope_parameters={"rope_type": "default", "rope_theta": 500.0}, pad_token_id=0,
+                   eos_token_id=2)),
     "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM",  # MHA only; layers global, local (|i-j| <= 4), global
                    dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, intermediate_size=96,
                         vocab_size=97, max_position_embeddings=64, global_attn_every_n_layers=2, local_attention=8,
@@ -112,6 +117,8 @@ def build_tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.M
         for name, p in model.named_parameters():
             if "norm" in name.lower() or "ln" in name.split(".")[-2]:
                 p.add_(0.3 * torch.randn_like(p))          # gamma != 1, beta != 0
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.mul_(3.0)                            # q/k norms fix the logits' scale: sharpen them too
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn_like(p))
             else:

@@ -54,6 +54,7 @@ class Residual(str, Enum):
     PARALLEL = "parallel"  # h+ = h + MHA(N1 h) + FFN(N2 h)
     PARALLEL_SHARED = "parallel_shared"  # h+ = h + MHA(N1 h) + FFN(N1 h): one norm feeds both branches (GPT-J, Phi-2)
     SANDWICH = "sandwich"  # h' = h + N1b(MHA(N1a h)); h+ = h' + N2b(FFN(N2a h')) (Gemma 2/3, THEORY §18.3)
+    OUTPUT_NORM = "output_norm"  # h' = h + N1b(MHA(h)); h+ = h' + N2b(FFN(h')): no pre-norm (OLMo 2, §18.3)
 
     @property
     def shared_norm(self) -> bool:
@@ -63,18 +64,19 @@ class Residual(str, Enum):
     @property
     def output_norms(self) -> bool:
         """Each branch output passes a norm (``norm_attn_out``, ``norm_ffn_out``) before the residual add (§18.3)."""
-        return self is Residual.SANDWICH
+        return self in (Residual.SANDWICH, Residual.OUTPUT_NORM)
 
     @property
     def input_norms(self) -> bool:
-        """Each branch reads a normalized input (``norm_attn``, ``norm_ffn``); an output-norm-only wiring
-        (OLMo 2, §18.3) would be the one with ``output_norms`` and not this."""
-        return True
+        """Each branch reads a normalized input (``norm_attn``, ``norm_ffn``). Without them (output norms only)
+        both are identities, the spec declares no such tensors, and the MHA reads the raw residual stream: no
+        magnitude reset bounds it, and its radius grows with depth (§18.3)."""
+        return self is not Residual.OUTPUT_NORM
 
     @property
     def serial(self) -> bool:
         """h' = h + branch_1(h), h+ = h' + branch_2(h'): the pre-norm and branch-output-norm rows of §7, §18.3."""
-        return self in (Residual.PRE, Residual.SANDWICH)
+        return self in (Residual.PRE, Residual.SANDWICH, Residual.OUTPUT_NORM)
 
 
 class Positions(str, Enum):
@@ -238,6 +240,10 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
     if not layout.residual.output_norms and any(r.split(".")[0] in ("norm_attn_out", "norm_ffn_out")
                                                 for r in data["layer_tensors"]):
         raise ValueError(f"spec {data.get('name')!r}: residual {layout.residual.value!r} has no branch-output norms")
+    if not layout.residual.input_norms and any(r.split(".")[0] in ("norm_attn", "norm_ffn")
+                                               for r in data["layer_tensors"]):
+        raise ValueError(f"spec {data.get('name')!r}: residual {layout.residual.value!r} has no norms before the "
+                         "branches; it declares no norm_attn / norm_ffn tensors")
     aliases = dict(data.get("rope_type_aliases", {}))
     if set(aliases.values()) - set(ROPE_SCALING_FIELDS):
         raise ValueError(f"spec {data.get('name')!r}: rope_type_aliases name unsupported rope types "
@@ -284,7 +290,7 @@ def _check_identity_norm(name: str | None, layout: Layout, tensors: set[str]) ->
     would read the unnormalized residual stream, for which no reset radius exists."""
     if layout.identity_norm_attn != (0,):
         raise ValueError(f"spec {name!r}: norm_attn_identity_layers must be [0]; got {list(layout.identity_norm_attn)}")
-    if layout.residual is Residual.POST or layout.residual.shared_norm:
+    if layout.residual is Residual.POST or layout.residual.shared_norm or not layout.residual.input_norms:
         raise ValueError(f"spec {name!r}: norm_attn_identity_layers needs a pre-norm or parallel residual with two "
                          "norms")
     if "embed_norm.weight" not in tensors:

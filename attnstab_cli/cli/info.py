@@ -57,6 +57,9 @@ def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv
         kinds = ", ".join(f"{t}: {sum(x == t for x in data['layer_types'])}" for t in sorted(set(data["layer_types"])))
         local = "; ".join(f"{t} theta={r['theta']:g}" for t, r in (data["rope_by_layer_type"] or {}).items())
         rows.insert(8, ("layer types", kinds + (f" ({local})" if local else "")))
+    if not data["attn_input_normalized"]:
+        rows.insert(8, ("attention input", "the raw residual stream (no norm before it): its tier-1 radius grows "
+                                           "with depth (THEORY §18.3)"))
     if data["norm_attn_identity_layers"]:
         rows.insert(8, ("no attention norm in layers", ", ".join(map(str, data["norm_attn_identity_layers"]))))
     for part, n in (data["ignored_parts"] or {}).items():

@@ -1,7 +1,8 @@
 """What every metric pass of one layer shares, built once per layer while its weights are resident.
 
 The context holds the head and full-matrix norms, the FFN norms, tier 1 (the weights-only Lipschitz bound, §7), the
-magnitude-reset radius of the attention input (§4, §7) and the embedding radius behind it for post-norm models, plus
+magnitude-reset radius of the attention input (§4, §7) and the embedding radius behind it for post-norm models (and,
+without norms before the branches, the depth-linear radius of the residual stream, §18.3), plus
 what a pass publishes for the trace in hand: the per-row θ_hi of the θ pass (the bound input of tier 2, §5.2).
 Weights are kept on the host, where the bound arithmetic runs; tier 3's float32 / float64 copies are made on demand.
 """
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from attnstab_cli.arch.spec import Residual
-from attnstab_cli.metrics.lipschitz import (HeadNorms, WeightsTier, compute_first_layer_radius,
+from attnstab_cli.metrics.lipschitz import (HeadNorms, WeightsTier, advance_stream_radius, compute_first_layer_radius,
                                             compute_layer_head_norms, compute_r2_in_reset, compute_weights_tier)
 from attnstab_cli.metrics.lipschitz.ffn import compute_ffn_norms
 from attnstab_cli.model.load import OpenModel
@@ -67,12 +68,14 @@ class LayerContext:
 
 
 class LayerContexts:
-    """Builds each layer's context once, in stream order; the reset radius of layer l reads layer l-1's last norm."""
+    """Builds each layer's context once, in stream order; the reset radius of layer l reads layer l-1's last norm,
+    or, without norms before the branches, the radius of h_l accumulated over layers 0..l-1."""
 
     def __init__(self, model: OpenModel) -> None:
         self.model, self.cfg = model, model.cfg
         self.first_radius: float | None = None
         self.prev_norm_ffn: NormWeights | None = None
+        self.stream_radius: float | None = None     # radius of h_l for the layer about to be built (§18.3)
         self.current: LayerContext | None = None
 
     def for_trace(self, trace: LayerTrace) -> LayerContext:
@@ -83,21 +86,43 @@ class LayerContexts:
             return self.current
         if w.wq.device.type != "cpu":
             w = to_cpu(w)
-        r2_reset = compute_r2_in_reset(self.cfg, w, self.prev_norm_ffn, self._first_radius(w))
-        self.prev_norm_ffn = NormWeights(w.norm_ffn.weight.detach().clone(),
-                                         None if w.norm_ffn.bias is None else w.norm_ffn.bias.detach().clone())
+        first = self._first_radius(w)
+        if not self.cfg.layout.residual.input_norms:
+            if w.layer == 0:
+                self.stream_radius = first
+            r2_reset = compute_r2_in_reset(self.cfg, w, stream_radius=self.stream_radius)
+            self.stream_radius = advance_stream_radius(self.cfg, w, r2_reset)
+        else:
+            r2_reset = compute_r2_in_reset(self.cfg, w, self.prev_norm_ffn, first)
+            self.prev_norm_ffn = NormWeights(w.norm_ffn.weight.detach().clone(),
+                                             None if w.norm_ffn.bias is None else w.norm_ffn.bias.detach().clone())
         norms = compute_layer_head_norms(w, self.cfg).to("cpu")
         tier1 = compute_weights_tier(w, self.cfg, r2_reset, norms)
         self.current = LayerContext(w.layer, w, norms, compute_ffn_norms(w.ffn), tier1, r2_reset, self.first_radius)
         return self.current
+
+    def start_at(self, layer: int) -> None:
+        """Prepare to build layer ``layer``'s context first (a scan of one layer): the state the stream would have
+        left, read from the weights of layers 0..layer-1 (post-LN: the previous LN2; without norms before the
+        branches: the radius of h_layer)."""
+        if layer == 0:
+            return
+        loader = self.model.loader()
+        if self.cfg.layout.residual.input_norms:
+            self.prev_norm_ffn = loader.layer(layer - 1).norm_ffn
+            return
+        radius = self._first_radius(loader.layer(0))
+        for m in range(layer):
+            radius = advance_stream_radius(self.cfg, loader.layer(m), radius)
+        self.stream_radius = radius
 
     def release(self) -> None:
         """Forget the current layer's context (the next trace of the same layer would rebuild it)."""
         self.current = None
 
     def _first_radius(self, w: LayerWeights) -> float | None:
-        """The radius of h_0 (§8.1), read from the embedding tensors once, at layer 0: for post-norm stacks and for
-        a layer 0 whose N1 is the identity."""
+        """The radius of h_0 (§8.1), read from the embedding tensors once, at layer 0: for post-norm stacks, for
+        a layer 0 whose N1 is the identity and for stacks without norms before the branches (R_emb of §18.3)."""
         reads_h0 = self.cfg.layout.residual is Residual.POST or w.norm_attn.identity
         if reads_h0 and w.layer == 0 and self.first_radius is None:
             loader, names = self.model.loader(), self.model.names

@@ -13,6 +13,9 @@ from typing import Any
 from attnstab_cli.metrics.passes import TableParts, Tables
 from attnstab_cli.model.traces import LayerTrace
 
+NO_INPUT_NORM = ("no norm before the branches in this family: the attention and the FFN read the residual stream "
+                 "(THEORY §18.3)")
+
 
 @dataclass
 class _LayerMagnitudes:
@@ -23,7 +26,7 @@ class _LayerMagnitudes:
     r2_in: float = 0.0
     r2_ffn_in: float = 0.0
     norm1_min_var: float | None = float("inf")   # None where N1 is the identity
-    norm2_min_var: float = float("inf")
+    norm2_min_var: float | None = float("inf")   # None where N2 is the identity (no norms before the branches)
     norm1_out_min_var: float | None = None      # branch-output norms (THEORY §18.3); None without them
     norm2_out_min_var: float | None = None
 
@@ -46,16 +49,24 @@ class MagnitudePass:
         acc.ln_sum += float(attn_in.sum())
         acc.r2_in = max(acc.r2_in, float(attn_in.max()))
         acc.r2_ffn_in = max(acc.r2_ffn_in, float(trace.ffn_in.double().norm(dim=-1).max()))
-        n1 = trace.norms["norm_attn"]
+        n1, n2 = trace.norms["norm_attn"], trace.norms["norm_ffn"]
         acc.norm1_min_var = None if n1.stat is None else min(acc.norm1_min_var, float(n1.stat.min()))
-        acc.norm2_min_var = min(acc.norm2_min_var, float(trace.norms["norm_ffn"].stat.min()))
+        acc.norm2_min_var = None if n2.stat is None else min(acc.norm2_min_var, float(n2.stat.min()))
         for role, name in (("norm_attn_out", "norm1_out_min_var"), ("norm_ffn_out", "norm2_out_min_var")):
             if role in trace.norms:
                 value, seen = float(trace.norms[role].stat.min()), getattr(acc, name)
                 setattr(acc, name, value if seen is None else min(seen, value))
 
     def finish(self, tables: Tables) -> TableParts:
-        return TableParts(layers=self.records())
+        return TableParts(layers=self.records(), nulls=self.null_reasons())
+
+    def null_reasons(self) -> dict[str, str]:
+        """The input-norm columns of a stack whose branches read the residual stream unnormalized (THEORY §18.3)."""
+        out = {}
+        for column in ("norm1_min_var", "norm2_min_var"):
+            if self.layers and all(getattr(a, column) is None for a in self.layers.values()):
+                out[column] = NO_INPUT_NORM
+        return out
 
     def records(self) -> list[dict[str, float | int]]:
         """One row per layer with the documented column names."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from attnstab_cli.metrics.magnitudes import NO_INPUT_NORM
 from attnstab_cli.metrics.passes import TableParts, Tables
 from attnstab_cli.metrics.weights_metrics import compute_depth_budget, compute_weight_metrics
 from attnstab_cli.model.config import ModelConfig
@@ -46,10 +47,14 @@ class WeightPass:
 
     def null_reasons(self) -> dict[str, str]:
         """Why this family leaves weight columns null."""
+        out = {}
         if self.cfg.layout.qk_norm is not None:
-            return {"qk_norm": "a q/k norm sits between the projections and the logits, so W_Q W_K^T is not the "
-                               "logit map (THEORY §18.2); logit_bound bounds the logits instead"}
-        return {}
+            out["qk_norm"] = ("a q/k norm sits between the projections and the logits, so W_Q W_K^T is not the "
+                              "logit map (THEORY §18.2); logit_bound bounds the logits instead")
+        if not self.cfg.layout.residual.input_norms:
+            out.update(dict.fromkeys(("norm1_gamma_max", "norm1_beta_norm", "norm2_gamma_max", "norm2_beta_norm"),
+                                     NO_INPUT_NORM))
+        return out
 
     def model_record(self) -> dict[str, Any]:
         """Model-level totals (THEORY §10): ``depth_budget`` = N · max_l Π_l."""

@@ -11,7 +11,8 @@ from attnstab_cli.model.load import OpenModel
 
 PLACEMENT = {Residual.PRE: "pre-norm", Residual.POST: "post-norm", Residual.PARALLEL: "parallel residual (pre-norm)",
              Residual.PARALLEL_SHARED: "parallel residual (one shared pre-norm)",
-             Residual.SANDWICH: "sandwich (pre-norm and a norm on each branch output)"}
+             Residual.SANDWICH: "sandwich (pre-norm and a norm on each branch output)",
+             Residual.OUTPUT_NORM: "output norms (a norm on each branch output, none before the branches)"}
 
 
 def _describe_rope(rope: RopeConfig) -> dict[str, Any]:
@@ -52,6 +53,7 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "norm_weight": cfg.layout.norm_weight.value,
         "placement": PLACEMENT[cfg.layout.residual],
         "residual": cfg.layout.residual.value,
+        "attn_input_normalized": cfg.layout.residual.input_norms or cfg.layout.residual is Residual.POST,
         "causal": cfg.layout.causal,
         "qk_norm": None if cfg.layout.qk_norm is None else cfg.layout.qk_norm.value,
         "ignored_parts": model.names.ignored_parts() or None,

@@ -40,6 +40,7 @@ def compute_findings(manifest: dict[str, Any], tables: dict[str, list[dict[str, 
         out += _lowest_theta(heads) + _widest_intervals(heads, manifest)
     out += _dominant_bound(layers)
     out += _local_and_global(layers)
+    out += _no_magnitude_barrier(manifest, layers)
     out += _low_precision(layers)
     out += _gradient(layers)
     return out
@@ -132,6 +133,22 @@ def _local_and_global(layers: list[dict[str, Any]]) -> list[Finding]:
                      + (f", largest tier-2 bound {format_value(max(bound))}" if bound else ""))
     return [Finding("local_global", "info", "; ".join(parts),
                     tuple(_item(r["layer"], None, r.get("attn_window")) for r in local))]
+
+
+def _no_magnitude_barrier(manifest: dict[str, Any], layers: list[dict[str, Any]]) -> list[Finding]:
+    """A family whose attention reads the residual stream unnormalized (THEORY §18.3): no norm resets the MHA input,
+    so Lemma 3.3's magnitude barrier is absent and the tier-1 radius ``r2_in_reset`` grows with depth."""
+    if (manifest.get("checkpoint") or {}).get("attn_input_normalized") is not False:
+        return []
+    radii = [(r["layer"], r["r2_in_reset"]) for r in layers if r.get("r2_in_reset") is not None]
+    text = ("no norm before the attention: the MHA reads the residual stream, so no structural magnitude barrier "
+            "bounds its input (Lemma 3.3 does not apply, THEORY §18.3)")
+    ends = [radii[0], radii[-1]] if len(radii) >= 2 else radii
+    if len(ends) == 2:
+        (l0, first), (ln, last) = ends
+        text += (f"; the tier-1 radius r2_in_reset grows with depth, from {format_value(first)} at layer {l0} to "
+                 f"{format_value(last)} at layer {ln}")
+    return [Finding("no_magnitude_barrier", "info", text, tuple(_item(layer, None, r) for layer, r in ends))]
 
 
 def _low_precision(layers: list[dict[str, Any]]) -> list[Finding]:

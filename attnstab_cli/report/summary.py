@@ -30,7 +30,8 @@ def render_summary(console: Console, manifest: dict[str, Any], tables: dict[str,
                       f"{format_value(bp['log_lip_model_calibrated'])} (tier 2, worst sequence)", highlight=False)
     if digest["grad"] is not None:
         g = digest["grad"]
-        path = {True: "an identity path (pre-LN / parallel)", None: f"identity path {MISSING}",
+        path = {True: "an identity path (an additive residual: pre-LN, parallel, branch-output norms)",
+                None: f"identity path {MISSING}",
                 False: "no identity path (post-LN: every factor starts with a norm Jacobian, THEORY §9)"}[
             g["identity_path"]]
         console.print(f"gradient flow: {g['loss_kind']} = {format_value(g['loss'])}; {path}", highlight=False)

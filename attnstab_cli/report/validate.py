@@ -53,6 +53,7 @@ COUNT, NATURAL, NUMBER, TEXT = ("a positive integer", _count), ("a non-negative 
 CHECKPOINT_FIELDS: dict[str, Check] = {
     "checkpoint": TEXT, "family": TEXT, "n_layers": COUNT, "d_model": COUNT, "n_heads": COUNT, "n_kv_heads": COUNT,
     "head_dim": COUNT, "norm": TEXT, "placement": TEXT, "fingerprint": ("a string or null", _maybe(_text)),
+    "attn_input_normalized": ("true or false", lambda x: isinstance(x, bool)),
 }
 CALIBRATION_FIELDS: dict[str, Check] = {
     "source": TEXT, "token_sha256": TEXT, "n_sequences": COUNT,

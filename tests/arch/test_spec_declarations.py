@@ -84,6 +84,30 @@ def test_branch_output_norm_roles_go_with_the_sandwich_wiring() -> None:
         parse_spec(llama)
 
 
+def test_the_output_norm_wiring_declares_no_input_norms() -> None:
+    """§18.3, OLMo 2: residual 'output_norm' has branch-output norms and no norm before the branches; it needs both
+    output norms, refuses a norm_attn / norm_ffn tensor and an identity-layer list (every layer is one already)."""
+    data = _spec_data("olmo2")
+    spec = parse_spec(data)
+    r = spec.layout.residual
+    assert r.output_norms and not r.input_norms and r.serial and not r.shared_norm
+    assert spec.layout.qk_norm.value == "full_width"
+    for role in ("norm_attn.weight", "norm_ffn.weight"):
+        bad = _spec_data("olmo2")
+        bad["layer_tensors"][role] = "layers.{layer}.input_layernorm.weight"
+        with pytest.raises(ValueError, match="no norms before the branches"):
+            parse_spec(bad)
+    bad = _spec_data("olmo2")
+    del bad["layer_tensors"]["norm_attn_out.weight"]
+    with pytest.raises(ValueError, match="norm_attn_out"):
+        parse_spec(bad)
+    bad = _spec_data("olmo2")
+    bad["layout"]["norm_attn_identity_layers"] = [0]
+    bad["tensors"]["embed_norm.weight"] = "embed_norm.weight"
+    with pytest.raises(ValueError, match="norm_attn_identity_layers"):
+        parse_spec(bad)
+
+
 def test_an_unknown_layout_key_or_value_is_refused() -> None:
     data = _spec_data("gemma2")
     data["layout"]["norm_weight"] = "one_minus"

@@ -32,7 +32,7 @@ def test_no_args_shows_help() -> None:
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "distilbert", "roberta", "xlm_roberta",
                                     "gptj", "phi", "qwen3", "gemma2", "gemma3", "phi3", "phi3_longrope",
-                                    "modernbert"])
+                                    "modernbert", "olmo2"])
 def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     path, ref = tiny_checkpoints[family]
     result = invoke("info", path, "--json")
@@ -52,12 +52,18 @@ def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
                 "gptj": "parallel residual (one shared pre-norm)", "phi": "parallel residual (one shared pre-norm)",
                 "qwen3": "pre-norm", "gemma2": "sandwich (pre-norm and a norm on each branch output)",
                 "gemma3": "sandwich (pre-norm and a norm on each branch output)",
-                "phi3": "pre-norm", "phi3_longrope": "pre-norm", "modernbert": "pre-norm"}
+                "phi3": "pre-norm", "phi3_longrope": "pre-norm", "modernbert": "pre-norm",
+                "olmo2": "output norms (a norm on each branch output, none before the branches)"}
     expected.update(dict.fromkeys(("distilbert", "roberta", "xlm_roberta"), "post-norm"))
     assert data["placement"] == expected[family]
-    assert data["norm"] == ("rmsnorm" if family in ("llama", "qwen3", "gemma2", "gemma3", "phi3", "phi3_longrope")
-                            else "layernorm")
-    assert data["qk_norm"] == ("per_head" if family in ("qwen3", "gemma3") else None)
+    assert data["norm"] == ("rmsnorm" if family in ("llama", "qwen3", "gemma2", "gemma3", "phi3", "phi3_longrope",
+                                                    "olmo2") else "layernorm")
+    assert data["qk_norm"] == {"qwen3": "per_head", "gemma3": "per_head", "olmo2": "full_width"}.get(family)
+    assert data["attn_input_normalized"] == (family != "olmo2")
+    if family == "olmo2":                                      # the layout facts OLMo 2 adds (THEORY §18.2, §18.3)
+        assert data["residual"] == "output_norm" and data["norm_attn_identity_layers"] == []
+        text = invoke("info", path).stdout
+        assert "full width, before RoPE" in text and "raw residual stream" in text
     assert data["head_dim"] == (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     assert data["norm_weight"] == ("one_plus" if family in ("gemma2", "gemma3") else "gamma")
     if family == "gemma3":                       # local layers rotate with their own base (THEORY §18.6)

@@ -17,7 +17,8 @@ from tiny_models import save_tiny_model
 
 SCAN = ("--calib", "random", "--seq-len", "16", "--batch-size", "1", "--batches", "1", "--empirical-seqs", "0",
         "--quiet")
-FAMILIES = ("gpt2", "llama", "neox", "bert", "mistral", "gptj", "phi", "gemma2", "gemma3", "phi3", "modernbert")
+FAMILIES = ("gpt2", "llama", "neox", "bert", "mistral", "gptj", "phi", "gemma2", "gemma3", "phi3", "modernbert",
+            "olmo2")
 
 
 def _save_transformers(directory: Path, config_cls: str, model_cls: str, **kwargs: object) -> Path:
@@ -98,6 +99,34 @@ def test_phi_qk_layernorm_tensors_without_the_switch_are_refused(tmp_path: Path)
                        "model.layers.0.self_attn.q_layernorm.weight")
 
 
+def test_a_layer0_attention_norm_in_modernbert_is_refused(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """ModernBERT's layer 0 has no attention norm: a stored one is a layout the family does not describe."""
+    ck = _edit_weights(_copy(ckpts["modernbert"], tmp_path),
+                       lambda s: s.update({"model.layers.0.attn_norm.weight": torch.ones(64)}))
+    assert_input_error(invoke("scan", ck, *SCAN), "model.safetensors", "1 tensor not read by family 'modernbert'",
+                       "model.layers.0.attn_norm.weight")
+
+
+def test_a_pre_norm_in_olmo2_is_refused(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """OLMo 2 has no norm before its branches: a stored input_layernorm is a layout the family does not describe."""
+    ck = _edit_weights(_copy(ckpts["olmo2"], tmp_path),
+                       lambda s: s.update({"model.layers.1.input_layernorm.weight": torch.ones(64)}))
+    assert_input_error(invoke("scan", ck, *SCAN), "model.safetensors", "1 tensor not read by family 'olmo2'",
+                       "model.layers.1.input_layernorm.weight")
+
+
+def test_a_per_head_qk_norm_in_olmo2_is_refused(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """OLMo 2's q norm spans all H*D = 64 query coordinates; a per-head [D] weight is the wrong layout."""
+    ck = _edit_weights(_copy(ckpts["olmo2"], tmp_path),
+                       lambda s: s.update({"model.layers.0.self_attn.q_norm.weight": torch.ones(16)}))
+    assert_input_error(invoke("scan", ck, *SCAN), "model.layers.0.self_attn.q_norm.weight", "[16]", "64")
+
+
+def test_modernbert_with_mlp_biases_is_refused_naming_the_key(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    ck = _edit_config(_copy(ckpts["modernbert"], tmp_path), mlp_bias=True)
+    assert_input_error(invoke("info", ck), "config.json", "'mlp_bias' is true", "not supported for family 'modernbert'")
+
+
 def test_unsupported_model_type_hint_says_the_tensors_are_checked(ckpts: dict[str, Path]) -> None:
     result = invoke("info", ckpts["mpnet"])
     assert_input_error(result, "config.json", "unsupported model_type 'mpnet'", "qwen3")
@@ -105,7 +134,7 @@ def test_unsupported_model_type_hint_says_the_tensors_are_checked(ckpts: dict[st
     assert "Adding a family" in result.stderr
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "gptj", "gemma2"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "bert", "gptj", "gemma2", "olmo2"])
 def test_an_extra_unknown_tensor_is_refused(family: str, ckpts: dict[str, Path], tmp_path: Path) -> None:
     ck = _edit_weights(_copy(ckpts[family], tmp_path), lambda s: s.update({"adapter.lora_A.weight": torch.ones(4, 64)}))
     assert_input_error(invoke("scan", ck, *SCAN), "model.safetensors", "1 tensor not read", "adapter.lora_A.weight")
@@ -171,6 +200,8 @@ def test_forced_bert_on_mpnet_says_no_tensor_matches(ckpts: dict[str, Path]) -> 
     ("bert", ("bert.embeddings.LayerNorm.weight", "bert.embeddings.LayerNorm.bias"), "embeddings.LayerNorm.weight"),
     ("gemma2", ("model.layers.2.post_feedforward_layernorm.weight",), "layers.2.post_feedforward_layernorm.weight"),
     ("phi3", ("model.layers.1.mlp.gate_up_proj.weight",), "model.layers.1.mlp.gate_up_proj.weight"),
+    ("olmo2", ("model.layers.2.self_attn.k_norm.weight",), "model.layers.2.self_attn.k_norm.weight"),
+    ("olmo2", ("model.layers.0.post_attention_layernorm.weight",), "layers.0.post_attention_layernorm.weight"),
 ])
 def test_a_missing_required_tensor_is_refused_before_any_work(family: str, removed: tuple[str, ...], needle: str,
                                                               ckpts: dict[str, Path], tmp_path: Path) -> None:

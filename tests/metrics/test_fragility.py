@@ -100,3 +100,22 @@ def test_scan_columns_against_dense_layers(tiny_checkpoints: dict) -> None:
     assert model_row["nf_rhs"] == pytest.approx(sum(terms))
     assert model_row["nf_rhs_relaxed"] == pytest.approx(
         sum(t * math.prod(1 + x for x in rho[i + 1:]) for i, t in enumerate(terms)))
+
+
+def test_norm_diagnostics_of_output_norm_layers(tiny_checkpoints: dict) -> None:
+    """OLMo 2 (THEORY §18.3): the norms of C_LN and ρ_LN are the branch-output norms, at the branch outputs they read
+    (the MHA and FFN outputs, recomputed here from the trace); the identity input norms contribute nothing."""
+    path, _ = tiny_checkpoints["olmo2"]
+    model = open_model(path)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    tables = run_scan(model, CalibrationSet(batches=(ids,), source="test", seq_len=16),
+                      ScanOptions(device="cpu", dtype="float64", empirical_seqs=0)).tables
+    eps = model.cfg.norm_eps
+    for trace, row in zip(LayerStream(model, [ids], dtype=torch.float64).layers(), tables["layers"]):
+        assert trace.norms["norm_attn"].stat is None and trace.norms["norm_ffn"].stat is None
+        med = max(float(x.double().pow(2).mean(-1).median()) for x in (trace.attn.out, trace.ffn_out))
+        assert row["c_ln"] == pytest.approx(math.sqrt(med / eps) + med / eps + 1, rel=1e-9)
+        assert row["rho_ln_bf16"] == pytest.approx(med / eps * model.cfg.d_model * 2.0 ** -7, rel=1e-9)
+        assert row["norm1_min_var"] is None and row["norm2_min_var"] is None
+        assert row["norm1_out_min_var"] == pytest.approx(float(trace.attn.out.double().pow(2).mean(-1).min()),
+                                                         rel=1e-9)

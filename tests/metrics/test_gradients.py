@@ -30,6 +30,8 @@ GROUPS = {
                ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                 "post_feedforward_layernorm")),
     "phi3": (lambda m: m.model.layers, ("self_attn",), ("mlp",), ("input_layernorm", "post_attention_layernorm")),
+    "olmo2": (lambda m: m.model.layers, tuple(f"self_attn.{p}_proj" for p in "qkvo"), ("mlp",),   # output norms
+              ("post_attention_layernorm", "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm")),
     "phi3_longrope": (lambda m: m.model.layers, ("self_attn",), ("mlp",),
                       ("input_layernorm", "post_attention_layernorm")),
     "bert": (lambda m: m.bert.encoder.layer, ("attention.self", "attention.output.dense"),

@@ -21,9 +21,10 @@ from tiny_models import FAMILIES
 REL = 1e-9
 
 
-def assert_tiers_ordered(row: dict, in_tier1_ball: bool = True) -> None:
+def assert_tiers_ordered(row: dict, in_tier1_ball: bool = True, ffn_in_tier1_ball: bool = True) -> None:
     """Tier 3 ≤ 2r ≤ 2 always; ≤ tier 1 when the MHA input lies in tier 1's ball of radius r2_in_reset (a post-LN
-    layer fed an arbitrary input is outside the set tier 1 speaks about)."""
+    layer fed an arbitrary input is outside the set tier 1 speaks about); the FFN's tier 2 ≤ tier 1 when its input
+    lies in its tier-1 ball (always behind a norm; without norms before the branches only inside the MHA's ball)."""
     lower, b2r, b2, b1 = (row[k] for k in ("lip_layer_empirical", "lip_layer_refined", "lip_layer_calibrated",
                                           "lip_layer_weights"))
     assert 0 < lower <= b2r * (1 + REL) and b2r <= b2 * (1 + REL), row
@@ -31,7 +32,8 @@ def assert_tiers_ordered(row: dict, in_tier1_ball: bool = True) -> None:
     assert row["lip_mha_refined"] <= row["lip_mha_calibrated"] * (1 + REL)
     assert row["ln1_lip_local"] <= row["ln1_lip_global"] * (1 + REL)
     assert row["ln2_lip_local"] <= row["ln2_lip_global"] * (1 + REL)
-    assert row["lip_ffn_calibrated"] <= row["lip_ffn_weights"] * (1 + REL)
+    if ffn_in_tier1_ball:
+        assert row["lip_ffn_calibrated"] <= row["lip_ffn_weights"] * (1 + REL)
     if in_tier1_ball:
         assert b2 <= b1 * (1 + REL) and row["lip_mha_calibrated"] <= row["lip_mha_weights"] * (1 + REL), row
 
@@ -87,8 +89,7 @@ def test_tiers_on_adversarial_inputs(family: str, tiny_checkpoints: dict) -> Non
                                                                            rows_per_head=None))
                 lip = LipschitzPass(cfg, empirical_seqs=1)
                 contexts = LayerContexts(model)
-                if layer > 0:                                   # post-LN radii need the previous layer's LN2
-                    contexts.prev_norm_ffn = loader.layer(layer - 1).norm_ffn
+                contexts.start_at(layer)            # post-LN: the previous LN2; output norms: the radius of h_l
                 trace = run_layer(h, w, cfg, layer, 0, stream.rope(t, layer), None)
                 ctx = contexts.for_trace(trace)
                 theta.observe(trace, ctx)
@@ -96,7 +97,9 @@ def test_tiers_on_adversarial_inputs(family: str, tiny_checkpoints: dict) -> Non
                 rows, _ = lip.records()
                 r2 = float(trace.attn.x.double().norm(dim=-1).max())
                 try:
-                    assert_tiers_ordered(rows[0], in_tier1_ball=r2 <= rows[0]["r2_in_reset"] * (1 + REL))
+                    inside = r2 <= rows[0]["r2_in_reset"] * (1 + REL)
+                    assert_tiers_ordered(rows[0], in_tier1_ball=inside,
+                                         ffn_in_tier1_ball=inside or cfg.layout.residual.input_norms)
                 except AssertionError as exc:
                     raise AssertionError(f"layer {layer}, weights {wname}, input {xname}: {exc}") from None
 
@@ -151,3 +154,42 @@ def test_post_ln_reset_radius_uses_previous_layer_with_several_batches(tiny_chec
         assert own != pytest.approx(expected, rel=1e-9)        # the test can tell the two apart
         assert seen[layer] == pytest.approx([expected] * 3, rel=1e-12), layer
     assert len(set(seen[0])) == 1
+
+
+def test_output_norm_radius_grows_linearly_and_bounds_the_stream(tiny_checkpoints: dict) -> None:
+    """T32 (§18.3): without norms before the branches, r2_in_reset of layer l is max_t ||E_t|| plus the output norms'
+    resets (||gamma_1b|| + ||gamma_2b||)_inf sqrt(d) of layers < l, recomputed here from the transformers model's own
+    tensors; it is never below the measured ||h_l|| (r_resid_max, = r2_in: the MHA reads h_l), and the FFN input
+    stays within it plus ||gamma_1b^l||_inf sqrt(d)."""
+    path, ref = tiny_checkpoints["olmo2"]
+    model = open_model(path)
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=gen)
+    rows = run_scan(model, CalibrationSet(batches=(ids,), source="test", seq_len=16),
+                    ScanOptions(device="cpu", dtype="float64", empirical_seqs=0)).tables["layers"]
+    sqrt_d = math.sqrt(model.cfg.d_model)
+    radius = float(ref.model.embed_tokens.weight.detach().double().norm(dim=-1).max())
+    traces = list(LayerStream(model, [ids], dtype=torch.float64).layers())
+    for row, layer, trace in zip(rows, ref.model.layers, traces):
+        g1 = float(layer.post_attention_layernorm.weight.detach().double().abs().max())
+        g2 = float(layer.post_feedforward_layernorm.weight.detach().double().abs().max())
+        assert (row["norm1_out_gamma_max"], row["norm2_out_gamma_max"]) == pytest.approx((g1, g2), rel=1e-6)
+        assert row["norm1_gamma_max"] is None and row["norm2_gamma_max"] is None
+        gq = float(layer.self_attn.q_norm.weight.detach().double().abs().max())
+        gk = float(layer.self_attn.k_norm.weight.detach().double().abs().max())
+        assert row["qnorm_gamma_max"] == pytest.approx(gq, rel=1e-6)
+        a = trace.attn                         # T31 full width: s ||g_q|| sqrt(H D) ||g_k|| sqrt(H_kv D) >= |s q.k|
+        s_ = a.scale
+        d_q, d_k = model.cfg.n_heads * model.cfg.head_dim, model.cfg.n_kv_heads * model.cfg.head_dim
+        assert row["logit_bound"] == pytest.approx(s_ * gq * math.sqrt(d_q) * gk * math.sqrt(d_k), rel=1e-6)
+        logits = s_ * a.q @ a.k.repeat_interleave(model.cfg.n_heads // model.cfg.n_kv_heads, 1).transpose(-1, -2)
+        assert float(logits.abs().max()) <= row["logit_bound"]
+        assert row["r2_in_reset"] == pytest.approx(radius, rel=1e-12), row["layer"]
+        assert row["r_resid_max"] == pytest.approx(row["r2_in"], rel=1e-12)
+        assert row["r_resid_max"] <= row["r2_in_reset"]
+        assert row["r2_ffn_in"] <= row["r2_in_reset"] + g1 * sqrt_d
+        radius += (g1 + g2) * sqrt_d
+    assert rows[-1]["r2_in_reset"] > rows[0]["r2_in_reset"]
+    contexts = LayerContexts(model)                       # a one-layer scan starts from the same radius
+    contexts.start_at(len(rows) - 1)
+    assert contexts.stream_radius == pytest.approx(rows[-1]["r2_in_reset"], rel=1e-6)    # float32 loader

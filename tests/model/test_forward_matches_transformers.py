@@ -103,14 +103,14 @@ def test_per_head_slices_recombine_to_attention_output(tiny_checkpoints: dict) -
 
 
 # Families whose ``transformers`` reference computes in float64 when cast to it. The RMSNorms of the LLaMA family,
-# Qwen3, Phi-3 and Gemma 3 cast their input to float32, which would cap the comparison near 1e-7: for the families in
+# Qwen3, Phi-3, Gemma 3 and OLMo 2 (also OLMo 2's full-width q/k norms) cast their input to float32, which would cap the comparison near 1e-7: for the families in
 # UNCAST_RMSNORM the reference's RMSNorm modules are replaced by the same formula in the input dtype
 # (gamma * x / sqrt(mean(x^2) + eps), gamma = w or 1 + w as the family stores it), everything else stays the
 # model's own.
 # ModernBERT's apply_rotary_pos_emb casts q and k to float32: for UNCAST_ROPE it is replaced, for the test only, by
 # the same rotate-half formula in the input dtype.
 UNCAST_RMSNORM = {"phi3": "w", "phi3_longrope": "w", "llama": "w", "llama3_scaled": "w", "mistral": "w",
-                  "qwen2": "w", "qwen3": "w", "gemma3": "1+w"}
+                  "qwen2": "w", "qwen3": "w", "gemma3": "1+w", "olmo2": "w"}
 FLOAT64_REFERENCE = ("bert", "gpt2", "gpt2_scaled", "gptj", "neox", "neox_serial", "phi", "phi_qk", "modernbert",
                      *UNCAST_RMSNORM)
 UNCAST_ROPE = {"modernbert": "transformers.models.modernbert.modeling_modernbert"}

@@ -95,6 +95,7 @@ def test_a_column_of_another_type_is_refused(reports: dict[str, Path], tmp_path:
 
 @pytest.mark.parametrize("section, key, value", [
     ("checkpoint", "n_layers", "4"), ("checkpoint", "n_heads", 0), ("checkpoint", "family", ["gpt2"]),
+    ("checkpoint", "attn_input_normalized", "no"),
     ("calibration", "n_sequences", "1"), ("calibration", "token_sha256", 7), ("calibration", "batch_sizes", [0.5]),
     ("run", "theta", []), (None, "checkpoint", [1, 2]), (None, "schema_version", 4), (None, "calibration", "text"),
 ])

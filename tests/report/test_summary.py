@@ -81,6 +81,41 @@ def test_local_and_global_layers_are_reported_apart() -> None:
     assert "local_global" not in _by_kind(compute_findings(MANIFEST, _tables()))
 
 
+def test_no_magnitude_barrier_is_reported_from_the_manifest() -> None:
+    """A checkpoint whose attention reads the residual stream unnormalized (manifest ``attn_input_normalized``
+    false, THEORY §18.3) gets a finding naming the first and last tier-1 radii; one with a norm there, or an older
+    report without the field, gets none."""
+    tables = _tables()
+    for r, radius in zip(tables["layers"], (1.5, 20.0, 38.5)):
+        r["r2_in_reset"] = radius
+    unnormalized = {**MANIFEST, "checkpoint": {**MANIFEST["checkpoint"], "attn_input_normalized": False}}
+    f = _by_kind(compute_findings(unnormalized, tables))["no_magnitude_barrier"]
+    assert [(i["layer"], i["value"]) for i in f.items] == [(0, 1.5), (2, 38.5)]
+    assert "Lemma 3.3 does not apply" in f.text and "from 1.5 at layer 0 to 38.5 at layer 2" in f.text
+    normalized = {**MANIFEST, "checkpoint": {**MANIFEST["checkpoint"], "attn_input_normalized": True}}
+    for manifest in (MANIFEST, normalized):
+        assert "no_magnitude_barrier" not in _by_kind(compute_findings(manifest, tables))
+
+
+def test_olmo2_scan_summary_says_the_radius_grows(tiny_checkpoints: dict, tmp_path: Path) -> None:
+    """End to end on the tiny OLMo 2: the scan's findings carry the no-barrier sentence with the report's own first
+    and last r2_in_reset; a pre-norm family's do not."""
+    for family, expected in (("olmo2", True), ("llama", False)):
+        out = tmp_path / family
+        result = invoke("scan", tiny_checkpoints[family][0], "--calib", "random", "--seq-len", "16", "--batches", "1",
+                        "--batch-size", "1", "--empirical-seqs", "0", "--out", out, "--quiet", "--json")
+        assert result.exit_code == 0, result.stderr
+        printed = json.loads(result.stdout)
+        found = {f["kind"]: f for f in printed["summary"]["findings"]}
+        assert ("no_magnitude_barrier" in found) == expected, family
+        if expected:
+            radii = [r["r2_in_reset"] for r in printed["layers"]]
+            assert radii == sorted(radii) and radii[0] < radii[-1]
+            assert [i["value"] for i in found["no_magnitude_barrier"]["items"]] == [radii[0], radii[-1]]
+            shown = invoke("show", out)
+            assert "no structural magnitude barrier" in " ".join(shown.stdout.split())
+
+
 @pytest.fixture(scope="module")
 def scanned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("summary") / "r"

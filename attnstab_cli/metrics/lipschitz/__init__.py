@@ -5,7 +5,7 @@ from attnstab_cli.metrics.lipschitz.empirical import (Certificate, EmpiricalBudg
                                                       compute_mean_tightness, compute_tightness, evaluate_certificate,
                                                       make_layer_function, select_candidate_rows)
 from attnstab_cli.metrics.lipschitz.layer import (CalibratedTier, LayerLipschitz, LayerLipschitzResult, WeightsTier,
-                                                  combine_layer_bound, compute_calibrated_tier,
+                                                  advance_stream_radius, combine_layer_bound, compute_calibrated_tier,
                                                   compute_first_layer_radius, compute_layer_lipschitz,
                                                   compute_r2_in_reset, compute_weights_tier)
 from attnstab_cli.metrics.lipschitz.mha import (HeadNorms, MHABound, RefinedMHABound, compute_head_norms,
@@ -16,7 +16,7 @@ __all__ = [
     "compute_layer_empirical", "compute_layer_empirical_budgeted",
     "compute_mean_tightness", "compute_tightness", "evaluate_certificate", "make_layer_function",
     "select_candidate_rows", "CalibratedTier", "LayerLipschitz", "LayerLipschitzResult", "WeightsTier",
-    "combine_layer_bound", "compute_calibrated_tier", "compute_first_layer_radius", "compute_layer_lipschitz",
+    "advance_stream_radius", "combine_layer_bound", "compute_calibrated_tier", "compute_first_layer_radius", "compute_layer_lipschitz",
     "compute_r2_in_reset", "compute_weights_tier", "HeadNorms", "MHABound", "RefinedMHABound", "compute_head_norms",
     "compute_layer_head_norms", "compute_mha_bound", "compute_mha_refined",
 ]

@@ -4,11 +4,15 @@
 |----------|-------------------------------------------------|
 | pre      | ``(1 + L_N1 L_MHA)(1 + L_N2 L_FFN)``            |
 | sandwich | ``(1 + L_N1b L_MHA L_N1a)(1 + L_N2b L_FFN L_N2a)`` (§18.3) |
+| output_norm | ``(1 + L_N1b L_MHA)(1 + L_N2b L_FFN)`` (§18.3: N1a, N2a are identities, L = 1) |
 | post     | ``L_N2 (1 + L_FFN) L_N1 (1 + L_MHA)``           |
 | parallel | ``1 + L_N1 L_MHA + L_N2 L_FFN``                 |
 
 Branch-output norms (``N1b``, ``N2b``; columns ``ln1_out_*``, ``ln2_out_*``) are evaluated, in tier 2, at the branch
 output tokens they read; the MHA and FFN radii are the resets of the input norms ``N1a``, ``N2a`` as in pre-norm.
+Without input norms (``output_norm``) the MHA reads the residual stream ``h_l``, whose radius grows with depth: every
+earlier branch output is reset, so ``||h_l|| <= R_emb + sum_{m<l} (R(N1b^m) + R(N2b^m))`` (:func:`advance_stream_radius`),
+and the FFN reads ``h' = h + N1b(.)`` within that plus ``R(N1b^l)``.
 
 Tier 1 (§8.1): weights only, ``theta = 1``, global norm constants, MHA radius ``r2_in_reset``. Tier 2 (§8.2): at one
 sequence, each factor at its actual input; ``theta_tilde_h = max_i theta_hi`` over that sequence's rows. Tier 2r
@@ -82,11 +86,16 @@ def compute_first_layer_radius(kind: NormKind, embed_norm: NormWeights | None, t
 
 
 def compute_r2_in_reset(cfg: ModelConfig, weights: LayerWeights, prev_norm_ffn: NormWeights | None = None,
-                        first_layer_radius: float | None = None) -> float:
+                        first_layer_radius: float | None = None, stream_radius: float | None = None) -> float:
     """``r2_in_reset`` (§8.1): pre/parallel the reset of this layer's N1; post-LN the previous layer's LN2 (pass
     ``prev_norm_ffn``) or, for layer 1, ``first_layer_radius`` (:func:`compute_first_layer_radius`); a pre-norm layer
-    whose N1 is the identity (layer 0 after an embedding norm) also takes ``first_layer_radius``."""
+    whose N1 is the identity (layer 0 after an embedding norm) also takes ``first_layer_radius``. Without input norms
+    (§18.3) the MHA reads ``h_l`` itself: pass its radius ``stream_radius`` (:func:`advance_stream_radius`)."""
     kind = cfg.layout.norm
+    if not cfg.layout.residual.input_norms:
+        if stream_radius is None:
+            raise ValueError(f"layer {weights.layer}: no norm before the MHA; give the radius of h_l")
+        return stream_radius
     if cfg.layout.residual is not Residual.POST and weights.norm_attn.identity:
         if first_layer_radius is None:                 # layer 0 reads h_0: the embedding norm's reset bound
             raise ValueError(f"layer {weights.layer}: N1 is the identity; give the embedding norm's radius")
@@ -100,10 +109,25 @@ def compute_r2_in_reset(cfg: ModelConfig, weights: LayerWeights, prev_norm_ffn: 
     return first_layer_radius
 
 
-def compute_ffn_reset_radius(cfg: ModelConfig, weights: LayerWeights) -> float:
-    """Radius of the FFN input on every input (§8.1): the reset of N2 (pre/parallel) or of LN1 (post-LN)."""
+def compute_ffn_reset_radius(cfg: ModelConfig, weights: LayerWeights, r2_in_reset: float | None = None) -> float:
+    """Radius of the FFN input on every input (§8.1): the reset of N2 (pre/parallel) or of LN1 (post-LN); without
+    input norms (§18.3) the FFN reads ``h' = h + N1b(MHA h)``: ``r2_in_reset`` (the radius of ``h``) plus N1b's
+    reset."""
+    if not cfg.layout.residual.input_norms:
+        if r2_in_reset is None or weights.norm_attn_out is None:
+            raise ValueError(f"layer {weights.layer}: no norm before the FFN; give the radius of h_l")
+        return r2_in_reset + compute_reset_radius(weights.norm_attn_out, cfg.layout.norm)
     norm = weights.norm_attn if cfg.layout.residual is Residual.POST else weights.norm_ffn
     return compute_reset_radius(norm, cfg.layout.norm)
+
+
+def advance_stream_radius(cfg: ModelConfig, weights: LayerWeights, radius: float) -> float:
+    """Radius of ``h_{l+1}`` from that of ``h_l`` in a layer whose branch outputs are normalized (§18.3): each branch
+    adds at most its output norm's reset, ``||gamma_b||_inf sqrt(d)`` for RMSNorm."""
+    if weights.norm_attn_out is None or weights.norm_ffn_out is None:
+        raise ValueError(f"layer {weights.layer}: the stream radius needs norms on both branch outputs")
+    kind = cfg.layout.norm
+    return radius + compute_reset_radius(weights.norm_attn_out, kind) + compute_reset_radius(weights.norm_ffn_out, kind)
 
 
 def norm_lip_global(norm: NormWeights, eps: float) -> float:
@@ -147,7 +171,8 @@ def compute_weights_tier(weights: LayerWeights, cfg: ModelConfig, r2_in_reset: f
     ln1 = norm_lip_global(weights.norm_attn, cfg.norm_eps)
     ln2 = norm_lip_global(weights.norm_ffn, cfg.norm_eps)
     mha = compute_mha_bound(norms, 1.0, r2_in_reset, cfg.attn_scale(weights.layer))
-    ffn = compute_ffn_bound_weights(weights.ffn, cfg.layout.ffn, cfg.activation, compute_ffn_reset_radius(cfg, weights))
+    ffn = compute_ffn_bound_weights(weights.ffn, cfg.layout.ffn, cfg.activation,
+                                    compute_ffn_reset_radius(cfg, weights, r2_in_reset))
     ln1o, ln2o = (_out_norm_global(n, cfg.norm_eps) for n in (weights.norm_attn_out, weights.norm_ffn_out))
     layer = combine_layer_bound(cfg.layout.residual, ln1, mha.lip_mha, ln2, ffn, *_factors(ln1o, ln2o))
     return WeightsTier(ln1, ln2, mha, ffn, layer, r2_in_reset, ln1o, ln2o)
@@ -190,7 +215,7 @@ def compute_calibrated_tier(trace: LayerTrace, cfg: ModelConfig, theta_hi: torch
     stats = qk_stats(trace, b)
     n1, n2 = trace.norms["norm_attn"], trace.norms["norm_ffn"]
     ln1 = 1.0 if w.norm_attn.identity else compute_norm_lip_local(w.norm_attn.weight, n1.stat[b], n1.eps)
-    ln2 = compute_norm_lip_local(w.norm_ffn.weight, n2.stat[b], n2.eps)
+    ln2 = 1.0 if w.norm_ffn.identity else compute_norm_lip_local(w.norm_ffn.weight, n2.stat[b], n2.eps)
     r2 = float(torch.linalg.vector_norm(a.x[b].to(torch.float64), dim=-1).max())
     theta_hi = theta_hi.to(torch.float64)
     theta_tilde = theta_hi.amax(dim=-1).cpu()                                            # [H]

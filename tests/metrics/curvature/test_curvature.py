@@ -17,7 +17,7 @@ from attnstab_cli.model.load import open_model
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "bert", "gptj", "gemma2"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "bert", "gptj", "gemma2", "olmo2"])
 def loss(request, tiny_checkpoints) -> ModelLoss:
     model = open_model(tiny_checkpoints[request.param][0])
     ids = torch.randint(0, model.cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -26,6 +26,14 @@ def loss(request, tiny_checkpoints) -> ModelLoss:
 
 def _subset(loss: ModelLoss, *suffixes: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in loss.params.items() if k.endswith(suffixes)}
+
+
+def _gammas(loss: ModelLoss) -> tuple[str, str]:
+    """The two norms' γ of every layer: the input norms, or the branch-output norms where the input ones are
+    identities (OLMo 2, THEORY §18.3)."""
+    if loss.cfg.layout.residual.input_norms:
+        return "norm_attn.weight", "norm_ffn.weight"
+    return "norm_attn_out.weight", "norm_ffn_out.weight"
 
 
 def _dense(loss: ModelLoss, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -50,6 +58,9 @@ def test_names_split_into_layer_block_and_field(loss: ModelLoss) -> None:
         assert not any(b.startswith("norm_ffn") for _, b in blocks)
     if loss.cfg.layout.residual.output_norms:             # Gemma 2's branch-output norms are blocks of their own
         expected |= {"norm_attn_out.gamma", "norm_ffn_out.gamma"}
+    if not loss.cfg.layout.residual.input_norms:          # OLMo 2: identity input norms have no parameters
+        expected -= {"norm_attn.gamma", "norm_ffn.gamma"}
+        assert not any(b in ("norm_attn.gamma", "norm_ffn.gamma") for _, b in blocks)
     assert {b for _, b in blocks} >= expected
     assert split_name("1.norm_attn.gamma.norm_attn.weight") == (1, "norm_attn.gamma", "norm_attn.weight")
     assert block_of("0.ffn_in.ffn.w_gate") == (0, "ffn_in")
@@ -59,13 +70,13 @@ def test_names_split_into_layer_block_and_field(loss: ModelLoss) -> None:
 
 
 def test_hvp_matches_the_dense_hessian_across_layers(loss: ModelLoss) -> None:
-    params = _subset(loss, "norm_attn.weight", "norm_ffn.weight")       # every γ of both layers: 256 parameters
+    params = _subset(loss, *_gammas(loss))                            # every γ of every layer: 256 parameters or more
     dense = _dense(loss, params)
     op, n = flat_operator(loss, params)
     assert dense.shape == (n, n) and torch.allclose(dense, dense.T, atol=1e-12)
     v = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=F64)
     assert torch.allclose(op(v), dense @ v, rtol=1e-9, atol=1e-12 * float(dense.abs().max()))
-    cross = dense[:64, -64:]                                            # layer 0 γ1 vs layer 1 γ2: coupled
+    cross = dense[:64, -64:]                                            # layer 0 γ1 vs the last layer's γ2: coupled
     assert float(cross.abs().max()) > 1e-6
 
 
@@ -88,7 +99,7 @@ def test_hvp_on_a_matrix_block_matches_finite_differences_of_the_gradient(loss: 
 
 
 def test_lanczos_top_eigenvalue_matches_eigvalsh(loss: ModelLoss) -> None:
-    for suffixes in (("norm_attn.weight",), (".bq", ".bk", ".bv", ".bo", "norm_ffn.bias")):
+    for suffixes in ((_gammas(loss)[0],), (".bq", ".bk", ".bv", ".bo", "norm_ffn.bias")):
         params = _subset(loss, *suffixes)
         if not params:
             continue
@@ -100,7 +111,7 @@ def test_lanczos_top_eigenvalue_matches_eigvalsh(loss: ModelLoss) -> None:
 
 
 def test_hutchinson_is_within_its_error_of_the_exact_trace(loss: ModelLoss) -> None:
-    params = _subset(loss, "norm_attn.weight", "norm_ffn.weight")
+    params = _subset(loss, *_gammas(loss))
     exact = float(torch.trace(_dense(loss, params)))
     op, n = flat_operator(loss, params)
     est = hutchinson_trace(op, n, probes=64, seed=4)

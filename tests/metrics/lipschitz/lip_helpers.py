@@ -171,15 +171,17 @@ class RandomLayer:
     rope_cs: tuple[torch.Tensor, torch.Tensor] | None
     key_padding_mask: torch.Tensor | None    # [T] bool, True = real token
     norm_kind: str              # "layernorm" | "rmsnorm"
-    residual: str               # "pre" | "post" | "parallel" | "parallel_shared" | "sandwich"
+    residual: str               # "pre" | "post" | "parallel" | "parallel_shared" | "sandwich" | "output_norm"
     eps: float
     ffn: dict[str, torch.Tensor]
     activation: str
 
     def norm(self, x: torch.Tensor, which: str) -> torch.Tensor:
         """Reference LayerNorm / RMSNorm of ``x [T, d]`` with the weights of ``norm_attn``, ``norm_ffn`` (or the
-        branch-output norms ``norm_attn_out``, ``norm_ffn_out``)."""
+        branch-output norms ``norm_attn_out``, ``norm_ffn_out``); ``x`` itself where the norm is the identity."""
         w = getattr(self.weights, which)
+        if w.weight is None:
+            return x
         if self.norm_kind == "layernorm":
             c = x - x.mean(-1, keepdim=True)
             out = c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + self.eps) * w.weight
@@ -200,7 +202,7 @@ class RandomLayer:
 
     def intermediates(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every factor's input and the output for ``h [T, d]``: keys ``n1_in, mha_in, n2_in, ffn_in, out`` (and
-        ``n1o_in``, ``n2o_in``, the branch outputs, for sandwich layers)."""
+        ``n1o_in``, ``n2o_in``, the branch outputs, for sandwich and output-norm layers)."""
         if self.residual == "post":
             u1 = h + self.mha(h)
             h1 = self.norm(u1, "norm_attn")
@@ -210,7 +212,7 @@ class RandomLayer:
         if self.residual in ("parallel", "parallel_shared"):
             f_in = self.norm(h, "norm_attn" if self.residual == "parallel_shared" else "norm_ffn")
             return dict(n1_in=h, mha_in=a, n2_in=h, ffn_in=f_in, out=h + self.mha(a) + self.ffn_map(f_in))
-        if self.residual == "sandwich":
+        if self.residual in ("sandwich", "output_norm"):     # N1a = N2a = identity without input norms
             attn = self.mha(a)
             mid = h + self.norm(attn, "norm_attn_out")
             f_in = self.norm(mid, "norm_ffn")
@@ -231,7 +233,8 @@ GATES = {"silu": torch.nn.functional.silu,
 GEMMA_SCALAR, GEMMA_CAP = 6.0, 0.75    # s = 6^(-1/2), not D^(-1/2); a cap the raw logits exceed
 
 # family: (norm, residual, ffn activation or "swiglu" / "geglu", d, D, H, H_kv, rotary_dim, biases, causal, window,
-# padding); "gemma2": sandwich norms, GeGLU, soft-capped logits, s from query_pre_attn_scalar (THEORY §18.3-18.6)
+# padding); "gemma2": sandwich norms, GeGLU, soft-capped logits, s from query_pre_attn_scalar (THEORY §18.3-18.6);
+# "olmo2": norms on the branch outputs only (identity N1a, N2a: the MHA reads h itself, §18.3), biases, GQA
 FAMILY_SHAPES = {
     "gpt2": ("layernorm", "pre", "gelu_new", 8, 4, 2, 2, 0, True, True, None, False),
     "llama": ("rmsnorm", "pre", "swiglu", 8, 4, 2, 1, 4, False, True, 3, False),
@@ -240,6 +243,7 @@ FAMILY_SHAPES = {
     "gptj": ("layernorm", "parallel_shared", "gelu_new", 8, 4, 2, 2, 2, False, True, None, False),
     "bert": ("layernorm", "post", "gelu", 8, 4, 2, 2, 0, True, False, None, True),
     "gemma2": ("rmsnorm", "sandwich", "geglu", 8, 4, 2, 1, 4, False, True, None, False),
+    "olmo2": ("rmsnorm", "output_norm", "swiglu", 8, 4, 2, 1, 4, True, True, None, False),
 }
 
 
@@ -285,9 +289,12 @@ def make_random_layer(family: str, t: int, eps: float, seed: int, layer: int = 1
                "b_out": rnd(d, s=0.5)}
     kind = NormKind.LAYERNORM if norm == "layernorm" else NormKind.RMSNORM
     make_norm = lambda: NormWeights(1.0 + 0.3 * rnd(d), 0.2 * rnd(d) if kind is NormKind.LAYERNORM else None)
-    norm_attn = make_norm()
-    norm_ffn = norm_attn if residual == "parallel_shared" else make_norm()    # GPT-J: one norm feeds both branches
-    outs = dict(norm_attn_out=make_norm(), norm_ffn_out=make_norm()) if sandwich else {}
+    if residual == "output_norm":                          # no norms before the branches: identities
+        norm_attn, norm_ffn = NormWeights(None, None), NormWeights(None, None)
+    else:
+        norm_attn = make_norm()
+        norm_ffn = norm_attn if residual == "parallel_shared" else make_norm()    # GPT-J: one norm feeds both branches
+    outs = dict(norm_attn_out=make_norm(), norm_ffn_out=make_norm()) if residual in ("sandwich", "output_norm") else {}
     weights = LayerWeights(layer=layer, wq=heads.wq, wk=heads.wk, wv=heads.wv, wo=heads.wo, bq=heads.bq, bk=heads.bk,
                            bv=heads.bv, bo=heads.bo, norm_attn=norm_attn, norm_ffn=norm_ffn, ffn=ffn, **outs)
     layout = Layout(orientation=Orientation.OUT_IN, qkv_packing=QKVPacking.SEPARATE, norm=kind,

@@ -52,8 +52,9 @@ def test_tier3_is_certified_and_below_every_bound(family: str, eps: float) -> No
     trace = run_layer(h[None], layer.weights, layer.cfg, layer.layer, 0, layer.rope_cs, kpm)
     mha_in = layer.intermediates(h)["mha_in"]
     theta = theta_exact(heads_probabilities(mha_in, layer.heads))
-    r2_reset = (compute_r2_in_reset(layer.cfg, layer.weights) if layer.residual != "post"
-                else 2 * float(torch.linalg.vector_norm(h, dim=-1).max()))
+    radius = 2 * float(torch.linalg.vector_norm(h, dim=-1).max())          # post-LN and output norms: h's radius
+    r2_reset = (radius if layer.residual == "post" else
+                compute_r2_in_reset(layer.cfg, layer.weights, stream_radius=radius))
     res = compute_layer_lipschitz(layer.weights, layer.cfg, r2_reset, trace, theta)
     scores = res.calibrated_tier.refined.row_terms
     emp = compute_layer_empirical(layer.weights, layer.cfg, layer.layer, h, layer.rope_cs, layer.key_padding_mask,

@@ -1,5 +1,6 @@
 """THEORY T21 (per-layer tiers on GPT-2-, LLaMA-, Qwen2-, NeoX- and BERT-like layers), T32 (the same on Gemma-2-like
-sandwich layers: branch-output norms, GeGLU, soft-capped logits), T23 (gradient-flow structure), the §7 / §18.3
+sandwich layers: branch-output norms, GeGLU, soft-capped logits; and on OLMo-2-like output-norm layers, whose MHA and
+FFN read the residual stream unnormalized), T23 (gradient-flow structure), the §7 / §18.3
 tables by hand and the §8.1 radii.
 
 Every layer exists twice (``lip_helpers.make_random_layer``): as the package's weights and config, run by
@@ -17,7 +18,7 @@ import torch
 
 from attnstab_cli.arch.spec import NormKind, Residual
 from attnstab_cli.metrics.lipschitz.ffn import compute_swiglu_ball
-from attnstab_cli.metrics.lipschitz.layer import (combine_layer_bound, compute_calibrated_tier,
+from attnstab_cli.metrics.lipschitz.layer import (advance_stream_radius, combine_layer_bound, compute_calibrated_tier,
                                                   compute_ffn_reset_radius, compute_first_layer_radius,
                                                   compute_layer_lipschitz, compute_r2_in_reset, compute_weights_tier)
 from attnstab_cli.metrics.lipschitz.mha import compute_head_norms, compute_mha_bound, compute_mha_refined
@@ -91,6 +92,7 @@ def _combine(residual: str, ln1: float, mha: float, ln2: float, ffn: float, ln1o
              ln2o: float = 1.0) -> float:
     return {"pre": (1 + ln1 * mha) * (1 + ln2 * ffn), "post": ln2 * (1 + ffn) * ln1 * (1 + mha),
             "sandwich": (1 + ln1o * mha * ln1) * (1 + ln2o * ffn * ln2),          # THEORY §18.3
+            "output_norm": (1 + ln1o * mha) * (1 + ln2o * ffn),                   # §18.3, no N1a / N2a
             "parallel": 1 + ln1 * mha + ln2 * ffn,
             "parallel_shared": 1 + ln1 * (mha + ffn)}[residual]      # J = I + (J_MHA + J_FFN) J_N (THEORY §18.6)
 
@@ -112,9 +114,27 @@ def _setup(family: str, eps: float, seed: int):
     if layer.residual == "post":
         r2_reset = compute_first_layer_radius(NormKind.LAYERNORM, _embedding_norm(layer))
         r2_reset = compute_r2_in_reset(layer.cfg, layer.weights, first_layer_radius=r2_reset)
+    elif layer.residual == "output_norm":             # the MHA reads h: a radius of the inputs considered
+        r2_reset = compute_r2_in_reset(layer.cfg, layer.weights, stream_radius=_stream_radius(h))
     else:
         r2_reset = compute_r2_in_reset(layer.cfg, layer.weights)
     return layer, h, trace, mid, theta, r2_reset
+
+
+def _stream_radius(h: torch.Tensor) -> float:
+    """A radius of ``h [T, d]`` with room to spare (what the stream would certify for h_l, §18.3)."""
+    return 1.5 * float(torch.linalg.vector_norm(h, dim=-1).max())
+
+
+def _lip_local(norm: NormWeights, x: torch.Tensor, kind: str, eps: float) -> float:
+    """§4 local constant of ``norm`` at the tokens ``x``; 1 for the identity."""
+    if norm.weight is None:
+        return 1.0
+    return float(norm.weight.abs().max()) / math.sqrt(float(_stat(x, kind).min()) + eps)
+
+
+def _lip_global(norm: NormWeights, eps: float) -> float:
+    return 1.0 if norm.weight is None else float(norm.weight.abs().max()) / math.sqrt(eps)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
@@ -131,12 +151,11 @@ def test_layer_tiers_dominate_lower_bound(family: str, eps: float) -> None:
     assert rec.lip_layer_calibrated <= rec.lip_layer_weights * (1 + 1e-12)
     # tier 2 factors, recomputed at the reference's intermediate points
     kind, w = layer.norm_kind, layer.weights
-    ln1 = float(w.norm_attn.weight.abs().max()) / math.sqrt(float(_stat(mid["n1_in"], kind).min()) + eps)
-    ln2 = float(w.norm_ffn.weight.abs().max()) / math.sqrt(float(_stat(mid["n2_in"], kind).min()) + eps)
+    ln1, ln2 = _lip_local(w.norm_attn, mid["n1_in"], kind, eps), _lip_local(w.norm_ffn, mid["n2_in"], kind, eps)
     assert rec.ln1_lip_local == pytest.approx(ln1, rel=1e-12)
     assert rec.ln2_lip_local == pytest.approx(ln2, rel=1e-12)
     ln1o = ln2o = 1.0
-    if layer.residual == "sandwich":
+    if layer.residual in ("sandwich", "output_norm"):
         ln1o = float(w.norm_attn_out.weight.abs().max()) / math.sqrt(float(_stat(mid["n1o_in"], kind).min()) + eps)
         ln2o = float(w.norm_ffn_out.weight.abs().max()) / math.sqrt(float(_stat(mid["n2o_in"], kind).min()) + eps)
         assert rec.ln1_out_lip_local == pytest.approx(ln1o, rel=1e-12)
@@ -161,10 +180,14 @@ def test_layer_tiers_dominate_lower_bound(family: str, eps: float) -> None:
     assert rec.lip_layer_refined == pytest.approx(_combine(layer.residual, ln1, refined, ln2, ffn, ln1o, ln2o),
                                                   rel=1e-10)
     # tier 1 factors
-    assert rec.ln1_lip_global == pytest.approx(float(w.norm_attn.weight.abs().max()) / math.sqrt(eps), rel=1e-14)
-    assert rec.ln2_lip_global == pytest.approx(float(w.norm_ffn.weight.abs().max()) / math.sqrt(eps), rel=1e-14)
+    assert rec.ln1_lip_global == pytest.approx(_lip_global(w.norm_attn, eps), rel=1e-14)
+    assert rec.ln2_lip_global == pytest.approx(_lip_global(w.norm_ffn, eps), rel=1e-14)
     assert rec.lip_mha_weights == pytest.approx(compute_mha_bound(norms, 1.0, r2_reset, scale).lip_mha, rel=1e-12)
-    ffn_radius = _reset(w.norm_attn if layer.residual == "post" else w.norm_ffn, kind)
+    if layer.residual == "output_norm":                        # the FFN reads h + N1b(.): radius of h plus N1b's
+        ffn_radius = r2_reset + _reset(w.norm_attn_out, kind)
+        assert float(torch.linalg.vector_norm(mid["ffn_in"], dim=-1).max()) <= ffn_radius
+    else:
+        ffn_radius = _reset(w.norm_attn if layer.residual == "post" else w.norm_ffn, kind)
     if "w_gate" in layer.ffn:
         ffn_w = compute_swiglu_ball(ffn_radius, layer.ffn["w_gate"], layer.ffn["w_up"], layer.ffn["w_out"],
                                     activation=layer.activation)
@@ -184,7 +207,7 @@ def test_layer_factors_dominate_their_lower_bounds(family: str) -> None:
     rec = compute_layer_lipschitz(layer.weights, layer.cfg, r2_reset, trace, theta).record
     factors = [("norm_attn", "n1_in", rec.ln1_lip_local, rec.ln1_lip_global),
                ("norm_ffn", "n2_in", rec.ln2_lip_local, rec.ln2_lip_global)]
-    if layer.residual == "sandwich":
+    if layer.residual in ("sandwich", "output_norm"):
         factors += [("norm_attn_out", "n1o_in", rec.ln1_out_lip_local, rec.ln1_out_lip_global),
                     ("norm_ffn_out", "n2o_in", rec.ln2_out_lip_local, rec.ln2_out_lip_global)]
     for which, point, local, glob in factors:
@@ -232,6 +255,8 @@ def test_combine_layer_bound_by_hand() -> None:
     # §18.3 sandwich with L_N1b = 11, L_N2b = 13: (1 + 11·3·2)(1 + 13·7·5) = 67 · 456
     assert combine_layer_bound(Residual.SANDWICH, 2.0, 3.0, 5.0, 7.0, 11.0, 13.0) == 67.0 * 456.0
     assert combine_layer_bound(Residual.SANDWICH, 2.0, 3.0, 5.0, 7.0) == 252.0
+    # output norms only: L_N1a = L_N2a = 1, (1 + 11·3)(1 + 13·7) = 34 · 92
+    assert combine_layer_bound(Residual.OUTPUT_NORM, 1.0, 3.0, 1.0, 7.0, 11.0, 13.0) == 34.0 * 92.0
 
 
 def test_sandwich_layer_logits_exceed_the_cap() -> None:
@@ -268,11 +293,35 @@ def test_reset_radii_by_hand() -> None:
         compute_first_layer_radius(NormKind.LAYERNORM, None)
 
 
+def test_output_norm_stream_radius_by_hand() -> None:
+    """§18.3 without input norms: r2_in_reset is the radius of h_l (given, never a reset of N1), and each layer adds
+    its output norms' resets: gamma_1b = (1, -2, 0.5, 1, ...), gamma_2b = 0.5 in d = 8 add (2 + 0.5) sqrt 8."""
+    layer = make_random_layer("olmo2", T, 1e-5, seed=0)
+    w = layer.weights
+    assert w.norm_attn.identity and w.norm_ffn.identity
+    with pytest.raises(ValueError):
+        compute_r2_in_reset(layer.cfg, w)
+    assert compute_r2_in_reset(layer.cfg, w, stream_radius=3.5) == 3.5
+    w.norm_attn_out = NormWeights(torch.tensor([1.0, -2.0, 0.5, 1.0] * 2, dtype=F64), None)
+    w.norm_ffn_out = NormWeights(torch.full((8,), 0.5, dtype=F64), None)
+    assert advance_stream_radius(layer.cfg, w, 3.5) == pytest.approx(3.5 + 2.5 * math.sqrt(8), rel=1e-15)
+    gemma = make_random_layer("gemma2", T, 1e-5, seed=0)              # a sandwich layer keeps N1a's reset
+    assert compute_r2_in_reset(gemma.cfg, gemma.weights, stream_radius=3.5) == pytest.approx(
+        _reset(gemma.weights.norm_attn, "rmsnorm"))
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
 def test_ffn_reset_radius_reads_the_norm_before_the_ffn(family: str) -> None:
-    """§8.1: the FFN input is N2(h') (pre), N2(h) (parallel) or LN1(u1) (post-LN): its radius is that norm's reset."""
+    """§8.1: the FFN input is N2(h') (pre), N2(h) (parallel) or LN1(u1) (post-LN): its radius is that norm's reset;
+    §18.3 without input norms it is h' = h + N1b(.): the radius of h plus N1b's reset (reset 3 sqrt 8 here)."""
     layer = make_random_layer(family, T, 1e-5, seed=0)
     w = layer.weights
+    if layer.residual == "output_norm":
+        w.norm_attn_out = NormWeights(torch.full((8,), -3.0, dtype=F64), None)
+        assert compute_ffn_reset_radius(layer.cfg, w, 7.0) == pytest.approx(7.0 + 3.0 * math.sqrt(8), rel=1e-15)
+        with pytest.raises(ValueError):
+            compute_ffn_reset_radius(layer.cfg, w)
+        return
     w.norm_attn = NormWeights(torch.full((8,), 2.0, dtype=F64), None)                  # reset 2 sqrt 8
     w.norm_ffn = NormWeights(torch.full((8,), -5.0, dtype=F64), None)                  # reset 5 sqrt 8
     expected = (2.0 if layer.residual == "post" else 5.0) * math.sqrt(8)
@@ -301,10 +350,10 @@ def _stack(fns):
     return f
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "gemma2"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "gemma2", "olmo2"])
 def test_pre_norm_and_parallel_identity_path(family: str) -> None:
-    """T23 (Theorem 5.4; §18.3 for sandwich layers): with both sublayers' output projections zeroed, two pre-norm /
-    parallel / sandwich layers are the identity, ``d h_2 / d h_0 = I``: the residual path is additive and never
+    """T23 (Theorem 5.4; §18.3 for sandwich and output-norm layers): with both sublayers' output projections zeroed,
+    two pre-norm / parallel / sandwich / output-norm layers are the identity, ``d h_2 / d h_0 = I``: the residual path is additive and never
     passes through a norm."""
     from attnstab_cli.metrics.lipschitz.empirical import make_layer_function
 

@@ -1,7 +1,8 @@
 """THEORY T31: attention with q/k RMSNorm on the projections (§18.2), per head (Qwen3, Gemma 3) and full width
 (OLMo 2), with GQA and RoPE.
 
-Each case is a random LLaMA-like layer of ``lip_helpers`` given q/k norms; a plain reference written here (project,
+Each case is a random LLaMA-like layer of ``lip_helpers`` given q/k norms (and an OLMo-2-like one: full-width q/k
+norms in the output-norm wiring of §18.3, whose MHA reads h itself); a plain reference written here (project,
 normalize, rotate, softmax) is checked equal to the package's ``run_layer``, and then: the MHA tiers 2r, 2 and 1 and
 the layer tiers are at least the certified lower bound (dense alternating maximisation of the reference's exact
 Jacobian), the constants equal their §18.2 values computed here, and ``logit_bound`` is at least every |s q.k| on
@@ -82,9 +83,14 @@ class QKNormLayer:
         return out if self.m.bo is None else out + self.m.bo
 
     def layer(self, h: torch.Tensor) -> torch.Tensor:
-        """The pre-norm layer map with this attention."""
-        mid = h + self.mha(self.base.norm(h, "norm_attn"))
-        return mid + self.base.ffn_map(self.base.norm(mid, "norm_ffn"))
+        """The layer map with this attention: pre-norm, or output norms only (§18.3)."""
+        b = self.base
+        attn = self.mha(b.norm(h, "norm_attn"))
+        if b.residual == "output_norm":
+            mid = h + b.norm(attn, "norm_attn_out")
+            return mid + b.norm(b.ffn_map(mid), "norm_ffn_out")
+        mid = h + attn
+        return mid + b.ffn_map(b.norm(mid, "norm_ffn"))
 
 
 def _lower(f, x: torch.Tensor) -> float:
@@ -92,7 +98,8 @@ def _lower(f, x: torch.Tensor) -> float:
     return lower
 
 
-CASES = [(fam, mode, eps) for fam in ("llama", "qwen2") for mode in QKNorm for eps in (1e-6, 1e-2, 1.0)]
+CASES = [(fam, mode, eps) for fam in ("llama", "qwen2") for mode in QKNorm for eps in (1e-6, 1e-2, 1.0)] + \
+    [("olmo2", QKNorm.FULL_WIDTH, eps) for eps in (1e-6, 1e-2, 1.0)]
 
 
 def _setup(family: str, mode: QKNorm, eps: float, proj_scale: float = 1.0):
@@ -105,7 +112,8 @@ def _setup(family: str, mode: QKNorm, eps: float, proj_scale: float = 1.0):
     torch.testing.assert_close(trace.attn.out[0], L.mha(a), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(trace.resid_out[0], L.layer(h), rtol=1e-12, atol=1e-12)
     theta = theta_exact(L.probabilities(a))                                             # [H, T]
-    return L, h, a, trace, theta, compute_r2_in_reset(L.cfg, L.weights)
+    radius = 1.5 * float(h.norm(dim=-1).max())          # output norms: the MHA reads h, radius of the inputs considered
+    return L, h, a, trace, theta, compute_r2_in_reset(L.cfg, L.weights, stream_radius=radius)
 
 
 @pytest.mark.parametrize("proj_scale", [1.0, 0.02])
