@@ -145,7 +145,8 @@ def test_numeric_columns_are_every_int_and_float_column_but_the_keys() -> None:
     assert "n_layers" in NUMERIC_COLUMNS["model"] and "grad_loss_kind" not in NUMERIC_COLUMNS["model"]
     assert "identity_grad_path" not in NUMERIC_COLUMNS["model"]
     n_float = sum(c.type == pa.float64() for cols in TABLES.values() for c in cols)
-    assert sum(len(v) for v in NUMERIC_COLUMNS.values()) == n_float + 4   # + n_rows, n_rows_short, wide rows, n_layers
+    assert sum(len(v) for v in NUMERIC_COLUMNS.values()) == n_float + 5   # + n_rows, n_rows_short, wide rows, n_layers,
+    assert "attn_window" in NUMERIC_COLUMNS["layers"]                        # attn_window
 
 
 def test_long_format_matches_the_report_tables_cell_by_cell() -> None:
