@@ -14,6 +14,8 @@ from attnstab_cli.model.load import open_model
 GROUPS = {
     "gpt2": (lambda m: m.transformer.h, ("attn",), ("mlp",), ("ln_1", "ln_2")),
     "llama": (lambda m: m.model.layers, ("self_attn",), ("mlp",), ("input_layernorm", "post_attention_layernorm")),
+    "mistral": (lambda m: m.model.layers, ("self_attn",), ("mlp",), ("input_layernorm", "post_attention_layernorm")),
+    "qwen2": (lambda m: m.model.layers, ("self_attn",), ("mlp",), ("input_layernorm", "post_attention_layernorm")),
     "qwen3": (lambda m: m.model.layers, tuple(f"self_attn.{p}_proj" for p in "qkvo"), ("mlp",),   # q/k norms count
               ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm")),  # as norms
     "neox": (lambda m: m.gpt_neox.layers, ("attention",), ("mlp",), ("input_layernorm", "post_attention_layernorm")),

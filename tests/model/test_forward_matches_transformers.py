@@ -111,8 +111,8 @@ def test_per_head_slices_recombine_to_attention_output(tiny_checkpoints: dict) -
 # the same rotate-half formula in the input dtype.
 UNCAST_RMSNORM = {"phi3": "w", "phi3_longrope": "w", "llama": "w", "llama3_scaled": "w", "mistral": "w",
                   "qwen2": "w", "qwen3": "w", "gemma3": "1+w", "olmo2": "w"}
-FLOAT64_REFERENCE = ("bert", "gpt2", "gpt2_scaled", "gptj", "neox", "neox_serial", "phi", "phi_qk", "modernbert",
-                     *UNCAST_RMSNORM)
+FLOAT64_REFERENCE = ("bert", "roberta", "xlm_roberta", "distilbert", "gpt2", "gpt2_scaled", "gptj", "neox",
+                     "neox_serial", "phi", "phi_qk", "modernbert", *UNCAST_RMSNORM)
 UNCAST_ROPE = {"modernbert": "transformers.models.modernbert.modeling_modernbert"}
 
 
