@@ -66,8 +66,8 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "attn_logit_cap": cfg.attn_logit_cap,
         "final_logit_cap": cfg.final_logit_cap,
         "embed_scale": cfg.layout.embed_scale.value,
-        "window_rule": "key j visible from query i iff |i - j| < window" + ("" if cfg.layout.causal else
-                                                                             " (bidirectional)"),
+        "window_rule": None if not any(cfg.sliding_windows) else
+        "key j visible from query i iff |i - j| < window" + ("" if cfg.layout.causal else " (bidirectional)"),
         "layer_types": None if cfg.layer_types is None else list(cfg.layer_types),
         "sliding_windows": list(cfg.sliding_windows),
         "rope_by_layer_type": {t: _describe_rope(r) for t, r in cfg.rope_by_type} or None,

@@ -56,6 +56,7 @@ def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
                 "olmo2": "output norms (a norm on each branch output, none before the branches)"}
     expected.update(dict.fromkeys(("distilbert", "roberta", "xlm_roberta"), "post-norm"))
     assert data["placement"] == expected[family]
+    assert (data["window_rule"] is None) == (not any(data["sliding_windows"]))
     assert data["norm"] == ("rmsnorm" if family in ("llama", "qwen3", "gemma2", "gemma3", "phi3", "phi3_longrope",
                                                     "olmo2") else "layernorm")
     assert data["qk_norm"] == {"qwen3": "per_head", "gemma3": "per_head", "olmo2": "full_width"}.get(family)

@@ -7,7 +7,8 @@ below, named ``"<layer>.<block>.<tensor>"``:
 
 ``attn_q``, ``attn_k``, ``attn_v`` (W_Q, W_K, W_V, each with its bias), ``attn_out`` (W_O, b_O), ``ffn_in`` (W_in, b_in or W_gate, W_up),
 ``ffn_out`` (W_out, b_out), ``norm_attn.gamma``, ``norm_attn.beta``, ``norm_ffn.gamma``, ``norm_ffn.beta`` (β only for
-LayerNorm), and with branch-output norms (THEORY §18.3) ``norm_attn_out.gamma``, ``norm_ffn_out.gamma`` (and β).
+LayerNorm), with branch-output norms (THEORY §18.3) ``norm_attn_out.gamma``, ``norm_ffn_out.gamma`` (and β), and with
+q/k norms on the projections (§18.2) ``q_norm.gamma``, ``k_norm.gamma`` (and β).
 """
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
     "norm_attn_out.beta": ("norm_attn_out.bias",),
     "norm_ffn_out.gamma": ("norm_ffn_out.weight",),
     "norm_ffn_out.beta": ("norm_ffn_out.bias",),
+    "q_norm.gamma": ("q_norm.weight",),
+    "q_norm.beta": ("q_norm.bias",),
+    "k_norm.gamma": ("k_norm.weight",),
+    "k_norm.beta": ("k_norm.bias",),
 }
 Params = dict[str, torch.Tensor]
 
@@ -91,7 +96,8 @@ def with_params(w: LayerWeights, params: Params) -> LayerWeights:
     changes: dict[str, Any] = {}
     ffn = dict(w.ffn)
     norms = {role: norm for role, norm in (("norm_attn", w.norm_attn), ("norm_ffn", w.norm_ffn),
-                                           ("norm_attn_out", w.norm_attn_out), ("norm_ffn_out", w.norm_ffn_out))
+                                           ("norm_attn_out", w.norm_attn_out), ("norm_ffn_out", w.norm_ffn_out),
+                                           ("q_norm", w.q_norm), ("k_norm", w.k_norm))
              if norm is not None}
     for name, value in fields.items():
         head, _, tail = name.partition(".")

@@ -17,7 +17,7 @@ from attnstab_cli.model.load import open_model
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "bert", "gptj", "gemma2", "olmo2"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "bert", "gptj", "gemma2", "olmo2", "qwen3"])
 def loss(request, tiny_checkpoints) -> ModelLoss:
     model = open_model(tiny_checkpoints[request.param][0])
     ids = torch.randint(0, model.cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -58,6 +58,8 @@ def test_names_split_into_layer_block_and_field(loss: ModelLoss) -> None:
         assert not any(b.startswith("norm_ffn") for _, b in blocks)
     if loss.cfg.layout.residual.output_norms:             # Gemma 2's branch-output norms are blocks of their own
         expected |= {"norm_attn_out.gamma", "norm_ffn_out.gamma"}
+    if loss.cfg.layout.qk_norm is not None:              # q/k norms on the projections (Qwen3, OLMo 2)
+        expected |= {"q_norm.gamma", "k_norm.gamma"}
     if not loss.cfg.layout.residual.input_norms:          # OLMo 2: identity input norms have no parameters
         expected -= {"norm_attn.gamma", "norm_ffn.gamma"}
         assert not any(b in ("norm_attn.gamma", "norm_ffn.gamma") for _, b in blocks)
@@ -78,6 +80,21 @@ def test_hvp_matches_the_dense_hessian_across_layers(loss: ModelLoss) -> None:
     assert torch.allclose(op(v), dense @ v, rtol=1e-9, atol=1e-12 * float(dense.abs().max()))
     cross = dense[:64, -64:]                                            # layer 0 γ1 vs the last layer's γ2: coupled
     assert float(cross.abs().max()) > 1e-6
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+def test_qk_norm_gammas_are_blocks_whose_hvp_matches_the_dense_hessian(family: str, tiny_checkpoints) -> None:
+    """The q/k norms' γ (THEORY §18.2) are parameters of the loss: the product on them equals the dense Hessian."""
+    model = open_model(tiny_checkpoints[family][0])
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    loss = ModelLoss(model, [ids], "cpu", F64)
+    params = _subset(loss, "q_norm.weight", "k_norm.weight")
+    assert params
+    dense = _dense(loss, params)
+    op, n = flat_operator(loss, params)
+    v = torch.randn(n, generator=torch.Generator().manual_seed(4), dtype=F64)
+    assert float(dense.abs().max()) > 0
+    assert torch.allclose(op(v), dense @ v, rtol=1e-9, atol=1e-12 * float(dense.abs().max()))
 
 
 def test_hvp_on_a_matrix_block_matches_finite_differences_of_the_gradient(loss: ModelLoss) -> None:
