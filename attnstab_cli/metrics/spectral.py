@@ -21,8 +21,11 @@ The norms feed upper bounds (THEORY §5.2, §6, §12), so each reported spectral
   (relative error ~ ``r^2 eps`` on the top eigenvalue per step, halved by each root) is covered by a safety margin
   ``1 + 2 (m + r) r eps`` applied to ``sigma_hi``.
 
-``kappa`` (THEORY §13, §14) needs the smallest singular value, which has no cheap certified iterative path: it is
-always computed with one float64 SVD. ``||W||_{2->inf}`` (THEORY §6.2) is the largest column l2 norm, because
+``kappa`` (THEORY §13, §14) needs the smallest singular value, which has no cheap certified iterative path. Per-head
+slices take one float64 SVD; a whole matrix whose smaller side is at least ``GRAM_MIN_DIM``
+(:func:`extreme_singular_values`) takes the Gram path's ``eigvalsh`` instead, whose smallest eigenvalue is bracketed
+by the same Weyl bound ``E`` as the largest: it is used when that bracket pins sigma_min to ``rtol`` (relative), and
+the SVD otherwise (a nearly rank-deficient matrix). ``||W||_{2->inf}`` (THEORY §6.2) is the largest column l2 norm, because
 ``||x W||_inf = max_k |x . W[:, k]| <= ||x||_2 max_k ||W[:, k]||_2`` in the row convention.
 """
 from __future__ import annotations
@@ -115,6 +118,30 @@ def singular_values(w: torch.Tensor) -> torch.Tensor:
             return torch.linalg.svdvals(w64.mT if w64.shape[-1] > w64.shape[-2] else w64)
 
     return shared(("svdvals",), w, compute)
+
+
+def extreme_singular_values(w: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """``[upper sigma_max, sigma_min]`` of one matrix ``w [m, n]`` (float64): from ``eigvalsh`` of the Gram matrix of
+    the smaller side when that is at least ``GRAM_MIN_DIM`` and the Weyl bracket ``lambda_min +- E`` (module docstring,
+    "Gram path") puts sigma_min within ``rtol`` (relative); else from the SVD (:func:`singular_values`)."""
+    def compute() -> torch.Tensor:
+        m, n = w.shape[-2:]
+        r, long = min(m, n), max(m, n)
+        if r < GRAM_MIN_DIM:
+            s = singular_values(w)
+            return torch.stack([s[0], s[-1]])
+        w64 = w.to(torch.float64)
+        eps = torch.finfo(torch.float64).eps
+        with single_threaded():
+            lam = torch.linalg.eigvalsh(_gram(w64))                                   # [r] ascending
+        err = long * eps / (1 - long * eps) * float(w64.square().sum()) + 4 * r * eps * float(lam[-1].abs())
+        low, high = float(lam[0]) - err, float(lam[0]) + err
+        if low > 0 and high ** 0.5 <= (1 + rtol) * low ** 0.5:
+            return torch.tensor([(float(lam[-1]) + err) ** 0.5, float(lam[0]) ** 0.5], dtype=torch.float64)
+        s = singular_values(w)
+        return torch.stack([s[0], s[-1]])
+
+    return shared(("extremes", rtol), w, compute)
 
 
 def condition_number(w: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
@@ -288,7 +315,7 @@ def relative_gap(est: SpectralNorm) -> torch.Tensor:
 
 
 __all__ = [
-    "EXACT_MAX_DIM", "GRAM_MIN_DIM", "SpectralNorm", "condition_number", "gram_eigen_bracket", "gram_upper_bound",
-    "norm_2_to_inf", "power_iteration", "relative_gap", "shared", "singular_values", "smallest_singular_value", "spectral_norm",
-    "spectral_norm_value",
+    "EXACT_MAX_DIM", "GRAM_MIN_DIM", "SpectralNorm", "condition_number", "extreme_singular_values",
+    "gram_eigen_bracket", "gram_upper_bound", "norm_2_to_inf", "power_iteration", "relative_gap", "shared",
+    "singular_values", "smallest_singular_value", "spectral_norm", "spectral_norm_value",
 ]

@@ -23,7 +23,8 @@ import torch
 from attnstab_cli.arch.spec import FFNKind
 from attnstab_cli.errors import InputError
 from attnstab_cli.metrics.lipschitz._linalg import head_rows, head_slices
-from attnstab_cli.metrics.spectral import norm_2_to_inf, singular_values, spectral_norm_value
+from attnstab_cli.metrics.spectral import (extreme_singular_values, norm_2_to_inf, singular_values,
+                                           spectral_norm_value)
 from attnstab_cli.model.config import ModelConfig, RopeConfig
 from attnstab_cli.model.rope import apply_rope, compute_inv_freq, rope_regimes
 from attnstab_cli.model.weights import LayerWeights, NormWeights
@@ -296,9 +297,9 @@ def _norm_stats(norm: NormWeights) -> tuple[float | None, float | None]:
 def compute_layer_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int | None = None) -> LayerWeightMetrics:
     """Per-layer weight columns (THEORY §0.3 layer table: §4, §6, §10, §12, §13)."""
     layer = w.layer if layer is None else layer
-    s_o = singular_values(w.wo)                                   # [min(H*D, d)]
-    s_1 = singular_values(ffn_first_matrix(w.ffn, cfg.layout.ffn))
-    s_2 = singular_values(w.ffn["w_out"])
+    s_o = extreme_singular_values(w.wo)                           # [2]: upper sigma_max, sigma_min
+    s_1 = extreme_singular_values(ffn_first_matrix(w.ffn, cfg.layout.ffn))
+    s_2 = extreme_singular_values(w.ffn["w_out"])
     wq_n, wk_n, wv_n = (float(spectral_norm_value(t)) for t in (w.wq, w.wk, w.wv))
     wo_n = float(s_o[0])
     proj = wq_n * wk_n * wv_n * wo_n

@@ -6,6 +6,8 @@ and its upper bound must never fall below the truth.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -183,3 +185,35 @@ def test_empty_and_vector_inputs() -> None:
     assert spectral_norm(torch.zeros(0, 3, 3)).value.shape == (0,)
     with pytest.raises(ValueError):
         spectral_norm(torch.ones(3))
+
+
+@pytest.mark.parametrize("shape", [(160, 700), (700, 160), (200, 200), (64, 300)])
+def test_extreme_singular_values_match_svdvals(shape: tuple[int, int]) -> None:
+    """The Gram path's sigma_min and sigma_max (upper) agree with the SVD to its certified rtol, on random and on
+    graded spectra; below GRAM_MIN_DIM the SVD itself is used."""
+    from attnstab_cli.metrics.spectral import extreme_singular_values
+
+    g = torch.Generator().manual_seed(sum(shape))
+    for spread in (1.0, 1e-2):
+        u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=g, dtype=torch.float64))
+        s = torch.logspace(0, math.log10(spread), min(shape), dtype=torch.float64) * 3.0
+        w = u @ torch.diag(s) @ v.T
+        got = extreme_singular_values(w)
+        exact = torch.linalg.svdvals(w)
+        assert exact[0] * (1 - 1e-14) <= got[0] <= exact[0] * (1 + 1e-9)      # an upper value, r n eps above
+        assert float(got[1]) == pytest.approx(float(exact[-1]), rel=1e-6)
+
+
+def test_extreme_singular_values_fall_back_to_the_svd_when_nearly_singular() -> None:
+    """A sigma_min far below the Gram bracket's error (1e-9 of sigma_max) comes from the SVD, not the bracket."""
+    from attnstab_cli.metrics.spectral import extreme_singular_values
+
+    g = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(300, 150, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(150, 150, generator=g, dtype=torch.float64))
+    s = torch.ones(150, dtype=torch.float64)
+    s[-1] = 1e-9
+    w = u @ torch.diag(s) @ v.T
+    got = extreme_singular_values(w)
+    assert float(got[1]) == pytest.approx(1e-9, rel=1e-5)          # the Gram eigenvalue would be ~1e-16 +- 1e-13
