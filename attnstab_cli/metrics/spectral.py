@@ -25,8 +25,9 @@ The norms feed upper bounds (THEORY §5.2, §6, §12), so each reported spectral
 slices take one float64 SVD; a whole matrix whose smaller side is at least ``GRAM_MIN_DIM``
 (:func:`extreme_singular_values`) takes the Gram path's ``eigvalsh`` instead, whose smallest eigenvalue is bracketed
 by the same Weyl bound ``E`` as the largest: it is used when that bracket pins sigma_min to ``rtol`` (relative), and
-the SVD otherwise (a nearly rank-deficient matrix). ``||W||_{2->inf}`` (THEORY §6.2) is the largest column l2 norm, because
-``||x W||_inf = max_k |x . W[:, k]| <= ||x||_2 max_k ||W[:, k]||_2`` in the row convention.
+the SVD otherwise (a nearly rank-deficient matrix).
+
+``||W||_{2->inf}`` (THEORY §6.2) is the largest column l2 norm, because ``||x W||_inf = max_k |x . W[:, k]| <= ||x||_2 max_k ||W[:, k]||_2`` in the row convention.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attnstab_cli.report.cells import MISSING, format_value
+from attnstab_cli.report.cells import MISSING
 from attnstab_cli.report.findings import compute_findings
 
 # per-layer table: report column -> heading (columns absent from a report are dropped, e.g. grad without --grad)
