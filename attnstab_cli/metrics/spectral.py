@@ -27,7 +27,8 @@ slices take one float64 SVD; a whole matrix whose smaller side is at least ``GRA
 by the same Weyl bound ``E`` as the largest: it is used when that bracket pins sigma_min to ``rtol`` (relative), and
 the SVD otherwise (a nearly rank-deficient matrix).
 
-``||W||_{2->inf}`` (THEORY §6.2) is the largest column l2 norm, because ``||x W||_inf = max_k |x . W[:, k]| <= ||x||_2 max_k ||W[:, k]||_2`` in the row convention.
+``||W||_{2->inf}`` (THEORY §6.2) is the largest column l2 norm, because
+``||x W||_inf = max_k |x . W[:, k]| <= ||x||_2 max_k ||W[:, k]||_2`` in the row convention.
 """
 from __future__ import annotations
 
