@@ -67,7 +67,7 @@ def _edit_config(ck: Path, **changes: object) -> Path:
 # unread tensors -------------------------------------------------------------------------------------------------------
 
 def test_gemma3_without_its_qk_norms_names_the_missing_tensor(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    """Issue 13 item 5: a known family with an expected tensor absent exits 2 naming the tensor."""
+    """A known family with an expected tensor absent exits 2 naming the tensor."""
     ck = _edit_weights(_copy(ckpts["gemma3"], tmp_path), lambda s: s.pop("model.layers.0.self_attn.q_norm.weight"))
     for args in (("info", ck), ("scan", ck, *SCAN)):
         assert_input_error(invoke(*args), "missing tensor", "model.layers.0.self_attn.q_norm.weight")

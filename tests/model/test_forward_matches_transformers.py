@@ -148,7 +148,7 @@ def _float64_reference(family: str, ref: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("seq_len", [40, 12])
 def test_float64_layers_match(family: str, seq_len: int, tiny_checkpoints: dict,
                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 13 item 2: in float64 every layer's output h_{l+1} matches ``transformers`` to 1e-10 relative.
+    """In float64 every layer's output h_{l+1} matches ``transformers`` to 1e-10 relative.
 
     The reference runs SDPA attention: some eager implementations (GPT-J) cast q and k to float32 for the logits,
     which would cap a float64 comparison at float32 precision. Two lengths: ``phi3_longrope`` uses its long factors
