@@ -178,31 +178,29 @@ def build_bert(data: TokenData, dropout: float) -> PreTrainedModel:
     return BertForMaskedLM._from_config(cfg, attn_implementation="eager")
 
 
-def build_llama(data: TokenData, dropout: float) -> PreTrainedModel:
-    """LLaMA with GQA (4 q heads, 2 kv heads), RoPE theta 1e4, RMSNorm, untied head."""
+def _llama_shape(data: TokenData, dropout: float) -> dict:
+    """The decoder shape llama-tiny and qwen3-tiny share: GQA (4 q heads, 2 kv heads), head_dim 16, RoPE theta 1e4,
+    RMSNorm, untied head, no attention biases."""
     eot = data.ids["<|endoftext|>"]
-    cfg = LlamaConfig(
+    return dict(
         vocab_size=data.vocab_size, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_act="silu",
         max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, attention_dropout=dropout,
+        tie_word_embeddings=False, attention_bias=False, attention_dropout=dropout,
         bos_token_id=eot, eos_token_id=eot, pad_token_id=data.ids["[PAD]"],
     )
+
+
+def build_llama(data: TokenData, dropout: float) -> PreTrainedModel:
+    """LLaMA with the shared decoder shape (``_llama_shape``)."""
+    cfg = LlamaConfig(**_llama_shape(data, dropout), mlp_bias=False)
     return LlamaForCausalLM._from_config(cfg, attn_implementation="eager")
 
 
 def build_qwen3(data: TokenData, dropout: float) -> PreTrainedModel:
-    """Qwen3: llama-tiny's shape (GQA 4/2, head_dim 16, RoPE 1e4, RMSNorm, untied head) plus per-head q/k RMSNorm."""
-    eot = data.ids["<|endoftext|>"]
-    cfg = Qwen3Config(
-        vocab_size=data.vocab_size, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_act="silu",
-        max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False, attention_bias=False, attention_dropout=dropout, use_sliding_window=False,
-        bos_token_id=eot, eos_token_id=eot, pad_token_id=data.ids["[PAD]"],
-    )
+    """Qwen3: llama-tiny's shape plus per-head q/k RMSNorm."""
+    cfg = Qwen3Config(**_llama_shape(data, dropout), use_sliding_window=False)
     return Qwen3ForCausalLM._from_config(cfg, attn_implementation="eager")
 
 

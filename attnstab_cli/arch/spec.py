@@ -176,9 +176,8 @@ class ArchSpec:
 
 
 _KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefixes", "tensors", "head_tensors",
-         "layer_tensors", "optional", "tied", "required_without_config", "residual_switch", "qk_norm_switch", "ignorable",
-         "buffers",
-         "unsupported_if_true", "rope_type_aliases", "ignored_parts"}
+         "layer_tensors", "optional", "tied", "required_without_config", "residual_switch", "qk_norm_switch",
+         "ignorable", "buffers", "unsupported_if_true", "rope_type_aliases", "ignored_parts"}
 
 
 _LAYOUT_KEYS = {"orientation", "qkv_packing", "norm", "residual", "positions", "rope_style", "causal", "ffn",

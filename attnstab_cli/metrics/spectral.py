@@ -127,19 +127,12 @@ def extreme_singular_values(w: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor
     the smaller side when that is at least ``GRAM_MIN_DIM`` and the Weyl bracket ``lambda_min +- E`` (module docstring,
     "Gram path") puts sigma_min within ``rtol`` (relative); else from the SVD (:func:`singular_values`)."""
     def compute() -> torch.Tensor:
-        m, n = w.shape[-2:]
-        r, long = min(m, n), max(m, n)
-        if r < GRAM_MIN_DIM:
-            s = singular_values(w)
-            return torch.stack([s[0], s[-1]])
-        w64 = w.to(torch.float64)
-        eps = torch.finfo(torch.float64).eps
-        with single_threaded():
-            lam = torch.linalg.eigvalsh(_gram(w64))                                   # [r] ascending
-        err = long * eps / (1 - long * eps) * float(w64.square().sum()) + 4 * r * eps * float(lam[-1].abs())
-        low, high = float(lam[0]) - err, float(lam[0]) + err
-        if low > 0 and high ** 0.5 <= (1 + rtol) * low ** 0.5:
-            return torch.tensor([(float(lam[-1]) + err) ** 0.5, float(lam[0]) ** 0.5], dtype=torch.float64)
+        if min(w.shape[-2:]) >= GRAM_MIN_DIM:
+            lams, errs = _gram_spectrum(w.to(torch.float64)[None])
+            lam, err = lams[0], float(errs[0])                                        # [r] ascending
+            low, high = float(lam[0]) - err, float(lam[0]) + err
+            if low > 0 and high ** 0.5 <= (1 + rtol) * low ** 0.5:
+                return torch.tensor([(float(lam[-1]) + err) ** 0.5, float(lam[0]) ** 0.5], dtype=torch.float64)
         s = singular_values(w)
         return torch.stack([s[0], s[-1]])
 
@@ -212,17 +205,25 @@ def _gram(w: torch.Tensor) -> torch.Tensor:
     return w.transpose(-1, -2) @ w if w.shape[-1] <= w.shape[-2] else w @ w.transpose(-1, -2)
 
 
-def gram_eigen_bracket(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lower [N], upper [N])`` around sigma_max of ``w [N, m, n]`` (float64) from ``eigvalsh`` of the Gram matrix
-    of the smaller side (module docstring, "Gram path")."""
+def _gram_spectrum(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lambda [N, r] ascending, E [N])``: the eigenvalues of the Gram matrix of the smaller side of ``w [N, m, n]``
+    (float64) and the Weyl bound ``E`` on each one's distance from the matching sigma^2 (module docstring, "Gram
+    path")."""
     m, n = w.shape[-2:]
     r, long = min(m, n), max(m, n)
     eps = torch.finfo(torch.float64).eps
     gamma = long * eps / (1 - long * eps)
     with single_threaded():
-        lam = torch.linalg.eigvalsh(_gram(w))[..., -1]                           # [N]
-    err = gamma * w.square().sum(dim=(-2, -1)) + 4 * r * eps * lam.abs()         # [N]  E
-    return (lam - err).clamp_min(0).sqrt(), (lam.clamp_min(0) + err).sqrt()
+        lam = torch.linalg.eigvalsh(_gram(w))                                    # [N, r]
+    return lam, gamma * w.square().sum(dim=(-2, -1)) + 4 * r * eps * lam[..., -1].abs()
+
+
+def gram_eigen_bracket(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lower [N], upper [N])`` around sigma_max of ``w [N, m, n]`` (float64) from ``eigvalsh`` of the Gram matrix
+    of the smaller side (module docstring, "Gram path")."""
+    lam, err = _gram_spectrum(w)
+    top = lam[..., -1]                                                           # [N]
+    return (top - err).clamp_min(0).sqrt(), (top.clamp_min(0) + err).sqrt()
 
 
 def gram_upper_bound(w: torch.Tensor, lower: torch.Tensor, *, rtol: float = 1e-6, max_squarings: int = 40,

@@ -286,9 +286,10 @@ def ffn_first_matrix(ffn: Mapping[str, torch.Tensor], kind: FFNKind) -> torch.Te
     return ffn["w_in"].to(F64)                                                     # [d, m]
 
 
-def _norm_stats(norm: NormWeights) -> tuple[float | None, float | None]:
-    """``(||gamma||_inf, ||beta||_2 or None)`` of a norm layer (THEORY §4); both None for the identity."""
-    if norm.identity:
+def _norm_stats(norm: NormWeights | None) -> tuple[float | None, float | None]:
+    """``(||gamma||_inf, ||beta||_2 or None)`` of a norm layer (THEORY §4); both None for the identity or a norm the
+    layer does not have."""
+    if norm is None or norm.identity:
         return None, None
     beta = None if norm.bias is None else float(norm.bias.to(F64).norm())
     return float(norm.weight.to(F64).abs().max()), beta
@@ -306,8 +307,8 @@ def compute_layer_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int |
     gated = cfg.layout.ffn is FFNKind.GATED
     g_max1, b1 = _norm_stats(w.norm_attn)
     g_max2, b2 = _norm_stats(w.norm_ffn)
-    g_max1o, b1o = _norm_stats(w.norm_attn_out) if w.norm_attn_out is not None else (None, None)
-    g_max2o, b2o = _norm_stats(w.norm_ffn_out) if w.norm_ffn_out is not None else (None, None)
+    g_max1o, b1o = _norm_stats(w.norm_attn_out)
+    g_max2o, b2o = _norm_stats(w.norm_ffn_out)
     return LayerWeightMetrics(
         layer=layer, proj_product_layer=proj, alpha_geo=proj ** 0.25,
         kappa_eff=float(sum(_kappa(s, KAPPA_EFF_RIDGE) for s in (s_1, s_2, s_o))),
@@ -320,8 +321,7 @@ def compute_layer_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int |
         norm1_gamma_max=g_max1, norm1_beta_norm=b1, norm2_gamma_max=g_max2, norm2_beta_norm=b2,
         norm1_out_gamma_max=g_max1o, norm1_out_beta_norm=b1o, norm2_out_gamma_max=g_max2o, norm2_out_beta_norm=b2o,
         norm_eps=cfg.norm_eps,
-        qnorm_gamma_max=None if w.q_norm is None else _norm_stats(w.q_norm)[0],
-        knorm_gamma_max=None if w.k_norm is None else _norm_stats(w.k_norm)[0],
+        qnorm_gamma_max=_norm_stats(w.q_norm)[0], knorm_gamma_max=_norm_stats(w.k_norm)[0],
     )
 
 

@@ -46,17 +46,6 @@ class LayerWeights:
     norm_attn_out: NormWeights | None = None   # branch-output norms (THEORY §18.3); None without them
     norm_ffn_out: NormWeights | None = None
 
-    def norms(self) -> dict[str, NormWeights]:
-        """Every distinct norm of the layer by role, in forward order (a shared norm once)."""
-        out = {"norm_attn": self.norm_attn}
-        if self.norm_attn_out is not None:
-            out["norm_attn_out"] = self.norm_attn_out
-        if self.norm_ffn is not self.norm_attn:
-            out["norm_ffn"] = self.norm_ffn
-        if self.norm_ffn_out is not None:
-            out["norm_ffn_out"] = self.norm_ffn_out
-        return out
-
 
 class WeightLoader:
     """Reads canonical tensors for one model, one layer at a time."""

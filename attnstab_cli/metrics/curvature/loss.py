@@ -12,7 +12,7 @@ q/k norms on the projections (§18.2) ``q_norm.gamma``, ``k_norm.gamma`` (and β
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -86,20 +86,17 @@ def block_of(name: str) -> tuple[int, str]:
 
 def with_params(w: LayerWeights, params: Params) -> LayerWeights:
     """``w`` with each tensor named in ``params`` for its layer replaced (the others kept)."""
-    fields: Params = {}
+    given: Params = {}
     for key, value in params.items():
         layer, _, field = split_name(key)
         if layer == w.layer:
-            fields[field] = value
-    if not fields:
+            given[field] = value
+    if not given:
         return w
     changes: dict[str, Any] = {}
     ffn = dict(w.ffn)
-    norms = {role: norm for role, norm in (("norm_attn", w.norm_attn), ("norm_ffn", w.norm_ffn),
-                                           ("norm_attn_out", w.norm_attn_out), ("norm_ffn_out", w.norm_ffn_out),
-                                           ("q_norm", w.q_norm), ("k_norm", w.k_norm))
-             if norm is not None}
-    for name, value in fields.items():
+    norms = {f.name: getattr(w, f.name) for f in fields(w) if isinstance(getattr(w, f.name), NormWeights)}
+    for name, value in given.items():
         head, _, tail = name.partition(".")
         if head == "ffn":
             ffn[tail] = value

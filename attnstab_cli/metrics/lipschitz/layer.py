@@ -29,8 +29,8 @@ from attnstab_cli.metrics.lipschitz.ffn import compute_ffn_bound_tokens, compute
 from attnstab_cli.metrics.lipschitz.mha import (HeadNorms, MHABound, QKStats, RefinedMHABound,
                                                 compute_attention_allowed, compute_layer_head_norms,
                                                 compute_mha_bound, compute_mha_refined)
-from attnstab_cli.metrics.lipschitz.norms import (compute_embedding_radius, compute_norm_lip_global,
-                                                  compute_norm_lip_local, compute_reset_radius)
+from attnstab_cli.metrics.lipschitz.norms import (compute_embedding_radius, compute_reset_radius, norm_lip_global,
+                                                  norm_lip_local)
 from attnstab_cli.model.config import ModelConfig
 from attnstab_cli.model.traces import LayerTrace
 from attnstab_cli.model.weights import LayerWeights, NormWeights
@@ -130,11 +130,6 @@ def advance_stream_radius(cfg: ModelConfig, weights: LayerWeights, radius: float
     return radius + compute_reset_radius(weights.norm_attn_out, kind) + compute_reset_radius(weights.norm_ffn_out, kind)
 
 
-def norm_lip_global(norm: NormWeights, eps: float) -> float:
-    """Global constant of a norm layer (§4); 1 for the identity."""
-    return 1.0 if norm.identity else compute_norm_lip_global(norm.weight, eps)
-
-
 @dataclass(frozen=True)
 class WeightsTier:
     """Tier-1 factors (§8.1)."""
@@ -154,10 +149,6 @@ def _factors(*constants: float | None) -> tuple[float, ...]:
     return tuple(1.0 if c is None else c for c in constants)
 
 
-def _out_norm_global(norm: NormWeights | None, eps: float) -> float | None:
-    return None if norm is None else compute_norm_lip_global(norm.weight, eps)
-
-
 def _cpu_head_norms(weights: LayerWeights, cfg: ModelConfig, norms: HeadNorms | None) -> HeadNorms:
     """Head norms with every tensor on the CPU: the per-head bound arithmetic mixes them with CPU ``theta`` tensors
     (and missing biases become CPU zeros), so weights resident on an accelerator would otherwise fail."""
@@ -173,7 +164,8 @@ def compute_weights_tier(weights: LayerWeights, cfg: ModelConfig, r2_in_reset: f
     mha = compute_mha_bound(norms, 1.0, r2_in_reset, cfg.attn_scale(weights.layer))
     ffn = compute_ffn_bound_weights(weights.ffn, cfg.layout.ffn, cfg.activation,
                                     compute_ffn_reset_radius(cfg, weights, r2_in_reset))
-    ln1o, ln2o = (_out_norm_global(n, cfg.norm_eps) for n in (weights.norm_attn_out, weights.norm_ffn_out))
+    ln1o, ln2o = (None if n is None else norm_lip_global(n, cfg.norm_eps)
+                  for n in (weights.norm_attn_out, weights.norm_ffn_out))
     layer = combine_layer_bound(cfg.layout.residual, ln1, mha.lip_mha, ln2, ffn, *_factors(ln1o, ln2o))
     return WeightsTier(ln1, ln2, mha, ffn, layer, r2_in_reset, ln1o, ln2o)
 
@@ -214,8 +206,8 @@ def compute_calibrated_tier(trace: LayerTrace, cfg: ModelConfig, theta_hi: torch
     norms = _cpu_head_norms(w, cfg, norms)
     stats = qk_stats(trace, b)
     n1, n2 = trace.norms["norm_attn"], trace.norms["norm_ffn"]
-    ln1 = 1.0 if w.norm_attn.identity else compute_norm_lip_local(w.norm_attn.weight, n1.stat[b], n1.eps)
-    ln2 = 1.0 if w.norm_ffn.identity else compute_norm_lip_local(w.norm_ffn.weight, n2.stat[b], n2.eps)
+    ln1 = norm_lip_local(w.norm_attn, None if n1.stat is None else n1.stat[b], n1.eps)
+    ln2 = norm_lip_local(w.norm_ffn, None if n2.stat is None else n2.stat[b], n2.eps)
     r2 = float(torch.linalg.vector_norm(a.x[b].to(torch.float64), dim=-1).max())
     theta_hi = theta_hi.to(torch.float64)
     theta_tilde = theta_hi.amax(dim=-1).cpu()                                            # [H]
@@ -226,8 +218,7 @@ def compute_calibrated_tier(trace: LayerTrace, cfg: ModelConfig, theta_hi: torch
     ffn = float(compute_ffn_bound_tokens(w.ffn, cfg.layout.ffn, cfg.activation, trace.ffn_in[b],
                                          ffn_norms or compute_ffn_norms(w.ffn)).max())
     residual = cfg.layout.residual
-    ln1o, ln2o = (None if norm is None else compute_norm_lip_local(norm.weight, trace.norms[role].stat[b],
-                                                                   trace.norms[role].eps)
+    ln1o, ln2o = (None if norm is None else norm_lip_local(norm, trace.norms[role].stat[b], trace.norms[role].eps)
                   for role, norm in (("norm_attn_out", w.norm_attn_out), ("norm_ffn_out", w.norm_ffn_out)))
     outs = _factors(ln1o, ln2o)
     return CalibratedTier(

@@ -72,6 +72,9 @@ class QKStats:
     q: torch.Tensor
     k: torch.Tensor
 
+    def to(self, device: torch.device | str) -> "QKStats":
+        return QKStats(self.q.to(device), self.k.to(device))
+
 
 @dataclass(frozen=True)
 class HeadNorms:
@@ -196,17 +199,24 @@ def compute_projection_constants(norms: HeadNorms, r2: float, stats: QKStats | N
     return ProjectionConstants(lq, mq, lk, mk, mk_raw)
 
 
+def _lambda(pc: ProjectionConstants) -> torch.Tensor:
+    return pc.lq * pc.mk + pc.mq * pc.lk
+
+
+def _head_terms(wv: torch.Tensor, lam: torch.Tensor, theta_h: torch.Tensor, r2: float, scale: float) -> torch.Tensor:
+    return wv * (1.0 + scale * theta_h * lam * r2)
+
+
 def compute_lambda_h(norms: HeadNorms, r2: float, stats: QKStats | None = None) -> torch.Tensor:
     """``Lambda_h = L_Q M_K + M_Q L_K`` (§5.2, §18.1) for every query head: ``[H]``."""
-    pc = compute_projection_constants(norms, r2, stats)
-    return pc.lq * pc.mk + pc.mq * pc.lk
+    return _lambda(compute_projection_constants(norms, r2, stats))
 
 
 def compute_head_terms(norms: HeadNorms, theta: torch.Tensor | float, r2: float, scale: float,
                        stats: QKStats | None = None) -> torch.Tensor:
     """``c_h = ||W^V_g|| (1 + s theta_h Lambda_h R2)`` (§5.2): ``[H]``; ``theta`` is ``[H]`` or a scalar."""
     theta_h = torch.as_tensor(theta, dtype=F64).expand(norms.n_heads)
-    return norms.per_query(norms.wv) * (1.0 + scale * theta_h * compute_lambda_h(norms, r2, stats) * r2)
+    return _head_terms(norms.per_query(norms.wv), compute_lambda_h(norms, r2, stats), theta_h, r2, scale)
 
 
 def compute_mha_bound(norms: HeadNorms, theta: torch.Tensor | float, r2: float, scale: float,
@@ -215,8 +225,8 @@ def compute_mha_bound(norms: HeadNorms, theta: torch.Tensor | float, r2: float, 
     norm constants are local at ``stats`` (tier 2) or global without (tier 1)."""
     theta_h = torch.as_tensor(theta, dtype=F64).expand(norms.n_heads)
     pc = compute_projection_constants(norms, r2, stats)
-    lam, wv = pc.lq * pc.mk + pc.mq * pc.lk, norms.per_query(norms.wv)
-    c = compute_head_terms(norms, theta_h, r2, scale, stats)                            # [H]
+    lam, wv = _lambda(pc), norms.per_query(norms.wv)
+    c = _head_terms(wv, lam, theta_h, r2, scale)                                        # [H]
     attn = float(norms.wo * (scale * theta_h * lam * wv * r2).sum())
     return MHABound(
         lambda_h=lam, phi_h=lam * wv * r2 / math.sqrt(norms.head_dim), head_term_calibrated=c,
@@ -303,8 +313,7 @@ def compute_mha_refined(norms: HeadNorms, q: torch.Tensor, k: torch.Tensor, v: t
     allowed = allowed.to(q.device)
     t = allowed.shape[-1]
     causal = allowed.shape[0] == t and torch.equal(allowed, torch.ones_like(allowed).tril())
-    pc = compute_projection_constants(norms, 0.0, None if stats is None else
-                                      QKStats(stats.q.to(q.device), stats.k.to(q.device)))
+    pc = compute_projection_constants(norms, 0.0, None if stats is None else stats.to(q.device))
     wq, wk, wv = pc.lq[:, None], pc.lk[:, None], norms.per_query(norms.wv)[:, None]   # L_Q, L_K, L_V: [H, 1]
     keys, vals, slopes = [], [], []
     for start in range(0, q64.shape[1], block):

@@ -48,6 +48,16 @@ def compute_norm_lip_local(gamma: torch.Tensor, stat: torch.Tensor, eps: float) 
     return _gamma_inf(gamma) / math.sqrt(v_min + eps)
 
 
+def norm_lip_global(norm: NormWeights, eps: float) -> float:
+    """:func:`compute_norm_lip_global` of a norm layer; 1 for the identity (a layer without that norm)."""
+    return 1.0 if norm.identity else compute_norm_lip_global(norm.weight, eps)
+
+
+def norm_lip_local(norm: NormWeights, stat: torch.Tensor | None, eps: float) -> float:
+    """:func:`compute_norm_lip_local` of a norm layer at its inputs' statistics ``stat``; 1 for the identity."""
+    return 1.0 if norm.identity else compute_norm_lip_local(norm.weight, stat, eps)
+
+
 def compute_reset_radius(norm: NormWeights, kind: NormKind) -> float:
     """Bound on ``||N(x)||_2`` for every ``x`` (Lemma 3.3, §4.2): ``||gamma||_inf sqrt(d) (+ ||beta||_2 for LN)``."""
     d = norm.weight.shape[-1]
