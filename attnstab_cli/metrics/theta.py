@@ -395,12 +395,13 @@ def _bound_hard_rows(vals: Tensor, n_keys: Tensor, top_k: int, use_kk: bool, tol
 
     θ_lo is the best concrete subset of prefix, greedy (and two best exchanges), KK and the A3 extension (ties go
     to the earlier rule). With ``tol`` = 0 every row gets A3, then KK where A3 left θ_hi = 1 and no rule reached 1.
-    With ``tol`` > 0 (the scan's refinement) each step runs only on rows still more than ``tol`` below 1: KK first,
-    whose O(m log m) closes most near-balanced rows, then A3 (2^k sums per row) for its θ_hi.
+    With ``tol`` > 0 (the scan's refinement) each step after the O(m) fills runs only on rows still more than ``tol``
+    below 1: the exchanges, then KK, whose O(m log m) closes most near-balanced rows, then A3 (2^k sums per row) for
+    its θ_hi.
     """
     greedy, plus = _greedy_masks(vals)
-    masks = [_prefix_mask(vals), greedy, plus, _exchange_mask(vals, _exchange_mask(vals, greedy))]
-    rules = [ThetaRule.PREFIX, ThetaRule.GREEDY, ThetaRule.GREEDY, ThetaRule.GREEDY]
+    masks = [_prefix_mask(vals), greedy, plus]
+    rules = [ThetaRule.PREFIX, ThetaRule.GREEDY, ThetaRule.GREEDY]
     values = torch.stack([_balanced(*_split_sums(vals, s)) for s in masks], -1)  # [r, c]
     hi = torch.ones(vals.shape[0], dtype=torch.float64)                    # [r]
 
@@ -408,6 +409,12 @@ def _bound_hard_rows(vals: Tensor, n_keys: Tensor, top_k: int, use_kk: bool, tol
         masks.append(mask)
         rules.append(rule)
         return torch.cat([values, _balanced(*_split_sums(vals, mask))[:, None]], -1)
+
+    exchanged = greedy.clone()                          # two best exchanges of the greedy fill, where still wide
+    todo = torch.nonzero(values.amax(-1) < 1.0 - tol)[:, 0] if tol > 0 else torch.arange(vals.shape[0])
+    if todo.numel():
+        exchanged[todo] = _exchange_mask(vals[todo], _exchange_mask(vals[todo], greedy[todo]))
+    values = add(exchanged, ThetaRule.GREEDY)
 
     def kk_on(todo: Tensor) -> Tensor:
         kk = torch.zeros(vals.shape, dtype=torch.bool)                     # [r, m]
