@@ -20,6 +20,8 @@ from attnstab_cli.reference.row_stats import FLOAT_FIELDS, RowStats, check_row_s
 __all__ = ["attn_row_stats", "compute_logit_theta_err", "is_interpreted"]
 
 _FIELD = {name: i for i, name in enumerate(FLOAT_FIELDS)}
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e): logits are scaled into base 2 for exp2
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)    # ln(2): base-2 results back to nats
 
 
 @triton.jit
@@ -50,37 +52,76 @@ def _theta_hi_count(pmax, pmin, n):
 def _score_block(
     q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset,
     scale, window,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr,
-    ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
+    UPCAST: tl.constexpr, ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Logits s = scale · q kᵀ of one key block and the mask of allowed pairs, both `# [BLOCK_Q, BLOCK_K]`."""
+    """Base-2 logits s = scale · q kᵀ (``scale`` carries log2 e) of one key block and the mask of allowed pairs, both
+    `# [BLOCK_Q, BLOCK_K]`. Unmasked (``MASKED`` false) blocks are interior: every pair is allowed, no mask is built
+    and the caller skips every select."""
     offs_k = start_k + offs_k0  # [BLOCK_K]
     in_k = offs_k < T_k
-    k_t = tl.load(k_base + offs_k[None, :] * stride_kt + offs_d[:, None] * stride_kd,
-                  mask=in_k[None, :] & (offs_d < D)[:, None], other=0.0)  # [BLOCK_D, BLOCK_K]
+    if MASKED:
+        k_t = tl.load(k_base + offs_k[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                      mask=in_k[None, :] & (offs_d < D)[:, None], other=0.0)  # [BLOCK_D, BLOCK_K]
+    else:
+        k_t = tl.load(k_base + offs_k[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                      mask=(offs_d < D)[:, None], other=0.0)  # [BLOCK_D, BLOCK_K]
     if UPCAST:  # the interpreter's dot misreads bfloat16; the upcast products are exact, as on tensor cores
         k_t = k_t.to(ACC)
     s = tl.dot(q, k_t, input_precision=INPUT_PRECISION).to(ACC) * scale  # [BLOCK_Q, BLOCK_K]
     valid = (offs_q < T_q)[:, None] & in_k[None, :]  # [BLOCK_Q, BLOCK_K]
-    pos = offs_q + q_offset  # [BLOCK_Q] absolute query position (bottom-right alignment)
-    if IS_CAUSAL:
-        valid = valid & (offs_k[None, :] <= pos[:, None])
-    if HAS_WINDOW:
-        valid = valid & (tl.abs(pos[:, None] - offs_k[None, :]) < window)
-    if HAS_PAD:
-        real = tl.load(pad_base + offs_k * stride_pt, mask=in_k, other=0)  # [BLOCK_K]
-        valid = valid & (real != 0)[None, :]
+    if MASKED:
+        pos = offs_q + q_offset  # [BLOCK_Q] absolute query position (bottom-right alignment)
+        if IS_CAUSAL:
+            valid = valid & (offs_k[None, :] <= pos[:, None])
+        if HAS_WINDOW:
+            valid = valid & (tl.abs(pos[:, None] - offs_k[None, :]) < window)
+        if HAS_PAD:
+            real = tl.load(pad_base + offs_k * stride_pt, mask=in_k, other=0)  # [BLOCK_K]
+            valid = valid & (real != 0)[None, :]
     return s, valid
 
 
 @triton.jit
+def _online_step(s, valid, m, m_min, z, t, n, offs_k0, BLOCK_K: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of pass 1 (base-2 logits): the updated running max m, smallest logit, z, t and count n."""
+    if MASKED:
+        n += tl.sum(valid.to(tl.int32), axis=1)
+        s_m = tl.where(valid, s, -float("inf"))  # [BLOCK_Q, BLOCK_K]
+        m_min = tl.minimum(m_min, tl.min(tl.where(valid, s, float("inf")), axis=1))
+    else:
+        n += BLOCK_K
+        s_m = s
+        m_min = tl.minimum(m_min, tl.min(s, axis=1))
+    m_blk = tl.max(s_m, axis=1)  # [BLOCK_Q]
+    is_new = m_blk > m
+    m_new = tl.maximum(m, m_blk)
+    m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)  # finite stand-in for empty rows
+    alpha = tl.exp2(m - m_sub).to(tl.float64)  # 1 if the max stays, 0 on the first allowed key
+    shift = tl.where(m == -float("inf"), 0.0, m - m_sub).to(tl.float64)  # m − m' without −inf
+    if MASKED:
+        d = tl.where(valid, s - m_sub[:, None], 0.0)  # [BLOCK_Q, BLOCK_K] s_j − m'
+        e = tl.where(valid, tl.exp2(d), 0.0)  # [BLOCK_Q, BLOCK_K]
+    else:
+        d = s - m_sub[:, None]
+        e = tl.exp2(d)
+    arg = tl.min(tl.where(s_m == m_blk[:, None], offs_k0[None, :], BLOCK_K), axis=1)  # first argmax
+    drop = is_new[:, None] & (offs_k0[None, :] == arg[:, None])  # the new maximum is the "1", not in z
+    t = tl.where(is_new, alpha * (t + (1.0 + z) * shift), t) + tl.sum((e * d).to(tl.float64), axis=1)
+    z = tl.where(is_new, alpha * (z + 1.0), z) + tl.sum(tl.where(drop, 0.0, e).to(tl.float64), axis=1)
+    return m_new, m_min, z, t, n
+
+
+@triton.jit
 def _online_pass(
-    q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window,
+    q, k_base, pad_base, lo, int_lo, int_hi, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset,
+    scale, window,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Pass 1 over keys [lo, hi): running max m, z_rest, entropy accumulator t and key count n, each `# [BLOCK_Q]`."""
+    """Pass 1 over keys [lo, hi) (interior blocks [int_lo, int_hi) unmasked): running max m, smallest logit, z_rest,
+    entropy accumulator t (base-2 logits) and key count n, each `# [BLOCK_Q]`."""
     offs_k0 = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     m = tl.full([BLOCK_Q], -float("inf"), ACC)
@@ -88,32 +129,76 @@ def _online_pass(
     z = tl.zeros([BLOCK_Q], tl.float64)  # sums over keys accumulate in float64 whatever ACC is
     t = tl.zeros([BLOCK_Q], tl.float64)
     n = tl.zeros([BLOCK_Q], tl.int32)
-    for start_k in range(lo, hi, BLOCK_K):
+    for start_k in range(lo, int_lo, BLOCK_K):
         s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
-                                stride_kd, stride_pt, q_offset, scale, window, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                stride_kd, stride_pt, q_offset, scale, window, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
                                 UPCAST, ACC, INPUT_PRECISION)
-        n += tl.sum(valid.to(tl.int32), axis=1)
-        s_m = tl.where(valid, s, -float("inf"))  # [BLOCK_Q, BLOCK_K]
-        m_blk = tl.max(s_m, axis=1)  # [BLOCK_Q]
-        m_min = tl.minimum(m_min, tl.min(tl.where(valid, s, float("inf")), axis=1))
-        is_new = m_blk > m
-        m_new = tl.maximum(m, m_blk)
-        m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)  # finite stand-in for empty rows
-        alpha = tl.exp(m - m_sub).to(tl.float64)  # 1 if the max stays, 0 on the first allowed key
-        shift = tl.where(m == -float("inf"), 0.0, m - m_sub).to(tl.float64)  # m − m' without −inf
-        d = tl.where(valid, s - m_sub[:, None], 0.0)  # [BLOCK_Q, BLOCK_K] s_j − m'
-        e = tl.where(valid, tl.exp(d), 0.0)  # [BLOCK_Q, BLOCK_K]
-        arg = tl.min(tl.where(s_m == m_blk[:, None], offs_k0[None, :], BLOCK_K), axis=1)  # first argmax
-        drop = is_new[:, None] & (offs_k0[None, :] == arg[:, None])  # the new maximum is the "1", not in z
-        t = tl.where(is_new, alpha * (t + (1.0 + z) * shift), t) + tl.sum((e * d).to(tl.float64), axis=1)
-        z = tl.where(is_new, alpha * (z + 1.0), z) + tl.sum(tl.where(drop, 0.0, e).to(tl.float64), axis=1)
-        m = m_new
+        m, m_min, z, t, n = _online_step(s, valid, m, m_min, z, t, n, offs_k0, BLOCK_K, True)
+    for start_k in range(int_lo, int_hi, BLOCK_K):
+        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
+                                stride_kd, stride_pt, q_offset, scale, window, False, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                UPCAST, ACC, INPUT_PRECISION)
+        m, m_min, z, t, n = _online_step(s, valid, m, m_min, z, t, n, offs_k0, BLOCK_K, False)
+    for start_k in range(int_hi, hi, BLOCK_K):
+        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
+                                stride_kd, stride_pt, q_offset, scale, window, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                UPCAST, ACC, INPUT_PRECISION)
+        m, m_min, z, t, n = _online_step(s, valid, m, m_min, z, t, n, offs_k0, BLOCK_K, True)
     return m, z, t, n, m_min
 
 
 @triton.jit
+def _first_of(i_a, p_a, c_a, w_a, i_b, p_b, c_b, w_b):
+    """Combine of the crossing reduction: the entry with the smaller key index (its p and c), and the total w."""
+    take_a = i_a <= i_b
+    return (tl.where(take_a, i_a, i_b), tl.where(take_a, p_a, p_b), tl.where(take_a, c_a, c_b), w_a + w_b)
+
+
+@triton.jit
+def _nearest_of(d_a, i_a, p_a, d_b, i_b, p_b):
+    """Combine of the completion reductions: the smaller miss d, the first key index on ties, and its p."""
+    take_a = (d_a < d_b) | ((d_a == d_b) & (i_a <= i_b))
+    return tl.where(take_a, d_a, d_b), tl.where(take_a, i_a, i_b), tl.where(take_a, p_a, p_b)
+
+
+@triton.jit
+def _block_probs(s, valid, lse, ACC: tl.constexpr, MASKED: tl.constexpr):
+    """p_j = 2^(s_j − lse) of one key block (base-2 logits and lse), float64 `# [BLOCK_Q, BLOCK_K]`."""
+    if MASKED:
+        return tl.where(valid, tl.exp2(tl.where(valid, s - lse[:, None], 0.0).to(ACC)), 0.0).to(tl.float64)
+    return tl.exp2((s - lse[:, None]).to(ACC)).to(tl.float64)
+
+
+@triton.jit
+def _prefix_step(p, valid, start_k, offs_k0, c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs,
+                 BLOCK_K: tl.constexpr):
+    """One key block of pass 2: two multi-operand reductions, the first crossing (index, p, c) with the block's
+    total, and the later key nearest the gap."""
+    c = c_off[:, None] + tl.cumsum(p, axis=1)  # [BLOCK_Q, BLOCK_K]
+    idx = tl.where((c >= 0.5) & valid, offs_k0[None, :], BLOCK_K)  # [BLOCK_Q, BLOCK_K]
+    j_star, at, c_star, blk = tl.reduce((idx, p, c, p), 1, _first_of)
+    new = (found == 0) & (j_star < BLOCK_K)
+    before = c_star - at  # c_{j*−1}, absolute (c_off included)
+    p_before = tl.where(new, before, p_before)
+    p_at = tl.where(new, at, p_at)
+    j_abs = tl.where(new, start_k + j_star, j_abs)
+    after = c_off + blk - c_star  # float64: no cancellation worth the name
+    p_after += tl.where(found != 0, blk, tl.where(new, after, 0.0))  # once found, every later key is in Q
+    later = valid & ((found != 0)[:, None] | (new[:, None] & (offs_k0[None, :] > j_star[:, None])))
+    miss = tl.where(later, tl.abs(p - (0.5 - p_before)[:, None]), float("inf"))  # [BLOCK_Q, BLOCK_K]
+    blk_miss, _, blk_p = tl.reduce((miss, offs_k0[None, :] + tl.zeros_like(idx), p), 1, _nearest_of)
+    better = blk_miss < best_miss  # strict: the first key wins ties, as in the reference
+    best_miss = tl.where(better, blk_miss, best_miss)
+    p_r = tl.where(better, blk_p, p_r)
+    c_off += blk
+    found = tl.where(new, 1, found)
+    return c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs
+
+
+@triton.jit
 def _prefix_pass(
-    q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window, lse,
+    q, k_base, pad_base, lo, int_lo, int_hi, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset,
+    scale, window, lse,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -130,62 +215,74 @@ def _prefix_pass(
     best_miss = tl.full([BLOCK_Q], float("inf"), tl.float64)
     found = tl.zeros([BLOCK_Q], tl.int32)
     j_abs = tl.zeros([BLOCK_Q], tl.int32)  # absolute key index of j*
-    for start_k in range(lo, hi, BLOCK_K):
+    for start_k in range(lo, int_lo, BLOCK_K):
         s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
-                                stride_kd, stride_pt, q_offset, scale, window, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                stride_kd, stride_pt, q_offset, scale, window, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
                                 UPCAST, ACC, INPUT_PRECISION)
-        p = tl.where(valid, tl.exp(tl.where(valid, s - lse[:, None], 0.0).to(ACC)), 0.0).to(tl.float64)
-        c = c_off[:, None] + tl.cumsum(p, axis=1)  # [BLOCK_Q, BLOCK_K]
-        j_star = tl.min(tl.where((c >= 0.5) & valid, offs_k0[None, :], BLOCK_K), axis=1)  # [BLOCK_Q]
-        new = (found == 0) & (j_star < BLOCK_K)
-        before = tl.sum(tl.where(offs_k0[None, :] < j_star[:, None], p, 0.0), axis=1)
-        at = tl.sum(tl.where(offs_k0[None, :] == j_star[:, None], p, 0.0), axis=1)
-        blk = tl.sum(p, axis=1)
-        after = blk - before - at  # float64: no cancellation worth the name
-        p_before = tl.where(new, c_off + before, p_before)
-        p_at = tl.where(new, at, p_at)
-        j_abs = tl.where(new, start_k + j_star, j_abs)
-        p_after += tl.where(found != 0, blk, tl.where(new, after, 0.0))  # once found, every later key is in Q
-        later = valid & ((found != 0)[:, None] | (new[:, None] & (offs_k0[None, :] > j_star[:, None])))
-        miss = tl.where(later, tl.abs(p - (0.5 - p_before)[:, None]), float("inf"))  # [BLOCK_Q, BLOCK_K]
-        blk_miss = tl.min(miss, axis=1)
-        blk_arg = tl.min(tl.where(miss == blk_miss[:, None], offs_k0[None, :], BLOCK_K), axis=1)
-        blk_p = tl.sum(tl.where(offs_k0[None, :] == blk_arg[:, None], p, 0.0), axis=1)
-        better = blk_miss < best_miss  # strict: the first key wins ties, as in the reference
-        best_miss = tl.where(better, blk_miss, best_miss)
-        p_r = tl.where(better, blk_p, p_r)
-        c_off += blk
-        found = tl.where(new, 1, found)
+        c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs = _prefix_step(
+            _block_probs(s, valid, lse, ACC, True), valid, start_k, offs_k0, c_off, p_before, p_at, p_after, p_r,
+            best_miss, found, j_abs, BLOCK_K)
+    for start_k in range(int_lo, int_hi, BLOCK_K):
+        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
+                                stride_kd, stride_pt, q_offset, scale, window, False, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                UPCAST, ACC, INPUT_PRECISION)
+        c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs = _prefix_step(
+            _block_probs(s, valid, lse, ACC, False), valid, start_k, offs_k0, c_off, p_before, p_at, p_after, p_r,
+            best_miss, found, j_abs, BLOCK_K)
+    for start_k in range(int_hi, hi, BLOCK_K):
+        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
+                                stride_kd, stride_pt, q_offset, scale, window, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                UPCAST, ACC, INPUT_PRECISION)
+        c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs = _prefix_step(
+            _block_probs(s, valid, lse, ACC, True), valid, start_k, offs_k0, c_off, p_before, p_at, p_after, p_r,
+            best_miss, found, j_abs, BLOCK_K)
     return p_before, p_at, p_after, p_r, best_miss, found, j_abs
 
 
 @triton.jit
+def _removal_step(p, start_k, offs_k0, j_star, excess, p_a, best_miss):
+    """One key block of pass 3: one multi-operand reduction for the earlier key nearest the excess."""
+    before = (start_k + offs_k0)[None, :] < j_star[:, None]  # [BLOCK_Q, BLOCK_K]
+    miss = tl.where(before, tl.abs(p - excess[:, None]), float("inf"))
+    blk_miss, _, blk_p = tl.reduce((miss, offs_k0[None, :] + tl.zeros_like(j_star)[:, None], p), 1, _nearest_of)
+    better = blk_miss < best_miss
+    return tl.where(better, blk_p, p_a), tl.where(better, blk_miss, best_miss)
+
+
+@triton.jit
 def _removal_pass(
-    q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window, lse,
-    j_star, excess,
+    q, k_base, pad_base, lo, int_lo, int_hi, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset,
+    scale, window, lse, j_star, excess,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """Pass 3 over keys [lo, hi): among the keys j < j* (absolute index) the first p_a closest to the excess
-    c_{j*} − ½ of the prefix {j ≤ j*}, for the removal completion (and whether there was one)."""
+    c_{j*} − ½ of the prefix {j ≤ j*}, for the removal completion (and whether there was one). Keys at or past
+    the last j* of the block are never candidates, so the pass stops there."""
     offs_k0 = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     p_a = tl.zeros([BLOCK_Q], tl.float64)
     best_miss = tl.full([BLOCK_Q], float("inf"), tl.float64)
-    for start_k in range(lo, hi, BLOCK_K):
+    stop = tl.minimum(hi, tl.max(j_star, axis=0))  # keys ≥ every row's j* hold no candidate
+    for start_k in range(lo, tl.minimum(int_lo, stop), BLOCK_K):
         s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
-                                stride_kd, stride_pt, q_offset, scale, window, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                stride_kd, stride_pt, q_offset, scale, window, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
                                 UPCAST, ACC, INPUT_PRECISION)
-        p = tl.where(valid, tl.exp(tl.where(valid, s - lse[:, None], 0.0).to(ACC)), 0.0).to(tl.float64)
-        before = (start_k + offs_k0)[None, :] < j_star[:, None]  # [BLOCK_Q, BLOCK_K]
-        miss = tl.where(before, tl.abs(p - excess[:, None]), float("inf"))
-        blk_miss = tl.min(miss, axis=1)
-        blk_arg = tl.min(tl.where(miss == blk_miss[:, None], offs_k0[None, :], BLOCK_K), axis=1)
-        blk_p = tl.sum(tl.where(offs_k0[None, :] == blk_arg[:, None], p, 0.0), axis=1)
-        better = blk_miss < best_miss
-        best_miss = tl.where(better, blk_miss, best_miss)
-        p_a = tl.where(better, blk_p, p_a)
+        p_a, best_miss = _removal_step(_block_probs(s, valid, lse, ACC, True), start_k, offs_k0, j_star, excess,
+                                       p_a, best_miss)
+    for start_k in range(int_lo, tl.minimum(int_hi, stop), BLOCK_K):
+        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
+                                stride_kd, stride_pt, q_offset, scale, window, False, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                UPCAST, ACC, INPUT_PRECISION)
+        p_a, best_miss = _removal_step(_block_probs(s, valid, lse, ACC, False), start_k, offs_k0, j_star, excess,
+                                       p_a, best_miss)
+    for start_k in range(int_hi, stop, BLOCK_K):
+        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
+                                stride_kd, stride_pt, q_offset, scale, window, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                UPCAST, ACC, INPUT_PRECISION)
+        p_a, best_miss = _removal_step(_block_probs(s, valid, lse, ACC, True), start_k, offs_k0, j_star, excess,
+                                       p_a, best_miss)
     return p_a, best_miss
 
 
@@ -206,6 +303,10 @@ def _attn_row_stats_kernel(
     |P − j| < window (HAS_WINDOW; causal: Mistral, bidirectional: ModernBERT) and PAD[b, j] ≠ 0 (HAS_PAD); masked
     keys never enter a sum, and key blocks wholly outside the causal/window band are skipped. Query head h reads
     key head h // GROUP (GQA by indexing).
+    Logits are scored in base 2 (the launcher folds log2 e into the scale, so every exponential is one exp2 and
+    z, p are unchanged; m, lse and t are converted back to nats at the end). Key blocks wholly inside every real
+    row's allowed band are interior and run without a mask; the masked blocks before and after them keep the order
+    of the keys, which passes 2 and 3 need.
     Pass 1, online max and log-sum-exp: per row keep the running max m, z = Σ_{j≠argmax} e^{s_j−m} and
     t = Σ_j e^{s_j−m}(s_j−m). A block with new max m' > m rescales by α = e^{m−m'}:
     t ← α(t + (1+z)(m−m')), z ← α(z+1), then adds its own terms, leaving out its first argmax (the new "1"), so z
@@ -213,8 +314,10 @@ def _attn_row_stats_kernel(
     H = log1p(z) − t/(1+z), and the θ stream bounds 4z/(1+z)² (exact, z ≤ 1) or z·max(4, z+2)/(1+z)².
     Pass 2, prefix crossing: p_j = e^{s_j − lse}; a tl.cumsum inside the block plus a carried offset gives c_j; at the
     first c_j* ≥ ½ keep P = c_{j*−1}, p_{j*}, then sum every later p into Q, and evaluate 4PQ/(P+Q)² for both
-    prefixes; the completion adds to {j < j*} the first later key r whose p_r is closest to ½ − c_{j*−1}.
-    Pass 3 (lse and j* known) removes from {j ≤ j*} the first key a < j* whose p_a is closest to c_{j*} − ½.
+    prefixes; the completion adds to {j < j*} the first later key r whose p_r is closest to ½ − c_{j*−1}. Per block
+    that is one scan and two multi-operand reductions (the crossing with the block total, the nearest later key).
+    Pass 3 (lse and j* known) removes from {j ≤ j*} the first key a < j* whose p_a is closest to c_{j*} − ½, in one
+    reduction per block, and stops at the block's last j*.
     Logits and exponentials are in ACC (float32; float64 for float64 inputs); every sum over keys, z, t and the
     cumulative sums, accumulates in float64, and every output is float64.
     """
@@ -230,29 +333,46 @@ def _attn_row_stats_kernel(
         q = q.to(ACC)
     k_base = K + b * stride_kb + (h // GROUP) * stride_kh
     pad_base = PAD + b * stride_pb
-    scale = tl.load(SCALE).to(ACC)  # a pointer, so float64 runs keep a float64 scale
+    scale = tl.load(SCALE).to(ACC)  # base-2 units (log2 e folded in); a pointer, so float64 runs keep float64
+    row0 = pid_q * BLOCK_Q
+    pos0 = row0 + q_offset  # absolute position of the block's first and last real rows
+    pos_last = tl.minimum(row0 + BLOCK_Q, T_q) - 1 + q_offset
     lo = 0  # key range that can hold allowed keys for some row of this block
     hi = T_k
     if IS_CAUSAL:
-        hi = tl.minimum(T_k, tl.minimum(pid_q * BLOCK_Q + BLOCK_Q, T_q) + q_offset)
+        hi = tl.minimum(T_k, pos_last + 1)
     if HAS_WINDOW:
-        lo = tl.maximum(0, pid_q * BLOCK_Q + q_offset - window + 1) // BLOCK_K * BLOCK_K
+        lo = tl.maximum(0, pos0 - window + 1) // BLOCK_K * BLOCK_K
+    # interior key blocks [int_lo, int_hi): every pair of the block allowed for every real row, so no mask
+    all_lo = lo
+    all_hi = T_k
+    if IS_CAUSAL:
+        all_hi = tl.minimum(all_hi, pos0 + 1)
+    if HAS_WINDOW:
+        all_lo = tl.maximum(all_lo, pos_last - window + 1)
+        all_hi = tl.minimum(all_hi, pos0 + window)
+    int_lo = (all_lo + BLOCK_K - 1) // BLOCK_K * BLOCK_K
+    int_hi = tl.maximum(tl.minimum(all_hi, hi), 0) // BLOCK_K * BLOCK_K
+    if HAS_PAD:  # padding is per key: no block is known to be interior
+        int_hi = int_lo
+    none = int_hi <= int_lo
+    int_lo = tl.where(none, lo, int_lo)
+    int_hi = tl.where(none, lo, int_hi)
 
-    m, z, t, n, m_min = _online_pass(q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt,
-                              q_offset, scale, window, BLOCK_Q, BLOCK_K, BLOCK_D, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
-                              UPCAST, ACC, INPUT_PRECISION)
+    m, z, t, n, m_min = _online_pass(q, k_base, pad_base, lo, int_lo, int_hi, hi, offs_q, T_q, T_k, D, stride_kt,
+                                     stride_kd, stride_pt, q_offset, scale, window, BLOCK_Q, BLOCK_K, BLOCK_D,
+                                     IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
     empty = n == 0
     log1p_z = _log1p(z)
-    lse = tl.where(empty, 0.0, m + log1p_z)  # finite stand-in for empty rows
-    lse64 = lse.to(tl.float64)
+    lse2 = tl.where(empty, 0.0, m.to(tl.float64) + log1p_z * LOG2E)  # base 2; finite stand-in for empty rows
     p_before, p_at, p_after, p_r, best_miss, found, j_abs = _prefix_pass(
-        q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window,
-        lse64, BLOCK_Q, BLOCK_K, BLOCK_D, IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
+        q, k_base, pad_base, lo, int_lo, int_hi, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset,
+        scale, window, lse2, BLOCK_Q, BLOCK_K, BLOCK_D, IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
     excess = p_before + p_at - 0.5
     p_a, a_miss = _removal_pass(
-        q, k_base, pad_base, lo, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window,
-        lse64, tl.where(found != 0, j_abs, -1), excess, BLOCK_Q, BLOCK_K, BLOCK_D, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
-        UPCAST, ACC, INPUT_PRECISION)
+        q, k_base, pad_base, lo, int_lo, int_hi, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset,
+        scale, window, lse2, tl.where(found != 0, j_abs, -1), excess, BLOCK_Q, BLOCK_K, BLOCK_D, IS_CAUSAL,
+        HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
 
     total = p_before + p_at + p_after
     norm = tl.where(total > 0.0, total * total, 1.0)
@@ -271,18 +391,18 @@ def _attn_row_stats_kernel(
     lo_stream = tl.where(short, 0.0, tl.where(peaked, exact, z * tl.maximum(z + 2.0, 4.0) / (one_z * one_z)))
     hi_stream = tl.where(short, 0.0, tl.where(peaked, exact, 1.0))
     theta_lo = tl.where(short, 0.0, tl.where(peaked, exact, tl.maximum(lo_stream, plus)))
-    pmin = tl.exp((m_min - m).to(tl.float64)) / one_z
+    pmin = tl.exp2((m_min - m).to(tl.float64)) / one_z
     theta_hi = tl.where(short, 0.0, tl.where(peaked, exact, _theta_hi_count(1.0 / one_z, pmin, n)))
 
     out = STATS + pid_bh.to(tl.int64) * T_q + offs_q  # [BLOCK_Q] field 0; field f at + f · stride_field
     row = offs_q < T_q
-    m = m.to(tl.float64)
+    m = m.to(tl.float64) * LN2  # back to natural units
     lse = m + log1p_z
     tl.store(out + 0 * stride_field, m, mask=row)
     tl.store(out + 1 * stride_field, tl.where(empty, -float("inf"), lse), mask=row)
     tl.store(out + 2 * stride_field, tl.where(empty, float("nan"), 1.0 / one_z), mask=row)
     tl.store(out + 3 * stride_field, tl.where(empty, float("nan"), z / one_z), mask=row)
-    tl.store(out + 4 * stride_field, tl.where(empty, float("nan"), log1p_z - t / one_z), mask=row)
+    tl.store(out + 4 * stride_field, tl.where(empty, float("nan"), log1p_z - t * LN2 / one_z), mask=row)
     tl.store(out + 5 * stride_field, lo_stream, mask=row)
     tl.store(out + 6 * stride_field, hi_stream, mask=row)
     tl.store(out + 7 * stride_field, prefix, mask=row)
@@ -355,11 +475,13 @@ def compute_logit_theta_err(q: torch.Tensor, k: torch.Tensor, scale: float) -> t
     """How far the kernel's rounded logits can move θ of each row, float64 `# [B, H, T_q]` (THEORY §3.7).
 
     The dot product of D terms accumulates in float32 (float64 for float64 inputs; half-precision inputs are exact
-    in it), then one product with the scale: |ŝ_ij − s_ij| ≤ δ_i = γ_{D+1} · scale · ‖q_i‖ · max_j ‖k_j‖ with
-    γ_n = n·u/(1 − n·u). Then p'_j/p_j ∈ [e^{−2δ}, e^{2δ}], ‖p' − p‖₁ ≤ e^{2δ} − 1, and θ moves by at most twice that.
+    in it), then one product with the base-2 scale c = scale · log2 e, itself rounded once in float64 and once to
+    the accumulation dtype: |ŝ_ij − s_ij| ≤ δ_i = γ_{D+3} · scale · ‖q_i‖ · max_j ‖k_j‖ in natural units, with
+    γ_n = n·u/(1 − n·u) (D for the dot product, one each for the product and the two roundings of c). Then
+    p'_j/p_j ∈ [e^{−2δ}, e^{2δ}], ‖p' − p‖₁ ≤ e^{2δ} − 1, and θ moves by at most twice that.
     """
     u = 2.0 ** -53 if q.dtype == torch.float64 else 2.0 ** -24
-    n = q.shape[-1] + 1
+    n = q.shape[-1] + 3
     gamma = n * u / (1.0 - n * u)
     group = q.shape[1] // k.shape[1]
     q_norm = torch.linalg.vector_norm(q.to(torch.float64), dim=-1)  # [B, H, T_q]
@@ -384,7 +506,7 @@ def _launch(
     _attn_row_stats_kernel[grid](
         q, k, pad, stats, n_keys,
         *q.stride(), *k.stride(), *pad_strides, stats.stride(0),
-        torch.tensor([scale], dtype=stats.dtype, device=q.device),
+        torch.tensor([scale * LOG2E.value], dtype=stats.dtype, device=q.device),  # base-2 logits for exp2
         H, H // H_kv, T_q, T_k, D, T_k - T_q, int(window) if window is not None else 0,
         BLOCK_Q=bq, BLOCK_K=bk, BLOCK_D=max(16, triton.next_power_of_2(D)),
         IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_PAD=key_padding_mask is not None,

@@ -380,7 +380,7 @@ def test_kernel_compiled_matches_reference_on_gpu(case: tuple) -> None:
 @pytest.mark.skipif(attn_row_stats is None, reason="needs triton")
 def test_logit_theta_err_bounds_float32_logit_rounding() -> None:
     """theta_err = 2(e^{2δ} − 1) with δ ≥ every |ŝ_ij − s_ij| of a float32 dot product (THEORY §3.7): recover δ from
-    it and compare with the observed rounding of float32 logits against float64 ones."""
+    it and compare with the observed rounding of float32 logits against float64 ones, natural and base 2."""
     from attnstab_kernels.row_stats import compute_logit_theta_err
 
     g = torch.Generator().manual_seed(23)
@@ -390,7 +390,10 @@ def test_logit_theta_err_bounds_float32_logit_rounding() -> None:
     err = compute_logit_theta_err(q, k, scale)                             # [B, H, T_q]
     delta = torch.log1p(err / 2.0) / 2.0
     k_full = k.repeat_interleave(2, dim=1)
-    s32 = (q @ k_full.transpose(-1, -2)) * scale                           # float32 logits
     s64 = (q.double() @ k_full.double().transpose(-1, -2)) * scale
-    observed = (s32.double() - s64).abs().amax(-1)                         # [B, H, T_q]
-    assert bool((observed <= delta).all()) and float(observed.max()) > 0
+    base2 = torch.tensor(scale * math.log2(math.e), dtype=torch.float32)   # the kernel's scale, log2 e folded in
+    s_nat = ((q @ k_full.transpose(-1, -2)) * scale).double()               # natural float32 logits
+    s_b2 = ((q @ k_full.transpose(-1, -2)) * base2).double() / math.log2(math.e)  # the kernel's base-2 ones, in nats
+    for s32 in (s_nat, s_b2):
+        observed = (s32 - s64).abs().amax(-1)                              # [B, H, T_q]
+        assert bool((observed <= delta).all()) and float(observed.max()) > 0
