@@ -89,6 +89,9 @@ def refuse_unread_formats(config: dict[str, Any] | None, infos: dict[str, Tensor
                                "(it reads FP8 block-scaled weights)", hint=REFUSED_HINT)
     if qc is not None and qc.get("fmt", "e4m3") != "e4m3":
         raise UnsupportedError(f"FP8 quantization_config.fmt is {qc.get('fmt')!r}; attnstab reads e4m3 weights only")
+    if qc is not None and qc.get("activation_scheme", "dynamic") != "dynamic":
+        raise UnsupportedError(f"FP8 quantization_config.activation_scheme is {qc.get('activation_scheme')!r}; "
+                               "attnstab reads dynamic-activation checkpoints only (no stored activation scales)")
 
 
 def _mxfp4_pair(infos: dict[str, TensorInfo]) -> str | None:

@@ -69,8 +69,8 @@ class TensorReader:
         return name in self.infos
 
     def stored(self, name: str) -> torch.Tensor:
-        """One tensor as stored (its own dtype, on the CPU), not counted as resident: for a pass over every tensor.
-        An FP8 block-quantized weight comes dequantized, in float32."""
+        """One tensor as the model holds it, on the CPU, not counted as resident: for a pass over every tensor. It
+        keeps its stored dtype, except an FP8 block-quantized weight, which comes dequantized in float32."""
         quant = self.block_scales
         scale = quant.scales.get(name)
         if scale is None:

@@ -106,6 +106,21 @@ def test_default_block_is_128_on_a_bare_file(llama: Path, tmp_path: Path) -> Non
         assert torch.equal(reader.load(name), state[name].float() * state[scale]), name
 
 
+def test_bin_checkpoint(llama: Path, tmp_path: Path) -> None:
+    """A pickle-free ``pytorch_model.bin`` holding FP8 weights and scales is dequantized the same way."""
+    state = quantized_state(load_file(llama / "model.safetensors"), PARTIAL)
+    ck = tmp_path / "bin"
+    ck.mkdir()
+    torch.save(state, ck / "pytorch_model.bin")
+    config = json.loads((llama / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**config, "quantization_config": {
+        "quant_method": "fp8", "weight_block_size": list(PARTIAL)}}))
+    reader = open_model(ck).reader
+    assert reader.files.fmt == "bin" and len(reader.block_scales.scales) == 14
+    for name, scale in reader.block_scales.scales.items():
+        assert torch.equal(reader.load(name), dequantize_reference(state[name], state[scale], PARTIAL)), name
+
+
 def test_scan_of_fp8_checkpoint_is_the_scan_of_the_dequantized_model(fp8_partial: tuple[Path, dict[str, str]],
                                                                      tmp_path: Path) -> None:
     """End to end on the sharded FP8 checkpoint: info and the manifest name the quantization and its tensors, and

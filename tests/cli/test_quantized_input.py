@@ -148,3 +148,10 @@ def test_other_quantization_methods_are_named(llama: Path, tmp_path: Path, metho
     ck = copy_checkpoint(llama, tmp_path)
     _edit_config(ck, quantization_config={"quant_method": method, "bits": 4})
     _both(ck, str(ck / "config.json"), f"quant_method is {method!r}")
+
+
+@pytest.mark.parametrize("key, value", [("fmt", "e5m2"), ("activation_scheme", "static")])
+def test_fp8_of_another_kind(fp8: Path, tmp_path: Path, key: str, value: str) -> None:
+    ck = copy_checkpoint(fp8, tmp_path)
+    _edit_config(ck, quantization_config={"quant_method": "fp8", key: value, "weight_block_size": list(BLOCK)})
+    _both(ck, str(ck / "config.json"), f"{key} is {value!r}")
