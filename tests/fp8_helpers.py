@@ -63,7 +63,8 @@ def write_sharded(state: dict[str, torch.Tensor], directory: Path, n_shards: int
             weight_map[scale] = files[(k + k % 2) % n_shards]
         k += 1
     for file in files:
-        save_file({n: state[n] for n, f in weight_map.items() if f == file}, directory / file, metadata={"format": "pt"})
+        shard = {n: state[n] for n, f in weight_map.items() if f == file}
+        save_file(shard, directory / file, metadata={"format": "pt"})
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
              "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))

@@ -7,7 +7,8 @@ the companion may sit in any shard) is read as ``W = float32(W_q) * scale``, eac
 blocks are partial when a dimension is not a multiple of the block, so the scale grid is
 ``[ceil(rows / b_r), ceil(cols / b_c)]`` after any leading (expert) dimensions. A ``weight_block_size`` of null is
 one scale per tensor. The product is taken in float32 and rounded once to the compute dtype, as ``transformers``'
-fine-grained FP8 dequantization does (``integrations/finegrained_fp8.py``), so the values are bit-equal to transformers'.
+fine-grained FP8 dequantization does (``integrations/finegrained_fp8.py``), so the values are bit-equal to its
+own.
 Scale tensors are consumed here and are not tensors of the model.
 """
 from __future__ import annotations
