@@ -3,7 +3,8 @@
 Safetensors shards are memory-mapped through ``safe_open`` and read per tensor; ``.bin`` files are opened only with
 ``torch.load(weights_only=True, mmap=True)`` so no pickle code can run and no data page is read until used. The
 reader counts the bytes of the tensors it has handed out that are still alive, so tests can show that a scan keeps
-one layer resident at a time.
+one layer resident at a time. FP8 block-quantized weights are dequantized as they are read
+(:mod:`~attnstab_cli.checkpoints.quantization`); their scale tensors are not among the reader's tensors.
 """
 from __future__ import annotations
 
@@ -15,15 +16,20 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from attnstab_cli.checkpoints.file_format import load_torch_file
+from attnstab_cli.checkpoints.quantization import BlockScales, dequantize_fp8, plan_block_scales
 from attnstab_cli.checkpoints.resolve import CheckpointFiles
 from attnstab_cli.checkpoints.safetensors_header import TensorInfo, read_safetensors_header
-from attnstab_cli.errors import InputError
+from attnstab_cli.errors import AttnstabError, InputError
 
 
 class TensorReader:
-    """Name -> tensor access over all shards of one checkpoint; headers are read eagerly, data lazily."""
+    """Name -> tensor access over all shards of one checkpoint; headers are read eagerly, data lazily.
 
-    def __init__(self, files: CheckpointFiles) -> None:
+    ``config`` (the parsed ``config.json``, if any) gives the FP8 block size and refuses quantization formats that
+    are not read; ``infos`` describe the tensors as stored (an FP8 weight keeps its ``F8_E4M3`` dtype).
+    """
+
+    def __init__(self, files: CheckpointFiles, config: dict[str, Any] | None = None) -> None:
         self.files = files
         self._handles: dict[Path, Any] = {}
         self._bin: dict[Path, dict[str, torch.Tensor]] = {}
@@ -35,6 +41,10 @@ class TensorReader:
                 if name in self.infos:
                     raise InputError(f"tensor {name!r} appears in two shards", path=path)
                 self.infos[name] = info
+        try:
+            self.block_scales: BlockScales = plan_block_scales(config, self.infos)
+        except AttnstabError as exc:
+            raise exc.at(files.config_path or files.weight_files[0])
         self.live_bytes = 0
         self.peak_live_bytes = 0
 
@@ -59,8 +69,16 @@ class TensorReader:
         return name in self.infos
 
     def stored(self, name: str) -> torch.Tensor:
-        """One tensor as stored (its own dtype, on the CPU), not counted as resident: for a pass over every tensor."""
-        info = self.infos[name]
+        """One tensor as the model holds it, on the CPU, not counted as resident: for a pass over every tensor. It
+        keeps its stored dtype, except an FP8 block-quantized weight, which comes dequantized in float32."""
+        quant = self.block_scales
+        scale = quant.scales.get(name)
+        if scale is None:
+            return self._raw(name, self.infos[name])
+        return dequantize_fp8(self._raw(name, self.infos[name]), self._raw(scale, quant.scale_infos[scale]),
+                              quant.block)
+
+    def _raw(self, name: str, info: TensorInfo) -> torch.Tensor:
         if info.file in self._bin:
             return self._bin[info.file][name]
         try:
@@ -74,7 +92,8 @@ class TensorReader:
     def load(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              check_finite: bool = True) -> torch.Tensor:
         """Read one tensor, convert it to ``dtype`` on ``device``; non-finite values are an :class:`InputError`."""
-        tensor = self.stored(name).to(device=device, dtype=dtype, copy=True)
+        fresh = name in self.block_scales.scales                 # dequantized: already a tensor of its own
+        tensor = self.stored(name).to(device=device, dtype=dtype, copy=not fresh)
         if check_finite and tensor.is_floating_point():
             check_all_finite(tensor, name, self.infos[name].file)
         self._track(tensor)

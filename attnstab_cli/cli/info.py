@@ -9,6 +9,13 @@ from attnstab_cli.model.describe import describe_checkpoint
 from attnstab_cli.model.load import open_model
 
 
+def _quantization(quant: dict) -> str:
+    block = quant["weight_block_size"]
+    grid = f"{block[0]}x{block[1]}-block" if block else "per-tensor"
+    return (f"FP8 block-quantized: {quant['n_tensors']} float8_e4m3fn tensors with {grid} scales "
+            f"({', '.join(quant['scale_dtypes'])}), dequantized as read (the analysis describes the dequantized model)")
+
+
 @handle_errors
 def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv_heads: NKVHeads = None,
          norm_eps: NormEps = None, rope_theta: RopeTheta = None, json_out: Json = False) -> None:
@@ -62,6 +69,8 @@ def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv
                                            "with depth (THEORY §18.3)"))
     if data["norm_attn_identity_layers"]:
         rows.insert(8, ("no attention norm in layers", ", ".join(map(str, data["norm_attn_identity_layers"]))))
+    if data["quantization"]:
+        rows.insert([k for k, _ in rows].index("dtypes") + 1, ("quantization", _quantization(data["quantization"])))
     for part, n in (data["ignored_parts"] or {}).items():
         rows.append(("not analysed", f"{part}: {n} tensors (the text model alone is read)"))
     for k, v in rows:

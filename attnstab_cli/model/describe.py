@@ -26,7 +26,8 @@ def _describe_rope(rope: RopeConfig) -> dict[str, Any]:
 
 
 def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
-    """Family, sizes, norm and placement, positions, dtypes, parameter count and files, as plain JSON data."""
+    """Family, sizes, norm and placement, positions, dtypes, quantization, parameter count and files, as plain JSON
+    data."""
     cfg, infos = model.cfg, model.reader.infos
     dtypes: Counter[str] = Counter()
     for info in infos.values():
@@ -76,7 +77,8 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "max_positions": cfg.max_positions,
         "position_offset": cfg.position_offset,
         "max_seq_len": cfg.max_seq_len,
-        "dtypes": {k: v for k, v in sorted(dtypes.items())},
+        "dtypes": {k: v for k, v in sorted(dtypes.items())},        # as stored; scale tensors are not parameters
+        "quantization": model.reader.block_scales.describe(infos),
         "n_params": sum(dtypes.values()),
         "tied_embeddings": model.names.find("lm_head.weight") == model.names.find("embed_tokens.weight"),
         "format": model.files.fmt,

@@ -46,7 +46,7 @@ def open_model(target: str | Path, arch: str | None = None, overrides: dict[str,
     check_overrides(overrides)
     files = resolve_checkpoint(target)
     config = load_hf_config(files.config_path) if files.config_path else None
-    reader = TensorReader(files)
+    reader = TensorReader(files, config)
     weights = files.weight_files[0] if len(files.weight_files) == 1 else files.directory or files.weight_files[0]
     where = files.config_path or weights
     try:
