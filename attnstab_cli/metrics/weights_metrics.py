@@ -15,7 +15,7 @@ power iteration, by size).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -152,21 +152,18 @@ def rope_cos_sin(rope: RopeConfig, offsets: torch.Tensor, device: torch.device |
     return angles.cos().to(device), angles.sin().to(device)
 
 
-def _chunk_max_sigma(m: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
-    """``max(floor_h, max_c sigma_max(m[h, c]))`` for ``m [H, C, k, k]`` float64, exact; ``floor [H]`` is a known
-    lower bound.
+def _sigma_brackets(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Certified ``lower <= sigma_max(m[h, c]) <= upper`` for ``m [H, C, k, k]`` (float32 or float64), float64 ``[H, C]``.
 
-    Pruning (no effect on the result): with ``A = M M^T / s^2`` (``s = ||M||_F``, so no overflow) and ``B = A^K``,
-    ``K = 2^QK_PRUNE_SQUARINGS``, every offset satisfies ``max_i B_ii^(1/2K) <= sigma_max / s <= ||B||_F^(1/2K)``.
-    These brackets are computed in float32 (renormalised every squaring, the scale kept as a float64 logarithm) and
-    widened by ``QK_PRUNE_MARGIN`` (relative), far more than float32
-    rounding moves them (~``2^K k^1.5 eps_32`` on ``B``, divided by ``2K`` by the root). Offsets are then evaluated
-    exactly (float64 ``eigvalsh`` of ``A``, relative error ~ k eps on sigma_max) in rounds, each head's highest
-    upper values first; after every round an offset whose upper value is below its head's best exact value cannot
-    hold the maximum and is dropped. The maximiser always survives.
+    With ``A = M M^T / s^2`` (``s = ||M||_F``, so no overflow) and ``B = A^K``, ``K = 2^QK_PRUNE_SQUARINGS``, every
+    offset satisfies ``max_i B_ii^(1/2K) <= sigma_max / s <= ||B||_F^(1/2K)``. These brackets are computed in float32
+    (renormalised every squaring, the scale kept as a float64 logarithm) and widened by ``QK_PRUNE_MARGIN``
+    (relative), far more than float32 rounding moves them (~``2^K k^1.5 eps_32`` on ``B``, divided by ``2K`` by the
+    root).
     """
-    scale = m.norm(dim=(-2, -1)).clamp_min(torch.finfo(F64).tiny)                # [H, C]
-    unit = (m / scale[..., None, None]).float()
+    norm = m.norm(dim=(-2, -1)).clamp_min(torch.finfo(m.dtype).tiny)             # [H, C], in m's dtype
+    unit = (m / norm[..., None, None]).float()
+    scale = norm.to(F64)
     b = unit @ unit.transpose(-1, -2)                                            # [H, C, k, k]  float32 A
     log_norm = torch.zeros(scale.shape, dtype=F64, device=m.device)              # log ||A^K||_F, tracked in float64
     for step in range(QK_PRUNE_SQUARINGS + 1):
@@ -180,6 +177,18 @@ def _chunk_max_sigma(m: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     upper = scale * (log_norm * root).exp() * (1 + QK_PRUNE_MARGIN)              # [H, C]
     diag = b.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(torch.float32).tiny).to(F64)
     lower = scale * ((diag.log() + log_norm) * root).exp() * (1 - QK_PRUNE_MARGIN)   # [H, C]
+    return lower, upper
+
+
+def _max_sigma_pruned(lower: torch.Tensor, upper: torch.Tensor, floor: torch.Tensor,
+                      exact: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``max(floor_h, max_c sigma_max(M[h, c]))`` from brackets ``lower, upper [H, C]`` of every ``sigma_max(M[h, c])``
+    and ``exact(heads, cols)``, the float64 matrices ``M[heads, cols]`` ``[S, k, k]``.
+
+    Offsets are evaluated exactly (float64 ``eigvalsh`` of ``M M^T / s^2``, relative error ~ k eps on sigma_max) in
+    rounds, each head's highest upper values first; after every round an offset whose upper value is below its
+    head's best exact value cannot hold the maximum and is dropped. The maximiser always survives.
+    """
     best = torch.maximum(floor, lower.amax(dim=1))                               # [H]
     n_heads, n_off = upper.shape
     order = upper.argsort(dim=1, descending=True)                                # [H, C]
@@ -189,14 +198,22 @@ def _chunk_max_sigma(m: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
         live = upper.gather(1, cols) >= best[:, None]                            # [H, r]
         if not bool(live.any()):
             break                                             # sorted: every later offset is below its head's best
-        head = torch.arange(n_heads, device=m.device)[:, None].expand_as(cols)[live]     # [S]
-        u = m[head, cols[live]] / scale[head, cols[live], None, None]          # [S, k, k] float64
+        head = torch.arange(n_heads, device=upper.device)[:, None].expand_as(cols)[live]  # [S]
+        mats = exact(head, cols[live])                                           # [S, k, k] float64
+        scale = mats.norm(dim=(-2, -1)).clamp_min(torch.finfo(F64).tiny)
+        u = mats / scale[:, None, None]
         with single_threaded():
             top = torch.linalg.eigvalsh(u @ u.transpose(-1, -2))[..., -1]                     # [S]
-        exact = scale[head, cols[live]] * top.clamp_min(0).sqrt()
-        best = best.scatter_reduce(0, head, exact, reduce="amax")
+        best = best.scatter_reduce(0, head, scale * top.clamp_min(0).sqrt(), reduce="amax")
         done += QK_EXACT_ROUND
     return best
+
+
+def _chunk_max_sigma(m: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """``max(floor_h, max_c sigma_max(m[h, c]))`` for ``m [H, C, k, k]`` float64, exact; ``floor [H]`` is a known
+    lower bound (:func:`_sigma_brackets` prune, :func:`_max_sigma_pruned` evaluates)."""
+    lower, upper = _sigma_brackets(m)
+    return _max_sigma_pruned(lower, upper, floor, lambda head, cols: m[head, cols])
 
 
 def compute_qk_norms(wq: torch.Tensor, wk: torch.Tensor, kv_of_head: torch.Tensor, rope: RopeConfig | None,
@@ -218,7 +235,12 @@ def compute_qk_norms(wq: torch.Tensor, wk: torch.Tensor, kv_of_head: torch.Tenso
         return torch.linalg.matrix_norm(g_q @ g_kt, ord=2)                        # [H]
     n_heads, k, _ = g_q.shape
     basis = _rotation_basis(g_q, rope) @ g_kt                                     # [2F+1, H, k, k]
+    unit = basis.abs().amax().clamp_min(torch.finfo(F64).tiny)                   # sigma_max scales out: no float32
+    basis = basis / unit                                                          # over- or underflow below
+    basis_norms = basis.flatten(2).norm(dim=-1)                                   # [2F+1, H] ||B_a||_F per head
     basis = basis.reshape(basis.shape[0], -1)                                     # [2F+1, H k k]
+    basis32 = basis.float()
+    gamma = (basis.shape[0] + 2) * 2.0 ** -24 / (1 - (basis.shape[0] + 2) * 2.0 ** -24)
     chunk = max(1, OFFSET_CHUNK_ELEMENTS // (n_heads * k * k))
     best = torch.zeros(n_heads, dtype=F64, device=wq.device)                      # [H]
     a2 = rope.rot_scale ** 2           # P_i P_j^T = diag(a^2 R_Delta, b^2 I); the basis already holds one factor b
@@ -227,9 +249,17 @@ def compute_qk_norms(wq: torch.Tensor, wk: torch.Tensor, kv_of_head: torch.Tenso
         for start in range(0, offs.numel(), chunk):
             cos, sin = rope_cos_sin(rope, offs[start:start + chunk], wq.device, seq_len)  # [C, F]
             trig = torch.cat([torch.full_like(cos[:, :1], rope.pass_scale), cos * a2, sin * a2], dim=1)  # [C, 2F+1]
-            m = (trig @ basis).reshape(-1, n_heads, k, k).transpose(0, 1)         # [H, C, k, k]  M_Delta
-            best = _chunk_max_sigma(m, best)                                      # [H]
-    return best
+            m32 = (trig.float() @ basis32).reshape(-1, n_heads, k, k).transpose(0, 1)  # [H, C, k, k]  ~ M_Delta
+            # ||m32 - M_Delta||_2 <= ||.||_F <= gamma_{2F+3} sum_a |t_a| ||B_a||_F (two input roundings, the dot)
+            err = gamma * (trig.abs() @ basis_norms).T                            # [H, C]
+            lower, upper = _sigma_brackets(m32)
+
+            def exact(head: torch.Tensor, cols: torch.Tensor, trig: torch.Tensor = trig) -> torch.Tensor:
+                rows = basis.view(basis.shape[0], n_heads, k * k)[:, head]        # [2F+1, S, k k]
+                return torch.einsum("sa,ask->sk", trig[cols], rows).view(-1, k, k)   # [S, k, k] float64 M_Delta
+
+            best = _max_sigma_pruned((lower - err).clamp_min(0), upper + err, best, exact)   # [H]
+    return best * unit
 
 
 def _rotation_basis(rows: torch.Tensor, rope: RopeConfig) -> torch.Tensor:

@@ -421,3 +421,20 @@ def test_head_kappas_are_unridged_and_gqa_shared() -> None:
     heads = compute_head_weight_metrics(w, cfg)
     assert [h.kappa_wk for h in heads] == pytest.approx([4.0, 4.0, 1.0, 1.0], rel=1e-14)
     assert [h.wk_norm for h in heads] == pytest.approx([2.0, 2.0, 1.0, 1.0], rel=1e-14)
+
+
+def test_offset_pruning_from_float32_products_keeps_the_maximiser() -> None:
+    """Brackets taken on float32 copies of the products, widened by the copies' distance to them, still select the
+    exact float64 maximum, on offsets tied more closely than float32 resolves."""
+    from attnstab_cli.metrics.weights_metrics import _max_sigma_pruned, _sigma_brackets
+
+    g = torch.Generator().manual_seed(5)
+    m = torch.randn(2, 64, 64, 64, generator=g, dtype=F64)
+    m[1] = m[1, :1] * (1 + 1e-9 * torch.rand(64, 1, 1, generator=g, dtype=F64))  # head 1: ties below float32
+    m32 = m.float()
+    err = (m32.double() - m).flatten(2).norm(dim=-1)                             # [H, C] >= ||m32 - m||_2
+    lower, upper = _sigma_brackets(m32)
+    got = _max_sigma_pruned((lower - err).clamp_min(0), upper + err, torch.zeros(2, dtype=F64),
+                            lambda head, cols: m[head, cols])
+    dense = torch.linalg.matrix_norm(m, ord=2).amax(dim=1)
+    torch.testing.assert_close(got, dense, rtol=1e-13, atol=0)
