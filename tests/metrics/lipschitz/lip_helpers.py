@@ -20,6 +20,21 @@ def theta_exact(p: torch.Tensor) -> torch.Tensor:
     return (4 * big_p * big_q / (big_p + big_q).pow(2)).amax(dim=-1)
 
 
+def jacobian_inf_to_one(p: torch.Tensor) -> torch.Tensor:
+    """``||diag(p) - p p^T||_{inf->1}`` of rows ``p [..., n]`` (n <= 12) by its 2^n vertices v in {-1, 1}^n:
+    ``sum_j |p_j (v_j - p.v)|``. For rows summing to 1 this is theta (Thm 4.2); for the sub-stochastic rows of a
+    sink head it is the quantity theta_sink must equal (THEORY §18.4)."""
+    n = p.shape[-1]
+    v = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=n)), dtype=F64)          # [2^n, n]
+    pv = p.to(F64) @ v.T                                                                 # [..., 2^n]
+    return (p.to(F64)[..., None, :] * (v - pv[..., None])).abs().sum(-1).amax(-1)
+
+
+def row_theta(p: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """The exact per-row factor the bounds take: theta of full rows, the inf->1 norm of sink rows."""
+    return theta_exact(p) if sinks is None else jacobian_inf_to_one(p)
+
+
 def jacobian_blocks(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Exact Jacobian blocks ``T[i, j] = d f_i / d x_j`` as ``[T_out, T_in, d_out, d_in]``."""
     jac = torch.autograd.functional.jacobian(f, x, vectorize=True)                      # [T, d_out, T, d_in]
