@@ -5,7 +5,9 @@ keeping O(BLOCK_Q) state per program, so memory is O(B · H · T_q) and the T_q 
 Pass 1 runs the online update of §3.5; pass 2 knows the log-sum-exp and finds the natural-order prefix crossing and
 its adding completion; pass 3 knows the crossing and finds the removing completion.
 `attn_row_stats` shares its signature and its `RowStats` with `attnstab_cli.reference.row_stats.attn_row_stats_ref`,
-the plain-torch reference the tests hold it to.
+the plain-torch reference the tests hold it to. Sink logits (THEORY §18.4) never enter the kernel: it streams the
+statistics of the keys alone (the renormalized row q the θ machinery runs on), and the launcher maps them to the
+sink rows with the reference's own `apply_sinks`, which needs only each row's log-sum-exp.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from attnstab_cli.reference.row_stats import FLOAT_FIELDS, RowStats, check_row_stats_inputs
+from attnstab_cli.reference.row_stats import FLOAT_FIELDS, RowStats, apply_sinks, check_row_stats_inputs
 
 __all__ = ["attn_row_stats", "compute_logit_theta_err", "is_interpreted"]
 
@@ -450,11 +452,13 @@ def attn_row_stats(
     key_padding_mask: torch.Tensor | None = None,
     window: int | None = None,
     block_q: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> RowStats:
     """Fused softmax row statistics of s = scale · q kᵀ; same contract as `attn_row_stats_ref` (THEORY §3.5).
 
     q `# [B, H, T_q, D]` and k `# [B, H_kv, T_k, D]` in float32, float16, bfloat16 (or float64, accumulated in
-    float64), on CUDA, or on CPU under TRITON_INTERPRET=1. `block_q` sets BLOCK_Q (power of two ≥ 16).
+    float64), on CUDA, or on CPU under TRITON_INTERPRET=1. `block_q` sets BLOCK_Q (power of two ≥ 16). `sinks`
+    `# [H]`: a sink logit per query head, applied to the streamed statistics by `apply_sinks` (§18.4).
     Returns `RowStats` of `# [B, H, T_q]` float64 tensors (n_keys int32); `theta_err` bounds what the rounding of
     the kernel's logits can do to θ (:func:`compute_logit_theta_err`).
     """
@@ -467,8 +471,9 @@ def attn_row_stats(
     n_keys = torch.empty(B, H, T_q, dtype=torch.int32, device=q.device)  # [B, H, T_q]
     if T_q > 0:
         _launch(q, k, scale, causal, key_padding_mask, window, block_q, stats, n_keys)
-    return RowStats(**{name: stats[i] for name, i in _FIELD.items()}, n_keys=n_keys,
-                    theta_err=compute_logit_theta_err(q, k, scale))
+    out = RowStats(**{name: stats[i] for name, i in _FIELD.items()}, n_keys=n_keys,
+                   theta_err=compute_logit_theta_err(q, k, scale))
+    return out if sinks is None else apply_sinks(out, sinks)
 
 
 def compute_logit_theta_err(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

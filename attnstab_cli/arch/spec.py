@@ -128,6 +128,8 @@ class Layout:
     embed_scale: EmbedScale = EmbedScale.NONE
     ffn_packing: FFNPacking = FFNPacking.SEPARATE
     identity_norm_attn: tuple[int, ...] = ()  # layers whose norm_attn is the identity (ModernBERT's layer 0)
+    attn_sinks: bool = False  # a learned per-head logit (role ``sinks``, [H]) joins every softmax row and carries
+                              # no value, so rows sum to less than 1 (gpt-oss, THEORY §18.4)
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,8 @@ _KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefix
 
 
 _LAYOUT_KEYS = {"orientation", "qkv_packing", "norm", "residual", "positions", "rope_style", "causal", "ffn",
-                "norm_weight", "embed_scale", "qk_norm", "ffn_packing", "norm_attn_identity_layers"}
+                "norm_weight", "embed_scale", "qk_norm", "ffn_packing", "norm_attn_identity_layers",
+                "attn_sinks"}
 
 
 def _templates(mapping: dict[str, str | list[str]]) -> dict[str, tuple[str, ...]]:
@@ -210,6 +213,7 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         norm_weight=NormWeight(lay.get("norm_weight", "gamma")), embed_scale=EmbedScale(lay.get("embed_scale", "none")),
         ffn_packing=FFNPacking(lay.get("ffn_packing", FFNPacking.SEPARATE.value)),
         identity_norm_attn=tuple(lay.get("norm_attn_identity_layers", ())),
+        attn_sinks=bool(lay.get("attn_sinks", False)),
     )
     unknown_layout = set(lay) - _LAYOUT_KEYS
     if unknown_layout:
@@ -229,6 +233,11 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
     if (layout.qk_norm is None and not qk_switch) != (not norm_roles) or (norm_roles and len(norm_roles) != 2):
         raise ValueError(f"spec {data.get('name')!r}: a q/k norm (layout qk_norm or qk_norm_switch) and the "
                          "q_norm/k_norm tensors go together")
+    if layout.attn_sinks != ("sinks" in data["layer_tensors"]):
+        raise ValueError(f"spec {data.get('name')!r}: layout attn_sinks and the sinks layer tensor go together")
+    if "sinks" in data.get("optional", ()):
+        raise ValueError(f"spec {data.get('name')!r}: the sinks tensor cannot be optional (a missing sink logit "
+                         "would silently change every softmax row)")
     if layout.residual.shared_norm and any(r.startswith("norm_ffn.") for r in data["layer_tensors"]):
         raise ValueError(f"spec {data.get('name')!r}: residual {layout.residual.value!r} shares norm_attn; "
                          "it declares no norm_ffn tensors")

@@ -40,7 +40,8 @@ def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv
          + (f" (query_pre_attn_scalar {data['query_pre_attn_scalar']:g})" if data["query_pre_attn_scalar"] else "")
          + (f", logit soft-cap {data['attn_logit_cap']:g}" if data["attn_logit_cap"] else "")
          + (f", q/k {data['norm']} on the projections ({data['qk_norm'].replace('_', ' ')}, before RoPE)"
-            if data["qk_norm"] else "")),
+            if data["qk_norm"] else "")
+         + (", a learned sink logit per head in every softmax row" if data["attn_sinks"] else "")),
         ("positions", data["positions"] + (f" theta={data['rope']['theta']:g} rotary_dim={data['rope']['rotary_dim']}"
                                             f" {data['rope']['style']}" if data["rope"] else "")),
         ("vocabulary", data["vocab_size"]),

@@ -24,7 +24,7 @@ PEAKED_PMAX = 0.5                   # p_max ≥ 1/2: θ is exact in closed form 
 COLUMNS = ("n_rows", "n_rows_short", "theta_mean", "theta_hi_mean", "theta_lo_min", "theta_p05", "theta_p05_lo",
            "theta_p05_hi", "theta_p50", "theta_p50_lo", "theta_p50_hi", "theta_width_max", "theta_exact_frac",
            "theta_tilde_lo", "theta_tilde_hi", "theta_paper_mean", "pmax_mean", "pmax_max", "peaked_frac",
-           "entropy_mean")
+           "entropy_mean", "sink_mass_mean")
 _REL_GUARD = 2.0 ** -50             # edges widened by a few ulps: a bin index is itself a rounded computation
 
 
@@ -116,8 +116,9 @@ class Moments:
                        self.hist + other.hist)
 
 
-_INT_FIELDS = ("n_rows", "n_rows_short", "theta_exact_count", "peaked_count", "log_hist", "theta_paper_count")
-_SUM_FIELDS = ("theta_paper_sum", "entropy_sum")
+_INT_FIELDS = ("n_rows", "n_rows_short", "theta_exact_count", "peaked_count", "log_hist", "theta_paper_count",
+               "sink_count")
+_SUM_FIELDS = ("theta_paper_sum", "entropy_sum", "sink_mass_sum")
 _MAX_FIELDS = ("theta_tilde_lo", "theta_tilde_hi", "theta_width_max")
 _MOMENT_FIELDS = ("theta_lo", "theta_hi", "pmax", "entropy_norm")
 
@@ -146,6 +147,8 @@ class HeadAggregate:
     theta_paper_sum: Tensor                # float64 [H], Σ A5 estimate over the rows that have one
     entropy_sum: Tensor                    # float64 [H], Σ entropy in nats
     theta_paper_count: Tensor              # int64 [H], aggregated rows with an A5 estimate (it may be sampled)
+    sink_mass_sum: Tensor                  # float64 [H], Σ 1 − m over aggregated rows of heads with a sink (§18.4)
+    sink_count: Tensor                     # int64 [H], aggregated rows with a sink mass
 
     @classmethod
     def create(cls, n_heads: int, min_keys: int = DEFAULT_MIN_KEYS) -> HeadAggregate:
@@ -155,7 +158,7 @@ class HeadAggregate:
         neg = torch.full((n_heads,), -math.inf, dtype=torch.float64)
         return cls(min_keys, *(Moments.empty(n_heads) for _ in _MOMENT_FIELDS),
                    torch.zeros(n_heads, N_LOG_BINS, dtype=torch.int64), i64, i64.clone(), neg, neg.clone(),
-                   neg.clone(), i64.clone(), i64.clone(), f64, f64.clone(), i64.clone())
+                   neg.clone(), i64.clone(), i64.clone(), f64, f64.clone(), i64.clone(), f64.clone(), i64.clone())
 
     @property
     def n_heads(self) -> int:
@@ -163,11 +166,15 @@ class HeadAggregate:
         return self.n_rows.shape[0]
 
     def update(self, head: Tensor | None, *, theta_lo: Tensor, theta_hi: Tensor, pmax: Tensor, entropy: Tensor,
-               n_keys: Tensor, theta_paper: Tensor, exact: Tensor | None = None) -> None:
+               n_keys: Tensor, theta_paper: Tensor, exact: Tensor | None = None,
+               sink_mass: Tensor | None = None) -> None:
         """Add rows: head (int64 [R]) and per-row float θ_lo, θ_hi, p_max, entropy (nats), n_keys, A5 estimate
-        (NaN for a row left out of the A5 sample); ``exact`` (bool [R]) overrides the width test θ_hi − θ_lo ≤ 1e-12 (e.g. to ignore `theta_slack`)."""
+        (NaN for a row left out of the A5 sample); ``exact`` (bool [R]) overrides the width test
+        θ_hi − θ_lo ≤ 1e-12 (e.g. to ignore `theta_slack`); ``sink_mass`` the sink's share 1 − m of rows whose
+        softmax holds a sink logit (§18.4), None for heads without one (``sink_mass_mean`` is then null)."""
         rows = _flatten_rows(head, self.n_heads, theta_lo=theta_lo, theta_hi=theta_hi, pmax=pmax,
-                             entropy=entropy, n_keys=n_keys, theta_paper=theta_paper, exact=exact)
+                             entropy=entropy, n_keys=n_keys, theta_paper=theta_paper, exact=exact,
+                             sink_mass=sink_mass)
         head, lo, hi = rows["head"], rows["theta_lo"], rows["theta_hi"]
         self.theta_tilde_lo.scatter_reduce_(0, head, lo, "amax")
         self.theta_tilde_hi.scatter_reduce_(0, head, hi, "amax")
@@ -190,6 +197,9 @@ class HeadAggregate:
         self.theta_paper_count += torch.bincount(head[has_paper], minlength=self.n_heads)
         self.theta_paper_sum.index_add_(0, head[has_paper], sel["theta_paper"][has_paper])
         self.entropy_sum.index_add_(0, head, sel["entropy"])
+        if "sink_mass" in sel:
+            self.sink_count += torch.bincount(head, minlength=self.n_heads)
+            self.sink_mass_sum.index_add_(0, head, sel["sink_mass"])
 
     def merge(self, other: HeadAggregate) -> HeadAggregate:
         """A new aggregate of both inputs' rows: exact for counts, min, max and histograms (§3.8)."""
@@ -229,7 +239,8 @@ class HeadAggregate:
             "theta_tilde_hi": self.theta_tilde_hi,
             "theta_paper_mean": self.theta_paper_sum / self.theta_paper_count.to(torch.float64),
             "pmax_mean": self.pmax.total / n, "pmax_max": self.pmax.maximum, "peaked_frac": self.peaked_count / n,
-            "entropy_mean": self.entropy_sum / n}
+            "entropy_mean": self.entropy_sum / n,
+            "sink_mass_mean": self.sink_mass_sum / self.sink_count.to(torch.float64)}
         for q, tag in ((0.05, "p05"), (0.5, "p50")):
             lo, hi, mid = self.compute_theta_percentile(q)
             cols.update({f"theta_{tag}": mid, f"theta_{tag}_lo": lo, f"theta_{tag}_hi": hi})
@@ -239,6 +250,8 @@ class HeadAggregate:
             valid = any_row if name.startswith("theta_tilde") else self.n_rows > 0
             if name == "theta_paper_mean":
                 valid = self.theta_paper_count > 0
+            if name == "sink_mass_mean":
+                valid = self.sink_count > 0
             values = cols[name].tolist()
             out[name] = [v if ok or name.startswith("n_rows") else None for v, ok in zip(values, valid.tolist())]
         return out

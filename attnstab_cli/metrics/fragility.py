@@ -2,7 +2,8 @@
 
 Per layer: ``kappa_score`` = max over (batch, head) of ‖Q‖‖K‖/‖QKᵀ‖ (spectral norms; exact, from the R factors of Q
 and K, so no n × n matrix), ``kappa_softmax`` = max over sampled rows of λ_max(diag p − ppᵀ)·‖s‖/‖p‖ (λ_max exact, by
-bisection on the secular equation, where the authors run 7 power iterations that can only underestimate it),
+bisection on the secular equation, where the authors run 7 power iterations that can only underestimate it; with a
+sink logit p are the model's key probabilities, which sum to m < 1, THEORY §18.4),
 ``kappa_v`` = max over (batch, KV head) of σ_max(V)/(σ_min(V) + 1e-6), ``c_ln`` and ``rho_ln_<precision>`` from the
 median token variance (mean square for RMSNorm) of each norm input, the LN-ε the authors' mitigation would choose,
 and the layer term T_ℓ = κ_softmax(1 + κ_score)κ(V)‖W_O‖₂ + κ_eff + C_LN. Per model: Σ T_ℓ and its relaxed form.
@@ -117,7 +118,8 @@ class FragilityPass:
         s, allowed = compute_row_logits(a.q, a.k, a.scale, bi, hi, ti, causal=a.causal, window=a.window,
                                         key_padding_mask=a.key_padding_mask, logit_cap=a.logit_cap)  # [r, T_k]
         keep = allowed.any(-1)
-        p = compute_masked_softmax(s[keep], allowed[keep])                             # [r', T_k]
+        sink = None if a.sinks is None else a.sinks.to(s.device)[hi.to(s.device)][keep]   # §18.4: rows sum to m
+        p = compute_masked_softmax(s[keep], allowed[keep], sink)                       # [r', T_k]
         lam = compute_softmax_lambda_max(p)
         s_norm = torch.where(allowed[keep], s[keep], 0.0).norm(dim=-1)
         return (lam * s_norm / p.norm(dim=-1)).cpu().tolist()

@@ -16,6 +16,10 @@ Per (layer, batch):
    ``paper_rows`` rows per head and sequence on the CPU (the paper itself sampled rows, App. E.1).
 4. **Slack and aggregation.** θ_lo − slack, θ_hi + slack (``theta_slack``, §3.1), then a mergeable per-head summary;
    θ̃ uses every row, the descriptive columns only rows with at least ``min_keys`` keys.
+
+With a sink logit per head (§18.4) every step runs on the keys' renormalized row q, and each bound is reported as
+θ_sink = m(1 − m) + m² θ(q) of the row's own m (:func:`~attnstab_cli.reference.row_stats.apply_sinks`); p_max is of
+the model's key probabilities m·q, the entropy over the n + 1 outcomes, and ``sink_mass_mean`` the mean of 1 − m.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from attnstab_cli.metrics.theta import DEFAULT_TOP_K, EXACT_MAX_KEYS, THETA_SLAC
     compute_theta_paper
 from attnstab_cli.metrics.passes import TableParts, Tables
 from attnstab_cli.model.traces import AttentionTrace, LayerTrace
-from attnstab_cli.reference.attention_rows import compute_row_probabilities
+from attnstab_cli.reference.attention_rows import compute_masked_softmax, compute_row_logits, compute_sink_mass
+from attnstab_cli.reference.row_stats import compute_sink_theta
 
 if TYPE_CHECKING:
     from attnstab_cli.metrics.layer_context import LayerContext
@@ -73,6 +78,7 @@ class RowValues:
     entropy: Tensor
     paper: Tensor
     n_keys: Tensor
+    sink_mass: Tensor | None = None     # 1 − m per row with a sink logit (§18.4); None without
 
 
 def _select_rows(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -86,10 +92,18 @@ def _row_chunks(n_rows: int, t_k: int) -> list[slice]:
     return [slice(s, min(n_rows, s + step)) for s in range(0, n_rows, step)]
 
 
-def _probabilities(a: AttentionTrace, b: Tensor, h: Tensor, i: Tensor) -> Tensor:
-    p, _ = compute_row_probabilities(a.q, a.k, a.scale, b, h, i, causal=a.causal, window=a.window,
-                                     key_padding_mask=a.key_padding_mask, logit_cap=a.logit_cap)
-    return p                                                                # [R, T_k] float64
+def _probabilities(a: AttentionTrace, b: Tensor, h: Tensor, i: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The keys' renormalized rows q ``[R, T_k]`` (float64), on which θ is computed, and each row's sink mass 1 − m
+    ``[R]`` (None without sinks, §18.4)."""
+    s, allowed = compute_row_logits(a.q, a.k, a.scale, b, h, i, causal=a.causal, window=a.window,
+                                    key_padding_mask=a.key_padding_mask, logit_cap=a.logit_cap)
+    sink_mass = None if a.sinks is None else compute_sink_mass(s, allowed, a.sinks.to(s.device)[h.to(s.device)])
+    return compute_masked_softmax(s, allowed), sink_mass
+
+
+def _to_sink_rows(theta: Tensor, sink_mass: Tensor | None) -> Tensor:
+    """θ of renormalized rows as θ_sink of the model's rows (identity without sinks); endpoints map to endpoints."""
+    return theta if sink_mass is None else compute_sink_theta(theta, sink_mass.to(theta.device))
 
 
 class ThetaPass:
@@ -125,20 +139,22 @@ class ThetaPass:
 
         agg.update(None, theta_lo=heads_first(lo), theta_hi=heads_first(hi), pmax=heads_first(v.pmax),
                    entropy=heads_first(v.entropy), n_keys=heads_first(v.n_keys), theta_paper=heads_first(v.paper),
-                   exact=heads_first(width <= EXACT_WIDTH))
+                   exact=heads_first(width <= EXACT_WIDTH),
+                   sink_mass=None if v.sink_mass is None else heads_first(v.sink_mass))
 
     def measure(self, a: AttentionTrace) -> RowValues:
         """Per-row values of every row of one batch: full coverage, then refinement and A5 (module docstring)."""
         o = self.opts
         st = attn_row_stats(a.q, a.k, a.scale, causal=a.causal, key_padding_mask=a.key_padding_mask,
-                            window=a.window, kernel=o.kernel, logit_cap=a.logit_cap)
+                            window=a.window, kernel=o.kernel, logit_cap=a.logit_cap, sinks=a.sinks)
         err = st.theta_err                                                  # [B, H, T], logit rounding (§3.7)
         lo = (st.theta_lo - err).clamp_min(0.0).cpu()
         hi = torch.where(st.theta_hi >= 1.0, 1.0, (st.theta_hi + err).clamp_max(1.0)).cpu()
         n_keys = st.n_keys.cpu()
         self._refine(a, lo, hi, n_keys)
+        sink_mass = None if st.sink_mass is None else st.sink_mass.cpu()
         return RowValues(lo, hi, st.pmax.cpu().nan_to_num(0.0), st.entropy.cpu().nan_to_num(0.0),
-                         self._paper(a, n_keys), n_keys)
+                         self._paper(a, n_keys), n_keys, sink_mass)
 
     def _refine(self, a: AttentionTrace, lo: Tensor, hi: Tensor, n_keys: Tensor) -> None:
         """A1 or A2 + A3 in float64 on the chosen wide rows, in place on ``lo``, ``hi`` ``[B, H, T]``."""
@@ -149,11 +165,11 @@ class ThetaPass:
         self.unrefined_rows += int((wide & ~chosen).sum())
         b, h, i = _select_rows(chosen)
         for rows in _row_chunks(b.numel(), a.k.shape[2]):
-            p = _probabilities(a, b[rows], h[rows], i[rows])                # [r, T_k]
+            p, sink_mass = _probabilities(a, b[rows], h[rows], i[rows])     # [r, T_k], [r] | None
             iv = compute_theta_interval(p, top_k=o.top_k, slack=0.0, tol=o.tol)
             at = (b[rows], h[rows], i[rows])
-            lo[at] = torch.maximum(lo[at], iv.lo)
-            hi[at] = torch.minimum(hi[at], iv.hi)
+            lo[at] = torch.maximum(lo[at], _to_sink_rows(iv.lo, sink_mass).cpu())
+            hi[at] = torch.minimum(hi[at], _to_sink_rows(iv.hi, sink_mass).cpu())
         self.refined_rows += int(b.numel())
 
     def _choose(self, wide: Tensor, n_keys: Tensor) -> Tensor:
@@ -182,7 +198,8 @@ class ThetaPass:
         out = torch.full(n_keys.shape, float("nan"), dtype=torch.float64)
         b, h, i = _select_rows(chosen)
         for rows in _row_chunks(b.numel(), a.k.shape[2]):
-            out[b[rows], h[rows], i[rows]] = compute_theta_paper(_probabilities(a, b[rows], h[rows], i[rows])).cpu()
+            p, sink_mass = _probabilities(a, b[rows], h[rows], i[rows])
+            out[b[rows], h[rows], i[rows]] = _to_sink_rows(compute_theta_paper(p), sink_mass).cpu()
         self.paper_sampled_rows += int(b.numel())
         return out
 

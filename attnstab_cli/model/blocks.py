@@ -1,5 +1,5 @@
-"""One transformer layer in plain torch: norms, attention through SDPA (explicit for soft-capped logits, §18.5),
-FFN, and the residual wirings of §7 and §18.3.
+"""One transformer layer in plain torch: norms, attention through SDPA (explicit for soft-capped logits, §18.5, and
+for sink logits, §18.4), FFN, and the residual wirings of §7 and §18.3.
 
 The layer is written once; families differ only in the layout facts of their spec (norm kind, residual wiring,
 QKV packing, RoPE), never in code paths of their own.
@@ -78,41 +78,49 @@ def run_attention(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, layer: int
         q, k = apply_rope(q, *rope_cs, rope), apply_rope(k, *rope_cs, rope)
     causal, window, scale = cfg.layout.causal, cfg.sliding_windows[layer], cfg.attn_scale(layer)
     mask = build_attention_mask(t, causal, window, key_padding_mask, x.device)
-    cap = cfg.attn_logit_cap
-    if cap is None:
+    cap, sinks = cfg.attn_logit_cap, w.sinks
+    if cap is None and sinks is None:
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                              scale=scale, enable_gqa=hkv != h)  # [B, H, T, D]
     else:
         if mask is None:
             mask = compute_allowed(0, t, t, t, causal=causal, window=None, key_padding_mask=None, device=x.device)
-        ctx = capped_attention(q, k, v, mask, scale, cap)                      # [B, H, T, D]
+        ctx = explicit_attention(q, k, v, mask, scale, cap, sinks)             # [B, H, T, D]
     out = _project(ctx.transpose(1, 2).reshape(b, t, h * dh), w.wo, w.bo)     # [B, T, d]
     return AttentionTrace(x=x, q=q, k=k, v=v, scale=scale, causal=causal, window=window,
                           key_padding_mask=key_padding_mask, context=ctx, out=out, logit_cap=cap,
-                          q_norm_stat=q_norm, k_norm_stat=k_norm)
+                          q_norm_stat=q_norm, k_norm_stat=k_norm, sinks=sinks)
 
 
-_CAPPED_BLOCK_ELEMENTS = 1 << 22   # logits per query block of the explicit soft-capped attention
+_EXPLICIT_BLOCK_ELEMENTS = 1 << 22   # logits per query block of the explicit attention
 
 
-def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
-                     cap: float) -> torch.Tensor:
-    """softmax(c tanh(s q.k / c)) v over the ``allowed [B|1, 1, T, T]`` keys (THEORY §18.5), which SDPA cannot
-    express: computed explicitly, one block of query rows at a time. ``q [B, H, T, D]``, ``k, v [B, H_kv, T, D]``;
-    the softmax runs in float32 or wider, as the model's does."""
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
+                       cap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention SDPA cannot express, computed explicitly one block of query rows at a time, over the
+    ``allowed [B|1, 1, T, T]`` keys: soft-capped logits ``c tanh(s q.k / c)`` (THEORY §18.5) and a sink logit
+    ``sinks [H]`` per head that joins each row's softmax with no value (§18.4), so the row's key weights sum to
+    m < 1. ``q [B, H, T, D]``, ``k, v [B, H_kv, T, D]``; the softmax runs in float32 or wider, as the model's
+    does, and a row whose keys are all masked then has weight 0 on every key (only the sink)."""
     b, h, t, dh = q.shape
     hkv = k.shape[1]
     g = h // hkv
-    block = max(1, _CAPPED_BLOCK_ELEMENTS // max(1, b * h * t))
+    block = max(1, _EXPLICIT_BLOCK_ELEMENTS // max(1, b * h * t))
     soft_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    sink_col = None if sinks is None else sinks.to(soft_dtype).view(1, h, 1, 1)   # [1, H, 1, 1]
     parts = []
     for i0 in range(0, t, block):
         i1 = min(t, i0 + block)
         qi = q[:, :, i0:i1].reshape(b, hkv, g * (i1 - i0), dh)                  # query heads of one K/V head together
         s = (qi @ k.transpose(-1, -2)).reshape(b, h, i1 - i0, t) * scale       # [B, H, c, T]
-        s = cap * torch.tanh(s / cap)
+        if cap is not None:
+            s = cap * torch.tanh(s / cap)
         s = s.masked_fill(~allowed[..., i0:i1, :], float("-inf"))
-        p = torch.softmax(s, dim=-1, dtype=soft_dtype).to(q.dtype)
+        if sink_col is None:
+            p = torch.softmax(s, dim=-1, dtype=soft_dtype).to(q.dtype)
+        else:
+            full = torch.cat([s.to(soft_dtype), sink_col.expand(b, h, i1 - i0, 1)], dim=-1)   # [B, H, c, T + 1]
+            p = torch.softmax(full, dim=-1)[..., :t].to(q.dtype)                   # the sink column carries no value
         parts.append((p.reshape(b, hkv, g * (i1 - i0), t) @ v).reshape(b, h, i1 - i0, dh))
     return torch.cat(parts, dim=2)
 

@@ -57,6 +57,7 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "attn_input_normalized": cfg.layout.residual.input_norms or cfg.layout.residual is Residual.POST,
         "causal": cfg.layout.causal,
         "qk_norm": None if cfg.layout.qk_norm is None else cfg.layout.qk_norm.value,
+        "attn_sinks": cfg.layout.attn_sinks,
         "ignored_parts": model.names.ignored_parts() or None,
         "positions": cfg.layout.positions.value,
         "rope": None if rope is None else _describe_rope(rope),

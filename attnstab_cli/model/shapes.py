@@ -67,6 +67,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
         "lm_head.weight": _table(vocab, d), "lm_head.bias": _table(vocab),
         "q.weight": _matrix(d, hd), "q.bias": _vector(hd), "k.weight": _matrix(d, kvd), "k.bias": _vector(kvd),
         "v.weight": _matrix(d, kvd), "v.bias": _vector(kvd), "o.weight": _matrix(hd, d), "o.bias": _vector(d),
+        "sinks": _vector(cfg.n_heads),
         "q_norm.weight": _vector(qn), "k_norm.weight": _vector(kn),
         "q_norm.bias": _vector(qn), "k_norm.bias": _vector(kn),
         "qkv.weight": _matrix(d, width), "qkv.bias": _vector(width),

@@ -37,6 +37,8 @@ class AttentionTrace:
     q_norm_stat: torch.Tensor | None = None  # q/k norms (THEORY §18.2): the norm statistic of the projections,
     k_norm_stat: torch.Tensor | None = None  # [B, T, H|H_kv] per head, [B, T] full width; None without q/k norms
     logit_cap: float | None = None           # logits are c tanh(scale q.k / c) when set (THEORY §18.5)
+    sinks: torch.Tensor | None = None        # [H] sink logit per query head: joins each row's softmax with no value,
+                                             # so a row's key probabilities sum to m < 1 (THEORY §18.4)
 
 
 @dataclass

@@ -45,6 +45,7 @@ class LayerWeights:
     k_norm: NormWeights | None = None
     norm_attn_out: NormWeights | None = None   # branch-output norms (THEORY §18.3); None without them
     norm_ffn_out: NormWeights | None = None
+    sinks: torch.Tensor | None = None   # [H] learned sink logit per query head (THEORY §18.4); None without sinks
 
 
 class WeightLoader:
@@ -99,6 +100,7 @@ class WeightLoader:
             norm_attn=norm_attn, norm_ffn=norm_ffn, ffn=self._ffn(layer), q_norm=qk[0], k_norm=qk[1],
             norm_attn_out=self.norm("norm_attn_out", layer) if c.layout.residual.output_norms else None,
             norm_ffn_out=self.norm("norm_ffn_out", layer) if c.layout.residual.output_norms else None,
+            sinks=self.tensor("sinks", layer) if c.layout.attn_sinks else None,
         )
 
     def _ffn(self, layer: int) -> dict[str, torch.Tensor]:

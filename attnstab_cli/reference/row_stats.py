@@ -18,8 +18,14 @@ one earlier key) are further concrete subsets, and the cardinality bound (:func:
 bound below 1 where no subset can reach mass ½; none needs a sort. Keys outside the causal / window band of a query
 block are never scored.
 
+Attention sinks (§18.4): with a sink logit σ_h the real keys carry p = m·q, where q is the softmax over the keys alone
+(the row every formula above describes) and m = 1/(1 + e^{σ_h − lse}) < 1. The θ machinery runs on q unchanged;
+:func:`apply_sinks` then maps every θ bound through θ_sink = m(1 − m) + m² θ(q), which is increasing in θ(q), so
+interval endpoints map to endpoints; p_max and 1 − p_max become those of p, and the entropy is that of the n + 1
+outcomes, m H(q) + h(m) with h the binary entropy. ``row_max`` and ``lse`` stay those of the keys alone.
+
 Conventions: a row with n_keys = 0 (fully masked) has row_max = lse = −inf, p_max, 1 − p_max and entropy NaN (not
-applicable), n_keys = 0 and all θ fields 0; rows with n_keys ≤ 1 have θ = 0 (§3.1).
+applicable), n_keys = 0 and all θ fields 0; rows with n_keys ≤ 1 have θ = 0 (§3.1), or m(1 − m) with a sink.
 """
 from __future__ import annotations
 
@@ -27,12 +33,14 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnstab_cli.model.masks import compute_allowed
 
-__all__ = ["FLOAT_FIELDS", "RowStats", "attn_row_stats_ref", "check_row_stats_inputs", "compute_key_band",
-           "compute_prefix_crossing", "compute_theta_fields", "compute_theta_hi_count"]
+__all__ = ["FLOAT_FIELDS", "RowStats", "SINK_ERR_FACTOR", "apply_sinks", "attn_row_stats_ref",
+           "check_row_stats_inputs", "compute_key_band", "compute_prefix_crossing", "compute_sink_theta",
+           "compute_theta_fields", "compute_theta_hi_count"]
 
 # Budget for one chunk of logits, in elements (B · H · block_q · T_k): 4 MiB per float32 temporary, 8 MiB in float64.
 _CHUNK_ELEMENTS = 1 << 20
@@ -56,6 +64,7 @@ class RowStats:
     theta_hi: Tensor  # best certified upper bound: exact if pmax ≥ ½, else the cardinality bound (≤ 1)
     n_keys: Tensor  # int32 count of unmasked keys
     theta_err: Tensor  # bound on how far the logits' rounding moves θ of the row: 0 for float64 logits (§3.7)
+    sink_mass: Tensor | None = None  # 1 − m, the sink's probability (§18.4); None without a sink
 
     def to_dict(self) -> dict[str, Tensor]:
         """Field name -> tensor, in declaration order."""
@@ -63,7 +72,12 @@ class RowStats:
 
 
 # The float fields in declaration order; the kernel writes them as planes of one [len(FLOAT_FIELDS), B, H, T_q] buffer.
-FLOAT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RowStats) if f.name not in ("n_keys", "theta_err"))
+FLOAT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RowStats)
+                                      if f.name not in ("n_keys", "theta_err", "sink_mass"))
+_THETA_FIELDS = ("theta_lo_stream", "theta_hi_stream", "theta_prefix", "theta_prefix_plus", "theta_lo", "theta_hi")
+# ‖diag(p) − ppᵀ‖∞→1 = m − min_S (2p(S) − m)² moves by at most 3‖p' − p‖₁ (|Δm| plus twice |Δ(p·v)|, |p·v| ≤ 1),
+# against 2‖p' − p‖₁ for θ of a full row (§3.1): a path's rounding bound on θ(q) grows by this factor with a sink.
+SINK_ERR_FACTOR = 1.5
 
 
 def check_row_stats_inputs(
@@ -209,6 +223,29 @@ def compute_theta_hi_count(pmax: Tensor, pmin: Tensor, n_keys: Tensor) -> Tensor
     return torch.where(ok, 1.0 - 4.0 * g * g, 1.0)
 
 
+def compute_sink_theta(theta: Tensor, sink_mass: Tensor) -> Tensor:
+    """θ_sink = m(1 − m) + m² θ(q) with 1 − m = ``sink_mass`` (§18.4), float64, elementwise; increasing in θ."""
+    m = 1.0 - sink_mass
+    return m * sink_mass + m * m * theta
+
+
+def apply_sinks(stats: RowStats, sinks: Tensor) -> RowStats:
+    """The statistics of rows whose softmax also holds a sink logit ``sinks [H]`` (module docstring, §18.4), from
+    those of the keys alone; every field stays `# [B, H, T_q]` float64 and ``sink_mass`` holds 1 − m.
+
+    With x = σ_h − lse: 1 − m = sigmoid(x), m = sigmoid(−x), and h(m) = m·softplus(x) + (1 − m)·softplus(−x), all
+    cancellation-free; a row with no key has lse = −inf, so m = 0 and every θ field stays 0.
+    """
+    x = sinks.to(device=stats.lse.device, dtype=torch.float64).view(1, -1, 1) - stats.lse   # [B, H, T_q]
+    sink_mass, m = torch.sigmoid(x), torch.sigmoid(-x)
+    binary = torch.where(m > 0, m * F.softplus(x), 0.0) + sink_mass * F.softplus(-x)
+    cols = stats.to_dict()
+    cols.update({name: compute_sink_theta(cols[name], sink_mass) for name in _THETA_FIELDS})
+    cols.update(pmax=m * stats.pmax, one_minus_pmax=sink_mass + m * stats.one_minus_pmax,
+                entropy=m * stats.entropy + binary, theta_err=SINK_ERR_FACTOR * stats.theta_err, sink_mass=sink_mass)
+    return RowStats(**cols)
+
+
 def compute_key_band(i0: int, i1: int, t_q: int, t_k: int, causal: bool, window: int | None) -> tuple[int, int]:
     """Keys [j0, j1) that the causal / window band allows to some query row of [i0, i1); every other key is masked
     for all of these rows, so a chunk need not compute their logits."""
@@ -241,6 +278,7 @@ def attn_row_stats_ref(
     window: int | None = None,
     block_q: int | None = None,
     logit_cap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> RowStats:
     """Softmax row statistics of s = scale · q kᵀ, chunked over query blocks (THEORY §3.5).
 
@@ -248,7 +286,8 @@ def attn_row_stats_ref(
     attention by a view, never a copy per head); `causal` bottom-right aligned (query i sees keys j ≤ i + T_k − T_q);
     `key_padding_mask` bool `# [B, T_k]`, True = real token; `window` sliding window (|position − j| < window).
     `block_q` query rows per chunk; default keeps each chunk near 1M logits. Precision as in the module docstring.
-    `logit_cap` c: the softmax reads c · tanh(s / c) (THEORY §18.5), in float64 like s.
+    `logit_cap` c: the softmax reads c · tanh(s / c) (THEORY §18.5), in float64 like s. `sinks` `# [H]`: a sink
+    logit per query head joins each row (§18.4, :func:`apply_sinks`).
     Returns `RowStats` of `# [B, H, T_q]` float64 tensors (n_keys int32).
     """
     B, H, H_kv, T_q, T_k, D = check_row_stats_inputs(q, k, key_padding_mask, window)
@@ -256,7 +295,8 @@ def attn_row_stats_ref(
     if block_q is None:
         block_q = max(1, _CHUNK_ELEMENTS // max(1, B * H * T_k))
     if T_q == 0 or T_k == 0:
-        return _all_rows_empty(B, H, T_q, q.device)
+        empty = _all_rows_empty(B, H, T_q, q.device)
+        return empty if sinks is None else apply_sinks(empty, sinks)
     k_t = k.to(torch.float64).transpose(-1, -2)  # [B, H_kv, D, T_k]; float32 products are exact in float64
     parts: list[dict[str, Tensor]] = []
     for i0 in range(0, T_q, block_q):
@@ -273,4 +313,5 @@ def attn_row_stats_ref(
                                   device=q.device)[..., j0:j1]
         parts.append(_stats_chunk(s, allowed))
     cols = {name: torch.cat([p[name] for p in parts], dim=-1) for name in (*FLOAT_FIELDS, "n_keys")}
-    return RowStats(**cols, theta_err=torch.zeros_like(cols["theta_lo"]))  # float64 logits: no rounding to cover
+    stats = RowStats(**cols, theta_err=torch.zeros_like(cols["theta_lo"]))  # float64 logits: no rounding to cover
+    return stats if sinks is None else apply_sinks(stats, sinks)

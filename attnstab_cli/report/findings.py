@@ -16,6 +16,7 @@ from attnstab_cli.report.cells import format_value
 
 N_HEADS_LISTED = 3
 DOMINANT_FACTOR = 1.5            # a layer "dominates" when its share of log ∏ bound exceeds 1.5× the mean share
+SINK_PARKED = 0.5                # a head "parks" its mass on its sink when the sink takes over half a row, on average
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def compute_findings(manifest: dict[str, Any], tables: dict[str, list[dict[str, 
     layers, heads = tables.get("layers") or [], tables.get("heads") or []
     out = _short_calibration(manifest) + _non_finite(tables)
     if manifest.get("calibration") is not None and heads:
-        out += _lowest_theta(heads) + _widest_intervals(heads, manifest)
+        out += _lowest_theta(heads) + _widest_intervals(heads, manifest) + _sink_parked(heads)
     out += _dominant_bound(layers)
     out += _local_and_global(layers)
     out += _no_magnitude_barrier(manifest, layers)
@@ -90,6 +91,27 @@ def _widest_intervals(heads: list[dict[str, Any]], manifest: dict[str, Any]) -> 
                         f"({r['theta_wide_rows']} rows)" for r in wide) + "; --theta-rows all refines every row")
     return [Finding("widest_interval", "info", text,
                     tuple(_item(r["layer"], r["head"], r["theta_width_max"]) for r in wide))]
+
+
+def _sink_parked(heads: list[dict[str, Any]]) -> list[Finding]:
+    """Heads whose sink logit takes most of each row (THEORY §18.4): ``sink_mass_mean`` above :data:`SINK_PARKED`.
+    Such a head mixes little of its values into the stream, and its θ_sink ≤ m is small for that reason, not
+    because its rows are peaked. Nothing is said for a model without sinks."""
+    with_sink = [r for r in heads if r.get("sink_mass_mean") is not None]
+    if not with_sink:
+        return []
+    parked = sorted((r for r in with_sink if r["sink_mass_mean"] > SINK_PARKED), key=lambda r: -r["sink_mass_mean"])
+    if not parked:
+        top = max(with_sink, key=lambda r: r["sink_mass_mean"])
+        return [Finding("sink_parked", "info", f"no head gives its sink more than {SINK_PARKED:.0%} of a row on "
+                                               f"average (largest: L{top['layer']}H{top['head']} "
+                                               f"{top['sink_mass_mean']:.2f})")]
+    listed = parked[:N_HEADS_LISTED]
+    text = (f"{len(parked)} of {len(with_sink)} heads park most of their attention on the sink (mean sink mass > "
+            f"{SINK_PARKED:.0%}): " + ", ".join(f"L{r['layer']}H{r['head']} {r['sink_mass_mean']:.2f}" for r in listed)
+            + (" …" if len(parked) > len(listed) else ""))
+    return [Finding("sink_parked", "info", text, tuple(_item(r["layer"], r["head"], r["sink_mass_mean"])
+                                                       for r in parked))]
 
 
 def _dominant_bound(layers: list[dict[str, Any]]) -> list[Finding]:

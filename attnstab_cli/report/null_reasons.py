@@ -24,6 +24,7 @@ NULL_REASONS: dict[str, str] = {
     "qnorm_gamma_max": "no q/k norm on the projections in this family",
     "knorm_gamma_max": "no q/k norm on the projections in this family",
     "attn_window": "every layer attends globally (no sliding window)",
+    "sink_mass_mean": "the family's attention has no sink logit (rows sum to 1, THEORY §18.4)",
     "norm1_out_beta_norm": "no LayerNorm on the attention output (RMSNorm has no beta)",
     "norm2_out_beta_norm": "no LayerNorm on the FFN output (RMSNorm has no beta)",
     **dict.fromkeys(("norm1_out_gamma_max", "norm2_out_gamma_max", "norm1_out_min_var", "norm2_out_min_var",

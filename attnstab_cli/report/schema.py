@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "5"
+SCHEMA_VERSION = "6"
 # Columns each version added, per table (what a reader fills with null for an older report). Version 2 added no
 # column: its manifest gained the weight fingerprint, the calibration source hash and per-stage timings, and each
 # Parquet file's metadata the tool version, checkpoint fingerprint, family, calibration id, seed, device, versions.
@@ -23,6 +23,7 @@ SCHEMA_HISTORY: dict[str, dict[str, tuple[str, ...]]] = {
                      "norm1_out_min_var", "norm2_out_min_var", "norm1_out_gamma_max", "norm1_out_beta_norm",
                      "norm2_out_gamma_max", "norm2_out_beta_norm", "ln1_out_lip_global", "ln1_out_lip_local",
                      "ln2_out_lip_global", "ln2_out_lip_local")},
+    "6": {"heads": ("sink_mass_mean",)},
 }
 
 
@@ -159,7 +160,9 @@ HEAD_COLUMNS: tuple[Column, ...] = (
     Column("pmax_mean", F64, "probability", "mean largest attention probability"),
     Column("pmax_max", F64, "probability", "largest attention probability of any aggregated row"),
     Column("peaked_frac", F64, "fraction", "fraction of rows with p_max >= 1/2 (theta exact there)"),
-    Column("entropy_mean", F64, "nats", "mean row entropy"),
+    Column("entropy_mean", F64, "nats", "mean row entropy (with an attention sink: over the keys and the sink)"),
+    Column("sink_mass_mean", F64, "probability",
+           "mean probability the head's sink logit takes from a row, 1 - sum_j p_j (THEORY §18.4; null without sinks)"),
     Column("theta_wide_rows", I64, "rows",
            "rows (of all) whose interval stayed wider than theta_tol: not refined within --theta-rows"),
     Column("wq_norm", F64, "l2 operator", "spectral norm of the head slice W_Q^h [d, D] (THEORY §5.1)"),

@@ -118,3 +118,22 @@ def test_an_unknown_layout_key_or_value_is_refused() -> None:
     with pytest.raises(ValueError, match="embed_scaling"):
         parse_spec(data)
     assert parse_spec(_spec_data("llama")).layout.norm_weight.value == "gamma"
+
+
+def test_attention_sinks_and_the_sinks_tensor_go_together() -> None:
+    """``attn_sinks`` (§18.4) needs the per-head ``sinks`` layer tensor, never optional; the tensor alone is refused."""
+    data = _spec_data("llama")
+    data["layout"]["attn_sinks"] = True
+    data["layer_tensors"]["sinks"] = "layers.{layer}.self_attn.sinks"
+    spec = parse_spec(data)
+    assert spec.layout.attn_sinks and parse_spec(_spec_data("llama")).layout.attn_sinks is False
+    bad = dict(data, optional=[*data["optional"], "sinks"])
+    with pytest.raises(ValueError, match="cannot be optional"):
+        parse_spec(bad)
+    data["layout"]["attn_sinks"] = False
+    with pytest.raises(ValueError, match="go together"):
+        parse_spec(data)
+    data = _spec_data("llama")
+    data["layout"]["attn_sinks"] = True
+    with pytest.raises(ValueError, match="go together"):
+        parse_spec(data)

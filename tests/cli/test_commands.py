@@ -60,6 +60,7 @@ def test_info_json_matches_config(family: str, tiny_checkpoints: dict) -> None:
     assert data["norm"] == ("rmsnorm" if family in ("llama", "qwen3", "gemma2", "gemma3", "phi3", "phi3_longrope",
                                                     "olmo2") else "layernorm")
     assert data["qk_norm"] == {"qwen3": "per_head", "gemma3": "per_head", "olmo2": "full_width"}.get(family)
+    assert data["attn_sinks"] is False                       # no shipped family has sinks yet (gpt-oss needs the MoE)
     assert data["attn_input_normalized"] == (family != "olmo2")
     if family == "olmo2":                                      # the layout facts OLMo 2 adds (THEORY §18.2, §18.3)
         assert data["residual"] == "output_norm" and data["norm_attn_identity_layers"] == []

@@ -397,3 +397,26 @@ def test_logit_theta_err_bounds_float32_logit_rounding() -> None:
     for s32 in (s_nat, s_b2):
         observed = (s32 - s64).abs().amax(-1)                              # [B, H, T_q]
         assert bool((observed <= delta).all()) and float(observed.max()) > 0
+
+
+@requires_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_kernel_with_sinks_matches_reference(dtype: torch.dtype) -> None:
+    """Sink logits (THEORY §18.4) through the fused path: the same sink rows as the reference (every float field and
+    the sink mass, within the dtype's tolerance), fully padded rows included; the rounding bound θ_err grows by the
+    sink factor 1.5 over the plain kernel's."""
+    from attnstab_cli.reference.row_stats import SINK_ERR_FACTOR
+
+    c = Case(2, 4, 2, 21, 21, causal=True, pad=True, window=9, seed=23)
+    q, k, pad = make_inputs(c, dtype)
+    pad[1, :3] = False
+    sinks = torch.tensor([-5.0, 0.0, 2.0, 6.0], dtype=torch.float32)
+    dev = lambda x: x.to(KERNEL_DEVICE)
+    kw = dict(causal=True, key_padding_mask=dev(pad), window=9)
+    got = attn_row_stats(dev(q), dev(k), 0.25, sinks=dev(sinks), **kw)
+    want = attn_row_stats_ref(dev(q), dev(k), 0.25, sinks=dev(sinks), **kw)
+    assert_stats_close(got, want, **TOLERANCES[dtype])
+    torch.testing.assert_close(got.sink_mass.cpu(), want.sink_mass.cpu(), **TOLERANCES[dtype])
+    plain = attn_row_stats(dev(q), dev(k), 0.25, **kw)
+    torch.testing.assert_close(got.theta_err, SINK_ERR_FACTOR * plain.theta_err, rtol=0.0, atol=0.0)
+    assert float(got.sink_mass.min()) < 0.01 and float(got.sink_mass.max()) > 0.99

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from attnstab_cli.metrics.aggregate import (
     COLUMNS,
+    DEFAULT_MIN_KEYS,
     HeadAggregate,
     compute_linear_bins,
     compute_log_bins,
@@ -199,6 +200,9 @@ def test_finalize_columns_are_complete_and_finite() -> None:
     assert tuple(out) == COLUMNS
     for name, values in out.items():
         assert len(values) == H
+        if name == "sink_mass_mean":                     # no sink rows given: not applicable
+            assert values == [None] * H
+            continue
         assert all(v is not None and math.isfinite(v) for v in values), name
     assert all(isinstance(v, int) for v in out["n_rows"] + out["n_rows_short"])
     for tag in ("p05", "p50"):
@@ -231,3 +235,19 @@ def test_invalid_updates_are_rejected() -> None:
         agg.update(torch.tensor([0]), **{**kwargs, "pmax": torch.tensor([math.nan], dtype=F64)})
     with pytest.raises(ValueError, match="same number of heads"):
         agg.merge(HeadAggregate.create(3))
+
+
+def test_sink_mass_mean_over_aggregated_rows_and_merges() -> None:
+    """``sink_mass_mean`` is the mean of the given sink masses over rows with n_keys >= min_keys, also after a
+    merge of two halves; short rows and heads without rows are left out (null)."""
+    rows = _synthetic_rows(9, 400)
+    rows["sink_mass"] = torch.rand(400, generator=torch.Generator().manual_seed(1), dtype=F64)
+    rows["head"] = rows["head"].clamp(max=H - 2)                                      # the last head has no row
+    whole = _aggregate(rows).finalize()["sink_mass_mean"]
+    halves = _aggregate(rows, slice(0, 150)).merge(_aggregate(rows, slice(150, None))).finalize()["sink_mass_mean"]
+    keep = rows["n_keys"] >= DEFAULT_MIN_KEYS
+    for h in range(H - 1):
+        sel = keep & (rows["head"] == h)
+        assert whole[h] == pytest.approx(float(rows["sink_mass"][sel].mean()), rel=1e-12)
+        assert halves[h] == pytest.approx(whole[h], rel=1e-12)
+    assert whole[H - 1] is None

@@ -69,5 +69,5 @@ def test_capped_attention_in_query_blocks(monkeypatch) -> None:
     v = torch.randn(1, 2, 9, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
     allowed = torch.ones(9, 9, dtype=torch.bool).tril()[None, None]
     want = _dense(q, k, scale, CAP) @ v.repeat_interleave(2, 1)
-    monkeypatch.setattr(blocks, "_CAPPED_BLOCK_ELEMENTS", 3 * 4 * 9)
-    torch.testing.assert_close(blocks.capped_attention(q, k, v, allowed, scale, CAP), want, rtol=1e-13, atol=1e-14)
+    monkeypatch.setattr(blocks, "_EXPLICIT_BLOCK_ELEMENTS", 3 * 4 * 9)
+    torch.testing.assert_close(blocks.explicit_attention(q, k, v, allowed, scale, CAP), want, rtol=1e-13, atol=1e-14)

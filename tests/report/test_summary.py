@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from attnstab_cli.report.digest import build_digest
-from attnstab_cli.report.findings import DOMINANT_FACTOR, compute_findings
+from attnstab_cli.report.findings import DOMINANT_FACTOR, SINK_PARKED, compute_findings
 from attnstab_cli.report.heatmap import theta_heatmap
 from attnstab_cli.report.markdown import render_markdown
 from attnstab_cli.report.read import load_report
@@ -66,6 +66,26 @@ def test_findings_flag_non_finite_values_and_contractive_stacks() -> None:
     for h in narrow["heads"]:
         h["theta_wide_rows"] = 0
     assert "every θ interval is within" in _by_kind(compute_findings(MANIFEST, narrow))["widest_interval"].text
+
+
+def test_heads_parking_their_mass_on_the_sink_are_named() -> None:
+    """``sink_parked`` names the heads with sink_mass_mean > 1/2, largest first, with their values; with sinks but
+    none above it the largest is quoted; a model without sinks (every value null) gets no such finding."""
+    tables = _tables()
+    masses = [0.9, 0.1, 0.51, SINK_PARKED, 0.7, 0.2]
+    for row, mass in zip(tables["heads"], masses):
+        row["sink_mass_mean"] = mass
+    f = _by_kind(compute_findings(MANIFEST, tables))["sink_parked"]
+    assert [(i["layer"], i["head"], i["value"]) for i in f.items] == [(0, 0, 0.9), (2, 0, 0.7), (1, 0, 0.51)]
+    assert f.text.startswith("3 of 6 heads park most of their attention on the sink") and "L0H0 0.90" in f.text
+    for row in tables["heads"]:
+        row["sink_mass_mean"] = 0.25 if row["head"] else 0.3
+    f = _by_kind(compute_findings(MANIFEST, tables))["sink_parked"]
+    assert f.items == () and "largest: L0H0 0.30" in f.text
+    for row in tables["heads"]:
+        row["sink_mass_mean"] = None
+    assert "sink_parked" not in _by_kind(compute_findings(MANIFEST, tables))
+    assert "sink_parked" not in _by_kind(compute_findings(MANIFEST, _tables()))
 
 
 def test_local_and_global_layers_are_reported_apart() -> None:

@@ -9,13 +9,17 @@ key/value head ``g = g(h)``::
 
 ``beta^K_g`` is the norm of the rotary coordinates of ``b^K_g`` (pass-through coordinates cancel, §5.4); under a logit
 soft-cap (§18.5) no row constant may be shifted out, so it is the norm of all of ``b^K_g`` and tier 2r's key spread
-is ``max_j ||k_j||`` (centre 0), never the centred ``k_bar_i`` form; θ comes from the capped probabilities. Tier 1 uses
+is ``max_j ||k_j||`` (centre 0), never the centred ``k_bar_i`` form; θ comes from the capped probabilities. With a
+sink logit (§18.4) rows sum to m < 1, so neither centring holds: the key terms are those of the cap, the value
+magnitude is ``M_V = ||W^V_g|| R2 + ||b^V_g||`` (centre 0, ``b^V`` no longer cancels) and tier 2r's value spread is
+``max_j ||v_j||``; θ is θ_sink of the model's rows, and the value pathway keeps ``||W^V_g||`` (sub-stochastic mixing
+is non-expansive). Tier 1 uses
 ``theta = 1`` and the reset radius; tier 2 the measured radius and ``theta_tilde_hi`` (§5.2, §8). The activation-norm
 form (tier 2r, §5.5) uses the measured ``q, k, v`` row by row.
 
 Everything is written through the projection constants of §18.1, ``Lambda_h = L_Q M_K + M_Q L_K`` and
 ``c_h = L_V + s theta_h Lambda_h M_V``: for a plain linear map ``L = ||W||`` and ``M = ||W|| R2 + ||b||`` (the line
-above); with a q/k norm on the projections (§18.2) ``M`` is the norm's reset radius, independent of the input, and
+above, where the centred value map has ``M_V = ||W^V_g|| R2``); with a q/k norm on the projections (§18.2) ``M`` is the norm's reset radius, independent of the input, and
 ``L = ||W|| ||gamma||_inf / sqrt(stat + eps)`` with the norm statistic's minimum over the tokens (0 in tier 1).
 """
 from __future__ import annotations
@@ -93,6 +97,7 @@ class HeadNorms:
     q_normed: NormedProjection | None = None   # q/k norms on the projections (§18.2); the biases above then sit
     k_normed: NormedProjection | None = None   # inside the norm and take no part in the constants
     logit_cap: float | None = None   # soft-capped logits (§18.5): no row-constant shift in the key terms
+    sinks: bool = False              # sink logits (§18.4): rows sum to m < 1, no centring of keys or values
 
     @property
     def n_heads(self) -> int:
@@ -116,10 +121,10 @@ class HeadNorms:
 def compute_head_norms(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
                        bq: torch.Tensor | None, bk: torch.Tensor | None, bv: torch.Tensor | None,
                        n_heads: int, n_kv_heads: int, rotary_dim: int = 0,
-                       logit_cap: float | None = None) -> HeadNorms:
+                       logit_cap: float | None = None, sinks: bool = False) -> HeadNorms:
     """Spectral and bias norms per head from row-convention weights ``wq [d, H*D]``, ``wk, wv [d, H_kv*D]``,
     ``wo [H*D, d]``; ``rotary_dim`` is the number of rotated coordinates per head (0 without RoPE). With a
-    ``logit_cap`` the key bias enters whole (``bk_rot`` = ||b^K_g||, ``bk_pass`` = 0; §18.5)."""
+    ``logit_cap`` or ``sinks`` the key bias enters whole (``bk_rot`` = ||b^K_g||, ``bk_pass`` = 0; §18.4, §18.5)."""
     head_dim = wq.shape[1] // n_heads
     zeros_q, zeros_kv = torch.zeros(n_heads, head_dim, dtype=F64), torch.zeros(n_kv_heads, head_dim, dtype=F64)
     bq_h = zeros_q if bq is None else bq.to(F64).reshape(n_heads, head_dim)             # [H, D]
@@ -128,14 +133,14 @@ def compute_head_norms(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo:
     bk_pass = bk_g.clone()
     bk_pass[:, :rotary_dim] = 0.0
     shifted = bk_g[:, :rotary_dim]                      # the coordinates no row-constant shift removes
-    if logit_cap is not None:
+    if logit_cap is not None or sinks:
         bk_pass, shifted = torch.zeros_like(bk_g), bk_g
     return HeadNorms(
         wq=spectral_norm(head_slices(wq, n_heads)), wk=spectral_norm(head_slices(wk, n_kv_heads)),
         wv=spectral_norm(head_slices(wv, n_kv_heads)), wo=float(spectral_norm(wo)),
         wo_heads=spectral_norm(head_rows(wo, n_heads)),
         bq=torch.linalg.vector_norm(bq_h, dim=-1), bk_rot=torch.linalg.vector_norm(shifted, dim=-1),
-        bk_pass=bk_pass, bv=bv_g, head_dim=head_dim, logit_cap=logit_cap,
+        bk_pass=bk_pass, bv=bv_g, head_dim=head_dim, logit_cap=logit_cap, sinks=sinks,
     )
 
 
@@ -143,7 +148,7 @@ def compute_layer_head_norms(w: LayerWeights, cfg: ModelConfig) -> HeadNorms:
     """:func:`compute_head_norms` for one loaded layer, with its q/k norms (§18.2) when the layout has them."""
     rotary = cfg.rope.rotary_dim if cfg.rope is not None else 0
     norms = compute_head_norms(w.wq, w.wk, w.wv, w.wo, w.bq, w.bk, w.bv, cfg.n_heads, cfg.n_kv_heads, rotary,
-                               cfg.attn_logit_cap)
+                               cfg.attn_logit_cap, sinks=w.sinks is not None)
     mode = cfg.layout.qk_norm
     if mode is None:
         return norms
@@ -160,10 +165,11 @@ class MHABound:
     """The general-form bound of §5.2 and its parts (per-head tensors ``[H]``, float64)."""
 
     lambda_h: torch.Tensor               # [H] logit-sensitivity factor
-    phi_h: torch.Tensor                  # [H] Lambda_h ||W^V_g|| R2 / sqrt(d_k) (paper's Phi_h, l2 units)
+    phi_h: torch.Tensor                  # [H] Lambda_h M_V / sqrt(d_k) (paper's Phi_h, l2 units; M_V = ||W^V_g|| R2
+                                         # without sinks)
     head_term_calibrated: torch.Tensor   # [H] c_h
     mha_value_path: float                # ||W^O|| sum_h ||W^V_g||
-    mha_attn_path: float                 # ||W^O|| sum_h s theta_h Lambda_h ||W^V_g|| R2
+    mha_attn_path: float                 # ||W^O|| sum_h s theta_h Lambda_h M_V
     lip_mha: float                       # ||W^O|| sum_h c_h (paper aggregation)
     lip_mha_l2: float                    # ||W^O|| (sum_h c_h^2)^(1/2)
     lip_mha_block: float                 # sum_h ||W^O_h|| c_h
@@ -177,8 +183,10 @@ class ProjectionConstants:
     lq: torch.Tensor
     mq: torch.Tensor
     lk: torch.Tensor
-    mk: torch.Tensor          # centred keys (the row-constant shift of §5.3 step 2)
+    mk: torch.Tensor          # centred keys (the row-constant shift of §5.3 step 2; uncentred under a cap or sinks)
     mk_raw: torch.Tensor      # a bound on ||k_g|| itself (the logit bound)
+    lv: torch.Tensor          # ||W^V_g||
+    mv: torch.Tensor          # M_V: ||W^V_g|| R2 (centre b^V), or ||W^V_g|| R2 + ||b^V_g|| with sinks (centre 0)
 
 
 def compute_projection_constants(norms: HeadNorms, r2: float, stats: QKStats | None = None) -> ProjectionConstants:
@@ -196,15 +204,19 @@ def compute_projection_constants(norms: HeadNorms, r2: float, stats: QKStats | N
         lk_kv = norms.k_normed.lipschitz(None if stats is None else stats.k).expand(norms.wk.shape[0])
         lk = norms.per_query(lk_kv)
         mk = mk_raw = torch.full_like(lk, norms.k_normed.radius)
-    return ProjectionConstants(lq, mq, lk, mk, mk_raw)
+    lv = norms.per_query(norms.wv)
+    mv = lv * r2
+    if norms.sinks:                                      # §18.4 (ii): b^V does not cancel
+        mv = mv + norms.per_query(torch.linalg.vector_norm(norms.bv, dim=-1))
+    return ProjectionConstants(lq, mq, lk, mk, mk_raw, lv, mv)
 
 
 def _lambda(pc: ProjectionConstants) -> torch.Tensor:
     return pc.lq * pc.mk + pc.mq * pc.lk
 
 
-def _head_terms(wv: torch.Tensor, lam: torch.Tensor, theta_h: torch.Tensor, r2: float, scale: float) -> torch.Tensor:
-    return wv * (1.0 + scale * theta_h * lam * r2)
+def _head_terms(pc: ProjectionConstants, lam: torch.Tensor, theta_h: torch.Tensor, scale: float) -> torch.Tensor:
+    return pc.lv + scale * theta_h * lam * pc.mv
 
 
 def compute_lambda_h(norms: HeadNorms, r2: float, stats: QKStats | None = None) -> torch.Tensor:
@@ -214,9 +226,11 @@ def compute_lambda_h(norms: HeadNorms, r2: float, stats: QKStats | None = None) 
 
 def compute_head_terms(norms: HeadNorms, theta: torch.Tensor | float, r2: float, scale: float,
                        stats: QKStats | None = None) -> torch.Tensor:
-    """``c_h = ||W^V_g|| (1 + s theta_h Lambda_h R2)`` (§5.2): ``[H]``; ``theta`` is ``[H]`` or a scalar."""
+    """``c_h = L_V + s theta_h Lambda_h M_V`` (§5.2, §18.1; ``||W^V_g|| (1 + s theta_h Lambda_h R2)`` without sinks):
+    ``[H]``; ``theta`` is ``[H]`` or a scalar."""
     theta_h = torch.as_tensor(theta, dtype=F64).expand(norms.n_heads)
-    return _head_terms(norms.per_query(norms.wv), compute_lambda_h(norms, r2, stats), theta_h, r2, scale)
+    pc = compute_projection_constants(norms, r2, stats)
+    return _head_terms(pc, _lambda(pc), theta_h, scale)
 
 
 def compute_mha_bound(norms: HeadNorms, theta: torch.Tensor | float, r2: float, scale: float,
@@ -225,12 +239,12 @@ def compute_mha_bound(norms: HeadNorms, theta: torch.Tensor | float, r2: float, 
     norm constants are local at ``stats`` (tier 2) or global without (tier 1)."""
     theta_h = torch.as_tensor(theta, dtype=F64).expand(norms.n_heads)
     pc = compute_projection_constants(norms, r2, stats)
-    lam, wv = _lambda(pc), norms.per_query(norms.wv)
-    c = _head_terms(wv, lam, theta_h, r2, scale)                                        # [H]
-    attn = float(norms.wo * (scale * theta_h * lam * wv * r2).sum())
+    lam = _lambda(pc)
+    c = _head_terms(pc, lam, theta_h, scale)                                            # [H]
+    attn = float(norms.wo * (scale * theta_h * lam * pc.mv).sum())
     return MHABound(
-        lambda_h=lam, phi_h=lam * wv * r2 / math.sqrt(norms.head_dim), head_term_calibrated=c,
-        mha_value_path=float(norms.wo * wv.sum()), mha_attn_path=attn, lip_mha=float(norms.wo * c.sum()),
+        lambda_h=lam, phi_h=lam * pc.mv / math.sqrt(norms.head_dim), head_term_calibrated=c,
+        mha_value_path=float(norms.wo * pc.lv.sum()), mha_attn_path=attn, lip_mha=float(norms.wo * c.sum()),
         lip_mha_l2=float(norms.wo * torch.linalg.vector_norm(c)), lip_mha_block=float((norms.wo_heads * c).sum()),
         logit_bound=float(scale * (pc.mq * pc.mk_raw).max()),
     )
@@ -244,13 +258,16 @@ def compute_attention_allowed(t: int, causal: bool, window: int | None,
 
 
 def compute_attention_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float,
-                                    allowed: torch.Tensor, logit_cap: float | None = None) -> torch.Tensor:
+                                    allowed: torch.Tensor, logit_cap: float | None = None,
+                                    sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax rows ``[H, T_q, T_k]`` in float64 from ``q [H, T_q, D]``, ``k [H, T_k, D]`` (already expanded), of
-    the logits ``s q.k`` or, with a ``logit_cap`` c, ``c tanh(s q.k / c)``."""
+    the logits ``s q.k`` or, with a ``logit_cap`` c, ``c tanh(s q.k / c)``; ``sinks [H]`` join each row of their
+    head (§18.4: the rows then sum to m < 1)."""
     logits = scale * q.to(F64) @ k.to(F64).transpose(-1, -2)                           # [H, T_q, T_k]
     if logit_cap is not None:
         logits = logit_cap * torch.tanh(logits / logit_cap)
-    return compute_masked_softmax(logits, allowed)
+    sink = None if sinks is None else sinks.to(logits.device, F64)[:, None].expand(logits.shape[:-1])
+    return compute_masked_softmax(logits, allowed, sink)
 
 
 @dataclass(frozen=True)
@@ -286,12 +303,16 @@ def _masked_key_max(values: torch.Tensor, allowed: torch.Tensor, causal_rows: sl
     return values[:, None, :].masked_fill(~allowed, float("-inf")).amax(dim=-1)
 
 
-def _spreads(p: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norms: HeadNorms, allowed: torch.Tensor,
+def _spreads(p: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, norms: HeadNorms, allowed: torch.Tensor,
              causal_rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``K_i`` and ``V_i`` of §5.5 for a block of query rows: ``[H, c]`` each (p ``[H, c, T]``, k, v ``[H, T, D]``);
-    under a logit cap ``K_i = max_j ||k_j||`` (§18.5: the row-constant shift behind the centred forms is gone)."""
-    o = p @ v                                                                           # [H, c, D]
+    under a logit cap or sinks ``K_i = max_j ||k_j||`` (§18.5, §18.4: the row-constant shift behind the centred forms
+    is gone), with sinks also ``V_i = max_j ||v_j||`` (§18.4: rows sum to m < 1, so no value centre cancels)."""
     k_pass = torch.linalg.vector_norm(k - norms.per_query(norms.bk_pass)[:, None], dim=-1)   # [H, T]
+    if norms.sinks:
+        return (_masked_key_max(k_pass, allowed, causal_rows),
+                _masked_key_max(torch.linalg.vector_norm(v, dim=-1), allowed, causal_rows))
+    o = p @ v                                                                           # [H, c, D]
     v_bias = torch.linalg.vector_norm(v - norms.per_query(norms.bv)[:, None], dim=-1)        # [H, T]
     key = _masked_key_max(k_pass, allowed, causal_rows)
     if norms.logit_cap is None:
@@ -305,7 +326,8 @@ def compute_mha_refined(norms: HeadNorms, q: torch.Tensor, k: torch.Tensor, v: t
                         stats: QKStats | None = None) -> RefinedMHABound:
     """Tier-2r bound from one sequence's ``q [H, T, D]``, ``k, v [H_kv, T, D]`` (biased, rotated), the key sets
     ``allowed [T, T]`` and certified per-row ``theta_hi [H, T]``; rows are processed ``block`` at a time; q/k norm
-    constants are local at ``stats`` (§18.1: ``L_Q``, ``L_K`` in place of ``||W^Q_h||``, ``||W^K_g||``). Under a
+    constants are local at ``stats`` (§18.1: ``L_Q``, ``L_K`` in place of ``||W^Q_h||``, ``||W^K_g||``); with sinks
+    the spreads are uncentred (:func:`_spreads`, §18.4) and ``theta_hi`` must be θ_sink of the model's rows. Under a
     logit cap the attention term of row i carries the factor ``max_j sech^2(s q_i.k_j / c) <= 1`` (§18.5): at this
     input each capped logit moves by sech^2 times its raw logit's move."""
     q64, norms = q.to(F64), norms.to(q.device)
@@ -314,14 +336,15 @@ def compute_mha_refined(norms: HeadNorms, q: torch.Tensor, k: torch.Tensor, v: t
     t = allowed.shape[-1]
     causal = allowed.shape[0] == t and torch.equal(allowed, torch.ones_like(allowed).tril())
     pc = compute_projection_constants(norms, 0.0, None if stats is None else stats.to(q.device))
-    wq, wk, wv = pc.lq[:, None], pc.lk[:, None], norms.per_query(norms.wv)[:, None]   # L_Q, L_K, L_V: [H, 1]
+    wq, wk, wv = pc.lq[:, None], pc.lk[:, None], pc.lv[:, None]                        # L_Q, L_K, L_V: [H, 1]
     keys, vals, slopes = [], [], []
     for start in range(0, q64.shape[1], block):
         rows = slice(start, start + block)
         seen = torch.nonzero(allowed[rows].any(0))[:, 0]                              # keys any row of the block sees
         lo, hi = (int(seen[0]), int(seen[-1]) + 1) if seen.numel() else (0, 1)
         band = allowed[rows, lo:hi]                          # causal / windowed: the keys outside are never scored
-        p = compute_attention_probabilities(q64[:, rows], k64[:, lo:hi], scale, band, norms.logit_cap)  # [H, c, T]
+        p = None if norms.sinks else compute_attention_probabilities(q64[:, rows], k64[:, lo:hi], scale, band,
+                                                                     norms.logit_cap)   # [H, c, T]; unused w/ sinks
         key, val = _spreads(p, k64[:, lo:hi], v64[:, lo:hi], norms, band, rows if causal else None)
         keys.append(key)
         vals.append(val)

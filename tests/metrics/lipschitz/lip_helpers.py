@@ -20,6 +20,21 @@ def theta_exact(p: torch.Tensor) -> torch.Tensor:
     return (4 * big_p * big_q / (big_p + big_q).pow(2)).amax(dim=-1)
 
 
+def jacobian_inf_to_one(p: torch.Tensor) -> torch.Tensor:
+    """``||diag(p) - p p^T||_{inf->1}`` of rows ``p [..., n]`` (n <= 12) by its 2^n vertices v in {-1, 1}^n:
+    ``sum_j |p_j (v_j - p.v)|``. For rows summing to 1 this is theta (Thm 4.2); for the sub-stochastic rows of a
+    sink head it is the quantity theta_sink must equal (THEORY §18.4)."""
+    n = p.shape[-1]
+    v = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=n)), dtype=F64)          # [2^n, n]
+    pv = p.to(F64) @ v.T                                                                 # [..., 2^n]
+    return (p.to(F64)[..., None, :] * (v - pv[..., None])).abs().sum(-1).amax(-1)
+
+
+def row_theta(p: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """The exact per-row factor the bounds take: theta of full rows, the inf->1 norm of sink rows."""
+    return theta_exact(p) if sinks is None else jacobian_inf_to_one(p)
+
+
 def jacobian_blocks(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Exact Jacobian blocks ``T[i, j] = d f_i / d x_j`` as ``[T_out, T_in, d_out, d_in]``."""
     jac = torch.autograd.functional.jacobian(f, x, vectorize=True)                      # [T, d_out, T, d_in]
@@ -84,6 +99,7 @@ class RandomHeads:
     scale: float
     allowed: torch.Tensor       # [T, T] bool
     logit_cap: float | None = None   # logits c tanh(s q.k / c) (THEORY §18.5)
+    sinks: torch.Tensor | None = None   # [H] sink logit per head: joins each softmax row, no value (§18.4)
 
     @property
     def head_dim(self) -> int:
@@ -139,7 +155,7 @@ def heads_mha(x: torch.Tensor, m: RandomHeads) -> torch.Tensor:
     group = m.n_heads // m.n_kv_heads
     k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)                  # [H, T, D]
     logits = capped(m.scale * q @ k.transpose(-1, -2), m.logit_cap).masked_fill(~m.allowed, float("-inf"))
-    ctx = logits.softmax(-1) @ v                                                         # [H, T, D]
+    ctx = softmax_with_sinks(logits, m.sinks) @ v                                        # [H, T, D]
     out = ctx.transpose(0, 1).reshape(x.shape[0], -1) @ m.wo
     return out if m.bo is None else out + m.bo
 
@@ -148,7 +164,17 @@ def heads_probabilities(x: torch.Tensor, m: RandomHeads) -> torch.Tensor:
     """Attention rows ``[H, T, T]``."""
     q, k, _ = heads_qkv(x, m)
     k = k.repeat_interleave(m.n_heads // m.n_kv_heads, 0)
-    return capped(m.scale * q @ k.transpose(-1, -2), m.logit_cap).masked_fill(~m.allowed, float("-inf")).softmax(-1)
+    logits = capped(m.scale * q @ k.transpose(-1, -2), m.logit_cap).masked_fill(~m.allowed, float("-inf"))
+    return softmax_with_sinks(logits, m.sinks)
+
+
+def softmax_with_sinks(logits: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax rows of ``logits [H, T_q, T_k]``; with ``sinks [H]`` one more outcome of logit ``sinks[h]`` joins every
+    row of head h and is dropped afterwards, so the key probabilities sum to m < 1 (THEORY §18.4)."""
+    if sinks is None:
+        return logits.softmax(-1)
+    col = sinks.to(logits.dtype)[:, None, None].expand(*logits.shape[:-1], 1)
+    return torch.cat([logits, col], dim=-1).softmax(-1)[..., :-1]
 
 
 def capped(s: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -244,7 +270,9 @@ FAMILY_SHAPES = {
     "bert": ("layernorm", "post", "gelu", 8, 4, 2, 2, 0, True, False, None, True),
     "gemma2": ("rmsnorm", "sandwich", "geglu", 8, 4, 2, 1, 4, False, True, None, False),
     "olmo2": ("rmsnorm", "output_norm", "swiglu", 8, 4, 2, 1, 4, True, True, None, False),
+    "gptoss": ("rmsnorm", "pre", "swiglu", 8, 4, 4, 2, 4, True, True, None, False),
 }
+SINK_FAMILIES = {"gptoss"}   # attention sinks (§18.4) with attention biases; a dense SwiGLU stands in for the MoE
 
 
 def make_random_layer(family: str, t: int, eps: float, seed: int, layer: int = 1) -> RandomLayer:
@@ -268,6 +296,8 @@ def make_random_layer(family: str, t: int, eps: float, seed: int, layer: int = 1
     heads.logit_cap = GEMMA_CAP if sandwich else None
     if family == "qwen2":
         heads.bo = None
+    if family in SINK_FAMILIES:
+        heads.sinks = 1.5 * rnd(h) + 0.5
     i, j = torch.arange(t)[:, None], torch.arange(t)[None]
     allowed = torch.ones(t, t, dtype=torch.bool)
     if causal:
@@ -296,11 +326,13 @@ def make_random_layer(family: str, t: int, eps: float, seed: int, layer: int = 1
         norm_ffn = norm_attn if residual == "parallel_shared" else make_norm()    # GPT-J: one norm feeds both branches
     outs = dict(norm_attn_out=make_norm(), norm_ffn_out=make_norm()) if residual in ("sandwich", "output_norm") else {}
     weights = LayerWeights(layer=layer, wq=heads.wq, wk=heads.wk, wv=heads.wv, wo=heads.wo, bq=heads.bq, bk=heads.bk,
-                           bv=heads.bv, bo=heads.bo, norm_attn=norm_attn, norm_ffn=norm_ffn, ffn=ffn, **outs)
+                           bv=heads.bv, bo=heads.bo, norm_attn=norm_attn, norm_ffn=norm_ffn, ffn=ffn, **outs,
+                           sinks=heads.sinks)
     layout = Layout(orientation=Orientation.OUT_IN, qkv_packing=QKVPacking.SEPARATE, norm=kind,
                     residual=Residual(residual), positions=Positions.ROPE if rot else Positions.LEARNED,
                     rope_style=RopeStyle.HALF_SPLIT if rot else None, causal=causal,
-                    ffn=FFNKind.GATED if act in ("swiglu", "geglu") else FFNKind.MLP)
+                    ffn=FFNKind.GATED if act in ("swiglu", "geglu") else FFNKind.MLP,
+                    attn_sinks=heads.sinks is not None)
     cfg = ModelConfig(family=family, model_type=family, layout=layout, n_layers=layer + 1, d_model=d, n_heads=h,
                       n_kv_heads=hkv, head_dim=dh, d_ff=m, vocab_size=11, max_positions=t, norm_eps=eps,
                       activation={"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}.get(act, act),

@@ -19,7 +19,7 @@ from attnstab_cli.metrics.lipschitz.empirical import (Certificate, TightnessErro
 from attnstab_cli.metrics.lipschitz.layer import compute_layer_lipschitz, compute_r2_in_reset
 from attnstab_cli.model.blocks import run_layer
 from lip_helpers import (FAMILY_SHAPES, block_sum_bound, dense_alternating_max, heads_probabilities, jacobian_blocks,
-                         make_random_layer, theta_exact)
+                         make_random_layer, row_theta)
 
 F64 = torch.float64
 T = 7
@@ -51,7 +51,7 @@ def test_tier3_is_certified_and_below_every_bound(family: str, eps: float) -> No
     kpm = None if layer.key_padding_mask is None else layer.key_padding_mask[None]
     trace = run_layer(h[None], layer.weights, layer.cfg, layer.layer, 0, layer.rope_cs, kpm)
     mha_in = layer.intermediates(h)["mha_in"]
-    theta = theta_exact(heads_probabilities(mha_in, layer.heads))
+    theta = row_theta(heads_probabilities(mha_in, layer.heads), layer.heads.sinks)
     radius = 2 * float(torch.linalg.vector_norm(h, dim=-1).max())          # post-LN and output norms: h's radius
     r2_reset = (radius if layer.residual == "post" else
                 compute_r2_in_reset(layer.cfg, layer.weights, stream_radius=radius))

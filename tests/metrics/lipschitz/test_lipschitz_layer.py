@@ -25,7 +25,7 @@ from attnstab_cli.metrics.lipschitz.mha import compute_head_norms, compute_mha_b
 from attnstab_cli.model.blocks import run_layer
 from attnstab_cli.model.weights import NormWeights
 from lip_helpers import (FAMILY_SHAPES, GATES, capped, dense_alternating_max, heads_probabilities, heads_qkv,
-                         jacobian_blocks, make_random_layer, theta_exact)
+                         jacobian_blocks, make_random_layer, row_theta)
 
 F64 = torch.float64
 T = 6
@@ -100,7 +100,7 @@ def _combine(residual: str, ln1: float, mha: float, ln2: float, ffn: float, ln1o
 def _norms(layer):
     m = layer.heads
     return compute_head_norms(m.wq, m.wk, m.wv, m.wo, m.bq, m.bk, m.bv, m.n_heads, m.n_kv_heads, m.rotary_dim,
-                              m.logit_cap)
+                              m.logit_cap, sinks=m.sinks is not None)
 
 
 def _setup(family: str, eps: float, seed: int):
@@ -110,7 +110,7 @@ def _setup(family: str, eps: float, seed: int):
     trace = run_layer(h[None], layer.weights, layer.cfg, layer.layer, 0, layer.rope_cs, kpm)
     mid = layer.intermediates(h)
     torch.testing.assert_close(trace.resid_out[0], mid["out"], rtol=1e-12, atol=1e-12)
-    theta = theta_exact(heads_probabilities(mid["mha_in"], layer.heads))                  # [H, T]
+    theta = row_theta(heads_probabilities(mid["mha_in"], layer.heads), layer.heads.sinks)  # [H, T]
     if layer.residual == "post":
         r2_reset = compute_first_layer_radius(NormKind.LAYERNORM, _embedding_norm(layer))
         r2_reset = compute_r2_in_reset(layer.cfg, layer.weights, first_layer_radius=r2_reset)

@@ -1,4 +1,4 @@
-"""THEORY T15, T16, T18, T22, T34 (soft-capped logits, §18.5) and hand-computed cases for the MHA bounds of §5.
+"""THEORY T15, T16, T18, T22, T33 (attention sinks, §18.4), T34 (soft-capped logits, §18.5) and hand-computed cases for the MHA bounds of §5.
 
 T16 compares every bound (paper form, l2 and block aggregation, activation form, tier 1) with the alternating-
 maximisation lower bound of the exact Jacobian (``torch.autograd.functional.jacobian``) on random heads with biases,
@@ -16,7 +16,7 @@ from attnstab_cli.metrics.lipschitz.mha import (compute_attention_allowed, compu
                                                 compute_head_norms, compute_head_terms, compute_lambda_h,
                                                 compute_mha_bound, compute_mha_refined)
 from lip_helpers import (dense_alternating_max, heads_mha, heads_probabilities, heads_qkv, jacobian_blocks,
-                         make_random_heads, random_unit_ball_rows, theta_exact)
+                         jacobian_inf_to_one, make_random_heads, random_unit_ball_rows, theta_exact)
 
 F64 = torch.float64
 
@@ -35,7 +35,7 @@ CASES = [
 
 def _norms(m):
     return compute_head_norms(m.wq, m.wk, m.wv, m.wo, m.bq, m.bk, m.bv, m.n_heads, m.n_kv_heads, m.rotary_dim,
-                              m.logit_cap)
+                              m.logit_cap, sinks=m.sinks is not None)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
@@ -215,3 +215,68 @@ def test_refined_hand_case_two_keys() -> None:
     assert float(out.row_terms[1]) == pytest.approx(1 + th * (2 * p2 + 1) * 4 * p2, rel=1e-13)
     assert float(out.row_terms[0]) == pytest.approx(1.0)            # row 0 has one key: theta = 0
     assert out.lip_mha_refined == pytest.approx(float(out.row_terms.max()))
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_sink_mha_bounds_dominate_lower_bound(case: int) -> None:
+    """T33: heads whose rows share their mass with a sink logit (rows sum to m < 1, from a negligible to a dominant
+    sink), with biases: tier 1, tier 2 (θ_sink, the exact ∞→1 norm of each row's Jacobian) and tier 2r >= LB of the
+    exact Jacobian; the key bias enters whole, the value magnitude is ||W^V|| R2 + ||b^V|| (centre 0) and tier
+    2r's spreads are max_j ||k_j||, max_j ||v_j|| (§18.4 (i)-(iii))."""
+    d, dh, h, hkv, biases, rot, sf, mask = CASES[case]
+    t = 7
+    m = make_random_heads(d, dh, h, hkv, t, biases=True, rotary_dim=rot, scale_factor=sf, mask=mask,
+                          seed=80 + case)
+    g = torch.Generator().manual_seed(300 + case)
+    for scale_x in (0.5, 2.0):
+        x = scale_x * torch.randn(t, d, generator=g, dtype=F64)
+        m.sinks = None                                          # sinks around each head's median row log-sum-exp
+        q, k, _ = heads_qkv(x, m)
+        raw = (m.scale * q @ k.repeat_interleave(h // hkv, 0).transpose(-1, -2)).masked_fill(~m.allowed, -math.inf)
+        m.sinks = raw.logsumexp(-1).median(-1).values + torch.linspace(-3.0, 3.0, h, dtype=F64)
+        p = heads_probabilities(x, m)                                                 # [H, T, T]
+        assert float((1.0 - p.sum(-1)).max()) > 0.05                                 # the sinks matter
+        blocks = jacobian_blocks(lambda u: heads_mha(u, m), x)
+        lower, _ = dense_alternating_max(blocks, list(range(t)), restarts=3, seed=case)
+        norms, r2 = _norms(m), float(torch.linalg.vector_norm(x, dim=-1).max())
+        assert norms.sinks and float(norms.bk_pass.abs().max()) == 0.0
+        torch.testing.assert_close(norms.bk_rot, torch.linalg.vector_norm(m.bk.reshape(hkv, dh), dim=-1))
+        theta_rows = jacobian_inf_to_one(p)                                           # [H, T]
+        cal = compute_mha_bound(norms, theta_rows.amax(-1), r2, m.scale)
+        tier1 = compute_mha_bound(norms, 1.0, r2, m.scale).lip_mha
+        q, k, v = heads_qkv(x, m)
+        refined = compute_mha_refined(norms, q, k, v, m.scale, m.allowed, theta_rows)
+        for value in (cal.lip_mha, cal.lip_mha_l2, cal.lip_mha_block, refined.lip_mha_refined, tier1):
+            assert value / lower >= 1 - 1e-9
+        assert refined.lip_mha_refined <= cal.lip_mha_l2 * (1 + 1e-12) and cal.lip_mha <= tier1 * (1 + 1e-12)
+        # §18.4 by hand: M_K = ||W^K|| R2 + ||b^K||, M_V = ||W^V|| R2 + ||b^V||
+        spec = lambda w, n: torch.linalg.matrix_norm(w.reshape(d, n, dh).transpose(0, 1), ord=2)   # [n]
+        wq, wk, wv = spec(m.wq, h), spec(m.wk, hkv), spec(m.wv, hkv)
+        bq = torch.linalg.vector_norm(m.bq.reshape(h, dh), dim=-1)
+        bk, bv = (torch.linalg.vector_norm(b.reshape(hkv, dh), dim=-1) for b in (m.bk, m.bv))
+        rep = lambda x_: x_.repeat_interleave(h // hkv)
+        lam = wq * (rep(wk) * r2 + rep(bk)) + rep(wk) * (wq * r2 + bq)
+        c = rep(wv) + m.scale * theta_rows.amax(-1) * lam * (rep(wv) * r2 + rep(bv))
+        assert cal.lip_mha == pytest.approx(float(torch.linalg.matrix_norm(m.wo, ord=2) * c.sum()), rel=1e-10)
+        kn = torch.linalg.vector_norm(k, dim=-1).repeat_interleave(h // hkv, 0)         # [H, T]
+        vn = torch.linalg.vector_norm(v, dim=-1).repeat_interleave(h // hkv, 0)
+        torch.testing.assert_close(refined.key_spread, kn[:, None, :].masked_fill(~m.allowed, 0.0).amax(-1))
+        torch.testing.assert_close(refined.value_spread, vn[:, None, :].masked_fill(~m.allowed, 0.0).amax(-1))
+
+
+def test_sink_rows_need_the_uncentred_value_magnitude() -> None:
+    """The centring of §5.3 fails with sinks: on a head with a large value bias and a strong sink, the sink-blind
+    bound (θ of the renormalized rows, centred keys and values) falls below the LB of the exact Jacobian; the
+    §18.4 bound does not."""
+    m = make_random_heads(6, 3, 1, 1, 5, biases=True, rotary_dim=0, scale_factor=2.0, mask="causal", seed=7)
+    m.bv = 40.0 * m.bv
+    m.sinks = torch.tensor([1.0], dtype=F64)
+    x = 1.5 * torch.randn(5, 6, generator=torch.Generator().manual_seed(1), dtype=F64)
+    blocks = jacobian_blocks(lambda u: heads_mha(u, m), x)
+    lower, _ = dense_alternating_max(blocks, list(range(5)), restarts=3, seed=0)
+    r2 = float(torch.linalg.vector_norm(x, dim=-1).max())
+    p = heads_probabilities(x, m)
+    sink_bound = compute_mha_bound(_norms(m), jacobian_inf_to_one(p).amax(-1), r2, m.scale).lip_mha
+    blind_theta = theta_exact(p / p.sum(-1, keepdim=True)).amax(-1)
+    blind = compute_mha_bound(replace(_norms(m), sinks=False), blind_theta, r2, m.scale).lip_mha
+    assert blind < lower <= sink_bound * (1 + 1e-9)
