@@ -107,13 +107,14 @@ def test_per_head_slices_recombine_to_attention_output(tiny_checkpoints: dict) -
 # UNCAST_RMSNORM the reference's RMSNorm modules are replaced by the same formula in the input dtype
 # (gamma * x / sqrt(mean(x^2) + eps), gamma = w or 1 + w as the family stores it), everything else stays the
 # model's own.
-# ModernBERT's apply_rotary_pos_emb casts q and k to float32: for UNCAST_ROPE it is replaced, for the test only, by
-# the same rotate-half formula in the input dtype.
+# ModernBERT's apply_rotary_pos_emb and DeepSeek-V2's apply_rotary_emb (a complex product) cast q and k to float32:
+# for UNCAST_ROPE they are replaced, for the test only, by the same formula in the input dtype (the model's float32
+# angles kept).
 UNCAST_RMSNORM = {"phi3": "w", "phi3_longrope": "w", "llama": "w", "llama3_scaled": "w", "mistral": "w",
-                  "qwen2": "w", "qwen3": "w", "gemma3": "1+w", "olmo2": "w"}
+                  "qwen2": "w", "qwen3": "w", "gemma3": "1+w", "olmo2": "w", "deepseek_v2": "w", "deepseek_v3": "w",
+                  "deepseek_v3_yarn": "w"}
 FLOAT64_REFERENCE = ("bert", "roberta", "xlm_roberta", "distilbert", "gpt2", "gpt2_scaled", "gptj", "neox",
                      "neox_serial", "phi", "phi_qk", "modernbert", *UNCAST_RMSNORM)
-UNCAST_ROPE = {"modernbert": "transformers.models.modernbert.modeling_modernbert"}
 
 
 def _rotate_in_input_dtype(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -124,6 +125,22 @@ def _rotate_in_input_dtype(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, 
         a, b = x.chunk(2, dim=-1)
         return torch.cat((-b, a), dim=-1)
     return q * cos + half(q) * sin, k * cos + half(k) * sin
+
+
+def _complex_rotate_in_input_dtype(xq: torch.Tensor, xk: torch.Tensor,
+                                   freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2's rotation of pairs (2i, 2i + 1) by a complex product, in the input dtype."""
+    freqs = freqs_cis.unsqueeze(1).to(torch.complex128 if xq.dtype == torch.float64 else torch.complex64)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_real(torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)) * freqs).flatten(3)
+    return rotate(xq), rotate(xk)
+
+
+UNCAST_ROPE = {"modernbert": ("transformers.models.modernbert.modeling_modernbert", "apply_rotary_pos_emb",
+                              _rotate_in_input_dtype),
+               "deepseek_v2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "apply_rotary_emb",
+                               _complex_rotate_in_input_dtype)}
 
 
 def _float64_reference(family: str, ref: torch.nn.Module) -> torch.nn.Module:
@@ -158,8 +175,8 @@ def test_float64_layers_match(family: str, seq_len: int, tiny_checkpoints: dict,
     if family in UNCAST_ROPE:
         import importlib
 
-        module = importlib.import_module(UNCAST_ROPE[family])
-        monkeypatch.setattr(module, "apply_rotary_pos_emb", _rotate_in_input_dtype)
+        module, name, replacement = UNCAST_ROPE[family]
+        monkeypatch.setattr(importlib.import_module(module), name, replacement)
     model = open_model(path)
     ids = torch.randint(0, model.cfg.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
