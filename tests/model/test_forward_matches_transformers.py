@@ -189,3 +189,39 @@ def test_float64_layers_match(family: str, seq_len: int, tiny_checkpoints: dict,
             assert err < 1e-10, f"layer {trace.layer}: relative error {float(err):.3g}"
     got, want = stream.final_hidden()[0], expected[-1]
     assert (got - want).norm() / want.norm() < 1e-10
+
+
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v3_yarn")
+
+
+@pytest.mark.parametrize("family", MLA_FAMILIES)
+def test_mla_heads_recombine_to_the_hooked_attention_output(family: str, tiny_checkpoints: dict,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """THEORY T39: per-head q, k (width nope + rope) and v (width v) of latent attention, recombined as
+    sum_h softmax(s q_h k_h^T) v_h W_O^h + b_O, reproduce the reference's hooked self-attention output in float64."""
+    path, ref = tiny_checkpoints[family]
+    ref64 = _float64_reference(family, ref)
+    if family in UNCAST_ROPE:
+        import importlib
+
+        module, name, replacement = UNCAST_ROPE[family]
+        monkeypatch.setattr(importlib.import_module(module), name, replacement)
+    hooked: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(ref64.model.layers):
+        layer.self_attn.register_forward_hook(lambda m, args, out, i=i: hooked.__setitem__(i, out[0]))
+    model = open_model(path)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref64(ids)
+    m = model.cfg.mla
+    for trace in LayerStream(model, [ids], dtype=torch.float64).layers():
+        a, w = trace.attn, trace.weights
+        assert a.q.shape[-1] == a.k.shape[-1] == m.nope + m.rope and a.v.shape[-1] == m.v != m.nope + m.rope
+        t = a.q.shape[2]
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        p = (a.scale * a.q @ a.k.transpose(-1, -2)).masked_fill(~causal, float("-inf")).softmax(-1)   # [B, H, T, T]
+        assert torch.equal(a.k[:, 0, :, m.nope:], a.k[:, -1, :, m.nope:])          # one rotary key for every head
+        total = sum((p[:, h] @ a.v[:, h]) @ w.wo[h * m.v:(h + 1) * m.v] for h in range(model.cfg.n_heads))
+        total = total + (w.bo if w.bo is not None else 0)
+        want = hooked[trace.layer]
+        assert float((total - want).norm() / want.norm()) < 1e-10
