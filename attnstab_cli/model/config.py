@@ -89,6 +89,8 @@ class MLADims:
     nope: int
     rope: int
     v: int
+    latent_eps: float = 1e-6   # the latent norms' epsilon: fixed in the reference (its RMSNorm default), not
+                               # rms_norm_eps
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Per token: ``c_q = N_qa(x W_qa + b_qa)`` and ``q = c_q W_qb`` (or ``q = x W_q`` 
 ``[c_kv; k_rope] = x W_kva + b_kva``; per head ``[k_nope_h; v_h] = N_kv(c_kv) W_kvb``. Heads are laid out
 ``q_h = [q_nope_h; q_rope_h]`` and ``k_h = [k_nope_h; k_rope]``, the rotary part ``k_rope`` shared by all heads; RoPE
 (applied by the caller, :func:`~attnstab_cli.model.rope.apply_rope` with ``rotary_last``) rotates the last
-``rope`` coordinates of each. Both latent norms are RMSNorms of the family's kind.
+``rope`` coordinates of each. Both latent norms are RMSNorms with the reference's fixed epsilon
+(:attr:`~attnstab_cli.model.config.MLADims.latent_eps`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def compute_mla_qkv(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``q, k [B, H, T, nope + rope]`` (not yet rotated), ``v [B, H, T, v]`` from the attention input ``x [B, T, d]``,
     with the latent norms' statistics ``ms`` over ``[B, T]`` (q's None without a q rank)."""
-    m, eps = cfg.mla, cfg.norm_eps
+    m = cfg.mla
+    eps = m.latent_eps
     b, t, _ = x.shape
     h = cfg.n_heads
     if w.wq_a is None:
