@@ -48,9 +48,9 @@ def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv
     if data["mla"]:
         m = data["mla"]
         q = "one q projection" if m["q_lora_rank"] is None else f"q rank {m['q_lora_rank']} ({m['q_map']})"
-        rows.insert(7, ("latent attention", f"{q}, kv rank {m['kv_lora_rank']}, per head q/k [nope {m['qk_nope_head_dim']}"
-                                            f"; rope {m['qk_rope_head_dim']}] and v {m['v_head_dim']}; the rotary key "
-                                            "is shared by all heads (THEORY §18.8)"))
+        rows.insert(7, ("latent attention", f"{q}, kv rank {m['kv_lora_rank']}, per head q/k [nope "
+                                            f"{m['qk_nope_head_dim']}; rope {m['qk_rope_head_dim']}] and v "
+                                            f"{m['v_head_dim']}; the rotary key is shared by all heads (THEORY §18.8)"))
     if data["rope"] and data["rope"].get("softmax_factor"):
         rows.insert(7, ("yarn", f"cos, sin x {data['rope'].get('attention_factor', 1.0):.6g}; softmax scale x "
                                 f"{data['rope']['softmax_factor']:.6g} (mscale_all_dim)"))
