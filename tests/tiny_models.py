@@ -117,13 +117,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                          initializer_range=0.08, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                          rms_norm_eps=1e-5,        # the latent norms keep their own 1e-6
                          rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
-    "deepseek_v3_yarn": ("DeepseekV3Config", "DeepseekV3ForCausalLM",  # V3's YaRN (mscale = mscale_all_dim), no
+    "deepseek_v3_yarn": ("DeepseekV3Config", "DeepseekV3ForCausalLM",  # V3's YaRN (mscale = mscale_all_dim) and
                          dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
                               intermediate_size=96, vocab_size=97, max_position_embeddings=64, q_lora_rank=24,
-                              kv_lora_rank=16,
-                              qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, first_k_dense_replace=2,
-                              rope_interleave=False, initializer_range=0.08, pad_token_id=0, bos_token_id=1,
-                              eos_token_id=2,     # rope_interleave: rotate-half on q_rope, k_rope
+                              kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                              first_k_dense_replace=2, initializer_range=0.08, pad_token_id=0, bos_token_id=1,
+                              eos_token_id=2, rope_interleave=False,     # rotate-half on q_rope, k_rope
                               rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0,
                                                "original_max_position_embeddings": 16, "mscale": 1.0,
                                                "mscale_all_dim": 1.0})),
