@@ -101,6 +101,31 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
                                          "sliding_attention": {"rope_type": "default", "rope_theta": 60.0}},
                         pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
+    # multi-head latent attention, every layer dense (first_k_dense_replace = num_hidden_layers); d_v != d_k
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",   # one q_proj, latent biases, YaRN with mscale
+                    dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=96,  # != all
+                         vocab_size=97, max_position_embeddings=64, q_lora_rank=None, kv_lora_rank=16,
+                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, first_k_dense_replace=2,
+                         attention_bias=True, initializer_range=0.06, pad_token_id=0,
+                         rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0,
+                                          "original_max_position_embeddings": 16, "mscale": 1.0,
+                                          "mscale_all_dim": 0.5, "beta_fast": 8.0, "beta_slow": 1.0})),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",   # low-rank q, interleaved pairs written split
+                    dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                         intermediate_size=96, vocab_size=97, max_position_embeddings=64, q_lora_rank=24,
+                         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, first_k_dense_replace=2,
+                         initializer_range=0.08, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         rms_norm_eps=1e-5,        # the latent norms keep their own 1e-6
+                         rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    "deepseek_v3_yarn": ("DeepseekV3Config", "DeepseekV3ForCausalLM",  # V3's YaRN (mscale = mscale_all_dim) and
+                         dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                              intermediate_size=96, vocab_size=97, max_position_embeddings=64, q_lora_rank=24,
+                              kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                              first_k_dense_replace=2, initializer_range=0.08, pad_token_id=0, bos_token_id=1,
+                              eos_token_id=2, rope_interleave=False,     # rotate-half on q_rope, k_rope
+                              rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0,
+                                               "original_max_position_embeddings": 16, "mscale": 1.0,
+                                               "mscale_all_dim": 1.0})),
 }
 
 

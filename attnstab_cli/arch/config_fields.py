@@ -134,6 +134,14 @@ CONFIG_FIELDS: dict[str, Rule] = {
     "query_pre_attn_scalar": Real(0.0, min_open=True), "attn_logit_cap": Real(0.0, min_open=True),
     "final_logit_cap": Real(0.0, min_open=True), "sliding_period": POSITIVE,
     "bidirectional_attention": Boolean(),
+    # multi-head latent attention (DeepSeek, THEORY §18.8): q and kv latent ranks (no q rank: one q projection),
+    # the per-head non-rotary q/k width (the rotary width is rotary_dim) and the value width
+    "q_lora_rank": POSITIVE, "kv_lora_rank": POSITIVE, "qk_nope_dim": POSITIVE, "v_head_dim": POSITIVE,
+    "rope_interleave": Boolean(),
+    # layers stored after the n_layers analysed ones (DeepSeek's multi-token-prediction layer): never read
+    "trailing_layers": Integer(0),
+    # mixture-of-experts FFN layers: the experts per layer and the dense layers before the first MoE layer
+    "moe_experts": POSITIVE, "dense_layers": Integer(0),
 }
 
 # Entries of ``rope_scaling`` / ``rope_parameters`` per rope type: (required, rules). Other entries are not read.
@@ -152,7 +160,18 @@ ROPE_SCALING_FIELDS: dict[str, tuple[tuple[str, ...], dict[str, Rule]]] = {
                  {"short_factor": RealList(Real(0.0, min_open=True)), "long_factor": RealList(Real(0.0, min_open=True)),
                   "factor": FACTOR, "attention_factor": Real(0.0, min_open=True),
                   "original_max_position_embeddings": POSITIVE}),
+    # YaRN (DeepSeek): NTK-by-parts frequencies between the original and the scaled ones; cos and sin times an attention
+    # factor (given, or from mscale / mscale_all_dim and factor); DeepSeek's softmax scale also carries
+    # mscale(factor, mscale_all_dim)^2 (layout yarn_softmax_mscale)
+    "yarn": (("factor", "original_max_position_embeddings"),
+             {"factor": FACTOR, "original_max_position_embeddings": POSITIVE,
+              "attention_factor": Real(0.0, min_open=True), "beta_fast": Real(0.0, min_open=True),
+              "beta_slow": Real(0.0, min_open=True), "mscale": Real(0.0), "mscale_all_dim": Real(0.0),
+              "truncate": Boolean()}),
 }
+# Rope types a family reads only when its spec lists them (``rope_types``): their conventions were checked against
+# that family's reference alone.
+FAMILY_ROPE_TYPES = frozenset({"yarn"})
 ROPE_SCALING_COMMON: dict[str, Rule] = {"rope_theta": Real(1.0), "partial_rotary_factor": FRACTION}
 
 
@@ -181,14 +200,16 @@ def rope_type_of(scaling: Mapping[str, Any]) -> tuple[str, Any]:
     return entry, "default" if value is None else value
 
 
-def check_rope_scaling(key: str, scaling: Mapping[str, Any]) -> None:
-    """Check the entries of the rope scaling object read from config key ``key`` against its rope type's rules."""
+def check_rope_scaling(key: str, scaling: Mapping[str, Any], family_types: tuple[str, ...] = ()) -> None:
+    """Check the entries of the rope scaling object read from config key ``key`` against its rope type's rules; a
+    type of :data:`FAMILY_ROPE_TYPES` only where the family lists it (``family_types``)."""
     entry, rope_type = rope_type_of(scaling)
     if not isinstance(rope_type, str):
         raise InputError(f"config key '{key}.{entry}' is {show_value(rope_type)}; expected a string")
-    if rope_type not in ROPE_SCALING_FIELDS:
+    supported = [t for t in ROPE_SCALING_FIELDS if t not in FAMILY_ROPE_TYPES or t in family_types]
+    if rope_type not in supported:
         raise UnsupportedError(f"unsupported rope_scaling type {rope_type!r} (config key '{key}.{entry}'); "
-                               f"supported: {', '.join(ROPE_SCALING_FIELDS)}")
+                               f"supported: {', '.join(supported)}")
     required, rules = ROPE_SCALING_FIELDS[rope_type]
     for name in required:
         if scaling.get(name) is None:

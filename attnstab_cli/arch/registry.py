@@ -54,10 +54,19 @@ class TensorNames:
         self.keys = set(self.ordered)
         self.prefix = self._find_prefix()
         self.qk_norm = spec.layout.qk_norm is not None      # q/k norm roles exist (a config switch may turn them on)
+        self.unused_roles: frozenset[str] = frozenset()     # role stems the resolved config leaves without tensors
+        self.skipped_from: int | None = None                # layers from here on are the spec's trailing part
 
-    def use_layout(self, layout: Layout) -> None:
-        """Bind the layout the config resolved: a q/k norm a config switch left off has no tensors."""
+    def use_layout(self, layout: Layout, low_rank_q: bool | None = None) -> None:
+        """Bind the layout the config resolved: a q/k norm a config switch left off has no tensors; latent attention
+        stores either one q projection or the low-rank q_a, q_a_norm, q_b (``low_rank_q``, from the q rank)."""
         self.qk_norm = layout.qk_norm is not None
+        if low_rank_q is not None:
+            self.unused_roles = frozenset({"q"} if low_rank_q else {"q_a", "q_a_norm", "q_b"})
+
+    def skip_layers_from(self, layer: int) -> None:
+        """Treat every stored layer from ``layer`` on as the spec's ``trailing_layer_part``: counted, never read."""
+        self.skipped_from = layer
 
     def _find_prefix(self) -> str:
         for prefix in self.spec.prefixes:
@@ -68,7 +77,7 @@ class TensorNames:
                          f"the checkpoint holds e.g. {name_examples(self.ordered)}")
 
     def _templates(self, role: str, layer: int | None) -> list[str]:
-        if not self.qk_norm and role.split(".")[0] in ("q_norm", "k_norm"):
+        if not self.qk_norm and role.split(".")[0] in ("q_norm", "k_norm") or role.split(".")[0] in self.unused_roles:
             return []
         if layer is not None and role.startswith("norm_attn.") and layer in self.spec.layout.identity_norm_attn:
             return []                                       # this layer's N1 is the identity: no tensor exists
@@ -148,11 +157,21 @@ class TensorNames:
                 and not self._matches(self.spec.ignorable, k, n_layers) and self.ignored_part(k) is None]
 
     def ignored_part(self, name: str) -> str | None:
-        """The model part (``ignored_parts``) that tensor ``name`` belongs to, at the top level or under ``model.``."""
+        """The model part (``ignored_parts``) that tensor ``name`` belongs to, at the top level or under ``model.``;
+        or the trailing layer part, for a name in a layer from :attr:`skipped_from` on."""
         for prefix, part in self.spec.ignored_parts.items():
             if name.startswith(prefix) or name.startswith("model." + prefix):
                 return part
+        if self.skipped_from is not None and (m := self._layer_stem().match(name)) \
+                and int(m.group(1)) >= self.skipped_from:
+            return self.spec.trailing_layer_part
         return None
+
+    def _layer_stem(self) -> re.Pattern[str]:
+        """``<prefix>layers.(N).`` as the family's layer templates begin (every tensor of stored layer N)."""
+        template = self.spec.layer_tensors[self.required_layer_roles()[0]][0]
+        stem = self.prefix + template.split("{layer}")[0]
+        return re.compile(re.escape(stem) + r"(\d+)\.")
 
     def ignored_parts(self) -> dict[str, int]:
         """Model part -> number of its tensors in the checkpoint, for the parts the family does not analyse."""

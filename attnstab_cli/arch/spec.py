@@ -15,7 +15,7 @@ from enum import Enum
 from importlib import resources
 from typing import Any
 
-from attnstab_cli.arch.config_fields import CONFIG_FIELDS, ROPE_SCALING_FIELDS
+from attnstab_cli.arch.config_fields import CONFIG_FIELDS, FAMILY_ROPE_TYPES, ROPE_SCALING_FIELDS
 
 
 class Orientation(str, Enum):
@@ -88,7 +88,20 @@ class Positions(str, Enum):
 
 class RopeStyle(str, Enum):
     HALF_SPLIT = "half_split"    # rotate-half: pairs (i, i + r/2)
-    INTERLEAVED = "interleaved"  # pairs (2i, 2i + 1)
+    INTERLEAVED = "interleaved"  # pairs (2i, 2i + 1), rotated in place
+    INTERLEAVED_COMPLEX = "interleaved_complex"  # the same rotation as a complex product, cos and sin formed by
+                                                 # torch.polar (DeepSeek-V2; 1 ulp from cos, sin in float32)
+    INTERLEAVED_SPLIT = "interleaved_split"  # pairs (2i, 2i + 1) in, written out as [first members; second members]
+                                             # (DeepSeek-V3's rope_interleave): the same logits, another layout
+
+
+class Attention(str, Enum):
+    """How the per-head q, k, v are formed from the attention input (THEORY §5.1, §18.8)."""
+
+    PROJECTIONS = "projections"  # q, k, v = x W + b per head (separate or fused tensors, qkv_packing)
+    MLA = "mla"                  # multi-head latent attention (DeepSeek V2/V3): low-rank q (q_a, q_a_norm, q_b; or one
+                                 # q projection), a shared latent c_kv (kv_a, kv_a_norm) expanded per head by kv_b into
+                                 # [k_nope; v], one rotary key part shared by all heads; q_h, k_h = [nope; rope]
 
 
 class QKNorm(str, Enum):
@@ -130,6 +143,8 @@ class Layout:
     identity_norm_attn: tuple[int, ...] = ()  # layers whose norm_attn is the identity (ModernBERT's layer 0)
     attn_sinks: bool = False  # a learned per-head logit (role ``sinks``, [H]) joins every softmax row and carries
                               # no value, so rows sum to less than 1 (gpt-oss, THEORY §18.4)
+    attention: Attention = Attention.PROJECTIONS
+    yarn_softmax_mscale: bool = False  # the softmax scale carries YaRN's mscale(factor, mscale_all_dim)^2 (DeepSeek)
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,15 @@ class QKNormSwitch:
 
     key: str
     if_true: QKNorm
+
+
+@dataclass(frozen=True)
+class RopeStyleSwitch:
+    """A boolean config key that chooses the rotary pairing (DeepSeek-V3's ``rope_interleave``)."""
+
+    key: str
+    if_true: RopeStyle
+    if_false: RopeStyle
 
 
 @dataclass(frozen=True)
@@ -175,16 +199,21 @@ class ArchSpec:
     ignored_parts: dict[str, str] = field(default_factory=dict)  # name prefix -> the model part it holds (a vision
                                                                  # tower): not analysed, counted and reported
     rope_type_aliases: dict[str, str] = field(default_factory=dict)   # older rope type names -> the supported one
+    rope_style_switch: RopeStyleSwitch | None = None
+    rope_types: tuple[str, ...] = ()   # rope types of FAMILY_ROPE_TYPES this family reads (YaRN: DeepSeek)
+    trailing_layer_part: str | None = None   # layers stored beyond n_layers (config field trailing_layers) hold this
+                                             # model part: counted, reported and never read (DeepSeek's MTP layer)
 
 
 _KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefixes", "tensors", "head_tensors",
          "layer_tensors", "optional", "tied", "required_without_config", "residual_switch", "qk_norm_switch",
-         "ignorable", "buffers", "unsupported_if_true", "rope_type_aliases", "ignored_parts"}
+         "ignorable", "buffers", "unsupported_if_true", "rope_type_aliases", "ignored_parts", "rope_style_switch",
+         "rope_types", "trailing_layer_part"}
 
 
 _LAYOUT_KEYS = {"orientation", "qkv_packing", "norm", "residual", "positions", "rope_style", "causal", "ffn",
                 "norm_weight", "embed_scale", "qk_norm", "ffn_packing", "norm_attn_identity_layers",
-                "attn_sinks"}
+                "attn_sinks", "attention", "yarn_softmax_mscale"}
 
 
 def _templates(mapping: dict[str, str | list[str]]) -> dict[str, tuple[str, ...]]:
@@ -214,6 +243,8 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         ffn_packing=FFNPacking(lay.get("ffn_packing", FFNPacking.SEPARATE.value)),
         identity_norm_attn=tuple(lay.get("norm_attn_identity_layers", ())),
         attn_sinks=bool(lay.get("attn_sinks", False)),
+        attention=Attention(lay.get("attention", Attention.PROJECTIONS.value)),
+        yarn_softmax_mscale=bool(lay.get("yarn_softmax_mscale", False)),
     )
     unknown_layout = set(lay) - _LAYOUT_KEYS
     if unknown_layout:
@@ -252,6 +283,19 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
                                                for r in data["layer_tensors"]):
         raise ValueError(f"spec {data.get('name')!r}: residual {layout.residual.value!r} has no norms before the "
                          "branches; it declares no norm_attn / norm_ffn tensors")
+    if layout.attention is Attention.MLA:
+        _check_mla(data.get("name"), layout, data)
+    style_switch = data.get("rope_style_switch")
+    if style_switch and style_switch["key"] not in data["config"]:
+        raise ValueError(f"spec {data.get('name')!r}: rope_style_switch reads {style_switch['key']!r}, not a config "
+                         "field")
+    rope_types = tuple(data.get("rope_types", ()))
+    if set(rope_types) - FAMILY_ROPE_TYPES:
+        raise ValueError(f"spec {data.get('name')!r}: rope_types names {sorted(set(rope_types) - FAMILY_ROPE_TYPES)}; "
+                         f"only {sorted(FAMILY_ROPE_TYPES)} are read per family")
+    if bool(data.get("trailing_layer_part")) != ("trailing_layers" in data["config"]):
+        raise ValueError(f"spec {data.get('name')!r}: trailing_layer_part and the config field trailing_layers go "
+                         "together")
     aliases = dict(data.get("rope_type_aliases", {}))
     if set(aliases.values()) - set(ROPE_SCALING_FIELDS):
         raise ValueError(f"spec {data.get('name')!r}: rope_type_aliases name unsupported rope types "
@@ -270,6 +314,9 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         qk_norm_switch=QKNormSwitch(qk_switch["key"], QKNorm(qk_switch["if_true"])) if qk_switch else None,
         ignorable=tuple(data.get("ignorable", ())), buffers=tuple(data.get("buffers", ())),
         unsupported_if_true=refused, rope_type_aliases=aliases, ignored_parts=dict(data.get("ignored_parts", {})),
+        rope_style_switch=RopeStyleSwitch(style_switch["key"], RopeStyle(style_switch["if_true"]),
+                                          RopeStyle(style_switch["if_false"])) if style_switch else None,
+        rope_types=rope_types, trailing_layer_part=data.get("trailing_layer_part"),
     )
 
 
@@ -290,6 +337,26 @@ def _check_ffn_roles(name: str | None, layout: Layout, roles: set[str]) -> None:
     if got != want:
         raise ValueError(f"spec {name!r}: ffn {layout.ffn.value!r} with ffn_packing {layout.ffn_packing.value!r} "
                          f"declares FFN weights {sorted(want)}; the spec has {sorted(got)}")
+
+
+MLA_ROLES = {"q_a.weight", "q_a_norm.weight", "q_b.weight", "kv_a.weight", "kv_a_norm.weight", "kv_b.weight"}
+MLA_CONFIG = {"kv_lora_rank", "q_lora_rank", "qk_nope_dim", "rotary_dim", "v_head_dim"}
+_PROJECTION_ROLES = {"k.weight", "v.weight", "qkv.weight", "k.bias", "v.bias", "qkv.bias", "q.bias"}
+
+
+def _check_mla(name: str | None, layout: Layout, data: dict[str, Any]) -> None:
+    """An MLA family declares the latent roles (and ``q.weight`` for checkpoints without a q rank), no per-head
+    k/v projections, separate tensors, RoPE and the MLA sizes among its config fields (THEORY §18.8)."""
+    roles = set(data["layer_tensors"])
+    if not MLA_ROLES | {"q.weight"} <= roles or roles & _PROJECTION_ROLES or layout.qk_norm is not None:
+        raise ValueError(f"spec {name!r}: attention 'mla' declares {sorted(MLA_ROLES | {'q.weight'})} (biases "
+                         "q_a.bias, kv_a.bias optional) and no per-head k/v projections or q/k norms")
+    if layout.qkv_packing is not QKVPacking.SEPARATE or layout.positions is not Positions.ROPE or \
+            layout.norm is not NormKind.RMSNORM:
+        raise ValueError(f"spec {name!r}: attention 'mla' needs qkv_packing 'separate', positions 'rope' and norm "
+                         "'rmsnorm'")
+    if MLA_CONFIG - set(data["config"]):
+        raise ValueError(f"spec {name!r}: attention 'mla' reads config fields {sorted(MLA_CONFIG)}")
 
 
 def _check_identity_norm(name: str | None, layout: Layout, tensors: set[str]) -> None:

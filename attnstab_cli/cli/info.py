@@ -53,6 +53,15 @@ def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv
         ("files", "\n".join(f"{f} ({b:,} bytes)" for f, b in data["files"].items())),
         ("tokenizer", data["tokenizer"] or "none"),
     ]
+    if data["mla"]:
+        m = data["mla"]
+        q = "one q projection" if m["q_lora_rank"] is None else f"q rank {m['q_lora_rank']} ({m['q_map']})"
+        rows.insert(7, ("latent attention", f"{q}, kv rank {m['kv_lora_rank']}, per head q/k [nope "
+                                            f"{m['qk_nope_head_dim']}; rope {m['qk_rope_head_dim']}] and v "
+                                            f"{m['v_head_dim']}; the rotary key is shared by all heads (THEORY §18.8)"))
+    if data["rope"] and data["rope"].get("softmax_factor"):
+        rows.insert(7, ("yarn", f"cos, sin x {data['rope'].get('attention_factor', 1.0):.6g}; softmax scale x "
+                                f"{data['rope']['softmax_factor']:.6g} (mscale_all_dim)"))
     if data["embed_scale"] != "none":
         rows.insert(7, ("embedding scale", data["embed_scale"]))
     if data["final_logit_cap"]:
@@ -73,7 +82,7 @@ def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv
     if data["quantization"]:
         rows.insert([k for k, _ in rows].index("dtypes") + 1, ("quantization", _quantization(data["quantization"])))
     for part, n in (data["ignored_parts"] or {}).items():
-        rows.append(("not analysed", f"{part}: {n} tensors (the text model alone is read)"))
+        rows.append(("not analysed", f"{part}: {n} tensors (never read)"))
     for k, v in rows:
         table.add_row(k, str(v))
     stdout_console().print(table)

@@ -84,7 +84,7 @@ class LayerContexts:
         assert w is not None, "the layer stream hands every trace its weights"
         if self.current is not None and self.current.layer == w.layer:
             return self.current
-        if w.wq.device.type != "cpu":
+        if w.wo.device.type != "cpu":
             w = to_cpu(w)
         first = self._first_radius(w)
         if not self.cfg.layout.residual.input_norms:

@@ -23,6 +23,7 @@ import torch
 from attnstab_cli.arch.spec import FFNKind
 from attnstab_cli.errors import InputError
 from attnstab_cli.metrics.lipschitz._linalg import head_rows, head_slices
+from attnstab_cli.metrics.lipschitz.mla import mla_head_blocks
 from attnstab_cli.metrics.spectral import (extreme_singular_values, norm_2_to_inf, singular_values,
                                            spectral_norm_value)
 from attnstab_cli.model.config import ModelConfig, RopeConfig
@@ -104,8 +105,14 @@ def kv_head_index(n_heads: int, n_kv_heads: int, device: torch.device | str = "c
     return torch.arange(n_heads, device=device) // (n_heads // n_kv_heads)
 
 
-def slice_heads(w: LayerWeights, n_heads: int, n_kv_heads: int, head_dim: int) -> HeadSlices:
-    """Split the canonical projections into head blocks (THEORY §5.1, §15)."""
+def slice_heads(w: LayerWeights, n_heads: int, n_kv_heads: int, head_dim: int,
+                cfg: ModelConfig | None = None) -> HeadSlices:
+    """Split the canonical projections into head blocks (THEORY §5.1, §15); under latent attention (``cfg`` given)
+    the heads' up-projection blocks W^Q_h or W_qb,h, W^nope_kvb,h and W^V_kvb,h (§18.8)."""
+    if w.latent:
+        q, k, v = mla_head_blocks(w, cfg)
+        return HeadSlices(wq=q, wk=k, wv=v, wo=head_rows(w.wo, n_heads),
+                          kv_of_head=kv_head_index(n_heads, n_heads, w.wo.device))
     return HeadSlices(
         wq=head_slices(w.wq, n_heads), wk=head_slices(w.wk, n_kv_heads), wv=head_slices(w.wv, n_kv_heads),
         wo=head_rows(w.wo, n_heads),                                            # [H*D, d] -> [H, D, d]
@@ -285,15 +292,17 @@ def compute_head_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int | 
                                 wo_full_norm: float | None = None) -> list[HeadWeightMetrics]:
     """Per-head weight columns of one layer (THEORY §0.3 head table); ``wo_full_norm`` may be passed to reuse it."""
     layer = w.layer if layer is None else layer
-    sl = slice_heads(w, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+    sl = slice_heads(w, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg)
     s_q, s_k, s_v = singular_values(sl.wq), singular_values(sl.wk), singular_values(sl.wv)  # [H|H_kv, min(d, D)]
     wq_n, wk_n, wv_n = s_q[:, 0], s_k[sl.kv_of_head, 0], s_v[sl.kv_of_head, 0]            # [H]
     wo_n = singular_values(sl.wo)[:, 0]                                                     # [H]
     wo_full = float(spectral_norm_value(w.wo)) if wo_full_norm is None else wo_full_norm
-    qk = None if cfg.layout.qk_norm else \
+    qk = None if cfg.layout.qk_norm or w.latent else \
         compute_qk_norms(sl.wq, sl.wk, sl.kv_of_head, cfg.rope_at(layer), rope_offsets(cfg, layer, max_offset))
     bq = head_bias_norms(w.bq, cfg.n_heads, cfg.head_dim)                                  # [H] | None
     bk = rotary_key_bias_norms(w.bk, cfg.n_kv_heads, cfg.head_dim, cfg.rope)               # [H_kv] | None
+    if w.latent and w.bkv_a is not None:                  # the shared rotary key's bias, beta^K of every head
+        bk = w.bkv_a[cfg.mla.kv_lora_rank:].to(F64).norm().expand(cfg.n_heads)
     kq, kk, kv = _kappa(s_q), _kappa(s_k)[sl.kv_of_head], _kappa(s_v)[sl.kv_of_head]
     proj = wq_n * wk_n * wv_n * wo_full                                                     # [H]
     out = []
@@ -325,13 +334,22 @@ def _norm_stats(norm: NormWeights | None) -> tuple[float | None, float | None]:
     return float(norm.weight.to(F64).abs().max()), beta
 
 
+def _full_projections(w: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W_Q, W_K, W_V of the layer; under latent attention the full up-projections W_q or W_qb, W^nope_kvb and
+    W^V_kvb (all heads' blocks side by side, §18.8)."""
+    if not w.latent:
+        return w.wq, w.wk, w.wv
+    q, k, v = mla_head_blocks(w, cfg)                                          # [H, r, D]
+    return tuple(x.permute(1, 0, 2).reshape(x.shape[1], -1) for x in (q, k, v))
+
+
 def compute_layer_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int | None = None) -> LayerWeightMetrics:
     """Per-layer weight columns (THEORY §0.3 layer table: §4, §6, §10, §12, §13)."""
     layer = w.layer if layer is None else layer
     s_o = extreme_singular_values(w.wo)                           # [2]: upper sigma_max, sigma_min
     s_1 = extreme_singular_values(ffn_first_matrix(w.ffn, cfg.layout.ffn))
     s_2 = extreme_singular_values(w.ffn["w_out"])
-    wq_n, wk_n, wv_n = (float(spectral_norm_value(t)) for t in (w.wq, w.wk, w.wv))
+    wq_n, wk_n, wv_n = (float(spectral_norm_value(t)) for t in _full_projections(w, cfg))
     wo_n = float(s_o[0])
     proj = wq_n * wk_n * wv_n * wo_n
     gated = cfg.layout.ffn is FFNKind.GATED

@@ -48,7 +48,10 @@ class WeightPass:
     def null_reasons(self) -> dict[str, str]:
         """Why this family leaves weight columns null."""
         out = {}
-        if self.cfg.layout.qk_norm is not None:
+        if self.cfg.mla is not None:
+            out["qk_norm"] = ("latent attention: the keys' non-rotary part passes the latent norm N_kv, so no matrix "
+                              "W_Q W_K^T is the logit map (THEORY §18.8); logit_bound bounds the logits instead")
+        elif self.cfg.layout.qk_norm is not None:
             out["qk_norm"] = ("a q/k norm sits between the projections and the logits, so W_Q W_K^T is not the "
                               "logit map (THEORY §18.2); logit_bound bounds the logits instead")
         if not self.cfg.layout.residual.input_norms:

@@ -13,6 +13,7 @@ from attnstab_cli.arch.spec import FFNKind, NormKind, QKNorm, Residual
 from attnstab_cli.model.activations import ACTIVATIONS
 from attnstab_cli.model.config import ModelConfig
 from attnstab_cli.model.masks import compute_allowed
+from attnstab_cli.model.mla import compute_mla_qkv
 from attnstab_cli.model.rope import apply_rope
 from attnstab_cli.model.traces import AttentionTrace, LayerTrace, NormTrace
 from attnstab_cli.model.weights import LayerWeights, NormWeights
@@ -65,14 +66,18 @@ def apply_qk_norm(u: torch.Tensor, w: NormWeights | None, cfg: ModelConfig,
 def run_attention(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, layer: int,
                   rope_cs: tuple[torch.Tensor, torch.Tensor] | None,
                   key_padding_mask: torch.Tensor | None) -> AttentionTrace:
-    """Multi-head attention with GQA; the output comes from ``scaled_dot_product_attention``."""
+    """Multi-head attention with GQA, or latent attention (:mod:`~attnstab_cli.model.mla`); the output comes from
+    ``scaled_dot_product_attention``."""
     b, t, _ = x.shape
     h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q, q_norm = apply_qk_norm(_project(x, w.wq, w.bq), w.q_norm, cfg, h)       # [B, T, H*D]
-    k, k_norm = apply_qk_norm(_project(x, w.wk, w.bk), w.k_norm, cfg, hkv)     # [B, T, H_kv*D]
-    q = q.view(b, t, h, dh).transpose(1, 2)                                    # [B, H, T, D]
-    k = k.view(b, t, hkv, dh).transpose(1, 2)                                  # [B, H_kv, T, D]
-    v = _project(x, w.wv, w.bv).view(b, t, hkv, dh).transpose(1, 2)            # [B, H_kv, T, D]
+    if w.latent:                                   # MLA (THEORY §18.8): norm statistics of the latents
+        q, k, v, q_norm, k_norm = compute_mla_qkv(x, w, cfg)                  # [B, H, T, D], v [B, H, T, D_v]
+    else:
+        q, q_norm = apply_qk_norm(_project(x, w.wq, w.bq), w.q_norm, cfg, h)   # [B, T, H*D]
+        k, k_norm = apply_qk_norm(_project(x, w.wk, w.bk), w.k_norm, cfg, hkv)  # [B, T, H_kv*D]
+        q = q.view(b, t, h, dh).transpose(1, 2)                                # [B, H, T, D]
+        k = k.view(b, t, hkv, dh).transpose(1, 2)                              # [B, H_kv, T, D]
+        v = _project(x, w.wv, w.bv).view(b, t, hkv, dh).transpose(1, 2)        # [B, H_kv, T, D]
     rope = cfg.rope_at(layer)
     if rope is not None and rope_cs is not None:
         q, k = apply_rope(q, *rope_cs, rope), apply_rope(k, *rope_cs, rope)
@@ -86,7 +91,7 @@ def run_attention(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig, layer: int
         if mask is None:
             mask = compute_allowed(0, t, t, t, causal=causal, window=None, key_padding_mask=None, device=x.device)
         ctx = explicit_attention(q, k, v, mask, scale, cap, sinks)             # [B, H, T, D]
-    out = _project(ctx.transpose(1, 2).reshape(b, t, h * dh), w.wo, w.bo)     # [B, T, d]
+    out = _project(ctx.transpose(1, 2).reshape(b, t, h * v.shape[-1]), w.wo, w.bo)   # [B, T, d]
     return AttentionTrace(x=x, q=q, k=k, v=v, scale=scale, causal=causal, window=window,
                           key_padding_mask=key_padding_mask, context=ctx, out=out, logit_cap=cap,
                           q_norm_stat=q_norm, k_norm_stat=k_norm, sinks=sinks)

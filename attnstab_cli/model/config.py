@@ -15,7 +15,7 @@ from attnstab_cli.arch.config_fields import (
     CONFIG_FIELDS, ROPE_SCALING_FIELDS, check_field, check_rope_scaling, rope_type_of,
 )
 from attnstab_cli.arch.registry import TensorNames
-from attnstab_cli.arch.spec import ArchSpec, EmbedScale, FFNKind, FFNPacking, Layout, Positions, RopeStyle
+from attnstab_cli.arch.spec import ArchSpec, Attention, EmbedScale, FFNKind, FFNPacking, Layout, Positions, RopeStyle
 from attnstab_cli.checkpoints.safetensors_header import TensorInfo
 from attnstab_cli.errors import InputError, UnsupportedError, UsageError
 from attnstab_cli.model.activations import ACTIVATIONS
@@ -49,6 +49,8 @@ class RopeConfig:
     long_factor: tuple[float, ...] | None = None
     original_max: int | None = None
     attention_factor: float = 1.0
+    rotary_last: bool = False          # the rotated coordinates are the last rotary_dim of a head (MLA's [nope; rope])
+    softmax_factor: float = 1.0        # a factor on the softmax scale itself (DeepSeek's YaRN mscale^2, §18.6)
 
     @property
     def scaling_dict(self) -> dict[str, Any]:
@@ -74,6 +76,21 @@ class RopeConfig:
         as the model is initialised)."""
         return self.long_factor is not None and seq_len is not None and self.original_max is not None \
             and seq_len > self.original_max
+
+
+@dataclass(frozen=True)
+class MLADims:
+    """Sizes of multi-head latent attention (THEORY §18.8): q_h, k_h = [nope; rope] of width nope + rope, v_h of
+    width v; the q map is low rank through ``q_lora_rank`` (None: one q projection), the keys and values share the
+    latent c_kv of width ``kv_lora_rank``."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    nope: int
+    rope: int
+    v: int
+    latent_eps: float = 1e-6   # the latent norms' epsilon: fixed in the reference (its RMSNorm default), not
+                               # rms_norm_eps
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,12 @@ class ModelConfig:
     head_activation: str | None = None          # the MLM head's activation when it is not ``activation``
     layer_types: tuple[str, ...] | None = None   # per layer: full_attention | sliding_attention
     rope_by_type: tuple[tuple[str, RopeConfig], ...] = ()   # layer type -> its own RoPE (else ``rope``)
+    mla: MLADims | None = None                  # multi-head latent attention (head_dim = nope + rope)
+
+    @property
+    def v_head_dim(self) -> int:
+        """Width of one head's value (and context) vector: MLA's v, else head_dim."""
+        return self.head_dim if self.mla is None else self.mla.v
 
     def rope_at(self, layer: int) -> RopeConfig | None:
         """The RoPE of layer ``layer``: its layer type's own (ModernBERT's and Gemma 3's local base), else ``rope``."""
@@ -138,7 +161,7 @@ class ModelConfig:
         s = 1.0 / math.sqrt(base) if self.scale_attn_weights else 1.0
         rope = self.rope_at(layer)
         if rope is not None:
-            s *= rope.logit_scale
+            s *= rope.logit_scale * rope.softmax_factor
         return s / (layer + 1) if self.scale_by_inverse_layer_idx else s
 
     @property
@@ -173,7 +196,7 @@ def read_config_fields(spec: ArchSpec, config: dict[str, Any]) -> tuple[dict[str
             if isinstance(rope_type, str) and rope_type in spec.rope_type_aliases:   # Phi-3's older "su"
                 values[name] = {**{k: v for k, v in values[name].items() if k != entry},
                                 "rope_type": spec.rope_type_aliases[rope_type]}
-            check_rope_scaling(key, values[name])
+            check_rope_scaling(key, values[name], spec.rope_types)
         keys[name] = key
     return values, keys
 
@@ -210,7 +233,7 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
                          path=infos[emb_name].file)
     raw.setdefault("vocab_size", emb[0])
     raw.setdefault("d_model", emb[1])
-    found_layers = names.count_layers()
+    found_layers = _skip_trailing_layers(names, raw)
     raw.setdefault("n_layers", found_layers)
     if missing and config is None:
         raise InputError(f"a bare .safetensors file has no config; cannot infer {', '.join(missing)}",
@@ -231,13 +254,18 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
             raise UnsupportedError(f"{subject(name)} is true: {what} is not supported for family {spec.name!r}")
     if raw["n_layers"] != found_layers:
         raise InputError(f"{subject('n_layers')} says {raw['n_layers']} layers but the weights hold {found_layers}")
+    refuse_moe_layers(raw, subject)
     d, h = raw["d_model"], raw["n_heads"]
     if d != emb[1]:
         raise InputError(f"{subject('d_model')} is {d}; expected {emb[1]}, the width of tensor {emb_name!r}")
     if "head_dim" not in raw and d % h:
         raise InputError(f"{subject('n_heads')} is {h}; expected a divisor of {key('d_model')} {d}")
-    head_dim = raw.get("head_dim") or d // h
-    n_kv = raw.get("n_kv_heads") or _infer_kv_heads(spec, names, infos, head_dim, h)
+    mla = _mla_dims(spec, raw, subject)
+    head_dim = mla.nope + mla.rope if mla else raw.get("head_dim") or d // h
+    n_kv = h if mla else raw.get("n_kv_heads") or _infer_kv_heads(spec, names, infos, head_dim, h)
+    if mla and raw.get("n_kv_heads", h) != h:
+        raise InputError(f"{subject('n_kv_heads')} is {raw['n_kv_heads']}; latent attention expands one key and value "
+                         f"per query head, so expected {key('n_heads')} {h}")
     if h % n_kv:
         raise InputError(f"{subject('n_kv_heads')} is {n_kv}; expected a divisor of {key('n_heads')} {h}")
     for field, role in (("vocab_size", "embed_tokens.weight"), ("max_positions", "embed_positions.weight"),
@@ -270,11 +298,11 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
         d_model=d, n_heads=h, n_kv_heads=n_kv, head_dim=head_dim, d_ff=d_ff, vocab_size=raw["vocab_size"],
         max_positions=raw.get("max_positions") or (pos[0] if pos else None),
         norm_eps=float(raw["norm_eps"]), activation=activation,
-        rope=_build_rope(spec, raw, head_dim, key("rope_scaling")),
+        rope=_build_rope(spec, layout, raw, head_dim, key("rope_scaling")),
         sliding_windows=_sliding_windows(raw, found_layers),
         head_activation=raw.get("head_activation"),
         layer_types=tuple(types) if types is not None else None,
-        rope_by_type=_rope_by_type(spec, raw, head_dim, key("rope_scaling_sliding")),
+        rope_by_type=_rope_by_type(spec, layout, raw, head_dim, key("rope_scaling_sliding")),
         scale_attn_weights=raw.get("scale_attn_weights", True),
         scale_by_inverse_layer_idx=raw.get("scale_attn_by_inverse_layer_idx", False),
         type_vocab_size=raw.get("type_vocab_size"),
@@ -282,7 +310,7 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
         pad_token_id=raw.get("pad_token_id"),
         config_dtype=str((config or {}).get("torch_dtype") or (config or {}).get("dtype") or "") or None,
         query_pre_attn_scalar=raw.get("query_pre_attn_scalar"), attn_logit_cap=raw.get("attn_logit_cap"),
-        final_logit_cap=raw.get("final_logit_cap"),
+        final_logit_cap=raw.get("final_logit_cap"), mla=mla,
     )
     if cfg.rope and (cfg.rope.rotary_dim % 2 or not 0 < cfg.rope.rotary_dim <= cfg.head_dim):
         source = subject("rotary_dim") if "rotary_dim" in raw else f"rotary fraction times head_dim {cfg.head_dim}"
@@ -301,7 +329,42 @@ def _resolve_layout(spec: ArchSpec, raw: dict[str, Any]) -> Layout:
         layout = replace(layout, residual=switch.if_true if raw.get(switch.key, True) else switch.if_false)
     if qk is not None and raw.get(qk.key):
         layout = replace(layout, qk_norm=qk.if_true)
+    style = spec.rope_style_switch
+    if style is not None:
+        layout = replace(layout, rope_style=style.if_true if raw.get(style.key, True) else style.if_false)
     return layout
+
+
+def refuse_moe_layers(raw: dict[str, Any], subject: Any) -> None:
+    """The one place that refuses mixture-of-experts FFN layers, which are not read yet: a config with experts
+    (``moe_experts``) whose dense layers (``dense_layers``, DeepSeek's first_k_dense_replace) stop before the last
+    layer."""
+    experts, dense = raw.get("moe_experts"), raw.get("dense_layers")
+    if experts is not None and dense is not None and dense < raw["n_layers"]:
+        raise UnsupportedError(f"layers {dense}..{raw['n_layers'] - 1} are mixture-of-experts layers ({experts} "
+                               f"experts; {subject('dense_layers')} is {dense}): their MoE FFNs are not read yet")
+
+
+def _skip_trailing_layers(names: TensorNames, raw: dict[str, Any]) -> int:
+    """The number of analysed layers: the stored ones less the family's trailing part (DeepSeek's multi-token-
+    prediction layer, ``trailing_layers`` of them after ``n_layers``), whose tensors are then reported, never read."""
+    stored = names.count_layers()
+    extra, n_layers = raw.get("trailing_layers") or 0, raw.get("n_layers")
+    if extra and n_layers is not None and n_layers < stored <= n_layers + extra:
+        names.skip_layers_from(n_layers)
+        return n_layers
+    return stored
+
+
+def _mla_dims(spec: ArchSpec, raw: dict[str, Any], subject: Any) -> MLADims | None:
+    """MLA sizes from the config (THEORY §18.8); every one but the q rank is required."""
+    if spec.layout.attention is not Attention.MLA:
+        return None
+    for name in ("kv_lora_rank", "qk_nope_dim", "rotary_dim", "v_head_dim"):
+        if name not in raw:
+            raise InputError(f"latent attention needs {subject(name)}")
+    return MLADims(raw.get("q_lora_rank"), raw["kv_lora_rank"], raw["qk_nope_dim"], raw["rotary_dim"],
+                   raw["v_head_dim"])
 
 
 def _infer_kv_heads(spec: ArchSpec, names: TensorNames, infos: dict[str, TensorInfo], head_dim: int, h: int) -> int:
@@ -324,8 +387,8 @@ def _infer_d_ff(spec: ArchSpec, shape: Any) -> int | None:
     return width // 2 if packed else width
 
 
-def _build_rope(spec: ArchSpec, raw: dict[str, Any], head_dim: int, key: str) -> RopeConfig | None:
-    if spec.layout.positions is not Positions.ROPE:
+def _build_rope(spec: ArchSpec, layout: Layout, raw: dict[str, Any], head_dim: int, key: str) -> RopeConfig | None:
+    if layout.positions is not Positions.ROPE:
         return None
     scaling = dict(raw.get("rope_scaling") or {})
     _, rope_type = rope_type_of(scaling)
@@ -336,9 +399,30 @@ def _build_rope(spec: ArchSpec, raw: dict[str, Any], head_dim: int, key: str) ->
                         and not isinstance(v, (dict, list))))
     rotary_dim = raw["rotary_dim"] if "rotary_dim" in raw else int(head_dim * fraction)  # GPT-J: absolute
     rope = RopeConfig(theta=float(raw["rope_theta"]), rotary_dim=rotary_dim,
-                      style=spec.layout.rope_style or RopeStyle.HALF_SPLIT,
-                      scaling=() if rope_type == "default" else kept)
+                      style=layout.rope_style or RopeStyle.HALF_SPLIT,
+                      scaling=() if rope_type == "default" else kept,
+                      rotary_last=layout.attention is Attention.MLA)
+    if layout.yarn_softmax_mscale and rope_type != "default" and scaling.get("mscale_all_dim"):
+        rope = replace(rope, softmax_factor=yarn_mscale(float(scaling["factor"]), scaling["mscale_all_dim"]) ** 2)
+    if rope_type == "yarn":
+        return replace(rope, attention_factor=_yarn_attention_factor(scaling))
     return _longrope(rope, scaling, raw, key) if rope_type == "longrope" else rope
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction ``0.1 mscale ln(factor) + 1`` (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_attention_factor(scaling: dict[str, Any]) -> float:
+    """The factor on YaRN's cos and sin, as Hugging Face resolves it: ``attention_factor`` if given, else
+    mscale(f, mscale) / mscale(f, mscale_all_dim) when both are set (non-zero), else mscale(f)."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, m, m_all = float(scaling["factor"]), scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if m and m_all:
+        return yarn_mscale(factor, m) / yarn_mscale(factor, m_all)
+    return yarn_mscale(factor)
 
 
 def _longrope(rope: RopeConfig, scaling: dict[str, Any], raw: dict[str, Any], key: str) -> RopeConfig:
@@ -371,14 +455,15 @@ def _longrope(rope: RopeConfig, scaling: dict[str, Any], raw: dict[str, Any], ke
                    attention_factor=float(attention))
 
 
-def _rope_by_type(spec: ArchSpec, raw: dict[str, Any], head_dim: int, key: str) -> tuple[tuple[str, RopeConfig], ...]:
+def _rope_by_type(spec: ArchSpec, layout: Layout, raw: dict[str, Any], head_dim: int,
+                  key: str) -> tuple[tuple[str, RopeConfig], ...]:
     """The sliding layers' own RoPE when the config gives a base or scaling for them (``rope_theta_sliding``,
     ``rope_scaling_sliding``); rotary dimension and style are the model's."""
     if spec.layout.positions is not Positions.ROPE or not ({"rope_theta_sliding", "rope_scaling_sliding"} & set(raw)):
         return ()
     local = {**raw, "rope_theta": raw.get("rope_theta_sliding", raw.get("rope_theta")),
              "rope_scaling": raw.get("rope_scaling_sliding", raw.get("rope_scaling"))}
-    return (("sliding_attention", _build_rope(spec, local, head_dim, key)),)
+    return (("sliding_attention", _build_rope(spec, layout, local, head_dim, key)),)
 
 
 def _sliding_windows(raw: dict[str, Any], n_layers: int) -> tuple[int | None, ...]:

@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 from attnstab_cli.arch.spec import Residual
-from attnstab_cli.model.config import RopeConfig
+from attnstab_cli.model.config import MLADims, RopeConfig
 from attnstab_cli.model.load import OpenModel
 
 PLACEMENT = {Residual.PRE: "pre-norm", Residual.POST: "post-norm", Residual.PARALLEL: "parallel residual (pre-norm)",
@@ -18,11 +18,25 @@ PLACEMENT = {Residual.PRE: "pre-norm", Residual.POST: "post-norm", Residual.PARA
 def _describe_rope(rope: RopeConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"theta": rope.theta, "rotary_dim": rope.rotary_dim, "style": rope.style.value,
                            "scaling": rope.scaling_dict or None}
+    if rope.rotary_last:
+        out["rotary_coordinates"] = "last"
+    if rope.attention_factor != 1.0 and rope.long_factor is None:
+        out["attention_factor"] = rope.attention_factor                 # YaRN's factor on cos and sin
+    if rope.softmax_factor != 1.0:
+        out["softmax_factor"] = rope.softmax_factor                     # DeepSeek's YaRN mscale^2 on the scale
     if rope.long_factor is not None:
         out["longrope"] = {"original_max_positions": rope.original_max, "attention_factor": rope.attention_factor,
                            "short_factor": list(rope.short_factor or ()), "long_factor": list(rope.long_factor),
                            "long_factor_beyond": rope.original_max}
     return out
+
+
+def _describe_mla(m: MLADims) -> dict[str, Any]:
+    """Latent attention's sizes (THEORY §18.8)."""
+    return {"q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.nope,
+            "qk_rope_head_dim": m.rope, "v_head_dim": m.v, "latent_norm_eps": m.latent_eps,
+            "q_map": "q_proj" if m.q_lora_rank is None else "q_a_proj, q_a_layernorm, q_b_proj",
+            "rotary_key": "one per token, shared by all heads", "head_layout": "[nope; rope]"}
 
 
 def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
@@ -58,6 +72,9 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "causal": cfg.layout.causal,
         "qk_norm": None if cfg.layout.qk_norm is None else cfg.layout.qk_norm.value,
         "attn_sinks": cfg.layout.attn_sinks,
+        "attention": cfg.layout.attention.value,
+        "mla": None if cfg.mla is None else _describe_mla(cfg.mla),
+        "v_head_dim": cfg.v_head_dim,
         "ignored_parts": model.names.ignored_parts() or None,
         "positions": cfg.layout.positions.value,
         "rope": None if rope is None else _describe_rope(rope),

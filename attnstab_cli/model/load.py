@@ -62,7 +62,7 @@ def open_model(target: str | Path, arch: str | None = None, overrides: dict[str,
         except AttnstabError as exc:
             raise exc.at(weights)
         cfg = build_model_config(spec, config, names, reader.infos, overrides)
-        names.use_layout(cfg.layout)
+        names.use_layout(cfg.layout, None if cfg.mla is None else cfg.mla.q_lora_rank is not None)
         check_tensors(cfg, names, reader.infos, weights)
     except AttnstabError as exc:
         raise exc.at(where)

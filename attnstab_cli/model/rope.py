@@ -4,7 +4,8 @@ Each rotation P_i is orthogonal (THEORY §5.5): block rotations of coordinate pa
 (i, i + r/2) or interleaved pairs (2i, 2i+1), on the first ``rotary_dim`` coordinates of each head; the rest pass
 through. With a LongRoPE attention factor P_i is a contraction instead (rotations times a <= 1, pass-through times
 b <= 1), the rest of the factor being part of the softmax scale. Scalings: ``linear`` (positions / factor), ``llama3`` (wavelength-banded), ``dynamic`` (NTK, only active
-beyond the original context, which attnstab never exceeds), ``longrope`` (per-frequency divisors, a short and a long
+beyond the original context, which attnstab never exceeds), ``yarn`` (NTK-by-parts, DeepSeek; its attention factor
+on cos and sin as LongRoPE's), ``longrope`` (per-frequency divisors, a short and a long
 set chosen by the sequence length; its attention factor as above, see :class:`~attnstab_cli.model.config.RopeConfig`).
 """
 from __future__ import annotations
@@ -36,7 +37,30 @@ def compute_inv_freq(rope: RopeConfig, seq_len: int | None = None) -> torch.Tens
         inv = inv / float(sc["factor"])
     elif kind == "llama3":
         inv = _llama3_scale(inv, sc)
+    elif kind == "yarn":
+        inv = _yarn_scale(powers, rope.theta, r, sc)
     return inv
+
+
+def _yarn_scale(powers: torch.Tensor, base: float, r: int, sc: dict) -> torch.Tensor:
+    """YaRN (NTK-by-parts): frequencies that turn fewer than ``beta_slow`` times over the original context are
+    divided by ``factor``, those turning more than ``beta_fast`` times kept, a linear ramp over the dimensions
+    between (the correction range, rounded outward unless ``truncate`` is false), as Hugging Face computes it."""
+    factor, original = float(sc["factor"]), float(sc["original_max_position_embeddings"])
+    fast, slow = sc.get("beta_fast") or 32, sc.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (r * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(fast), correction_dim(slow)
+    if sc.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, r - 1)
+    if low == high:
+        high += 0.001                                         # no singular ramp
+    ramp = ((torch.arange(r // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp                                           # 1: extrapolated (original), 0: interpolated
+    return (1.0 / (factor * powers)) * (1 - keep) + (1.0 / powers) * keep
 
 
 def _llama3_scale(inv: torch.Tensor, sc: dict) -> torch.Tensor:
@@ -63,7 +87,11 @@ def compute_rope_cos_sin(rope: RopeConfig, positions: torch.Tensor, dtype: torch
     if seq_len is None:
         seq_len = int(positions.max()) + 1 if positions.numel() else None
     angles = positions.float()[:, None] * compute_inv_freq(rope, seq_len).to(positions.device)[None, :]
-    cos, sin = angles.cos(), angles.sin()
+    if rope.style is RopeStyle.INTERLEAVED_COMPLEX:                    # the model's e^{i angle}
+        unit = torch.polar(torch.ones_like(angles), angles)
+        cos, sin = unit.real, unit.imag
+    else:
+        cos, sin = angles.cos(), angles.sin()
     m = rope.attention_factor
     if m != 1.0:
         k = rope.rot_scale / m
@@ -81,16 +109,24 @@ def rope_regimes(rope: RopeConfig) -> list[tuple[int | None, int | None]]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
-    """Rotate the first ``rotary_dim`` coordinates of ``x [B, H, T, D]`` by position; the rest pass through, times
-    ``pass_scale`` (1 unless an attention factor is split off, :class:`RopeConfig`)."""
+    """Rotate the first ``rotary_dim`` coordinates of ``x [B, H, T, D]`` by position (the last ones with
+    ``rotary_last``, MLA's [nope; rope]); the rest pass through, times ``pass_scale`` (1 unless an attention factor is
+    split off, :class:`RopeConfig`). ``interleaved_split`` reads pairs (2i, 2i + 1) and writes the rotated pairs as
+    [first members; second members], as DeepSeek-V3 does (an orthogonal relayout shared by q and k)."""
     r = rope.rotary_dim
-    rot, rest = x[..., :r], x[..., r:]
+    if rope.rotary_last:
+        rest, rot = x[..., : x.shape[-1] - r], x[..., x.shape[-1] - r:]
+    else:
+        rot, rest = x[..., :r], x[..., r:]
     if rope.pass_scale != 1.0 and rest.shape[-1]:
         rest = rest * rope.pass_scale
     if rope.style is RopeStyle.HALF_SPLIT:
         a, b = rot[..., : r // 2], rot[..., r // 2:]
         rotated = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
-    else:
+    elif rope.style is RopeStyle.INTERLEAVED_SPLIT:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    else:                                                              # interleaved, in place (also as complex)
         a, b = rot[..., 0::2], rot[..., 1::2]
         rotated = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
-    return torch.cat([rotated, rest], dim=-1)
+    return torch.cat([rest, rotated] if rope.rotary_last else [rotated, rest], dim=-1)

@@ -49,6 +49,19 @@ def _table(rows: int, *rest: int) -> ExpectedShape:
     return ExpectedShape((rows, *rest), min_rows=True)
 
 
+def _mla_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
+    """Latent attention (THEORY §18.8): W_qa [d, r_q], W_qb [r_q, H (nope + rope)], W_kva [d, r_kv + rope] (columns
+    [c_kv; k_rope]), W_kvb [r_kv, H (nope + v)] (per head [k_nope; v]); none without MLA."""
+    if cfg.mla is None:
+        return {}
+    m, d = cfg.mla, cfg.d_model
+    rq, rkv, kva = m.q_lora_rank or 1, m.kv_lora_rank, m.kv_lora_rank + m.rope
+    return {"q_a.weight": _matrix(d, rq), "q_a.bias": _vector(rq), "q_a_norm.weight": _vector(rq),
+            "q_b.weight": _matrix(rq, cfg.n_heads * cfg.head_dim),
+            "kv_a.weight": _matrix(d, kva), "kv_a.bias": _vector(kva), "kv_a_norm.weight": _vector(rkv),
+            "kv_b.weight": _matrix(rkv, cfg.n_heads * (m.nope + m.v))}
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
     """Role -> expected shape for every role any family spec declares."""
     d, m, vocab = cfg.d_model, cfg.d_ff, cfg.vocab_size
@@ -56,7 +69,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
     width = packed_qkv_width(cfg.layout.qkv_packing, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
     full = cfg.layout.qk_norm is QKNorm.FULL_WIDTH
     qn, kn = (hd, kvd) if full else (cfg.head_dim, cfg.head_dim)
-    return {
+    vd = cfg.n_heads * cfg.v_head_dim                  # attention context width, the rows of W_O
+    return {**_mla_shapes(cfg), 
         "embed_tokens.weight": _table(vocab, d),
         "embed_positions.weight": _table(cfg.max_positions or 1, d),
         "embed_types.weight": _table(cfg.type_vocab_size or 1, d),
@@ -66,7 +80,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
         "mlm_norm.weight": _vector(d), "mlm_norm.bias": _vector(d),
         "lm_head.weight": _table(vocab, d), "lm_head.bias": _table(vocab),
         "q.weight": _matrix(d, hd), "q.bias": _vector(hd), "k.weight": _matrix(d, kvd), "k.bias": _vector(kvd),
-        "v.weight": _matrix(d, kvd), "v.bias": _vector(kvd), "o.weight": _matrix(hd, d), "o.bias": _vector(d),
+        "v.weight": _matrix(d, kvd), "v.bias": _vector(kvd), "o.weight": _matrix(vd, d), "o.bias": _vector(d),
         "sinks": _vector(cfg.n_heads),
         "q_norm.weight": _vector(qn), "k_norm.weight": _vector(kn),
         "q_norm.bias": _vector(qn), "k_norm.bias": _vector(kn),

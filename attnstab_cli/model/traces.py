@@ -27,15 +27,16 @@ class AttentionTrace:
     x: torch.Tensor                          # [B, T, d]     attention input (after the norm in pre-norm/parallel)
     q: torch.Tensor                          # [B, H, T, D]  after biases and RoPE
     k: torch.Tensor                          # [B, H_kv, T, D] after biases and RoPE
-    v: torch.Tensor                          # [B, H_kv, T, D]
+    v: torch.Tensor                          # [B, H_kv, T, D_v]  (D_v = D except under MLA)
     scale: float                             # logits are scale * q.k
     causal: bool
     window: int | None                       # sliding window: key j visible from query i iff |i - j| < window
     key_padding_mask: torch.Tensor | None    # [B, T] bool, True = real token
-    context: torch.Tensor                    # [B, H, T, D]  softmax(s q k^T) v per head
+    context: torch.Tensor                    # [B, H, T, D_v]  softmax(s q k^T) v per head
     out: torch.Tensor                        # [B, T, d]     after W_O and b_O
     q_norm_stat: torch.Tensor | None = None  # q/k norms (THEORY §18.2): the norm statistic of the projections,
-    k_norm_stat: torch.Tensor | None = None  # [B, T, H|H_kv] per head, [B, T] full width; None without q/k norms
+    k_norm_stat: torch.Tensor | None = None  # [B, T, H|H_kv] per head, [B, T] full width; None without q/k norms;
+                                             # MLA: of the q and kv latents (N_qa, N_kv), [B, T]
     logit_cap: float | None = None           # logits are c tanh(scale q.k / c) when set (THEORY §18.5)
     sinks: torch.Tensor | None = None        # [H] sink logit per query head: joins each row's softmax with no value,
                                              # so a row's key probabilities sum to m < 1 (THEORY §18.4)

@@ -30,10 +30,10 @@ class LayerWeights:
     """One layer in the row convention x -> xW; biases are None when the family has none."""
 
     layer: int
-    wq: torch.Tensor               # [d, H*D]
-    wk: torch.Tensor               # [d, H_kv*D]
-    wv: torch.Tensor               # [d, H_kv*D]
-    wo: torch.Tensor               # [H*D, d]
+    wq: torch.Tensor | None        # [d, H*D]; MLA: the one q projection, None with a low-rank q
+    wk: torch.Tensor | None        # [d, H_kv*D]; None under MLA
+    wv: torch.Tensor | None        # [d, H_kv*D]; None under MLA
+    wo: torch.Tensor               # [H*D_v, d]
     bq: torch.Tensor | None
     bk: torch.Tensor | None
     bv: torch.Tensor | None
@@ -46,6 +46,21 @@ class LayerWeights:
     norm_attn_out: NormWeights | None = None   # branch-output norms (THEORY §18.3); None without them
     norm_ffn_out: NormWeights | None = None
     sinks: torch.Tensor | None = None   # [H] learned sink logit per query head (THEORY §18.4); None without sinks
+    # multi-head latent attention (THEORY §18.8); None without it. q = N_qa(x W_qa + b_qa) W_qb (or x W_q),
+    # [c_kv; k_rope] = x W_kva + b_kva, per head [k_nope; v] = N_kv(c_kv) W_kvb
+    wq_a: torch.Tensor | None = None           # [d, r_q]
+    bq_a: torch.Tensor | None = None           # [r_q]
+    q_a_norm: NormWeights | None = None        # [r_q]
+    wq_b: torch.Tensor | None = None           # [r_q, H*(nope + rope)]
+    wkv_a: torch.Tensor | None = None          # [d, r_kv + rope]
+    bkv_a: torch.Tensor | None = None          # [r_kv + rope]
+    kv_a_norm: NormWeights | None = None       # [r_kv]
+    wkv_b: torch.Tensor | None = None          # [r_kv, H*(nope + v)]
+
+    @property
+    def latent(self) -> bool:
+        """Whether the layer's attention is multi-head latent attention."""
+        return self.wkv_a is not None
 
 
 class WeightLoader:
@@ -79,8 +94,35 @@ class WeightLoader:
             weight = 1.0 + (weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight)
         return NormWeights(weight, self.tensor(f"{role}.bias", layer))
 
+    def _mla(self, layer: int) -> dict[str, object]:
+        """The latent-attention tensors of one layer (THEORY §18.8), by :class:`LayerWeights` field."""
+        low_rank = self.cfg.mla.q_lora_rank is not None
+        return {"wq": None if low_rank else self.tensor("q.weight", layer), "wk": None, "wv": None,
+                "bq": None, "bk": None, "bv": None,
+                "wq_a": self.tensor("q_a.weight", layer) if low_rank else None,
+                "bq_a": self.tensor("q_a.bias", layer) if low_rank else None,
+                "q_a_norm": self.norm("q_a_norm", layer) if low_rank else None,
+                "wq_b": self.tensor("q_b.weight", layer) if low_rank else None,
+                "wkv_a": self.tensor("kv_a.weight", layer), "bkv_a": self.tensor("kv_a.bias", layer),
+                "kv_a_norm": self.norm("kv_a_norm", layer), "wkv_b": self.tensor("kv_b.weight", layer)}
+
     def layer(self, layer: int) -> LayerWeights:
         """All weights of one layer; only these are resident while the layer runs."""
+        c = self.cfg
+        attn = self._mla(layer) if c.mla is not None else self._projections(layer)
+        norm_attn = self.norm("norm_attn", layer)
+        norm_ffn = norm_attn if c.layout.residual.shared_norm else self.norm("norm_ffn", layer)
+        qk = (self.norm("q_norm", layer), self.norm("k_norm", layer)) if c.layout.qk_norm else (None, None)
+        return LayerWeights(
+            layer=layer, wo=self.tensor("o.weight", layer), bo=self.tensor("o.bias", layer),
+            norm_attn=norm_attn, norm_ffn=norm_ffn, ffn=self._ffn(layer), q_norm=qk[0], k_norm=qk[1],
+            norm_attn_out=self.norm("norm_attn_out", layer) if c.layout.residual.output_norms else None,
+            norm_ffn_out=self.norm("norm_ffn_out", layer) if c.layout.residual.output_norms else None,
+            sinks=self.tensor("sinks", layer) if c.layout.attn_sinks else None, **attn,
+        )
+
+    def _projections(self, layer: int) -> dict[str, object]:
+        """W_Q, W_K, W_V and their biases, split from a fused tensor where the family packs them."""
         c = self.cfg
         if c.layout.qkv_packing is QKVPacking.SEPARATE:
             wq, wk, wv = (self.tensor(f"{r}.weight", layer) for r in ("q", "k", "v"))
@@ -91,17 +133,7 @@ class WeightLoader:
             bias = self.tensor("qkv.bias", layer)
             bq, bk, bv = (split_packed_qkv(bias, c.layout.qkv_packing, c.n_heads, c.n_kv_heads, c.head_dim)
                           if bias is not None else (None, None, None))
-        norm_attn = self.norm("norm_attn", layer)
-        norm_ffn = norm_attn if c.layout.residual.shared_norm else self.norm("norm_ffn", layer)
-        qk = (self.norm("q_norm", layer), self.norm("k_norm", layer)) if c.layout.qk_norm else (None, None)
-        return LayerWeights(
-            layer=layer, wq=wq, wk=wk, wv=wv, wo=self.tensor("o.weight", layer),
-            bq=bq, bk=bk, bv=bv, bo=self.tensor("o.bias", layer),
-            norm_attn=norm_attn, norm_ffn=norm_ffn, ffn=self._ffn(layer), q_norm=qk[0], k_norm=qk[1],
-            norm_attn_out=self.norm("norm_attn_out", layer) if c.layout.residual.output_norms else None,
-            norm_ffn_out=self.norm("norm_ffn_out", layer) if c.layout.residual.output_norms else None,
-            sinks=self.tensor("sinks", layer) if c.layout.attn_sinks else None,
-        )
+        return {"wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv}
 
     def _ffn(self, layer: int) -> dict[str, torch.Tensor]:
         if self.cfg.layout.ffn_packing is FFNPacking.GATE_UP:

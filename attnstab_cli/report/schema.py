@@ -165,14 +165,18 @@ HEAD_COLUMNS: tuple[Column, ...] = (
            "mean probability the head's sink logit takes from a row, 1 - sum_j p_j (THEORY §18.4; null without sinks)"),
     Column("theta_wide_rows", I64, "rows",
            "rows (of all) whose interval stayed wider than theta_tol: not refined within --theta-rows"),
-    Column("wq_norm", F64, "l2 operator", "spectral norm of the head slice W_Q^h [d, D] (THEORY §5.1)"),
-    Column("wk_norm", F64, "l2 operator", "spectral norm of W_K of the head's KV head"),
-    Column("wv_norm", F64, "l2 operator", "spectral norm of W_V of the head's KV head"),
+    Column("wq_norm", F64, "l2 operator", "spectral norm of the head slice W_Q^h [d, D] (THEORY §5.1); latent "
+           "attention: of the head's q up-projection block W_qb,h [r_q, D] (W_Q^h without a q rank, §18.8)"),
+    Column("wk_norm", F64, "l2 operator", "spectral norm of W_K of the head's KV head; latent attention: of the "
+           "head's key block W^nope_kvb,h [r_kv, nope] (§18.8)"),
+    Column("wv_norm", F64, "l2 operator", "spectral norm of W_V of the head's KV head; latent attention: of the "
+           "head's value block W^V_kvb,h [r_kv, D_v] (§18.8)"),
     Column("wo_norm", F64, "l2 operator", "spectral norm of the head's row block W_O^h [D, d]"),
     Column("bq_norm", F64, "l2", "l2 norm of the head's query bias (null without one)"),
     Column("bk_rot_norm", F64, "l2", "l2 norm of the rotary coordinates of the KV head's key bias (THEORY §5.4)"),
     Column("qk_norm", F64, "l2 operator",
-           "||W_Q^h W_K^g^T||_2; with RoPE the max over the offsets the mask allows (THEORY §5.5)"),
+           "||W_Q^h W_K^g^T||_2; with RoPE the max over the offsets the mask allows (THEORY §5.5); null where a "
+           "norm sits between the projections and the logits (q/k norms, latent attention)"),
     Column("proj_product", F64, "1", "||W_Q^h|| ||W_K^g|| ||W_V^g|| ||W_O|| (full W_O, THEORY §5.2)"),
     Column("kappa_wq", F64, "1", "condition number s_max/s_min of W_Q^h (THEORY §14)"),
     Column("kappa_wk", F64, "1", "condition number of W_K^g"),
@@ -183,7 +187,8 @@ HEAD_COLUMNS: tuple[Column, ...] = (
     Column("lambda_h", F64, "l2", "logit-sensitivity factor Lambda_h at the measured R2 (THEORY §5.2; max over sequences)"),
     Column("phi_h", F64, "l2", "the paper's Phi_h = Lambda_h ||W_V^g|| R2 / sqrt(d_k) (max over sequences)"),
     Column("head_term_calibrated", F64, "1",
-           "c_h = ||W_V^g|| (1 + s theta_tilde_h Lambda_h R2), the head's term of lip_mha_calibrated (max over sequences)"),
+           "c_h = L_V + s theta_tilde_h Lambda_h M_V (||W_V^g|| (1 + s theta_tilde_h Lambda_h R2) for linear maps, "
+           "THEORY §18.1), the head's term of lip_mha_calibrated (max over sequences)"),
 )
 
 MODEL_COLUMNS: tuple[Column, ...] = (

@@ -9,8 +9,8 @@ import pytest
 
 from attnstab_cli.arch.config_fields import CONFIG_FIELDS
 from attnstab_cli.arch.registry import builtin_specs
-from attnstab_cli.arch.spec import parse_spec
-from attnstab_cli.model.config import ModelConfig
+from attnstab_cli.arch.spec import Attention, parse_spec
+from attnstab_cli.model.config import MLADims, ModelConfig
 from attnstab_cli.model.shapes import expected_shapes
 
 
@@ -19,7 +19,8 @@ def test_every_declared_role_has_an_expected_shape(family: str) -> None:
     spec = builtin_specs()[family]
     cfg = ModelConfig(family=family, model_type=None, layout=spec.layout, n_layers=1, d_model=8, n_heads=2,
                       n_kv_heads=2, head_dim=4, d_ff=16, vocab_size=11, max_positions=32, norm_eps=1e-5,
-                      activation="gelu", rope=None, sliding_windows=(None,))
+                      activation="gelu", rope=None, sliding_windows=(None,),
+                      mla=MLADims(3, 5, 2, 2, 3) if spec.layout.attention is Attention.MLA else None)
     roles = {*spec.tensors, *spec.head_tensors, *spec.layer_tensors}
     assert roles <= set(expected_shapes(cfg)), roles - set(expected_shapes(cfg))
     assert set(spec.config) <= set(CONFIG_FIELDS)

@@ -46,6 +46,15 @@ GROUPS = {
     "modernbert": (lambda m: m.model.layers, ("attn",), ("mlp",), ("attn_norm", "mlp_norm")),
     "distilbert": (lambda m: m.distilbert.transformer.layer, ("attention",), ("ffn",),
                    ("sa_layer_norm", "output_layer_norm")),
+    # latent attention (THEORY §18.8): the projections are attention parameters, the latent norms norm parameters
+    "deepseek_v2": (lambda m: m.model.layers, tuple(f"self_attn.{p}" for p in ("q_proj", "kv_a_proj_with_mqa",
+                                                                             "kv_b_proj", "o_proj")), ("mlp",),
+                    ("input_layernorm", "post_attention_layernorm", "self_attn.kv_a_layernorm")),
+    "deepseek_v3": (lambda m: m.model.layers, tuple(f"self_attn.{p}" for p in ("q_a_proj", "q_b_proj",
+                                                                             "kv_a_proj_with_mqa", "kv_b_proj",
+                                                                             "o_proj")), ("mlp",),
+                    ("input_layernorm", "post_attention_layernorm", "self_attn.q_a_layernorm",
+                     "self_attn.kv_a_layernorm")),
 }
 POST_LN = ("bert", "distilbert", "roberta", "xlm_roberta")
 

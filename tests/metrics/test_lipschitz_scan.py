@@ -69,6 +69,11 @@ def _adversarial_inputs(d: int, t: int, gen: torch.Generator) -> dict[str, torch
     }
 
 
+def _scale_queries(w, factor: float):
+    """The layer with its queries times ``factor``: W_Q, or under latent attention with a q rank W_qb."""
+    return replace(w, wq=factor * w.wq) if w.wq is not None else replace(w, wq_b=factor * w.wq_b)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_tiers_on_adversarial_inputs(family: str, tiny_checkpoints: dict) -> None:
     """Large-magnitude tokens, near-constant tokens (tiny norm variance), near-zero input, and near-one-hot or
@@ -81,8 +86,8 @@ def test_tiers_on_adversarial_inputs(family: str, tiny_checkpoints: dict) -> Non
     gen = torch.Generator().manual_seed(11)
     for layer in (cfg.n_layers - 1,):              # one layer per family keeps CI short; post-LN needs layer > 0 here
         w0 = loader.layer(layer)
-        variants = {"as_is": w0, "one_hot_attention": replace(w0, wq=60.0 * w0.wq),
-                    "uniform_attention": replace(w0, wq=1e-6 * w0.wq)}
+        variants = {"as_is": w0, "one_hot_attention": _scale_queries(w0, 60.0),
+                    "uniform_attention": _scale_queries(w0, 1e-6)}
         for wname, w in variants.items():
             for xname, h in _adversarial_inputs(cfg.d_model, t, gen).items():
                 theta = ThetaPass(cfg.n_heads, cfg.n_kv_heads, ThetaOptions(kernel="torch", min_keys=1,

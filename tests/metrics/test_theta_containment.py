@@ -91,3 +91,26 @@ def test_capped_theta_contains_eager_probabilities(tiny_checkpoints: dict) -> No
         lo, hi = v.lo[0].reshape(-1), v.hi[0].reshape(-1)
         assert bool((lo <= exact.hi + 1e-4).all() and (exact.lo <= hi + 1e-4).all())
     assert capped > 0                                                             # raw logits beyond the cap
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "deepseek_v3_yarn"])
+def test_latent_attention_theta_pmax_entropy_match_eager(family: str, tiny_checkpoints: dict) -> None:
+    """Latent attention (THEORY §18.8): the θ rows use q, k exactly as in the logits, so the certified intervals
+    contain θ of the reference's eager probabilities (float32: within 1e-4 by T9), and the rows' p_max and entropy
+    agree with those probabilities."""
+    path, ref = tiny_checkpoints[family]
+    model = open_model(path)
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = ref(tokens, output_attentions=True).attentions
+    obs = ThetaPass(model.cfg.n_heads, model.cfg.n_kv_heads, ThetaOptions(slack=0.0, tol=0.0, rows_per_head=None))
+    for trace in LayerStream(model, [tokens]).layers():
+        v = obs.measure(trace.attn)
+        p = eager[trace.layer][0].double().reshape(-1, 40)                       # [H·T, T]
+        exact = compute_theta_interval(p, slack=0.0)
+        lo, hi = v.lo[0].reshape(-1), v.hi[0].reshape(-1)
+        assert bool((lo <= exact.hi + 1e-4).all() and (exact.lo <= hi + 1e-4).all())
+        torch.testing.assert_close(v.pmax[0].reshape(-1), p.amax(-1), atol=1e-5, rtol=0)
+        entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)
+        torch.testing.assert_close(v.entropy[0].reshape(-1), entropy, atol=1e-4, rtol=0)
+        assert float(hi.max()) > 0.5                                               # informative, not uniform rows

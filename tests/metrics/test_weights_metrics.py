@@ -438,3 +438,28 @@ def test_offset_pruning_from_float32_products_keeps_the_maximiser() -> None:
                             lambda head, cols: m[head, cols])
     dense = torch.linalg.matrix_norm(m, ord=2).amax(dim=1)
     torch.testing.assert_close(got, dense, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_mla_head_columns_are_the_up_projection_blocks(family: str, tiny_checkpoints: dict) -> None:
+    """THEORY §18.8: per head, wq_norm is ||W^Q_h|| (one q projection) or ||W_qb,h||, wk_norm ||W^nope_kvb,h||,
+    wv_norm ||W^V_kvb,h||, wo_norm ||W^O_h||, sliced here from the reference's modules; qk_norm is null."""
+    from attnstab_cli.metrics.weights_metrics import compute_weight_metrics
+
+    path, ref = tiny_checkpoints[family]
+    model = open_model(path)
+    m, h = model.cfg.mla, model.cfg.n_heads
+    attn = ref.model.layers[0].self_attn
+    heads, layer = compute_weight_metrics(model.loader("cpu", torch.float64).layer(0), model.cfg)
+    q = (attn.q_proj if attn.q_proj is not None else attn.q_b_proj).weight.double()       # [H dk, r] (out, in)
+    kv = attn.kv_b_proj.weight.double().reshape(h, m.nope + m.v, -1)                     # [H, nope + v, r_kv]
+    o = attn.o_proj.weight.double()                                                       # [d, H v]
+    spec = lambda x: float(torch.linalg.matrix_norm(x, ord=2))
+    for rec in heads:
+        i = rec.head
+        want = (spec(q[i * (m.nope + m.rope):(i + 1) * (m.nope + m.rope)]), spec(kv[i, : m.nope]),
+                spec(kv[i, m.nope:]), spec(o[:, i * m.v:(i + 1) * m.v]))
+        got = (rec.wq_norm, rec.wk_norm, rec.wv_norm, rec.wo_norm)
+        assert all(abs(a - b) <= 1e-6 * b for a, b in zip(got, want))
+        assert rec.qk_norm is None and rec.bq_norm is None
+    assert abs(layer.wv_full_norm - spec(kv[:, m.nope:].reshape(-1, kv.shape[-1]))) <= 1e-6 * layer.wv_full_norm

@@ -107,13 +107,14 @@ def test_per_head_slices_recombine_to_attention_output(tiny_checkpoints: dict) -
 # UNCAST_RMSNORM the reference's RMSNorm modules are replaced by the same formula in the input dtype
 # (gamma * x / sqrt(mean(x^2) + eps), gamma = w or 1 + w as the family stores it), everything else stays the
 # model's own.
-# ModernBERT's apply_rotary_pos_emb casts q and k to float32: for UNCAST_ROPE it is replaced, for the test only, by
-# the same rotate-half formula in the input dtype.
+# ModernBERT's apply_rotary_pos_emb and DeepSeek-V2's apply_rotary_emb (a complex product) cast q and k to float32:
+# for UNCAST_ROPE they are replaced, for the test only, by the same formula in the input dtype (the model's float32
+# angles kept).
 UNCAST_RMSNORM = {"phi3": "w", "phi3_longrope": "w", "llama": "w", "llama3_scaled": "w", "mistral": "w",
-                  "qwen2": "w", "qwen3": "w", "gemma3": "1+w", "olmo2": "w"}
+                  "qwen2": "w", "qwen3": "w", "gemma3": "1+w", "olmo2": "w", "deepseek_v2": "w", "deepseek_v3": "w",
+                  "deepseek_v3_yarn": "w"}
 FLOAT64_REFERENCE = ("bert", "roberta", "xlm_roberta", "distilbert", "gpt2", "gpt2_scaled", "gptj", "neox",
                      "neox_serial", "phi", "phi_qk", "modernbert", *UNCAST_RMSNORM)
-UNCAST_ROPE = {"modernbert": "transformers.models.modernbert.modeling_modernbert"}
 
 
 def _rotate_in_input_dtype(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -124,6 +125,22 @@ def _rotate_in_input_dtype(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, 
         a, b = x.chunk(2, dim=-1)
         return torch.cat((-b, a), dim=-1)
     return q * cos + half(q) * sin, k * cos + half(k) * sin
+
+
+def _complex_rotate_in_input_dtype(xq: torch.Tensor, xk: torch.Tensor,
+                                   freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2's rotation of pairs (2i, 2i + 1) by a complex product, in the input dtype."""
+    freqs = freqs_cis.unsqueeze(1).to(torch.complex128 if xq.dtype == torch.float64 else torch.complex64)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_real(torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)) * freqs).flatten(3)
+    return rotate(xq), rotate(xk)
+
+
+UNCAST_ROPE = {"modernbert": ("transformers.models.modernbert.modeling_modernbert", "apply_rotary_pos_emb",
+                              _rotate_in_input_dtype),
+               "deepseek_v2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "apply_rotary_emb",
+                               _complex_rotate_in_input_dtype)}
 
 
 def _float64_reference(family: str, ref: torch.nn.Module) -> torch.nn.Module:
@@ -158,8 +175,8 @@ def test_float64_layers_match(family: str, seq_len: int, tiny_checkpoints: dict,
     if family in UNCAST_ROPE:
         import importlib
 
-        module = importlib.import_module(UNCAST_ROPE[family])
-        monkeypatch.setattr(module, "apply_rotary_pos_emb", _rotate_in_input_dtype)
+        module, name, replacement = UNCAST_ROPE[family]
+        monkeypatch.setattr(importlib.import_module(module), name, replacement)
     model = open_model(path)
     ids = torch.randint(0, model.cfg.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -172,3 +189,39 @@ def test_float64_layers_match(family: str, seq_len: int, tiny_checkpoints: dict,
             assert err < 1e-10, f"layer {trace.layer}: relative error {float(err):.3g}"
     got, want = stream.final_hidden()[0], expected[-1]
     assert (got - want).norm() / want.norm() < 1e-10
+
+
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v3_yarn")
+
+
+@pytest.mark.parametrize("family", MLA_FAMILIES)
+def test_mla_heads_recombine_to_the_hooked_attention_output(family: str, tiny_checkpoints: dict,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """THEORY T39: per-head q, k (width nope + rope) and v (width v) of latent attention, recombined as
+    sum_h softmax(s q_h k_h^T) v_h W_O^h + b_O, reproduce the reference's hooked self-attention output in float64."""
+    path, ref = tiny_checkpoints[family]
+    ref64 = _float64_reference(family, ref)
+    if family in UNCAST_ROPE:
+        import importlib
+
+        module, name, replacement = UNCAST_ROPE[family]
+        monkeypatch.setattr(importlib.import_module(module), name, replacement)
+    hooked: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(ref64.model.layers):
+        layer.self_attn.register_forward_hook(lambda m, args, out, i=i: hooked.__setitem__(i, out[0]))
+    model = open_model(path)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref64(ids)
+    m = model.cfg.mla
+    for trace in LayerStream(model, [ids], dtype=torch.float64).layers():
+        a, w = trace.attn, trace.weights
+        assert a.q.shape[-1] == a.k.shape[-1] == m.nope + m.rope and a.v.shape[-1] == m.v != m.nope + m.rope
+        t = a.q.shape[2]
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        p = (a.scale * a.q @ a.k.transpose(-1, -2)).masked_fill(~causal, float("-inf")).softmax(-1)   # [B, H, T, T]
+        assert torch.equal(a.k[:, 0, :, m.nope:], a.k[:, -1, :, m.nope:])          # one rotary key for every head
+        total = sum((p[:, h] @ a.v[:, h]) @ w.wo[h * m.v:(h + 1) * m.v] for h in range(model.cfg.n_heads))
+        total = total + (w.bo if w.bo is not None else 0)
+        want = hooked[trace.layer]
+        assert float((total - want).norm() / want.norm()) < 1e-10

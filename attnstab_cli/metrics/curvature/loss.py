@@ -25,9 +25,9 @@ from attnstab_cli.model.stream import LayerStream
 from attnstab_cli.model.weights import LayerWeights, NormWeights
 
 BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
-    "attn_q": ("wq", "bq"),
-    "attn_k": ("wk", "bk"),
-    "attn_v": ("wv", "bv"),
+    "attn_q": ("wq", "bq", "wq_a", "bq_a", "wq_b"),        # latent attention (THEORY §18.8): the q chain;
+    "attn_k": ("wk", "bk", "wkv_a", "bkv_a"),            # the shared latent and rotary key;
+    "attn_v": ("wv", "bv", "wkv_b"),                     # the per-head [k_nope; v] up-projection
     "attn_out": ("wo", "bo"),
     "ffn_in": ("ffn.w_in", "ffn.b_in", "ffn.w_gate", "ffn.w_up"),
     "ffn_out": ("ffn.w_out", "ffn.b_out"),
@@ -43,6 +43,8 @@ BLOCK_FIELDS: dict[str, tuple[str, ...]] = {
     "q_norm.beta": ("q_norm.bias",),
     "k_norm.gamma": ("k_norm.weight",),
     "k_norm.beta": ("k_norm.bias",),
+    "q_a_norm.gamma": ("q_a_norm.weight",),
+    "kv_a_norm.gamma": ("kv_a_norm.weight",),
 }
 Params = dict[str, torch.Tensor]
 

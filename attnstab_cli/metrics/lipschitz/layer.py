@@ -191,9 +191,10 @@ def qk_stats(trace: LayerTrace, batch: int) -> QKStats | None:
     """Sequence ``batch``'s smallest q/k norm statistics (§18.2): per head ``[H]`` / ``[H_kv]`` (the statistic is
     ``[B, T, heads]``), or scalars for a full-width norm (``[B, T]``); None without q/k norms."""
     a = trace.attn
-    if a.q_norm_stat is None or a.k_norm_stat is None:
+    latent = trace.weights is not None and trace.weights.latent       # MLA: the latents' statistics, q's optional
+    if a.k_norm_stat is None or (a.q_norm_stat is None and not latent):
         return None
-    lo = lambda stat: stat[batch].to(torch.float64).cpu().amin(dim=0)
+    lo = lambda stat: None if stat is None else stat[batch].to(torch.float64).cpu().amin(dim=0)
     return QKStats(lo(a.q_norm_stat), lo(a.k_norm_stat))
 
 

@@ -31,6 +31,7 @@ import torch
 
 from attnstab_cli.arch.spec import NormKind, QKNorm
 from attnstab_cli.metrics.lipschitz._linalg import head_rows, head_slices
+from attnstab_cli.metrics.lipschitz.mla import MLANorms, compute_mla_norms
 from attnstab_cli.metrics.lipschitz.norms import compute_reset_radius
 from attnstab_cli.metrics.spectral import spectral_norm_value as spectral_norm
 from attnstab_cli.model.masks import compute_allowed
@@ -71,13 +72,14 @@ class NormedProjection:
 
 @dataclass(frozen=True)
 class QKStats:
-    """Per-sequence minima of the q/k norm statistics (tier 2): ``[H]`` / ``[H_kv]`` per head, scalars full width."""
+    """Per-sequence minima of the q/k norm statistics (tier 2): ``[H]`` / ``[H_kv]`` per head, scalars full width;
+    under MLA scalars of the q and kv latents (q None without a q rank)."""
 
-    q: torch.Tensor
+    q: torch.Tensor | None
     k: torch.Tensor
 
     def to(self, device: torch.device | str) -> "QKStats":
-        return QKStats(self.q.to(device), self.k.to(device))
+        return QKStats(None if self.q is None else self.q.to(device), self.k.to(device))
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class HeadNorms:
     k_normed: NormedProjection | None = None   # inside the norm and take no part in the constants
     logit_cap: float | None = None   # soft-capped logits (§18.5): no row-constant shift in the key terms
     sinks: bool = False              # sink logits (§18.4): rows sum to m < 1, no centring of keys or values
+    mla: MLANorms | None = None      # latent attention (§18.8): its constants replace the linear ones
 
     @property
     def n_heads(self) -> int:
@@ -114,7 +117,8 @@ class HeadNorms:
     def to(self, device: torch.device | str) -> "HeadNorms":
         """The same norms with every tensor on ``device``."""
         moved = {f: getattr(self, f).to(device) for f in ("wq", "wk", "wv", "wo_heads", "bq", "bk_rot", "bk_pass", "bv")}
-        normed = {f: getattr(self, f).to(device) for f in ("q_normed", "k_normed") if getattr(self, f) is not None}
+        normed = {f: getattr(self, f).to(device) for f in ("q_normed", "k_normed", "mla")
+                  if getattr(self, f) is not None}
         return replace(self, **moved, **normed)
 
 
@@ -145,7 +149,10 @@ def compute_head_norms(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo:
 
 
 def compute_layer_head_norms(w: LayerWeights, cfg: ModelConfig) -> HeadNorms:
-    """:func:`compute_head_norms` for one loaded layer, with its q/k norms (§18.2) when the layout has them."""
+    """:func:`compute_head_norms` for one loaded layer, with its q/k norms (§18.2) when the layout has them; latent
+    attention through :func:`compute_mla_head_norms`."""
+    if w.latent:
+        return compute_mla_head_norms(w, cfg)
     rotary = cfg.rope.rotary_dim if cfg.rope is not None else 0
     norms = compute_head_norms(w.wq, w.wk, w.wv, w.wo, w.bq, w.bk, w.bv, cfg.n_heads, cfg.n_kv_heads, rotary,
                                cfg.attn_logit_cap, sinks=w.sinks is not None)
@@ -158,6 +165,18 @@ def compute_layer_head_norms(w: LayerWeights, cfg: ModelConfig) -> HeadNorms:
     k = NormedProjection.of(w.k_norm, cfg.layout.norm, cfg.norm_eps, norms.wk,
                             spectral_norm(w.wk) if full else 0.0, mode)
     return replace(norms, q_normed=q, k_normed=k, bk_pass=torch.zeros_like(norms.bk_pass))
+
+
+def compute_mla_head_norms(w: LayerWeights, cfg: ModelConfig) -> HeadNorms:
+    """Head norms of a latent-attention layer (§18.8): the per-head columns are the up-projection blocks' norms
+    (``wq`` of W^Q_h or W_qb,h, ``wk`` of W^nope_kvb,h, ``wv`` of W^V_kvb,h); the constants come from ``mla``. No
+    per-head biases: the centres of tier 2r are 0 (the shared rotary key bias enters M_K whole)."""
+    mla = compute_mla_norms(w, cfg)
+    h, dk, dv = cfg.n_heads, cfg.head_dim, cfg.v_head_dim
+    return HeadNorms(wq=mla.wq, wk=mla.wk_nope, wv=mla.wv, wo=float(spectral_norm(w.wo)),
+                     wo_heads=spectral_norm(head_rows(w.wo, h)), bq=torch.zeros(h, dtype=F64),
+                     bk_rot=torch.full((h,), mla.b_rope, dtype=F64), bk_pass=torch.zeros(h, dk, dtype=F64),
+                     bv=torch.zeros(h, dv, dtype=F64), head_dim=dk, mla=mla)
 
 
 @dataclass(frozen=True)
@@ -178,20 +197,25 @@ class MHABound:
 
 @dataclass(frozen=True)
 class ProjectionConstants:
-    """``L`` and ``M`` of the q and k maps per query head (§18.1): ``[H]`` each, float64."""
+    """``L`` and ``M`` of the q, k and v maps per query head (§18.1): ``[H]`` each, float64."""
 
     lq: torch.Tensor
     mq: torch.Tensor
     lk: torch.Tensor
     mk: torch.Tensor          # centred keys (the row-constant shift of §5.3 step 2; uncentred under a cap or sinks)
     mk_raw: torch.Tensor      # a bound on ||k_g|| itself (the logit bound)
-    lv: torch.Tensor          # ||W^V_g||
-    mv: torch.Tensor          # M_V: ||W^V_g|| R2 (centre b^V), or ||W^V_g|| R2 + ||b^V_g|| with sinks (centre 0)
+    lv: torch.Tensor          # L_V
+    mv: torch.Tensor          # M^c_V: bounds ||v_j - c_V|| (centre b^V for linear maps; centre 0 with sinks, §18.4)
 
 
 def compute_projection_constants(norms: HeadNorms, r2: float, stats: QKStats | None = None) -> ProjectionConstants:
-    """The q/k constants at radius ``r2``: linear maps (§5.2) or normalized ones (§18.2, local at ``stats``)."""
-    wk = norms.per_query(norms.wk)
+    """The q/k/v constants at radius ``r2``: linear maps (§5.2), normalized q/k (§18.2) or latent attention (§18.8),
+    local at ``stats``."""
+    if norms.mla is not None:
+        lq, mq, lk, mk, lv, mv = norms.mla.constants(r2, None if stats is None else stats.q,
+                                                     None if stats is None else stats.k)
+        return ProjectionConstants(lq, mq, lk, mk, mk, lv, mv)
+    wk, wv = norms.per_query(norms.wk), norms.per_query(norms.wv)
     if norms.q_normed is None:
         lq, mq = norms.wq, norms.wq * r2 + norms.bq
     else:
@@ -204,11 +228,10 @@ def compute_projection_constants(norms: HeadNorms, r2: float, stats: QKStats | N
         lk_kv = norms.k_normed.lipschitz(None if stats is None else stats.k).expand(norms.wk.shape[0])
         lk = norms.per_query(lk_kv)
         mk = mk_raw = torch.full_like(lk, norms.k_normed.radius)
-    lv = norms.per_query(norms.wv)
-    mv = lv * r2
+    mv = wv * r2
     if norms.sinks:                                      # §18.4 (ii): b^V does not cancel
         mv = mv + norms.per_query(torch.linalg.vector_norm(norms.bv, dim=-1))
-    return ProjectionConstants(lq, mq, lk, mk, mk_raw, lv, mv)
+    return ProjectionConstants(lq, mq, lk, mk, mk_raw, wv, mv)
 
 
 def _lambda(pc: ProjectionConstants) -> torch.Tensor:
@@ -216,6 +239,7 @@ def _lambda(pc: ProjectionConstants) -> torch.Tensor:
 
 
 def _head_terms(pc: ProjectionConstants, lam: torch.Tensor, theta_h: torch.Tensor, scale: float) -> torch.Tensor:
+    """``c_h = L_V + s theta_h Lambda_h M_V`` (§18.1)."""
     return pc.lv + scale * theta_h * lam * pc.mv
 
 

@@ -17,7 +17,8 @@ from attnstab_cli.model.load import open_model
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "bert", "gptj", "gemma2", "olmo2", "qwen3"])
+@pytest.fixture(scope="module",
+                params=["gpt2", "llama", "bert", "gptj", "gemma2", "olmo2", "qwen3", "deepseek_v3"])
 def loss(request, tiny_checkpoints) -> ModelLoss:
     model = open_model(tiny_checkpoints[request.param][0])
     ids = torch.randint(0, model.cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
