@@ -136,7 +136,7 @@ def route_tokens(x: torch.Tensor, w: MoEWeights, cfg: ModelConfig) -> MoETrace:
     scores = wide.softmax(dim=-1) if moe.score is RouterScore.SOFTMAX else torch.sigmoid(wide)
     select = scores if w.score_bias is None else scores + w.score_bias.to(scores.dtype)
     if moe.selection is ExpertSelection.GROUP_TOP_K:
-        select = _limit_to_groups(select, moe.n_group, moe.topk_group)
+        select = limit_to_groups(select, moe.n_group, moe.topk_group)
     with torch.no_grad():
         selected = torch.topk(select.detach(), moe.top_k, dim=-1).indices          # [B, T, k]
     gates = scores.gather(-1, selected)                                           # [B, T, k]
@@ -147,7 +147,7 @@ def route_tokens(x: torch.Tensor, w: MoEWeights, cfg: ModelConfig) -> MoETrace:
     return MoETrace(logits=logits, scores=scores, selected=selected, gates=gates)
 
 
-def _limit_to_groups(select: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+def limit_to_groups(select: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
     """Selection scores outside the ``topk_group`` best of ``n_group`` expert groups (a group's rank: the sum of its
     two largest scores) set to -inf (DeepSeek V3's group-limited routing)."""
     *lead, n = select.shape

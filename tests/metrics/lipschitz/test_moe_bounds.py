@@ -59,11 +59,11 @@ def selection_margin(cfg: ModelConfig, w: MoEWeights, x: torch.Tensor) -> torch.
     select = scores + (0 if w.score_bias is None else w.score_bias)
     group_gap = torch.full(x.shape[:-1], float("inf"), dtype=F64)
     if cfg.moe.selection is ExpertSelection.GROUP_TOP_K:
-        from attnstab_cli.model.blocks import _limit_to_groups
+        from attnstab_cli.model.blocks import limit_to_groups
         rank = select.reshape(*x.shape[:-1], cfg.moe.n_group, -1).topk(2, dim=-1).values.sum(-1)
         ranked = rank.sort(dim=-1, descending=True).values
         group_gap = ranked[..., cfg.moe.topk_group - 1] - ranked[..., cfg.moe.topk_group]
-        select = _limit_to_groups(select, cfg.moe.n_group, cfg.moe.topk_group)
+        select = limit_to_groups(select, cfg.moe.n_group, cfg.moe.topk_group)
     if cfg.moe.top_k == select.shape[-1]:
         return group_gap
     top = select.topk(cfg.moe.top_k + 1, dim=-1).values
