@@ -25,6 +25,7 @@ from attnstab_cli.metrics.gradients import GradientFlow
 from attnstab_cli.metrics.layer_context import LayerContexts
 from attnstab_cli.metrics.lipschitz_scan import LipschitzPass
 from attnstab_cli.metrics.magnitudes import MagnitudePass
+from attnstab_cli.metrics.moe_scan import MoEPass
 from attnstab_cli.metrics.passes import MetricPass, TableParts, Tables, order_passes
 from attnstab_cli.metrics.sensitivity import SensitivityPass
 from attnstab_cli.metrics.spectral import shared_spectra
@@ -95,6 +96,7 @@ def build_passes(model: OpenModel, calib: CalibrationSet, opts: ScanOptions, ker
         FragilityPass(model.cfg.d_model, n_batches=len(calib.batches), seed=opts.theta.seed),
         LipschitzPass(model.cfg, empirical_seqs=opts.empirical_seqs, seed=opts.theta.seed,
                       tokens_per_layer=calib.n_tokens),
+        MoEPass(model.cfg),
     ])
 
 
@@ -156,6 +158,8 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
                          "layer_loads": flow.layer_loads, "peak_boundaries": flow.peak_boundaries}
         tables.add(TableParts(layers=grad_layers, model=grad_model))
     out = {"layers": tables.layers, "heads": tables.heads, "model": [tables.model]}
+    if model.cfg.moe is not None:
+        out["experts"] = tables.experts
     if opts.curvature is not None:
         t = time.perf_counter()
         blocks = iter(range(1, 1 << 30))

@@ -126,7 +126,21 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                               rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0,
                                                "original_max_position_embeddings": 16, "mscale": 1.0,
                                                "mscale_all_dim": 1.0})),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",          # 6 experts, top-2, renormalized gates, GQA
+                dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=32, num_local_experts=6, num_experts_per_tok=2, vocab_size=97,
+                     max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",      # layer 1 dense; shared expert with a sigmoid gate;
+                  dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,  # gates
+                       intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,  # not
+                       num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1], norm_topk_prob=False,  # renormalized
+                       vocab_size=97, max_position_embeddings=64)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",      # q/k norms, 8 experts, top-2, renormalized gates
+                  dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                       intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                       norm_topk_prob=True, vocab_size=97, max_position_embeddings=64)),
 }
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def build_tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
@@ -136,6 +150,8 @@ def build_tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.M
     config_cls, model_cls, kwargs = FAMILIES[family]
     config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
     config._attn_implementation = "eager"
+    if family in MOE_FAMILIES:
+        config._experts_implementation = "eager"          # a loop over experts; grouped_mm refuses float64
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():

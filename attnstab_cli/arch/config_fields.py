@@ -88,6 +88,23 @@ class TextList:
 
 
 @dataclass(frozen=True)
+class IntegerList:
+    """A JSON list (possibly empty) of integers, each per ``item`` (layer indices such as ``mlp_only_layers``)."""
+
+    item: Integer
+
+    @property
+    def expected(self) -> str:
+        return f"a list of integers from {self.item.min} to 2^53"
+
+    def convert(self, value: Any) -> tuple[int, ...] | None:
+        if not isinstance(value, list):
+            return None
+        items = [self.item.convert(v) for v in value]
+        return None if any(v is None for v in items) else tuple(items)
+
+
+@dataclass(frozen=True)
 class RealList:
     """A non-empty JSON list of finite numbers, each per ``item`` (LongRoPE's per-frequency factors)."""
 
@@ -114,14 +131,15 @@ class Object:
         return dict(value) if isinstance(value, dict) else None
 
 
-Rule = Integer | Real | Boolean | Text | TextList | RealList | Object
+Rule = Integer | Real | Boolean | Text | TextList | IntegerList | RealList | Object
 
 POSITIVE = Integer(1)
 FRACTION = Real(0.0, min_open=True, max=1.0)
 CONFIG_FIELDS: dict[str, Rule] = {
     "n_layers": POSITIVE, "d_model": POSITIVE, "n_heads": POSITIVE, "n_kv_heads": POSITIVE, "head_dim": POSITIVE,
     "d_ff": POSITIVE, "vocab_size": POSITIVE, "max_positions": POSITIVE, "type_vocab_size": POSITIVE,
-    "sliding_window": POSITIVE, "pad_token_id": Integer(0), "original_max_positions": POSITIVE,
+    # 0 is no window (Qwen2-MoE writes 0 when use_sliding_window is false)
+    "sliding_window": Integer(0), "pad_token_id": Integer(0), "original_max_positions": POSITIVE,
     "local_attention": POSITIVE, "global_every": POSITIVE, "rope_theta_sliding": Real(1.0),
     "rope_scaling_sliding": Object(), "head_activation": Text(), "mlp_bias": Boolean(),
     "norm_eps": Real(0.0, min_open=True), "rope_theta": Real(1.0), "rotary_fraction": FRACTION, "rotary_dim": POSITIVE,
@@ -140,8 +158,14 @@ CONFIG_FIELDS: dict[str, Rule] = {
     "rope_interleave": Boolean(),
     # layers stored after the n_layers analysed ones (DeepSeek's multi-token-prediction layer): never read
     "trailing_layers": Integer(0),
-    # mixture-of-experts FFN layers: the experts per layer and the dense layers before the first MoE layer
-    "moe_experts": POSITIVE, "dense_layers": Integer(0),
+    # mixture-of-experts FFNs (THEORY §18.7): E experts, k per token, the experts' (and shared experts') hidden
+    # width, whether the k gates are renormalized to sum 1, the dense layers (listed, every layer whose 1-based index
+    # is not a multiple of moe_sparse_step, the first moe_first_dense), a factor on the routed gates, and DeepSeek's
+    # groups (n_group groups, the best topk_group of them searched)
+    "n_experts": POSITIVE, "n_experts_per_token": POSITIVE, "d_ff_expert": POSITIVE, "d_ff_shared": POSITIVE,
+    "moe_renormalize": Boolean(), "moe_dense_layers": IntegerList(Integer(0)), "moe_sparse_step": POSITIVE,
+    "moe_first_dense": Integer(0), "routed_scaling_factor": Real(0.0, min_open=True), "n_group": POSITIVE,
+    "topk_group": POSITIVE,
 }
 
 # Entries of ``rope_scaling`` / ``rope_parameters`` per rope type: (required, rules). Other entries are not read.

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from attnstab_cli.arch.spec import FFNPacking, Orientation, QKVPacking
+from attnstab_cli.arch.spec import ExpertPacking, FFNPacking, Orientation, QKVPacking
 
 
 def orient(weight: torch.Tensor, orientation: Orientation) -> torch.Tensor:
-    """Stored matrix -> canonical ``[d_in, d_out]``; nn.Linear stores ``(out, in)``, GPT-2 Conv1D ``(in, out)``."""
-    return weight.t() if orientation is Orientation.OUT_IN else weight
+    """Stored matrix -> canonical ``[d_in, d_out]``; nn.Linear stores ``(out, in)``, GPT-2 Conv1D ``(in, out)``. A
+    stack of matrices ``[E, *, *]`` (fused experts) is oriented matrix by matrix."""
+    return weight.transpose(-1, -2) if orientation is Orientation.OUT_IN else weight
 
 
 def split_packed_qkv(packed: torch.Tensor, packing: QKVPacking, n_heads: int, n_kv_heads: int,
@@ -50,3 +51,15 @@ def split_packed_ffn(packed: torch.Tensor, packing: FFNPacking, d_ff: int) -> tu
         w_gate, w_up = torch.split(packed, d_ff, dim=-1)
         return w_gate, w_up
     raise ValueError(f"packing {packing} is not a fused FFN layout")
+
+
+def split_fused_experts(packed: torch.Tensor, packing: ExpertPacking) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split canonical fused expert input weights ``[E, d, 2 m]`` into ``W_g, W_u [E, d, m]`` (THEORY §18.7).
+
+    ``gate_up``: columns [W_g | W_u] (transformers' fused Mixtral / Qwen-MoE ``gate_up_proj``, whose rows are
+    [gate; up] per expert). ``interleaved``: columns alternate gate, up (gpt-oss).
+    """
+    if packing is ExpertPacking.GATE_UP:
+        w_gate, w_up = packed.chunk(2, dim=-1)
+        return w_gate, w_up
+    return packed[..., 0::2], packed[..., 1::2]

@@ -5,7 +5,8 @@ import re
 from functools import lru_cache
 from typing import Any, Iterable
 
-from attnstab_cli.arch.spec import ArchSpec, Layout, load_builtin_specs
+from attnstab_cli.arch.spec import (MOE_EXPERT_ROLES, MOE_FUSED_ROLES, MOE_ROLES, ArchSpec, Layout,
+                                    load_builtin_specs)
 from attnstab_cli.errors import InputError, UnsupportedError
 
 
@@ -56,6 +57,8 @@ class TensorNames:
         self.qk_norm = spec.layout.qk_norm is not None      # q/k norm roles exist (a config switch may turn them on)
         self.unused_roles: frozenset[str] = frozenset()     # role stems the resolved config leaves without tensors
         self.skipped_from: int | None = None                # layers from here on are the spec's trailing part
+        self.moe_layers: tuple[bool, ...] | None = None     # per layer, once the config is known (use_moe)
+        self.n_experts: int | None = None
 
     def use_layout(self, layout: Layout, low_rank_q: bool | None = None) -> None:
         """Bind the layout the config resolved: a q/k norm a config switch left off has no tensors; latent attention
@@ -68,6 +71,51 @@ class TensorNames:
         """Treat every stored layer from ``layer`` on as the spec's ``trailing_layer_part``: counted, never read."""
         self.skipped_from = layer
 
+    def use_moe(self, moe_layers: tuple[bool, ...] | None, n_experts: int | None) -> None:
+        """Bind the layers the config makes mixtures of experts and their number of experts: MoE roles exist in those
+        layers only, the dense FFN roles in the others (THEORY §18.7)."""
+        self.moe_layers, self.n_experts = moe_layers, n_experts
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Per the bound config; before it is known, whether the layer's router tensor is stored."""
+        if self.spec.moe is None:
+            return False
+        if self.moe_layers is not None:
+            return layer < len(self.moe_layers) and self.moe_layers[layer]
+        return any(self.prefix + t.format(layer=layer) in self.keys for t in self.spec.layer_tensors["router.weight"])
+
+    def stores_routers(self) -> bool:
+        """Whether any layer stores a router tensor: what tells a mixture-of-experts checkpoint from a dense one of
+        the same attention layout when there is no config to say."""
+        templates = tuple(self.spec.layer_tensors.get("router.weight", ()))
+        return any(self._matches(templates, name, 1 << 30) for name in self.keys)
+
+    def fused_experts(self, layer: int) -> bool:
+        """Whether the layer stores its experts fused (one tensor over all experts) rather than one per expert."""
+        if not self.spec.moe or not MOE_FUSED_ROLES <= set(self.spec.layer_tensors):
+            return False
+        if not MOE_EXPERT_ROLES <= set(self.spec.layer_tensors):
+            return True
+        return any(self.prefix + t.format(layer=layer) in self.keys
+                   for role in MOE_FUSED_ROLES for t in self.spec.layer_tensors[role])
+
+    def is_expert_role(self, role: str) -> bool:
+        """A role stored once per expert (its templates hold ``{expert}``)."""
+        return role in MOE_EXPERT_ROLES
+
+    def layer_roles(self, layer: int) -> list[tuple[str, int | None]]:
+        """``(role, expert)`` of every layer role that applies to ``layer`` (one entry per expert for a per-expert
+        role, expert None otherwise)."""
+        out: list[tuple[str, int | None]] = []
+        for role in self.spec.layer_tensors:
+            if not self._templates(role, layer):
+                continue
+            if self.is_expert_role(role):
+                out.extend((role, e) for e in range(self.n_experts or 1))
+            else:
+                out.append((role, None))
+        return out
+
     def _find_prefix(self) -> str:
         for prefix in self.spec.prefixes:
             if any(prefix + t in self.keys for t in self.spec.tensors["embed_tokens.weight"]):
@@ -76,39 +124,57 @@ class TensorNames:
         raise InputError(f"no token-embedding tensor of family {self.spec.name!r} (expected one of {expected}); "
                          f"the checkpoint holds e.g. {name_examples(self.ordered)}")
 
-    def _templates(self, role: str, layer: int | None) -> list[str]:
+    def _templates(self, role: str, layer: int | None, expert: int | None = None) -> list[str]:
         if not self.qk_norm and role.split(".")[0] in ("q_norm", "k_norm") or role.split(".")[0] in self.unused_roles:
             return []
         if layer is not None and role.startswith("norm_attn.") and layer in self.spec.layout.identity_norm_attn:
             return []                                       # this layer's N1 is the identity: no tensor exists
+        if layer is not None and self.spec.moe is not None and not self._applies(role, layer):
+            return []
         if layer is not None:
-            return [self.prefix + t.format(layer=layer) for t in self.spec.layer_tensors.get(role, ())]
+            return [self.prefix + t.format(layer=layer, expert=expert or 0)
+                    for t in self.spec.layer_tensors.get(role, ())]
         if role in self.spec.head_tensors:
             return [p + t for t in self.spec.head_tensors[role] for p in ("", self.prefix)]
         return [self.prefix + t for t in self.spec.tensors.get(role, ())]
+
+    def _applies(self, role: str, layer: int) -> bool:
+        """In a mixture-of-experts family: MoE roles in MoE layers (the stored expert set, per expert or fused),
+        the dense FFN roles in the other layers (THEORY §18.7)."""
+        moe = self.is_moe_layer(layer)
+        if role.startswith("ffn_"):
+            return not moe
+        if role not in MOE_ROLES:
+            return True
+        if not moe:
+            return False
+        if role in MOE_EXPERT_ROLES:
+            return not self.fused_experts(layer)
+        return role not in MOE_FUSED_ROLES or self.fused_experts(layer)
 
     def declares(self, role: str, layer: int | None = None) -> bool:
         """Whether the family has a tensor for ``role`` (in ``layer``) at all."""
         return bool(self._templates(role, layer)) or role in self.spec.tied
 
-    def find(self, role: str, layer: int | None = None) -> str | None:
-        """Stored name for ``role`` (following ``tied``), or None when absent."""
-        for name in self._templates(role, layer):
+    def find(self, role: str, layer: int | None = None, expert: int | None = None) -> str | None:
+        """Stored name for ``role`` (of ``expert`` for a per-expert role; following ``tied``), or None when absent."""
+        for name in self._templates(role, layer, expert):
             if name in self.keys:
                 return name
         if role in self.spec.tied:
             return self.find(self.spec.tied[role], layer)
         return None
 
-    def require(self, role: str, layer: int | None = None) -> str | None:
+    def require(self, role: str, layer: int | None = None, expert: int | None = None) -> str | None:
         """Like :meth:`find`, but a declared, non-optional role that is absent is an :class:`InputError`.
 
         A role the family does not declare at all (an RMSNorm bias, say) is simply None.
         """
-        name = self.find(role, layer)
-        if name is None and role not in self.spec.optional and self._templates(role, layer):
-            raise InputError(f"missing tensor for {role}" + (f" in layer {layer}" if layer is not None else "")
-                             + f": expected {' or '.join(self._templates(role, layer))}")
+        name = self.find(role, layer, expert)
+        if name is None and role not in self.spec.optional and self._templates(role, layer, expert):
+            raise InputError(f"missing tensor for {role}" + (f" of expert {expert}" if expert is not None else "")
+                             + (f" in layer {layer}" if layer is not None else "")
+                             + f": expected {' or '.join(self._templates(role, layer, expert))}")
         return name
 
     def count_layers(self) -> int:
@@ -140,8 +206,8 @@ class TensorNames:
             if (name := self.find(role)) is not None:
                 out.setdefault(name, (role, None))
         for layer in range(n_layers):
-            for role in self.spec.layer_tensors:
-                if (name := self.find(role, layer)) is not None:
+            for role, expert in self.layer_roles(layer):
+                if (name := self.find(role, layer, expert)) is not None:
                     out.setdefault(name, (role, layer))
         return out
 
@@ -193,7 +259,8 @@ class TensorNames:
 @lru_cache(maxsize=None)
 def _template_pattern(template: str) -> re.Pattern[str]:
     """A ``{layer}`` template as a regular expression whose groups are the layer indices."""
-    return re.compile(re.escape(template).replace(re.escape("{layer}"), r"(\d+)"))
+    return re.compile(re.escape(template).replace(re.escape("{layer}"), r"(\d+)")
+                      .replace(re.escape("{expert}"), r"(?:\d+)"))
 
 
 def name_examples(names: Iterable[str], limit: int = 3) -> str:
@@ -214,6 +281,8 @@ def infer_spec_from_tensors(keys: Iterable[str]) -> ArchSpec:
             continue
         roles = names.required_layer_roles()
         hits = sum(names.find(r, 0) is not None or not names.declares(r, 0) for r in roles)
+        if spec.moe is not None and not names.stores_routers():
+            hits = min(hits, len(roles) - 1)          # no expert anywhere: a dense model, not this MoE family
         (complete if hits == len(roles) else partial).append((hits / len(roles), spec.name))
     if len(complete) == 1:
         return builtin_specs()[complete[0][1]]

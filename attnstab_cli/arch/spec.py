@@ -124,6 +124,60 @@ class FFNPacking(str, Enum):
                            # gate_up_proj [gate; up], ModernBERT Wi [input; gate]); split into W_g, W_u at load
 
 
+class RouterScore(str, Enum):
+    """The score a mixture-of-experts router ranks experts by and takes its gates from (THEORY §18.7)."""
+
+    SOFTMAX = "softmax"    # p = softmax(l) over all experts (Mixtral, Qwen-MoE, gpt-oss)
+    SIGMOID = "sigmoid"    # p = sigmoid(l) per expert (DeepSeek V3)
+
+
+class ExpertSelection(str, Enum):
+    """How the k experts of a token are chosen from the selection scores (the score plus a selection-only bias)."""
+
+    TOP_K = "top_k"              # the k largest scores
+    GROUP_TOP_K = "group_top_k"  # DeepSeek: the topk_group best of n_group groups (by the sum of each group's two
+                                 # largest scores), then the k largest scores inside them
+
+
+class SharedGate(str, Enum):
+    """The weight of the shared experts' output (THEORY §18.7: omega_s)."""
+
+    CONSTANT = "constant"  # weight 1 (DeepSeek)
+    SIGMOID = "sigmoid"    # sigmoid(x w_s) with w_s [d] (Qwen2-MoE shared_expert_gate)
+
+
+class ExpertPacking(str, Enum):
+    """How fused expert tensors (one tensor over all experts, [E, ...]) hold W_g and W_u of each expert."""
+
+    GATE_UP = "gate_up"          # [gate; up] halves of the 2m outputs (transformers' Mixtral, Qwen-MoE)
+    INTERLEAVED = "interleaved"  # outputs alternate gate, up, gate, ... (gpt-oss)
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """A mixture-of-experts FFN (THEORY §18.7), declared per family; the sizes and the switches that vary between
+    checkpoints (``n_experts``, ``n_experts_per_token``, ``moe_renormalize``, dense layers) are config fields.
+
+    The roles: ``router.weight`` (+ optional ``router.bias``, and ``router.score_bias``, a bias added to the scores
+    for the selection only), per-expert ``expert_gate/up/out.weight`` with an ``{expert}`` placeholder, or the fused
+    ``experts_gate_up.weight`` / ``experts_out.weight`` over all experts (either set may be stored), and for shared
+    experts ``shared_gate/up/out.weight`` (+ ``shared_router.weight`` for a sigmoid shared gate). A layer the
+    config makes dense reads the family's plain FFN roles instead."""
+
+    score: RouterScore
+    selection: ExpertSelection = ExpertSelection.TOP_K
+    shared_gate: SharedGate | None = None        # None: no shared experts
+    fused_orientation: Orientation = Orientation.OUT_IN   # of each expert's slice of the fused tensors
+    fused_packing: ExpertPacking = ExpertPacking.GATE_UP
+
+
+MOE_ROUTER_ROLES = {"router.weight", "router.bias", "router.score_bias"}
+MOE_EXPERT_ROLES = {"expert_gate.weight", "expert_up.weight", "expert_out.weight"}
+MOE_FUSED_ROLES = {"experts_gate_up.weight", "experts_out.weight"}
+MOE_SHARED_ROLES = {"shared_gate.weight", "shared_up.weight", "shared_out.weight", "shared_router.weight"}
+MOE_ROLES = MOE_ROUTER_ROLES | MOE_EXPERT_ROLES | MOE_FUSED_ROLES | MOE_SHARED_ROLES
+
+
 @dataclass(frozen=True)
 class Layout:
     """Layout facts that decide how tensors are sliced and how the layer is wired."""
@@ -203,12 +257,14 @@ class ArchSpec:
     rope_types: tuple[str, ...] = ()   # rope types of FAMILY_ROPE_TYPES this family reads (YaRN: DeepSeek)
     trailing_layer_part: str | None = None   # layers stored beyond n_layers (config field trailing_layers) hold this
                                              # model part: counted, reported and never read (DeepSeek's MTP layer)
+    moe: MoESpec | None = None         # a mixture-of-experts FFN (THEORY §18.7); None: every layer is dense
 
 
 _KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefixes", "tensors", "head_tensors",
          "layer_tensors", "optional", "tied", "required_without_config", "residual_switch", "qk_norm_switch",
          "ignorable", "buffers", "unsupported_if_true", "rope_type_aliases", "ignored_parts", "rope_style_switch",
-         "rope_types", "trailing_layer_part"}
+         "rope_types", "trailing_layer_part", "moe"}
+_MOE_KEYS = {"score", "selection", "shared_gate", "fused_orientation", "fused_packing"}
 
 
 _LAYOUT_KEYS = {"orientation", "qkv_packing", "norm", "residual", "positions", "rope_style", "causal", "ffn",
@@ -249,7 +305,7 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
     unknown_layout = set(lay) - _LAYOUT_KEYS
     if unknown_layout:
         raise ValueError(f"spec {data.get('name')!r}: unknown layout keys {sorted(unknown_layout)}")
-    _check_ffn_roles(data.get("name"), layout, set(data["layer_tensors"]))
+    _check_ffn_roles(data.get("name"), layout, set(data["layer_tensors"]), "moe" in data)
     if layout.identity_norm_attn:
         _check_identity_norm(data.get("name"), layout, set(data["tensors"]))
     switch = data.get("residual_switch")
@@ -296,6 +352,7 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
     if bool(data.get("trailing_layer_part")) != ("trailing_layers" in data["config"]):
         raise ValueError(f"spec {data.get('name')!r}: trailing_layer_part and the config field trailing_layers go "
                          "together")
+    moe = _parse_moe(data.get("name"), data.get("moe"), set(data["layer_tensors"]), set(data.get("optional", ())))
     aliases = dict(data.get("rope_type_aliases", {}))
     if set(aliases.values()) - set(ROPE_SCALING_FIELDS):
         raise ValueError(f"spec {data.get('name')!r}: rope_type_aliases name unsupported rope types "
@@ -317,7 +374,40 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
         rope_style_switch=RopeStyleSwitch(style_switch["key"], RopeStyle(style_switch["if_true"]),
                                           RopeStyle(style_switch["if_false"])) if style_switch else None,
         rope_types=rope_types, trailing_layer_part=data.get("trailing_layer_part"),
+        moe=moe,
     )
+
+
+def _parse_moe(name: str | None, data: dict[str, Any] | None, roles: set[str], optional: set[str]) -> MoESpec | None:
+    """The ``moe`` block and the roles it needs: a router weight, a complete per-expert or fused expert set (or
+    both), and shared-expert roles exactly when a shared gate is declared."""
+    declared = roles & MOE_ROLES
+    if data is None:
+        if declared:
+            raise ValueError(f"spec {name!r}: MoE roles {sorted(declared)} need a 'moe' block")
+        return None
+    unknown = set(data) - _MOE_KEYS
+    if unknown:
+        raise ValueError(f"spec {name!r}: unknown moe keys {sorted(unknown)}")
+    moe = MoESpec(score=RouterScore(data["score"]), selection=ExpertSelection(data.get("selection", "top_k")),
+                  shared_gate=SharedGate(data["shared_gate"]) if data.get("shared_gate") else None,
+                  fused_orientation=Orientation(data.get("fused_orientation", "out_in")),
+                  fused_packing=ExpertPacking(data.get("fused_packing", "gate_up")))
+    if "router.weight" not in roles:
+        raise ValueError(f"spec {name!r}: a 'moe' block needs the role router.weight")
+    experts, fused = declared & MOE_EXPERT_ROLES, declared & MOE_FUSED_ROLES
+    if experts not in (set(), MOE_EXPERT_ROLES) or fused not in (set(), MOE_FUSED_ROLES) or not experts | fused:
+        raise ValueError(f"spec {name!r}: declare all of {sorted(MOE_EXPERT_ROLES)} (per expert) and/or all of "
+                         f"{sorted(MOE_FUSED_ROLES)} (fused)")
+    shared = declared & MOE_SHARED_ROLES
+    want = set() if moe.shared_gate is None else {"shared_gate.weight", "shared_up.weight", "shared_out.weight"} | (
+        {"shared_router.weight"} if moe.shared_gate is SharedGate.SIGMOID else set())
+    if shared != want:
+        raise ValueError(f"spec {name!r}: shared_gate {None if moe.shared_gate is None else moe.shared_gate.value!r} "
+                         f"declares shared-expert roles {sorted(want)}; the spec has {sorted(shared)}")
+    if declared & optional - {"router.bias", "router.score_bias"}:
+        raise ValueError(f"spec {name!r}: only router.bias and router.score_bias may be optional MoE roles")
+    return moe
 
 
 FFN_ROLES = {
@@ -328,13 +418,16 @@ FFN_ROLES = {
 _FFN_WEIGHT_ROLES = {"ffn_in.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_gate_up.weight", "ffn_out.weight"}
 
 
-def _check_ffn_roles(name: str | None, layout: Layout, roles: set[str]) -> None:
-    """The FFN weight roles a spec declares are exactly those its ``ffn`` kind and ``ffn_packing`` read."""
+def _check_ffn_roles(name: str | None, layout: Layout, roles: set[str], moe: bool = False) -> None:
+    """The FFN weight roles a spec declares are exactly those its ``ffn`` kind and ``ffn_packing`` read (for dense
+    layers; a mixture-of-experts family without dense layers declares none)."""
     want = FFN_ROLES.get((layout.ffn, layout.ffn_packing))
     if want is None:
         raise ValueError(f"spec {name!r}: ffn_packing {layout.ffn_packing.value!r} needs ffn 'gated'")
     got = roles & _FFN_WEIGHT_ROLES
-    if got != want:
+    if moe and layout.ffn is not FFNKind.GATED:
+        raise ValueError(f"spec {name!r}: mixture-of-experts layers need ffn 'gated' (the experts' form)")
+    if got != want and not (moe and not got):
         raise ValueError(f"spec {name!r}: ffn {layout.ffn.value!r} with ffn_packing {layout.ffn_packing.value!r} "
                          f"declares FFN weights {sorted(want)}; the spec has {sorted(got)}")
 

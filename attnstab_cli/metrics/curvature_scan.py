@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from attnstab_cli.errors import UsageError
+from attnstab_cli.errors import UnsupportedError, UsageError
 from attnstab_cli.metrics.curvature.loss import ModelLoss
 from attnstab_cli.metrics.curvature.spectrum import flat_operator, gradient, hutchinson_trace, lanczos_top
 from attnstab_cli.model.load import OpenModel
@@ -55,6 +55,9 @@ def resolve_curvature_dtype(opts: CurvatureOptions) -> torch.dtype:
 
 def check_fits(model: OpenModel, device: torch.device, opts: CurvatureOptions) -> int:
     """Refuse (exit 2) a model whose resident parameters and graph would not fit; returns the estimate in bytes."""
+    if model.cfg.moe is not None:
+        raise UnsupportedError("--curvature is not supported for mixture-of-experts models: the parameter blocks of "
+                               "routed experts are not defined (THEORY §18.7)", hint="scan without --curvature")
     dtype = resolve_curvature_dtype(opts)
     n = sum(math.prod(info.shape) for info in model.reader.infos.values())
     need = n * torch.finfo(dtype).bits // 8 * GRAPH_FACTOR

@@ -144,11 +144,17 @@ class FragilityPass:
                 row[f"rho_ln_{name}"] = worst[f"rho_ln_{name}"]
             for name in ("bf16", "fp16"):
                 row[f"ln_eps_suggested_{name}"] = worst[f"ln_eps_suggested_{name}"]
+            out.append(row)
+            if rec.get("kappa_eff") is None:           # a mixture-of-experts FFN: §13 has no term for it
+                row["nf_layer_term"] = None
+                terms.append(None)
+                continue
             term = (row["kappa_softmax"] * (1.0 + row["kappa_score"]) * row["kappa_v"] * rec["wo_full_norm"]
                     + rec["kappa_eff"] + row["c_ln"])
             row["nf_layer_term"] = term
             terms.append(term)
             rho_hat.append(min(0.9, rec["wo_full_norm"] + rec["ffn_w2_norm"] * rec["ffn_w1_norm"]))
-            out.append(row)
+        if any(t is None for t in terms):
+            return out, {"nf_rhs": None, "nf_rhs_relaxed": None}
         relaxed = sum(t * math.prod(1.0 + r for r in rho_hat[i + 1:]) for i, t in enumerate(terms))
         return out, {"nf_rhs": sum(terms), "nf_rhs_relaxed": relaxed}

@@ -29,7 +29,7 @@ from attnstab_cli.model.activations import ACTIVATIONS
 from attnstab_cli.model.blocks import apply_norm, run_layer
 from attnstab_cli.model.load import OpenModel
 from attnstab_cli.model.stream import LayerStream
-from attnstab_cli.model.weights import LayerWeights, NormWeights
+from attnstab_cli.model.weights import LayerWeights, MoEWeights, NormWeights
 
 PROBE_WIDTH = 16
 MLM_FRACTION = 0.15
@@ -100,6 +100,10 @@ def _parameters(w: LayerWeights) -> dict[str, list[torch.Tensor]]:
             group, tensors = "norm", [value.weight, value.bias]
         elif isinstance(value, dict):
             group, tensors = "ffn", list(value.values())
+        elif isinstance(value, MoEWeights):                   # router, experts and shared experts (THEORY §18.7)
+            group = "ffn"
+            tensors = [value.router, value.router_bias, *value.experts.values(),
+                       *(value.shared or {}).values(), value.shared_router]
         else:
             continue
         for t in tensors:

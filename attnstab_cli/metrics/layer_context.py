@@ -16,7 +16,7 @@ import torch
 from attnstab_cli.arch.spec import Residual
 from attnstab_cli.metrics.lipschitz import (HeadNorms, WeightsTier, advance_stream_radius, compute_first_layer_radius,
                                             compute_layer_head_norms, compute_r2_in_reset, compute_weights_tier)
-from attnstab_cli.metrics.lipschitz.ffn import compute_ffn_norms
+from attnstab_cli.metrics.lipschitz.layer import FFNNorms, compute_layer_ffn_norms
 from attnstab_cli.model.load import OpenModel
 from attnstab_cli.model.traces import LayerTrace
 from attnstab_cli.model.weights import LayerWeights, NormWeights
@@ -42,6 +42,8 @@ def to_dtype(w: LayerWeights, dtype: torch.dtype) -> LayerWeights:
             return NormWeights(cast(value.weight), None if value.bias is None else cast(value.bias))
         if isinstance(value, dict):
             return {k: cast(v) for k, v in value.items()}
+        if is_dataclass(value) and not isinstance(value, type):          # the MoE weights
+            return replace(value, **{f.name: cast(getattr(value, f.name)) for f in fields(value)})
         return value
     return replace(w, **{f.name: cast(getattr(w, f.name)) for f in fields(w)})
 
@@ -53,7 +55,7 @@ class LayerContext:
     layer: int
     weights: LayerWeights                      # host copy
     norms: HeadNorms
-    ffn_norms: dict[str, float]
+    ffn_norms: FFNNorms
     weights_tier: WeightsTier
     r2_reset: float
     first_radius: float | None                 # the radius of h_0 where a layer reads it (post-norm; identity N1)
@@ -97,8 +99,9 @@ class LayerContexts:
             self.prev_norm_ffn = NormWeights(w.norm_ffn.weight.detach().clone(),
                                              None if w.norm_ffn.bias is None else w.norm_ffn.bias.detach().clone())
         norms = compute_layer_head_norms(w, self.cfg).to("cpu")
-        tier1 = compute_weights_tier(w, self.cfg, r2_reset, norms)
-        self.current = LayerContext(w.layer, w, norms, compute_ffn_norms(w.ffn), tier1, r2_reset, self.first_radius)
+        ffn_norms = compute_layer_ffn_norms(w)
+        tier1 = compute_weights_tier(w, self.cfg, r2_reset, norms, ffn_norms)
+        self.current = LayerContext(w.layer, w, norms, ffn_norms, tier1, r2_reset, self.first_radius)
         return self.current
 
     def start_at(self, layer: int) -> None:

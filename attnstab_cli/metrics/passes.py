@@ -26,6 +26,7 @@ class TableParts:
 
     layers: list[Record] = field(default_factory=list)
     heads: list[Record] = field(default_factory=list)
+    experts: list[Record] = field(default_factory=list)     # per (layer, expert) of mixture-of-experts layers
     model: Record = field(default_factory=dict)
     facts: Record = field(default_factory=dict)
     nulls: dict[str, str] = field(default_factory=dict)
@@ -38,6 +39,7 @@ class Tables(TableParts):
     def add(self, parts: TableParts) -> None:
         self.layers = join_records(self.layers, parts.layers, ("layer",))
         self.heads = join_records(self.heads, parts.heads, ("layer", "head"))
+        self.experts = join_records(self.experts, parts.experts, ("layer", "expert"))
         self.model.update(parts.model)
         self.facts.update(parts.facts)
         self.nulls.update(parts.nulls)

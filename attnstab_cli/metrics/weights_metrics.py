@@ -65,13 +65,13 @@ class LayerWeightMetrics:
     layer: int
     proj_product_layer: float
     alpha_geo: float
-    kappa_eff: float
+    kappa_eff: float | None               # None for a mixture-of-experts FFN (per expert: experts.parquet)
     wq_full_norm: float
     wk_full_norm: float
     wv_full_norm: float
     wo_full_norm: float
-    ffn_w1_norm: float
-    ffn_w2_norm: float
+    ffn_w1_norm: float | None
+    ffn_w2_norm: float | None
     ffn_gate_norm: float | None
     ffn_up_norm: float | None
     ffn_gate_norm_2inf: float | None
@@ -347,21 +347,22 @@ def compute_layer_weight_metrics(w: LayerWeights, cfg: ModelConfig, layer: int |
     """Per-layer weight columns (THEORY §0.3 layer table: §4, §6, §10, §12, §13)."""
     layer = w.layer if layer is None else layer
     s_o = extreme_singular_values(w.wo)                           # [2]: upper sigma_max, sigma_min
-    s_1 = extreme_singular_values(ffn_first_matrix(w.ffn, cfg.layout.ffn))
-    s_2 = extreme_singular_values(w.ffn["w_out"])
+    dense = w.moe is None                                         # the FFN columns are of one dense FFN
+    s_1 = extreme_singular_values(ffn_first_matrix(w.ffn, cfg.layout.ffn)) if dense else None
+    s_2 = extreme_singular_values(w.ffn["w_out"]) if dense else None
     wq_n, wk_n, wv_n = (float(spectral_norm_value(t)) for t in _full_projections(w, cfg))
     wo_n = float(s_o[0])
     proj = wq_n * wk_n * wv_n * wo_n
-    gated = cfg.layout.ffn is FFNKind.GATED
+    gated = cfg.layout.ffn is FFNKind.GATED and dense
     g_max1, b1 = _norm_stats(w.norm_attn)
     g_max2, b2 = _norm_stats(w.norm_ffn)
     g_max1o, b1o = _norm_stats(w.norm_attn_out)
     g_max2o, b2o = _norm_stats(w.norm_ffn_out)
     return LayerWeightMetrics(
         layer=layer, proj_product_layer=proj, alpha_geo=proj ** 0.25,
-        kappa_eff=float(sum(_kappa(s, KAPPA_EFF_RIDGE) for s in (s_1, s_2, s_o))),
+        kappa_eff=float(sum(_kappa(s, KAPPA_EFF_RIDGE) for s in (s_1, s_2, s_o))) if dense else None,
         wq_full_norm=wq_n, wk_full_norm=wk_n, wv_full_norm=wv_n, wo_full_norm=wo_n,
-        ffn_w1_norm=float(s_1[0]), ffn_w2_norm=float(s_2[0]),
+        ffn_w1_norm=float(s_1[0]) if dense else None, ffn_w2_norm=float(s_2[0]) if dense else None,
         ffn_gate_norm=float(spectral_norm_value(w.ffn["w_gate"])) if gated else None,
         ffn_up_norm=float(spectral_norm_value(w.ffn["w_up"])) if gated else None,
         ffn_gate_norm_2inf=float(norm_2_to_inf(w.ffn["w_gate"])) if gated else None,

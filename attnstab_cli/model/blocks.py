@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnstab_cli.arch.spec import FFNKind, NormKind, QKNorm, Residual
+from attnstab_cli.arch.spec import ExpertSelection, FFNKind, NormKind, QKNorm, Residual, RouterScore, SharedGate
 from attnstab_cli.model.activations import ACTIVATIONS
 from attnstab_cli.model.config import ModelConfig
 from attnstab_cli.model.masks import compute_allowed
 from attnstab_cli.model.mla import compute_mla_qkv
 from attnstab_cli.model.rope import apply_rope
-from attnstab_cli.model.traces import AttentionTrace, LayerTrace, NormTrace
-from attnstab_cli.model.weights import LayerWeights, NormWeights
+from attnstab_cli.model.traces import AttentionTrace, LayerTrace, MoETrace, NormTrace
+from attnstab_cli.model.weights import LayerWeights, MoEWeights, NormWeights
 
 
 def apply_norm(x: torch.Tensor, w: NormWeights, kind: NormKind, eps: float) -> NormTrace:
@@ -138,6 +138,74 @@ def run_ffn(x: torch.Tensor, ffn: dict[str, torch.Tensor], cfg: ModelConfig) -> 
     return _project(act(_project(x, ffn["w_in"], ffn.get("b_in"))), ffn["w_out"], ffn.get("b_out"))
 
 
+def route_tokens(x: torch.Tensor, w: MoEWeights, cfg: ModelConfig) -> MoETrace:
+    """Router of THEORY §18.7 on ``x [B, T, d]``: logits, scores (softmax or sigmoid, float32 or wider), the k experts
+    of each token by the selection score (the score plus the selection-only bias, group-limited for DeepSeek) and
+    their gates (the selected scores, renormalized to sum 1 when configured, times the scaling factor)."""
+    moe = cfg.moe
+    assert moe is not None
+    logits = _project(x, w.router, w.router_bias)                                 # [B, T, E]
+    wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    scores = wide.softmax(dim=-1) if moe.score is RouterScore.SOFTMAX else torch.sigmoid(wide)
+    select = scores if w.score_bias is None else scores + w.score_bias.to(scores.dtype)
+    if moe.selection is ExpertSelection.GROUP_TOP_K:
+        select = limit_to_groups(select, moe.n_group, moe.topk_group)
+    with torch.no_grad():
+        selected = torch.topk(select.detach(), moe.top_k, dim=-1).indices          # [B, T, k]
+    gates = scores.gather(-1, selected)                                           # [B, T, k]
+    if moe.renormalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    if moe.scaling != 1.0:
+        gates = gates * moe.scaling
+    return MoETrace(logits=logits, scores=scores, selected=selected, gates=gates)
+
+
+def limit_to_groups(select: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """Selection scores outside the ``topk_group`` best of ``n_group`` expert groups (a group's rank: the sum of its
+    two largest scores) set to -inf (DeepSeek V3's group-limited routing)."""
+    *lead, n = select.shape
+    grouped = select.detach().reshape(*lead, n_group, n // n_group)               # [B, T, G, E/G]
+    rank = grouped.topk(min(2, n // n_group), dim=-1).values.sum(dim=-1)          # [B, T, G]
+    keep = torch.zeros_like(rank, dtype=torch.bool).scatter(-1, rank.topk(topk_group, dim=-1).indices, True)
+    mask = keep[..., None].expand_as(grouped).reshape(*lead, n)
+    return select.masked_fill(~mask, float("-inf"))
+
+
+def run_moe(x: torch.Tensor, w: MoEWeights, cfg: ModelConfig) -> tuple[torch.Tensor, MoETrace]:
+    """Mixture-of-experts FFN of THEORY §18.7 on ``x [B, T, d]``: each routed expert's gated FFN on its tokens,
+    weighted by its gate, plus the shared experts (times their sigmoid gate, if any). The selection is piecewise
+    constant, so autograd differentiates with the routing fixed."""
+    act = ACTIVATIONS[cfg.activation]
+    route = route_tokens(x, w, cfg)
+    flat = x.reshape(-1, x.shape[-1])                                             # [N, d]
+    chosen = route.selected.reshape(flat.shape[0], -1)                            # [N, k]
+    gates = route.gates.reshape(flat.shape[0], -1)                                # [N, k]
+    out = torch.zeros_like(flat)
+    for e in torch.unique(chosen).tolist():
+        hit = chosen == e                                                         # [N, k]
+        rows = hit.any(dim=-1).nonzero().flatten()                                # [n_e]
+        weight = (gates * hit).sum(dim=-1)[rows]                                  # [n_e]
+        xe = flat[rows]
+        ye = (act(xe @ w.experts["w_gate"][e]) * (xe @ w.experts["w_up"][e])) @ w.experts["w_out"][e]
+        out = out.index_add(0, rows, (ye * weight[:, None]).to(out.dtype))
+    out = out.reshape(x.shape)
+    if w.shared is not None:
+        shared = (act(x @ w.shared["w_gate"]) * (x @ w.shared["w_up"])) @ w.shared["w_out"]
+        if cfg.moe is not None and cfg.moe.shared_gate is SharedGate.SIGMOID:
+            omega = torch.sigmoid(x @ w.shared_router)                            # [B, T, 1]
+            route.shared_weight = omega[..., 0]
+            shared = omega * shared
+        out = out + shared
+    return out, route
+
+
+def run_ffn_branch(x: torch.Tensor, w: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tensor, MoETrace | None]:
+    """The layer's FFN, dense or a mixture of experts (with its routing)."""
+    if w.moe is not None:
+        return run_moe(x, w.moe, cfg)
+    return run_ffn(x, w.ffn, cfg), None
+
+
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     y = x @ weight
     return y if bias is None else y + bias
@@ -154,16 +222,18 @@ def run_layer(hidden: torch.Tensor, w: LayerWeights, cfg: ModelConfig, layer: in
     if residual is Residual.POST:
         attn = run_attention(hidden, w, cfg, layer, rope_cs, key_padding_mask)
         n1 = apply_norm(hidden + attn.out, w.norm_attn, kind, eps)
-        ffn_out = run_ffn(n1.out, w.ffn, cfg)
+        ffn_out, route = run_ffn_branch(n1.out, w, cfg)
         n2 = apply_norm(n1.out + ffn_out, w.norm_ffn, kind, eps)
-        return LayerTrace(layer, batch, hidden, n2.out, attn, n1.out, ffn_out, {"norm_attn": n1, "norm_ffn": n2}, w)
+        return LayerTrace(layer, batch, hidden, n2.out, attn, n1.out, ffn_out, {"norm_attn": n1, "norm_ffn": n2}, w,
+                          route)
     n1 = apply_norm(hidden, w.norm_attn, kind, eps)
     attn = run_attention(n1.out, w, cfg, layer, rope_cs, key_padding_mask)
     if not residual.serial:
         n2 = n1 if residual.shared_norm else apply_norm(hidden, w.norm_ffn, kind, eps)
-        ffn_out = run_ffn(n2.out, w.ffn, cfg)
+        ffn_out, route = run_ffn_branch(n2.out, w, cfg)
         out = hidden + attn.out + ffn_out
-        return LayerTrace(layer, batch, hidden, out, attn, n2.out, ffn_out, {"norm_attn": n1, "norm_ffn": n2}, w)
+        return LayerTrace(layer, batch, hidden, out, attn, n2.out, ffn_out, {"norm_attn": n1, "norm_ffn": n2}, w,
+                          route)
     norms = {"norm_attn": n1}
     attn_branch = attn.out
     if residual.output_norms:
@@ -171,10 +241,10 @@ def run_layer(hidden: torch.Tensor, w: LayerWeights, cfg: ModelConfig, layer: in
         attn_branch = norms["norm_attn_out"].out
     mid = hidden + attn_branch
     n2 = norms["norm_ffn"] = apply_norm(mid, w.norm_ffn, kind, eps)
-    ffn_out = run_ffn(n2.out, w.ffn, cfg)
+    ffn_out, route = run_ffn_branch(n2.out, w, cfg)
     ffn_branch = ffn_out
     if residual.output_norms:
         norms["norm_ffn_out"] = apply_norm(ffn_out, w.norm_ffn_out, kind, eps)
         ffn_branch = norms["norm_ffn_out"].out
     out = mid + ffn_branch
-    return LayerTrace(layer, batch, hidden, out, attn, n2.out, ffn_out, norms, w)
+    return LayerTrace(layer, batch, hidden, out, attn, n2.out, ffn_out, norms, w, route)

@@ -15,7 +15,8 @@ from attnstab_cli.arch.config_fields import (
     CONFIG_FIELDS, ROPE_SCALING_FIELDS, check_field, check_rope_scaling, rope_type_of,
 )
 from attnstab_cli.arch.registry import TensorNames
-from attnstab_cli.arch.spec import ArchSpec, Attention, EmbedScale, FFNKind, FFNPacking, Layout, Positions, RopeStyle
+from attnstab_cli.arch.spec import (ArchSpec, Attention, EmbedScale, ExpertPacking, ExpertSelection, FFNKind, FFNPacking,
+                                    Layout, Orientation, Positions, RopeStyle, RouterScore, SharedGate)
 from attnstab_cli.checkpoints.safetensors_header import TensorInfo
 from attnstab_cli.errors import InputError, UnsupportedError, UsageError
 from attnstab_cli.model.activations import ACTIVATIONS
@@ -94,6 +95,33 @@ class MLADims:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """A mixture-of-experts FFN as one checkpoint configures it (THEORY §18.7): the router's score and selection,
+    E experts of hidden width ``d_ff_expert`` with k chosen per token, the gates (the selected scores, divided by
+    their sum when ``renormalize``, times ``scaling``), the shared experts, and which layers have it at all."""
+
+    score: RouterScore
+    selection: ExpertSelection
+    n_experts: int
+    top_k: int
+    d_ff_expert: int
+    renormalize: bool
+    moe_layers: tuple[bool, ...]          # per layer: True for a mixture-of-experts FFN, False for a dense one
+    shared_gate: SharedGate | None = None
+    d_ff_shared: int | None = None
+    scaling: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    fused_orientation: Orientation = Orientation.OUT_IN
+    fused_packing: ExpertPacking = ExpertPacking.GATE_UP
+
+    @property
+    def gates_sum_to_one(self) -> bool:
+        """The gates of a token sum to ``scaling`` whatever the logits, so their perturbations sum to 0 (§18.7)."""
+        return self.renormalize
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything the streaming forward pass and the metrics need to know about one checkpoint."""
 
@@ -121,6 +149,15 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None   # s = query_pre_attn_scalar^(-1/2) when given (THEORY §18.6)
     attn_logit_cap: float | None = None          # attention logits c tanh(s q.k / c) (THEORY §18.5)
     final_logit_cap: float | None = None         # output logits c tanh(z / c): the --grad / --curvature loss only
+    moe: MoEConfig | None = None                 # mixture-of-experts FFNs (THEORY §18.7); None: every FFN is dense
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether layer ``layer``'s FFN is a mixture of experts."""
+        return self.moe is not None and self.moe.moe_layers[layer]
+
+    @property
+    def fused_expert_orientation(self) -> Orientation | None:
+        return None if self.moe is None else self.moe.fused_orientation
 
     def embed_multiplier(self, dtype: torch.dtype) -> float:
         """Factor on the token embedding rows, rounded to ``dtype`` as the model applies it (THEORY §18.6)."""
@@ -254,7 +291,7 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
             raise UnsupportedError(f"{subject(name)} is true: {what} is not supported for family {spec.name!r}")
     if raw["n_layers"] != found_layers:
         raise InputError(f"{subject('n_layers')} says {raw['n_layers']} layers but the weights hold {found_layers}")
-    refuse_moe_layers(raw, subject)
+    refuse_moe_layers(spec, raw, subject)
     d, h = raw["d_model"], raw["n_heads"]
     if d != emb[1]:
         raise InputError(f"{subject('d_model')} is {d}; expected {emb[1]}, the width of tensor {emb_name!r}")
@@ -310,7 +347,7 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
         pad_token_id=raw.get("pad_token_id"),
         config_dtype=str((config or {}).get("torch_dtype") or (config or {}).get("dtype") or "") or None,
         query_pre_attn_scalar=raw.get("query_pre_attn_scalar"), attn_logit_cap=raw.get("attn_logit_cap"),
-        final_logit_cap=raw.get("final_logit_cap"), mla=mla,
+        final_logit_cap=raw.get("final_logit_cap"), mla=mla, moe=_build_moe(spec, raw, found_layers, subject),
     )
     if cfg.rope and (cfg.rope.rotary_dim % 2 or not 0 < cfg.rope.rotary_dim <= cfg.head_dim):
         source = subject("rotary_dim") if "rotary_dim" in raw else f"rotary fraction times head_dim {cfg.head_dim}"
@@ -320,6 +357,38 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
         raise InputError(f"{subject('pad_token_id')} is {cfg.pad_token_id}; its position numbering starts at row "
                          f"{cfg.position_offset}, beyond the {cfg.max_positions} rows of the position table")
     return cfg
+
+
+def _build_moe(spec: ArchSpec, raw: dict[str, Any], n_layers: int, subject: Any) -> MoEConfig | None:
+    """The mixture-of-experts configuration (THEORY §18.7), checked: k <= E, dense layers inside the stack, groups
+    that divide E."""
+    moe = spec.moe
+    if moe is None:
+        return None
+    for name in ("n_experts", "n_experts_per_token", "d_ff_expert"):
+        if name not in raw:
+            raise InputError(f"config does not give {name} of the mixture-of-experts FFN")
+    n, k = raw["n_experts"], raw["n_experts_per_token"]
+    if k > n:
+        raise InputError(f"{subject('n_experts_per_token')} is {k}; expected at most {subject('n_experts')} {n}")
+    dense = set(raw.get("moe_dense_layers", ()))
+    if dense - set(range(n_layers)):
+        raise InputError(f"{subject('moe_dense_layers')} names layers {sorted(dense - set(range(n_layers)))} beyond "
+                         f"the {n_layers} layers")
+    step, first = raw.get("moe_sparse_step", 1), raw.get("moe_first_dense", 0)
+    layers = tuple(i not in dense and (i + 1) % step == 0 and i >= first for i in range(n_layers))
+    groups, top_groups = raw.get("n_group", 1), raw.get("topk_group", 1)
+    if n % groups or top_groups > groups:
+        raise InputError(f"{subject('n_group')} {groups} must divide the {n} experts and be at least topk_group "
+                         f"{top_groups}")
+    shared = raw.get("d_ff_shared") if moe.shared_gate is not None else None
+    if moe.shared_gate is not None and shared is None:
+        raise InputError("config does not give the shared experts' width (d_ff_shared)")
+    return MoEConfig(score=moe.score, selection=moe.selection, n_experts=n, top_k=k, d_ff_expert=raw["d_ff_expert"],
+                     renormalize=bool(raw.get("moe_renormalize", False)), moe_layers=layers,
+                     shared_gate=moe.shared_gate, d_ff_shared=shared,
+                     scaling=float(raw.get("routed_scaling_factor", 1.0)), n_group=groups, topk_group=top_groups,
+                     fused_orientation=moe.fused_orientation, fused_packing=moe.fused_packing)
 
 
 def _resolve_layout(spec: ArchSpec, raw: dict[str, Any]) -> Layout:
@@ -335,14 +404,15 @@ def _resolve_layout(spec: ArchSpec, raw: dict[str, Any]) -> Layout:
     return layout
 
 
-def refuse_moe_layers(raw: dict[str, Any], subject: Any) -> None:
-    """The one place that refuses mixture-of-experts FFN layers, which are not read yet: a config with experts
-    (``moe_experts``) whose dense layers (``dense_layers``, DeepSeek's first_k_dense_replace) stop before the last
-    layer."""
-    experts, dense = raw.get("moe_experts"), raw.get("dense_layers")
-    if experts is not None and dense is not None and dense < raw["n_layers"]:
+def refuse_moe_layers(spec: ArchSpec, raw: dict[str, Any], subject: Any) -> None:
+    """The one place that refuses mixture-of-experts FFN layers a family does not declare (no ``moe`` block): a
+    config with experts (``n_experts``) whose dense layers (``moe_first_dense``, DeepSeek's first_k_dense_replace)
+    stop before the last layer."""
+    experts, dense = raw.get("n_experts"), raw.get("moe_first_dense")
+    if spec.moe is None and experts is not None and dense is not None and dense < raw["n_layers"]:
         raise UnsupportedError(f"layers {dense}..{raw['n_layers'] - 1} are mixture-of-experts layers ({experts} "
-                               f"experts; {subject('dense_layers')} is {dense}): their MoE FFNs are not read yet")
+                               f"experts; {subject('moe_first_dense')} is {dense}): their MoE FFNs are not read yet "
+                               f"for family {spec.name!r}")
 
 
 def _skip_trailing_layers(names: TensorNames, raw: dict[str, Any]) -> int:

@@ -39,6 +39,16 @@ def _describe_mla(m: MLADims) -> dict[str, Any]:
             "rotary_key": "one per token, shared by all heads", "head_layout": "[nope; rope]"}
 
 
+def _describe_moe(cfg: Any) -> dict[str, Any]:
+    """The mixture-of-experts FFN (THEORY §18.7) as plain JSON data."""
+    moe = cfg.moe
+    return {"n_experts": moe.n_experts, "experts_per_token": moe.top_k, "d_ff_expert": moe.d_ff_expert,
+            "score": moe.score.value, "selection": moe.selection.value, "renormalize": moe.renormalize,
+            "scaling": moe.scaling, "shared_gate": None if moe.shared_gate is None else moe.shared_gate.value,
+            "d_ff_shared": moe.d_ff_shared, "moe_layers": [i for i, m in enumerate(moe.moe_layers) if m],
+            "dense_layers": [i for i, m in enumerate(moe.moe_layers) if not m]}
+
+
 def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
     """Family, sizes, norm and placement, positions, dtypes, quantization, parameter count and files, as plain JSON
     data."""
@@ -61,6 +71,8 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "d_ff": cfg.d_ff,
         "ffn": cfg.layout.ffn.value,
         "ffn_packing": cfg.layout.ffn_packing.value,
+        "n_experts": None if cfg.moe is None else cfg.moe.n_experts,
+        "moe": None if cfg.moe is None else _describe_moe(cfg),
         "qkv_packing": cfg.layout.qkv_packing.value,
         "activation": cfg.activation,
         "norm": cfg.layout.norm.value,

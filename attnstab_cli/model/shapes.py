@@ -16,12 +16,16 @@ from attnstab_cli.model.config import ModelConfig
 @dataclass(frozen=True)
 class ExpectedShape:
     dims: tuple[int, ...]      # canonical shape
-    matrix: bool = False       # stored in the family orientation
+    matrix: bool = False       # stored in the family orientation (a stack of matrices [E, in, out]: each one)
     min_rows: bool = False     # dims[0] is a lower bound (never a matrix role)
+    orientation: Orientation | None = None   # stored in this orientation rather than the family's (fused experts)
 
     def stored(self, orientation: Orientation) -> tuple[int, ...]:
         """The shape as the checkpoint stores it."""
-        return self.dims[::-1] if self.matrix and orientation is Orientation.OUT_IN else self.dims
+        orientation = self.orientation or orientation
+        if not self.matrix or orientation is not Orientation.OUT_IN:
+            return self.dims
+        return (*self.dims[:-2], self.dims[-1], self.dims[-2])
 
     def accepts(self, shape: tuple[int, ...], orientation: Orientation | None = None) -> bool:
         """Whether ``shape`` (stored, or canonical when ``orientation`` is None) fits."""
@@ -62,6 +66,23 @@ def _mla_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
             "kv_b.weight": _matrix(rkv, cfg.n_heads * (m.nope + m.v))}
 
 
+def _moe_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
+    """The router, expert and shared-expert roles (THEORY §18.7); the fused expert tensors are stacks ``[E, in,
+    out]`` in the family's ``fused_orientation`` (placeholder sizes for families without experts)."""
+    d, moe = cfg.d_model, cfg.moe
+    n, m = (moe.n_experts, moe.d_ff_expert) if moe else (1, cfg.d_ff)
+    ms = (moe.d_ff_shared if moe else None) or cfg.d_ff
+    fused = cfg.fused_expert_orientation
+    return {
+        "router.weight": _matrix(d, n), "router.bias": _vector(n), "router.score_bias": _vector(n),
+        "expert_gate.weight": _matrix(d, m), "expert_up.weight": _matrix(d, m), "expert_out.weight": _matrix(m, d),
+        "experts_gate_up.weight": ExpectedShape((n, d, 2 * m), matrix=True, orientation=fused),
+        "experts_out.weight": ExpectedShape((n, m, d), matrix=True, orientation=fused),
+        "shared_gate.weight": _matrix(d, ms), "shared_up.weight": _matrix(d, ms), "shared_out.weight": _matrix(ms, d),
+        "shared_router.weight": _matrix(d, 1),
+    }
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
     """Role -> expected shape for every role any family spec declares."""
     d, m, vocab = cfg.d_model, cfg.d_ff, cfg.vocab_size
@@ -70,7 +91,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
     full = cfg.layout.qk_norm is QKNorm.FULL_WIDTH
     qn, kn = (hd, kvd) if full else (cfg.head_dim, cfg.head_dim)
     vd = cfg.n_heads * cfg.v_head_dim                  # attention context width, the rows of W_O
-    return {**_mla_shapes(cfg), 
+    return {**_mla_shapes(cfg),
         "embed_tokens.weight": _table(vocab, d),
         "embed_positions.weight": _table(cfg.max_positions or 1, d),
         "embed_types.weight": _table(cfg.type_vocab_size or 1, d),
@@ -92,4 +113,5 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
         "ffn_in.weight": _matrix(d, m), "ffn_in.bias": _vector(m),
         "ffn_out.weight": _matrix(m, d), "ffn_out.bias": _vector(d),
         "ffn_gate.weight": _matrix(d, m), "ffn_up.weight": _matrix(d, m), "ffn_gate_up.weight": _matrix(d, 2 * m),
+        **_moe_shapes(cfg),
     }

@@ -35,8 +35,8 @@ def check_tensors(cfg: ModelConfig, names: TensorNames, infos: dict[str, TensorI
         for role in (*spec.tensors, *spec.head_tensors):
             names.require(role)
         for layer in range(cfg.n_layers):
-            for role in spec.layer_tensors:
-                names.require(role, layer)
+            for role, expert in names.layer_roles(layer):
+                names.require(role, layer, expert)
     except AttnstabError as exc:
         raise exc.at(weights)
     shapes = expected_shapes(cfg)

@@ -43,6 +43,17 @@ class AttentionTrace:
 
 
 @dataclass
+class MoETrace:
+    """The routing of a mixture-of-experts FFN (THEORY §18.7) over its input tokens."""
+
+    logits: torch.Tensor                     # [B, T, E]  router logits x W_r + b_r
+    scores: torch.Tensor                     # [B, T, E]  softmax or sigmoid of the logits (float32 or wider)
+    selected: torch.Tensor                   # [B, T, k]  chosen experts (int64), by descending selection score
+    gates: torch.Tensor                      # [B, T, k]  their gates (float32 or wider)
+    shared_weight: torch.Tensor | None = None   # [B, T] sigmoid shared gate omega_s; None without one
+
+
+@dataclass
 class LayerTrace:
     layer: int
     batch: int
@@ -54,3 +65,4 @@ class LayerTrace:
     norms: dict[str, NormTrace] = field(default_factory=dict)   # "norm_attn", "norm_ffn" (+ "norm_attn_out",
                                                                  # "norm_ffn_out" with branch-output norms)
     weights: LayerWeights | None = None
+    moe: MoETrace | None = None              # the routing of a mixture-of-experts FFN; None for a dense FFN

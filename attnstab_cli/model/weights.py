@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnstab_cli.arch.layouts import orient, split_packed_ffn, split_packed_qkv
+from attnstab_cli.arch.layouts import orient, split_fused_experts, split_packed_ffn, split_packed_qkv
 from attnstab_cli.arch.registry import TensorNames
 from attnstab_cli.arch.spec import FFNKind, FFNPacking, NormWeight, QKVPacking
 from attnstab_cli.checkpoints.reader import TensorReader
@@ -23,6 +23,23 @@ class NormWeights:
     @property
     def identity(self) -> bool:
         return self.weight is None
+
+
+@dataclass
+class MoEWeights:
+    """A mixture-of-experts FFN (THEORY §18.7) in the row convention: logits ``x W_r + b_r``, the selection-only
+    score bias, the E experts' gated FFNs stacked, and the shared experts (None without)."""
+
+    router: torch.Tensor                      # [d, E]
+    router_bias: torch.Tensor | None          # [E]
+    score_bias: torch.Tensor | None           # [E]  added to the scores for the selection only
+    experts: dict[str, torch.Tensor]          # w_gate, w_up [E, d, m], w_out [E, m, d]
+    shared: dict[str, torch.Tensor] | None = None   # w_gate, w_up [d, m_s], w_out [m_s, d]
+    shared_router: torch.Tensor | None = None       # [d, 1]  the sigmoid shared gate's weight
+
+    def expert(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert ``e``'s FFN weights as a dense gated FFN's (``w_gate``, ``w_up``, ``w_out``)."""
+        return {k: v[e] for k, v in self.experts.items()}
 
 
 @dataclass
@@ -46,6 +63,7 @@ class LayerWeights:
     norm_attn_out: NormWeights | None = None   # branch-output norms (THEORY §18.3); None without them
     norm_ffn_out: NormWeights | None = None
     sinks: torch.Tensor | None = None   # [H] learned sink logit per query head (THEORY §18.4); None without sinks
+    moe: MoEWeights | None = None       # a mixture-of-experts FFN (THEORY §18.7); ``ffn`` is then empty
     # multi-head latent attention (THEORY §18.8); None without it. q = N_qa(x W_qa + b_qa) W_qb (or x W_q),
     # [c_kv; k_rope] = x W_kva + b_kva, per head [k_nope; v] = N_kv(c_kv) W_kvb
     wq_a: torch.Tensor | None = None           # [d, r_q]
@@ -71,16 +89,17 @@ class WeightLoader:
         self.cfg, self.names, self.reader, self.device, self.dtype = cfg, names, reader, device, dtype
         self.shapes = expected_shapes(cfg)
 
-    def tensor(self, role: str, layer: int | None = None, matrix: bool | None = None) -> torch.Tensor | None:
-        """Load ``role`` in canonical orientation (``matrix`` defaults to the role's :func:`expected_shapes`
-        entry); its shape is checked against that entry."""
-        name = self.names.require(role, layer)
+    def tensor(self, role: str, layer: int | None = None, matrix: bool | None = None,
+               expert: int | None = None) -> torch.Tensor | None:
+        """Load ``role`` (of ``expert`` for a per-expert role) in canonical orientation (``matrix`` defaults to the
+        role's :func:`expected_shapes` entry); its shape is checked against that entry."""
+        name = self.names.require(role, layer, expert)
         if name is None:
             return None
         expected = self.shapes[role]
         t = self.reader.load(name, device=self.device, dtype=self.dtype)
         if expected.matrix if matrix is None else matrix:
-            t = orient(t, self.cfg.layout.orientation)
+            t = orient(t, expected.orientation or self.cfg.layout.orientation)
         if not expected.accepts(tuple(t.shape)):
             raise InputError(f"tensor {name!r} has shape {list(t.shape)} but the config implies "
                              f"{expected.describe()}", path=self.reader.infos[name].file)
@@ -115,7 +134,8 @@ class WeightLoader:
         qk = (self.norm("q_norm", layer), self.norm("k_norm", layer)) if c.layout.qk_norm else (None, None)
         return LayerWeights(
             layer=layer, wo=self.tensor("o.weight", layer), bo=self.tensor("o.bias", layer),
-            norm_attn=norm_attn, norm_ffn=norm_ffn, ffn=self._ffn(layer), q_norm=qk[0], k_norm=qk[1],
+            norm_attn=norm_attn, norm_ffn=norm_ffn, ffn={} if c.is_moe(layer) else self._ffn(layer),
+            moe=self._moe(layer) if c.is_moe(layer) else None, q_norm=qk[0], k_norm=qk[1],
             norm_attn_out=self.norm("norm_attn_out", layer) if c.layout.residual.output_norms else None,
             norm_ffn_out=self.norm("norm_ffn_out", layer) if c.layout.residual.output_norms else None,
             sinks=self.tensor("sinks", layer) if c.layout.attn_sinks else None, **attn,
@@ -134,6 +154,26 @@ class WeightLoader:
             bq, bk, bv = (split_packed_qkv(bias, c.layout.qkv_packing, c.n_heads, c.n_kv_heads, c.head_dim)
                           if bias is not None else (None, None, None))
         return {"wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv}
+
+    def _moe(self, layer: int) -> MoEWeights:
+        """Router, experts (per-expert tensors stacked, or the fused ones split) and shared experts of one layer."""
+        moe = self.cfg.moe
+        assert moe is not None
+        if self.names.fused_experts(layer):
+            w_gate, w_up = split_fused_experts(self.tensor("experts_gate_up.weight", layer), moe.fused_packing)
+            experts = {"w_gate": w_gate, "w_up": w_up, "w_out": self.tensor("experts_out.weight", layer)}
+        else:
+            roles = {"w_gate": "expert_gate.weight", "w_up": "expert_up.weight", "w_out": "expert_out.weight"}
+            experts = {k: torch.stack([self.tensor(r, layer, expert=e) for e in range(moe.n_experts)])
+                       for k, r in roles.items()}                                   # [E, d, m] / [E, m, d]
+        shared = None
+        if moe.shared_gate is not None:
+            shared = {k: self.tensor(f"shared_{r}.weight", layer) for k, r in
+                      (("w_gate", "gate"), ("w_up", "up"), ("w_out", "out"))}
+        return MoEWeights(router=self.tensor("router.weight", layer), router_bias=self.tensor("router.bias", layer),
+                          score_bias=self.tensor("router.score_bias", layer), experts=experts, shared=shared,
+                          shared_router=self.tensor("shared_router.weight", layer)
+                          if self.names.declares("shared_router.weight", layer) else None)
 
     def _ffn(self, layer: int) -> dict[str, torch.Tensor]:
         if self.cfg.layout.ffn_packing is FFNPacking.GATE_UP:

@@ -17,6 +17,9 @@ from attnstab_cli.report.cells import format_value
 N_HEADS_LISTED = 3
 DOMINANT_FACTOR = 1.5            # a layer "dominates" when its share of log ∏ bound exceeds 1.5× the mean share
 SINK_PARKED = 0.5                # a head "parks" its mass on its sink when the sink takes over half a row, on average
+OVERLOAD_FACTOR = 2.0            # an expert is overloaded when its share of token-slots is >= 2x the balanced 1/E
+NEAR_SWITCH_MARGIN = 1e-3        # a token this close (selection-score units) to a routing switch sits "near" one
+N_EXPERTS_LISTED = 5
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,49 @@ def compute_findings(manifest: dict[str, Any], tables: dict[str, list[dict[str, 
     out += _no_magnitude_barrier(manifest, layers)
     out += _low_precision(layers)
     out += _gradient(layers)
+    out += _experts(tables.get("experts") or []) + _near_switch(layers)
     return out
+
+
+def _expert_item(row: dict[str, Any]) -> dict[str, Any]:
+    return {"layer": row["layer"], "head": None, "expert": row["expert"], "value": row["load_share"]}
+
+
+def _experts(experts: list[dict[str, Any]]) -> list[Finding]:
+    """Mixture-of-experts layers (THEORY §18.7): experts no calibration token reached (dead on this text) and experts
+    carrying at least OVERLOAD_FACTOR times the balanced share of token-slots."""
+    out = []
+    dead = [r for r in experts if r.get("token_slots") == 0]
+    if dead:
+        names = ", ".join(f"L{r['layer']}E{r['expert']}" for r in dead[:N_EXPERTS_LISTED])
+        more = f" and {len(dead) - N_EXPERTS_LISTED} more" if len(dead) > N_EXPERTS_LISTED else ""
+        out.append(Finding("dead_experts", "warn", f"{len(dead)} experts received no token on the calibration text "
+                           f"({names}{more}); their bounds were never exercised", tuple(map(_expert_item, dead))))
+    per_layer: dict[int, int] = {}
+    for r in experts:
+        per_layer[r["layer"]] = per_layer.get(r["layer"], 0) + 1
+    heavy = sorted((r for r in experts if r.get("load_share") is not None
+                    and r["load_share"] >= OVERLOAD_FACTOR / per_layer[r["layer"]]), key=lambda r: -r["load_share"])
+    if heavy:
+        text = (f"overloaded experts (share of token-slots >= {OVERLOAD_FACTOR:g}x the balanced 1/E): "
+                + ", ".join(f"L{r['layer']}E{r['expert']} {r['load_share']:.0%} (1/E = {1 / per_layer[r['layer']]:.0%})"
+                            for r in heavy[:N_EXPERTS_LISTED]))
+        out.append(Finding("overloaded_experts", "info", text, tuple(map(_expert_item, heavy))))
+    return out
+
+
+def _near_switch(layers: list[dict[str, Any]]) -> list[Finding]:
+    """MoE layers with calibration tokens within NEAR_SWITCH_MARGIN of a routing switch: the bounds hold inside a
+    routing region only, and for those tokens the region ends that close (THEORY §18.7)."""
+    near = sorted((r for r in layers if r.get("router_margin_min") is not None
+                   and r["router_margin_min"] < NEAR_SWITCH_MARGIN), key=lambda r: r["router_margin_min"])
+    if not near:
+        return []
+    text = (f"routing near a switch (router_margin_min < {NEAR_SWITCH_MARGIN:g} in selection-score units): "
+            + ", ".join(f"layer {r['layer']} {r['router_margin_min']:.2g} (p05 "
+                        f"{format_value(r.get('router_margin_p05'), '.2g')})" for r in near)
+            + "; the layer bounds hold inside a routing region, which ends that close for some tokens")
+    return [Finding("near_switch", "info", text, tuple(_item(r["layer"], None, r["router_margin_min"]) for r in near))]
 
 
 def _short_calibration(manifest: dict[str, Any]) -> list[Finding]:

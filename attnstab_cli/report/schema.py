@@ -17,13 +17,17 @@ SCHEMA_VERSION = "6"
 # Version 5 added the logit bound and the q/k norm gains (THEORY §18.2), each layer's attention window and the
 # branch-output norm columns (THEORY §18.3; null for families without such norms); the manifest's run.null_columns
 # gives the reason for every column that is null in every row.
+# Version 6 added the routing columns of mixture-of-experts layers (THEORY §18.7; null for dense layers and families)
+# and the optional experts table (one row per (layer, expert) of a mixture-of-experts model).
 SCHEMA_HISTORY: dict[str, dict[str, tuple[str, ...]]] = {
     "1": {}, "2": {}, "3": {}, "4": {},
     "5": {"layers": ("attn_window", "qnorm_gamma_max", "knorm_gamma_max", "logit_bound",
                      "norm1_out_min_var", "norm2_out_min_var", "norm1_out_gamma_max", "norm1_out_beta_norm",
                      "norm2_out_gamma_max", "norm2_out_beta_norm", "ln1_out_lip_global", "ln1_out_lip_local",
                      "ln2_out_lip_global", "ln2_out_lip_local")},
-    "6": {"heads": ("sink_mass_mean",)},
+    "6": {"heads": ("sink_mass_mean",),
+          "layers": ("router_margin_min", "router_margin_p05", "expert_load_max", "expert_load_cv",
+                     "router_entropy_mean", "gate_theta_mean", "moe_piecewise")},
 }
 
 
@@ -61,8 +65,10 @@ LAYER_COLUMNS: tuple[Column, ...] = (
     Column("wo_full_norm", F64, "l2 operator", "spectral norm of the full W_O [H*D, d]"),
     Column("proj_product_layer", F64, "1", "||W_Q|| ||W_K|| ||W_V|| ||W_O||, full matrices (THEORY §12)"),
     Column("alpha_geo", F64, "1", "geometric-mean projection norm proj_product_layer^(1/4) (THEORY §10)"),
-    Column("kappa_eff", F64, "1", "kappa(W1) + kappa(W2) + kappa(W_O), kappa = s_max / (s_min + 1e-6) (THEORY §13)"),
-    Column("ffn_w1_norm", F64, "l2 operator", "spectral norm of the FFN input matrix ([W_gate W_up] when gated)"),
+    Column("kappa_eff", F64, "1", "kappa(W1) + kappa(W2) + kappa(W_O), kappa = s_max / (s_min + 1e-6) (THEORY §13); "
+           "null for mixture-of-experts layers"),
+    Column("ffn_w1_norm", F64, "l2 operator", "spectral norm of the FFN input matrix ([W_gate W_up] when gated); "
+           "null for mixture-of-experts layers, as are the other FFN weight columns"),
     Column("ffn_w2_norm", F64, "l2 operator", "spectral norm of the FFN output matrix"),
     Column("ffn_gate_norm", F64, "l2 operator", "spectral norm of W_gate (gated FFN; null otherwise)"),
     Column("ffn_up_norm", F64, "l2 operator", "spectral norm of W_up (gated FFN; null otherwise)"),
@@ -129,6 +135,23 @@ LAYER_COLUMNS: tuple[Column, ...] = (
            "certified lower bound of the layer's local Lipschitz constant, tier 3 (THEORY §8.3; max over sequences)"),
     Column("tightness", F64, "ratio", "lip_layer_empirical / lip_layer_calibrated per sequence, averaged (THEORY §8.4)"),
     Column("tightness_refined", F64, "ratio", "lip_layer_empirical / lip_layer_refined per sequence, averaged"),
+    Column("router_margin_min", F64, "score", "mixture-of-experts layers (THEORY §18.7; null for dense FFN layers): "
+           "smallest gap over calibration tokens between the k-th and (k+1)-th selection score (softmax probability "
+           "or sigmoid score, plus any selection-only bias; group-limited routing: also the gap between the last "
+           "searched and the first skipped group's rank), the token's distance to a routing switch"),
+    Column("router_margin_p05", F64, "score", "5th percentile of that gap over the calibration tokens"),
+    Column("expert_load_max", F64, "fraction", "largest share of the layer's token-slots (tokens x k) routed to one "
+           "expert (1/E when balanced)"),
+    Column("expert_load_cv", F64, "1", "standard deviation over mean of the experts' shares of token-slots"),
+    Column("router_entropy_mean", F64, "nats", "mean entropy of the router distribution over all E experts (sigmoid "
+           "scores normalized to sum 1)"),
+    Column("gate_theta_mean", F64, "1", "mean over tokens of the gate map's inf->1 norm G of the local bound: theta "
+           "of the renormalized gates (softmax over the selected logits), else theta_hi of the full router "
+           "distribution, times the scaling factor; sigmoid gates by enumeration"),
+    Column("moe_piecewise", pa.bool_(), "flag", "true for mixture-of-experts layers: the layer's Lipschitz columns "
+           "bound the Jacobian inside a routing region (the map jumps where the selection switches); null for dense "
+           "FFN layers. FFN weight columns, kappa_eff and nf_layer_term are null for these layers (per-expert norms: "
+           "experts.parquet)"),
     Column("grad_h_in", F64, "l2", "--grad: ||dL/dh_l||_F over all calibration tokens (layer input)"),
     Column("grad_attn_params", F64, "l2", "--grad: l2 norm of the attention projections' gradients"),
     Column("grad_ffn_params", F64, "l2", "--grad: l2 norm of the FFN parameters' gradients"),
@@ -226,8 +249,20 @@ CURVATURE_COLUMNS: tuple[Column, ...] = (
     Column("iterations", I64, "count", "Lanczos steps (Hessian-vector products) for lambda_max"),
     Column("converged", pa.bool_(), "flag", "lambda_residual <= tol * |lambda_max|, or an invariant Krylov space"),
 )
-# Tables a report holds only when the scan was asked for them.
-OPTIONAL_TABLES: dict[str, tuple[Column, ...]] = {"curvature": CURVATURE_COLUMNS}
+EXPERT_COLUMNS: tuple[Column, ...] = (
+    Column("layer", I64, "index", "0-based index of a mixture-of-experts layer", required=True),
+    Column("expert", I64, "index", "routed expert e of the layer", required=True),
+    Column("gate_norm", F64, "l2 operator", "spectral norm of the expert's W_gate [d, m]"),
+    Column("up_norm", F64, "l2 operator", "spectral norm of the expert's W_up [d, m]"),
+    Column("out_norm", F64, "l2 operator", "spectral norm of the expert's W_down [m, d]"),
+    Column("lip_expert_weights", F64, "inf,2", "the expert's tier-1 ball bound (THEORY §6.2) at the FFN input's "
+           "reset radius"),
+    Column("load_share", F64, "fraction", "the expert's share of the layer's token-slots on the calibration text "
+           "(0: a dead expert)"),
+    Column("token_slots", I64, "count", "token-slots routed to the expert on the calibration text"),
+)
+# Tables a report holds only when the scan was asked for them (curvature) or the model has them (experts).
+OPTIONAL_TABLES: dict[str, tuple[Column, ...]] = {"curvature": CURVATURE_COLUMNS, "experts": EXPERT_COLUMNS}
 ALL_TABLES: dict[str, tuple[Column, ...]] = {**TABLES, **OPTIONAL_TABLES}
 
 

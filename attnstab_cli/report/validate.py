@@ -54,6 +54,7 @@ CHECKPOINT_FIELDS: dict[str, Check] = {
     "checkpoint": TEXT, "family": TEXT, "n_layers": COUNT, "d_model": COUNT, "n_heads": COUNT, "n_kv_heads": COUNT,
     "head_dim": COUNT, "norm": TEXT, "placement": TEXT, "fingerprint": ("a string or null", _maybe(_text)),
     "attn_input_normalized": ("true or false", lambda x: isinstance(x, bool)),
+    "n_experts": ("a positive integer or null", _maybe(_count)),
 }
 CALIBRATION_FIELDS: dict[str, Check] = {
     "source": TEXT, "token_sha256": TEXT, "n_sequences": COUNT,
@@ -65,7 +66,8 @@ CALIBRATION_FIELDS: dict[str, Check] = {
 RUN_FIELDS: dict[str, Check] = {"device": TEXT, "dtype": TEXT, "theta": ("an object", lambda x: isinstance(x, dict))}
 THETA_FIELDS: dict[str, Check] = {"tol": NUMBER, "slack": NUMBER, "min_keys": COUNT, "refined_rows": NATURAL,
                                   "unrefined_rows": NATURAL}
-ROW_KEYS = {"layers": ("layer",), "heads": ("layer", "head"), "model": (), "curvature": ("layer", "block")}
+ROW_KEYS = {"layers": ("layer",), "heads": ("layer", "head"), "model": (), "curvature": ("layer", "block"),
+            "experts": ("layer", "expert")}
 
 
 def check_manifest(manifest: dict[str, Any], file: Path) -> None:
@@ -158,7 +160,8 @@ def check_rows(tables: dict[str, list[dict[str, Any]]], manifest: dict[str, Any]
     A dimension the manifest does not give is bounded by the table's row count, so no key can make a reader build a
     grid larger than the table itself."""
     ck = manifest.get("checkpoint") or {}
-    limits = {"layer": ck.get("n_layers"), "head": ck.get("n_heads"), "kv_head": ck.get("n_kv_heads")}
+    limits = {"layer": ck.get("n_layers"), "head": ck.get("n_heads"), "kv_head": ck.get("n_kv_heads"),
+              "expert": ck.get("n_experts")}
     for name, rows in tables.items():
         path = report / f"{name}.parquet"
         required = [c.name for c in ALL_TABLES[name] if c.required]

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from cli.helpers import invoke
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, MOE_FAMILIES
 
 
 def test_help_lists_commands() -> None:
@@ -119,8 +119,10 @@ def test_scan_runs_end_to_end(family: str, tiny_checkpoints: dict, tmp_path: Pat
                for r in table.to_pylist())                     # --empirical-seqs 0: no tier 3, tiers 1/2 always
     assert table.schema.field("r2_in").metadata[b"unit"] == b"l2"
     reasons = json.loads((out / "manifest.json").read_text())["run"]["null_columns"]
-    for name in ("layers", "heads", "model"):      # every value finite, or null with its reason in the manifest
-        rows = pq.read_table(out / f"{name}.parquet").to_pylist()
+    moe = family in MOE_FAMILIES
+    assert (out / "experts.parquet").exists() == moe      # mixture-of-experts models only (THEORY §18.7)
+    for name in ("layers", "heads", "model", *(("experts",) if moe else ())):   # every value finite, or null with
+        rows = pq.read_table(out / f"{name}.parquet").to_pylist()                  # its reason in the manifest
         for column in rows[0]:
             values = [r[column] for r in rows]
             assert all(math.isfinite(v) for v in values if isinstance(v, float)), (family, column)

@@ -235,7 +235,7 @@ def test_a_report_with_every_nullable_column_null_renders_in_every_view(report: 
         assert shown.exit_code == 0, (args, shown.stderr, shown.exception)
         assert MISSING in shown.stdout and "Traceback" not in shown.stderr
     doc = json.loads(invoke("show", out, "--json").stdout)
-    for name in ALL_TABLES:
+    for name in nulled:                                    # every table the report holds (experts: MoE only)
         nullable = [c.name for c in ALL_TABLES[name] if not c.required]
         assert doc[name] and all(row[c] is None for row in doc[name] for c in nullable)
     assert doc["summary"]["curvature"][0]["lambda_max"] is None

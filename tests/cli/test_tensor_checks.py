@@ -18,7 +18,7 @@ from tiny_models import save_tiny_model
 SCAN = ("--calib", "random", "--seq-len", "16", "--batch-size", "1", "--batches", "1", "--empirical-seqs", "0",
         "--quiet")
 FAMILIES = ("gpt2", "llama", "neox", "bert", "mistral", "gptj", "phi", "gemma2", "gemma3", "phi3", "modernbert",
-            "olmo2")
+            "olmo2", "mixtral", "qwen2_moe")
 
 
 def _save_transformers(directory: Path, config_cls: str, model_cls: str, **kwargs: object) -> Path:
@@ -202,6 +202,9 @@ def test_forced_bert_on_mpnet_says_no_tensor_matches(ckpts: dict[str, Path]) -> 
     ("phi3", ("model.layers.1.mlp.gate_up_proj.weight",), "model.layers.1.mlp.gate_up_proj.weight"),
     ("olmo2", ("model.layers.2.self_attn.k_norm.weight",), "model.layers.2.self_attn.k_norm.weight"),
     ("olmo2", ("model.layers.0.post_attention_layernorm.weight",), "layers.0.post_attention_layernorm.weight"),
+    ("mixtral", ("model.layers.1.block_sparse_moe.experts.5.w3.weight",), "of expert 5 in layer 1"),
+    ("qwen2_moe", ("model.layers.2.mlp.shared_expert_gate.weight",), "layers.2.mlp.shared_expert_gate.weight"),
+    ("qwen2_moe", ("model.layers.1.mlp.down_proj.weight",), "model.layers.1.mlp.down_proj.weight"),   # dense layer
 ])
 def test_a_missing_required_tensor_is_refused_before_any_work(family: str, removed: tuple[str, ...], needle: str,
                                                               ckpts: dict[str, Path], tmp_path: Path) -> None:
@@ -336,7 +339,7 @@ CONFIG_CASES = [
     ("llama", "rope_parameters", {"rope_type": "linear", "factor": 1e-300, "rope_theta": 500.0},
      "expected a finite number >= 1"),
     ("llama", "head_dim", "16", "expected an integer from 1 to 2^53"),
-    ("mistral", "sliding_window", -7, "expected an integer from 1 to 2^53"),
+    ("mistral", "sliding_window", -7, "expected an integer from 0 to 2^53"),
     ("mistral", "layer_types", ["sliding_attention"], "has 1 entries; expected one per layer (2)"),
     ("neox", "rotary_pct", 1.5, "expected a finite number > 0 and <= 1"),
     ("gptj", "rotary_dim", 7, "is not an even number in 2..16"),
@@ -390,3 +393,22 @@ def test_a_forward_pass_that_overflows_the_compute_dtype_is_refused(tmp_path: Pa
                        "every weight is finite")
     assert invoke("scan", ck, *SCAN, "--json").exit_code == 0
 
+
+
+@pytest.mark.parametrize("family, added", [
+    ("mixtral", {"model.layers.0.block_sparse_moe.experts.6.w1.weight": (32, 64)}),   # a 7th expert of 6
+    ("qwen2_moe", {"model.layers.1.mlp.gate.weight": (6, 64)}),                       # a router in the dense layer
+    ("qwen2_moe", {"model.layers.0.mlp.gate_proj.weight": (96, 64)}),                 # a dense FFN in a MoE layer
+])
+def test_tensors_outside_the_layer_kind_are_refused(family: str, added: dict, ckpts: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    """MoE layers read the router and the configured number of experts, dense layers (mlp_only_layers) the plain FFN:
+    anything else is unread and refused (THEORY §18.7)."""
+    ck = _edit_weights(_copy(ckpts[family], tmp_path), lambda s: s.update({k: torch.ones(v) for k, v in added.items()}))
+    assert_input_error(invoke("scan", ck, *SCAN), "model.safetensors", "not read by family", next(iter(added)))
+
+
+def test_a_router_of_the_wrong_width_is_refused(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    name = "model.layers.0.block_sparse_moe.gate.weight"
+    ck = _edit_weights(_copy(ckpts["mixtral"], tmp_path), lambda s: s.update({name: torch.ones(5, 64)}))
+    assert_input_error(invoke("scan", ck, *SCAN), "model.safetensors", name, "[6, 64]")

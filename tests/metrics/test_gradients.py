@@ -19,6 +19,12 @@ GROUPS = {
     "qwen2": (lambda m: m.model.layers, ("self_attn",), ("mlp",), ("input_layernorm", "post_attention_layernorm")),
     "qwen3": (lambda m: m.model.layers, tuple(f"self_attn.{p}_proj" for p in "qkvo"), ("mlp",),   # q/k norms count
               ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm")),  # as norms
+    # mixtures of experts: the router, every expert and the shared expert (with its gate) are FFN parameters; the
+    # routing is piecewise constant, so autograd through transformers gives the same piecewise derivative
+    "mixtral": (lambda m: m.model.layers, ("self_attn",), ("mlp",), ("input_layernorm", "post_attention_layernorm")),
+    "qwen2_moe": (lambda m: m.model.layers, ("self_attn",), ("mlp",), ("input_layernorm", "post_attention_layernorm")),
+    "qwen3_moe": (lambda m: m.model.layers, tuple(f"self_attn.{p}_proj" for p in "qkvo"), ("mlp",),
+                  ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm")),
     "neox": (lambda m: m.gpt_neox.layers, ("attention",), ("mlp",), ("input_layernorm", "post_attention_layernorm")),
     "neox_serial": (lambda m: m.gpt_neox.layers, ("attention",), ("mlp",),
                     ("input_layernorm", "post_attention_layernorm")),

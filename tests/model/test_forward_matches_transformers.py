@@ -112,7 +112,7 @@ def test_per_head_slices_recombine_to_attention_output(tiny_checkpoints: dict) -
 # angles kept).
 UNCAST_RMSNORM = {"phi3": "w", "phi3_longrope": "w", "llama": "w", "llama3_scaled": "w", "mistral": "w",
                   "qwen2": "w", "qwen3": "w", "gemma3": "1+w", "olmo2": "w", "deepseek_v2": "w", "deepseek_v3": "w",
-                  "deepseek_v3_yarn": "w"}
+                  "deepseek_v3_yarn": "w", "mixtral": "w", "qwen2_moe": "w", "qwen3_moe": "w"}
 FLOAT64_REFERENCE = ("bert", "roberta", "xlm_roberta", "distilbert", "gpt2", "gpt2_scaled", "gptj", "neox",
                      "neox_serial", "phi", "phi_qk", "modernbert", *UNCAST_RMSNORM)
 
@@ -143,12 +143,27 @@ UNCAST_ROPE = {"modernbert": ("transformers.models.modernbert.modeling_modernber
                                _complex_rotate_in_input_dtype)}
 
 
+def _router_in_input_dtype(module: torch.nn.Module) -> None:
+    """The MoE routers of Mixtral and Qwen-MoE take the softmax in float32; the same formula in the input dtype:
+    softmax over all logits, top-k, renormalized (Mixtral always, Qwen with ``norm_topk_prob``)."""
+    renormalize = getattr(module, "norm_topk_prob", True)
+
+    def forward(h: torch.Tensor, m: torch.nn.Module = module) -> tuple[torch.Tensor, ...]:
+        logits = torch.nn.functional.linear(h.reshape(-1, m.hidden_dim), m.weight)
+        top, index = torch.topk(logits.softmax(dim=-1), m.top_k, dim=-1)
+        return logits, top / top.sum(dim=-1, keepdim=True) if renormalize else top, index
+    module.forward = forward
+
+
 def _float64_reference(family: str, ref: torch.nn.Module) -> torch.nn.Module:
-    """A float64 SDPA copy of ``ref`` (RMSNorms in float64 for UNCAST_RMSNORM families)."""
+    """A float64 SDPA copy of ``ref`` (RMSNorms in float64 for UNCAST_RMSNORM families, MoE routers too)."""
     import copy
 
     ref64 = copy.deepcopy(ref).double()
     ref64.set_attn_implementation("sdpa")
+    for module in ref64.modules():
+        if type(module).__name__.endswith("TopKRouter"):
+            _router_in_input_dtype(module)
     if family in UNCAST_RMSNORM:
         one_plus = UNCAST_RMSNORM[family] == "1+w"
         for module in ref64.modules():
@@ -225,3 +240,58 @@ def test_mla_heads_recombine_to_the_hooked_attention_output(family: str, tiny_ch
         total = total + (w.bo if w.bo is not None else 0)
         want = hooked[trace.layer]
         assert float((total - want).norm() / want.norm()) < 1e-10
+
+
+def _reference_routes(ref64: torch.nn.Module, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Layer -> (router logits [N, E], chosen experts [N, k]) of the reference's routers on ``ids``."""
+    routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for i, layer in enumerate(ref64.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if type(gate).__name__.endswith("TopKRouter"):
+            handles.append(gate.register_forward_hook(
+                lambda m, args, out, i=i: routes.__setitem__(i, (out[0].detach(), out[2].detach()))))
+    with torch.no_grad():
+        ref64(ids)
+    for h in handles:
+        h.remove()
+    return routes
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_float64_router_choices_match(family: str, tiny_checkpoints: dict) -> None:
+    """MoE layers (THEORY §18.7): the router logits match the reference's to 1e-10 relative and every token picks
+    the same experts; dense layers (Qwen2-MoE's mlp_only_layers) have no routing."""
+    path, ref = tiny_checkpoints[family]
+    ref64 = _float64_reference(family, ref)
+    model = open_model(path)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(7))
+    want = _reference_routes(ref64, ids)
+    assert sorted(want) == [i for i in range(model.cfg.n_layers) if model.cfg.is_moe(i)]
+    seen = []
+    for trace in LayerStream(model, [ids], dtype=torch.float64).layers():
+        if trace.moe is None:
+            continue
+        logits, chosen = want[trace.layer]
+        got = trace.moe.logits.reshape(logits.shape)
+        assert (got - logits).norm() / logits.norm() < 1e-10
+        assert torch.equal(trace.moe.selected.reshape(chosen.shape).sort(-1).values, chosen.sort(-1).values)
+        assert len(torch.unique(chosen)) > model.cfg.moe.top_k             # the routing varies between tokens
+        seen.append(trace.layer)
+    assert seen == sorted(want)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_fused_expert_tensors_read_as_per_expert(family: str, tiny_checkpoints: dict, tmp_path) -> None:
+    """transformers' own fused layout (``save_original_format=False``: ``experts.gate_up_proj [E, 2m, d]``,
+    ``experts.down_proj [E, d, m]``) loads to the same experts as the hub's per-expert tensors."""
+    from safetensors import safe_open
+
+    path, ref = tiny_checkpoints[family]
+    ref.save_pretrained(tmp_path / "fused", save_original_format=False)
+    with safe_open(str(tmp_path / "fused" / "model.safetensors"), "pt") as f:
+        assert any(k.endswith("experts.gate_up_proj") for k in f.keys())
+    per_expert, fused = (open_model(p).loader(dtype=torch.float64).layer(0).moe for p in (path, tmp_path / "fused"))
+    for key in ("w_gate", "w_up", "w_out"):
+        assert torch.equal(per_expert.experts[key], fused.experts[key])
+    assert torch.equal(per_expert.router, fused.router)

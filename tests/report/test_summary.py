@@ -12,7 +12,8 @@ import pytest
 from rich.console import Console
 
 from attnstab_cli.report.digest import build_digest
-from attnstab_cli.report.findings import DOMINANT_FACTOR, SINK_PARKED, compute_findings
+from attnstab_cli.report.findings import (DOMINANT_FACTOR, NEAR_SWITCH_MARGIN, OVERLOAD_FACTOR, SINK_PARKED,
+                                          compute_findings)
 from attnstab_cli.report.heatmap import theta_heatmap
 from attnstab_cli.report.markdown import render_markdown
 from attnstab_cli.report.read import load_report
@@ -115,6 +116,43 @@ def test_no_magnitude_barrier_is_reported_from_the_manifest() -> None:
     normalized = {**MANIFEST, "checkpoint": {**MANIFEST["checkpoint"], "attn_input_normalized": True}}
     for manifest in (MANIFEST, normalized):
         assert "no_magnitude_barrier" not in _by_kind(compute_findings(manifest, tables))
+
+
+def test_expert_findings_name_dead_and_overloaded_experts_and_near_switch_layers() -> None:
+    """THEORY §18.7: a dead expert (no token-slot), an expert with >= OVERLOAD_FACTOR / E of the slots, and a layer
+    whose smallest router margin is below NEAR_SWITCH_MARGIN; a dense model has none of these findings."""
+    slots = {0: [0, 10, 10, 20], 1: [10, 10, 10, 10]}                 # layer 0: expert 0 dead, expert 3 at 50%
+    experts = [{"layer": layer, "expert": e, "token_slots": n, "load_share": n / sum(counts)}
+               for layer, counts in slots.items() for e, n in enumerate(counts)]
+    tables = _tables()
+    tables["experts"] = experts
+    tables["layers"][0]["router_margin_min"] = NEAR_SWITCH_MARGIN / 10
+    tables["layers"][1]["router_margin_min"] = NEAR_SWITCH_MARGIN * 10
+    f = _by_kind(compute_findings(MANIFEST, tables))
+    assert [(i["layer"], i["expert"]) for i in f["dead_experts"].items] == [(0, 0)] and "L0E0" in f["dead_experts"].text
+    heavy = [(i["layer"], i["expert"]) for i in f["overloaded_experts"].items]
+    assert heavy == [(0, 3)] and 20 / 40 >= OVERLOAD_FACTOR / 4 > 10 / 40
+    assert [i["layer"] for i in f["near_switch"].items] == [0]
+    assert not {"dead_experts", "overloaded_experts", "near_switch"} & set(_by_kind(compute_findings(MANIFEST,
+                                                                                                    _tables())))
+
+
+def test_moe_scan_findings_match_the_experts_table(tiny_checkpoints: dict, tmp_path: Path) -> None:
+    """End to end on the tiny Qwen2-MoE: the dead experts the summary names are the experts.parquet rows with no
+    token-slot (the overloaded ones those with >= OVERLOAD_FACTOR / E of them), and show names them."""
+    out = tmp_path / "moe"
+    result = invoke("scan", tiny_checkpoints["qwen2_moe"][0], "--calib", "random", "--seq-len", "16", "--batches",
+                    "1", "--batch-size", "2", "--empirical-seqs", "0", "--out", out, "--quiet", "--json")
+    assert result.exit_code == 0, result.stderr
+    printed = json.loads(result.stdout)
+    found = {f["kind"]: f for f in printed["summary"]["findings"]}
+    experts = load_report(out).tables["experts"]
+    dead = [(r["layer"], r["expert"]) for r in experts if r["token_slots"] == 0]
+    assert [(i["layer"], i["expert"]) for i in found.get("dead_experts", {"items": []})["items"]] == dead
+    heavy = {(r["layer"], r["expert"]) for r in experts if r["load_share"] >= OVERLOAD_FACTOR / 6}
+    assert {(i["layer"], i["expert"]) for i in found.get("overloaded_experts", {"items": []})["items"]} == heavy
+    shown = " ".join(invoke("show", out).stdout.split())
+    assert ("overloaded experts" in shown) == bool(heavy) and ("received no token" in shown) == bool(dead)
 
 
 def test_olmo2_scan_summary_says_the_radius_grows(tiny_checkpoints: dict, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import torch
 
 from attnstab_cli.arch.spec import NormKind, Residual
 from attnstab_cli.metrics.lipschitz.ffn import compute_ffn_bound_tokens, compute_ffn_bound_weights, compute_ffn_norms
+from attnstab_cli.metrics.lipschitz.moe import MoENorms, compute_moe_ball, compute_moe_local_tokens, compute_moe_norms
 from attnstab_cli.metrics.lipschitz.mha import (HeadNorms, MHABound, QKStats, RefinedMHABound,
                                                 compute_attention_allowed, compute_layer_head_norms,
                                                 compute_mha_bound, compute_mha_refined)
@@ -130,6 +131,34 @@ def advance_stream_radius(cfg: ModelConfig, weights: LayerWeights, radius: float
     return radius + compute_reset_radius(weights.norm_attn_out, kind) + compute_reset_radius(weights.norm_ffn_out, kind)
 
 
+FFNNorms = dict[str, float] | MoENorms
+
+
+def compute_layer_ffn_norms(weights: LayerWeights) -> FFNNorms:
+    """The FFN's weight norms (once per layer): the dense matrices', or the experts', router's and shared experts'."""
+    return compute_ffn_norms(weights.ffn) if weights.moe is None else compute_moe_norms(weights.moe)
+
+
+def compute_layer_ffn_ball(weights: LayerWeights, cfg: ModelConfig, r2: float, norms: FFNNorms | None = None) -> float:
+    """Tier-1 FFN bound at input radius ``r2``: §6 for a dense FFN, §18.7 inside a routing region for experts."""
+    if weights.moe is None:
+        return compute_ffn_bound_weights(weights.ffn, cfg.layout.ffn, cfg.activation, r2)
+    assert cfg.moe is not None
+    return compute_moe_ball(r2, weights.moe, cfg.moe, cfg.activation, norms if isinstance(norms, MoENorms) else None)
+
+
+def compute_layer_ffn_tokens(trace: LayerTrace, cfg: ModelConfig, batch: int,
+                             norms: FFNNorms | None = None) -> torch.Tensor:
+    """Tier-2 FFN bound per token of sequence ``batch`` at its FFN inputs: ``[T]`` (experts: routing fixed)."""
+    w = trace.weights
+    if w.moe is None:
+        return compute_ffn_bound_tokens(w.ffn, cfg.layout.ffn, cfg.activation, trace.ffn_in[batch],
+                                        norms if isinstance(norms, dict) and norms else compute_ffn_norms(w.ffn))
+    assert cfg.moe is not None and trace.moe is not None
+    return compute_moe_local_tokens(trace.ffn_in[batch], w.moe, cfg.moe, trace.moe, batch, cfg.activation,
+                                    norms if isinstance(norms, MoENorms) else None)
+
+
 @dataclass(frozen=True)
 class WeightsTier:
     """Tier-1 factors (§8.1)."""
@@ -156,14 +185,13 @@ def _cpu_head_norms(weights: LayerWeights, cfg: ModelConfig, norms: HeadNorms | 
 
 
 def compute_weights_tier(weights: LayerWeights, cfg: ModelConfig, r2_in_reset: float,
-                         norms: HeadNorms | None = None) -> WeightsTier:
+                         norms: HeadNorms | None = None, ffn_norms: FFNNorms | None = None) -> WeightsTier:
     """Weights-only bound of one layer at MHA radius ``r2_in_reset`` (theta = 1, global norm constants)."""
     norms = _cpu_head_norms(weights, cfg, norms)
     ln1 = norm_lip_global(weights.norm_attn, cfg.norm_eps)
     ln2 = norm_lip_global(weights.norm_ffn, cfg.norm_eps)
     mha = compute_mha_bound(norms, 1.0, r2_in_reset, cfg.attn_scale(weights.layer))
-    ffn = compute_ffn_bound_weights(weights.ffn, cfg.layout.ffn, cfg.activation,
-                                    compute_ffn_reset_radius(cfg, weights, r2_in_reset))
+    ffn = compute_layer_ffn_ball(weights, cfg, compute_ffn_reset_radius(cfg, weights, r2_in_reset), ffn_norms)
     ln1o, ln2o = (None if n is None else norm_lip_global(n, cfg.norm_eps)
                   for n in (weights.norm_attn_out, weights.norm_ffn_out))
     layer = combine_layer_bound(cfg.layout.residual, ln1, mha.lip_mha, ln2, ffn, *_factors(ln1o, ln2o))
@@ -200,7 +228,7 @@ def qk_stats(trace: LayerTrace, batch: int) -> QKStats | None:
 
 def compute_calibrated_tier(trace: LayerTrace, cfg: ModelConfig, theta_hi: torch.Tensor, batch: int = 0,
                             norms: HeadNorms | None = None,
-                            ffn_norms: dict[str, float] | None = None) -> CalibratedTier:
+                            ffn_norms: FFNNorms | None = None) -> CalibratedTier:
     """Tier 2 / 2r of sequence ``batch`` of ``trace``; ``theta_hi [H, T]`` are certified per-row upper values;
     ``norms`` and ``ffn_norms`` (weights alone) are computed here when not given."""
     w, a, b = trace.weights, trace.attn, batch
@@ -216,8 +244,7 @@ def compute_calibrated_tier(trace: LayerTrace, cfg: ModelConfig, theta_hi: torch
     kpm = None if a.key_padding_mask is None else a.key_padding_mask[b].cpu()           # the mask is built on the CPU
     allowed = compute_attention_allowed(a.x.shape[1], a.causal, a.window, kpm)           # [T, T]
     refined = compute_mha_refined(norms, a.q[b], a.k[b], a.v[b], a.scale, allowed, theta_hi, stats=stats)
-    ffn = float(compute_ffn_bound_tokens(w.ffn, cfg.layout.ffn, cfg.activation, trace.ffn_in[b],
-                                         ffn_norms or compute_ffn_norms(w.ffn)).max())
+    ffn = float(compute_layer_ffn_tokens(trace, cfg, b, ffn_norms).max())
     residual = cfg.layout.residual
     ln1o, ln2o = (None if norm is None else norm_lip_local(norm, trace.norms[role].stat[b], trace.norms[role].eps)
                   for role, norm in (("norm_attn_out", w.norm_attn_out), ("norm_ffn_out", w.norm_ffn_out)))
@@ -242,7 +269,7 @@ def compute_layer_lipschitz(weights: LayerWeights, cfg: ModelConfig, r2_in_reset
                             trace: LayerTrace | None = None, theta_hi: torch.Tensor | None = None,
                             batch: int = 0, norms: HeadNorms | None = None,
                             weights_tier: WeightsTier | None = None,
-                            ffn_norms: dict[str, float] | None = None) -> LayerLipschitzResult:
+                            ffn_norms: FFNNorms | None = None) -> LayerLipschitzResult:
     """All tiers of one layer; tiers 2/2r only when ``trace`` and ``theta_hi [H, T]`` (sequence ``batch``) are given.
 
     ``norms``, ``weights_tier`` and ``ffn_norms`` depend on the weights alone: a scan computes them once per layer
