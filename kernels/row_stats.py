@@ -115,6 +115,25 @@ def _online_step(s, valid, m, m_min, z, t, n, offs_k0, BLOCK_K: tl.constexpr, MA
 
 
 @triton.jit
+def _online_range(
+    q, k_base, pad_base, start, stop, m, m_min, z, t, n, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt,
+    q_offset, scale, window,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Pass 1 over the key blocks [start, stop), masked or (interior) not: the updated m, m_min, z, t and n."""
+    offs_k0 = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    for start_k in range(start, stop, BLOCK_K):
+        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
+                                stride_kd, stride_pt, q_offset, scale, window, MASKED, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                UPCAST, ACC, INPUT_PRECISION)
+        m, m_min, z, t, n = _online_step(s, valid, m, m_min, z, t, n, offs_k0, BLOCK_K, MASKED)
+    return m, m_min, z, t, n
+
+
+@triton.jit
 def _online_pass(
     q, k_base, pad_base, lo, int_lo, int_hi, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset,
     scale, window,
@@ -124,28 +143,20 @@ def _online_pass(
 ):
     """Pass 1 over keys [lo, hi) (interior blocks [int_lo, int_hi) unmasked): running max m, smallest logit, z_rest,
     entropy accumulator t (base-2 logits) and key count n, each `# [BLOCK_Q]`."""
-    offs_k0 = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     m = tl.full([BLOCK_Q], -float("inf"), ACC)
     m_min = tl.full([BLOCK_Q], float("inf"), ACC)  # smallest allowed logit (the cardinality bound's p_min)
     z = tl.zeros([BLOCK_Q], tl.float64)  # sums over keys accumulate in float64 whatever ACC is
     t = tl.zeros([BLOCK_Q], tl.float64)
     n = tl.zeros([BLOCK_Q], tl.int32)
-    for start_k in range(lo, int_lo, BLOCK_K):
-        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
-                                stride_kd, stride_pt, q_offset, scale, window, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
-                                UPCAST, ACC, INPUT_PRECISION)
-        m, m_min, z, t, n = _online_step(s, valid, m, m_min, z, t, n, offs_k0, BLOCK_K, True)
-    for start_k in range(int_lo, int_hi, BLOCK_K):
-        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
-                                stride_kd, stride_pt, q_offset, scale, window, False, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
-                                UPCAST, ACC, INPUT_PRECISION)
-        m, m_min, z, t, n = _online_step(s, valid, m, m_min, z, t, n, offs_k0, BLOCK_K, False)
-    for start_k in range(int_hi, hi, BLOCK_K):
-        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
-                                stride_kd, stride_pt, q_offset, scale, window, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
-                                UPCAST, ACC, INPUT_PRECISION)
-        m, m_min, z, t, n = _online_step(s, valid, m, m_min, z, t, n, offs_k0, BLOCK_K, True)
+    m, m_min, z, t, n = _online_range(
+        q, k_base, pad_base, lo, int_lo, m, m_min, z, t, n, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt,
+        q_offset, scale, window, BLOCK_K, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
+    m, m_min, z, t, n = _online_range(
+        q, k_base, pad_base, int_lo, int_hi, m, m_min, z, t, n, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt,
+        q_offset, scale, window, BLOCK_K, BLOCK_D, False, IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
+    m, m_min, z, t, n = _online_range(
+        q, k_base, pad_base, int_hi, hi, m, m_min, z, t, n, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt,
+        q_offset, scale, window, BLOCK_K, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
     return m, z, t, n, m_min
 
 
@@ -198,6 +209,27 @@ def _prefix_step(p, valid, start_k, offs_k0, c_off, p_before, p_at, p_after, p_r
 
 
 @triton.jit
+def _prefix_range(
+    q, k_base, pad_base, start, stop, c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs, lse, offs_q,
+    T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Pass 2 over the key blocks [start, stop), masked or (interior) not: the updated crossing state."""
+    offs_k0 = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    for start_k in range(start, stop, BLOCK_K):
+        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
+                                stride_kd, stride_pt, q_offset, scale, window, MASKED, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                UPCAST, ACC, INPUT_PRECISION)
+        c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs = _prefix_step(
+            _block_probs(s, valid, lse, ACC, MASKED), valid, start_k, offs_k0, c_off, p_before, p_at, p_after, p_r,
+            best_miss, found, j_abs, BLOCK_K)
+    return c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs
+
+
+@triton.jit
 def _prefix_pass(
     q, k_base, pad_base, lo, int_lo, int_hi, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset,
     scale, window, lse,
@@ -207,8 +239,6 @@ def _prefix_pass(
 ):
     """Pass 2 over keys [lo, hi): at the first prefix c_{j*} ≥ ½ (float64 cumulative sums) keep c_{j*−1}, p_{j*}
     and Σ_{j>j*} p_j; among the later keys keep the first p_r closest to the gap ½ − c_{j*−1} (the completion)."""
-    offs_k0 = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     c_off = tl.zeros([BLOCK_Q], tl.float64)  # c before this block
     p_before = tl.zeros([BLOCK_Q], tl.float64)
     p_at = tl.zeros([BLOCK_Q], tl.float64)
@@ -217,27 +247,18 @@ def _prefix_pass(
     best_miss = tl.full([BLOCK_Q], float("inf"), tl.float64)
     found = tl.zeros([BLOCK_Q], tl.int32)
     j_abs = tl.zeros([BLOCK_Q], tl.int32)  # absolute key index of j*
-    for start_k in range(lo, int_lo, BLOCK_K):
-        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
-                                stride_kd, stride_pt, q_offset, scale, window, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
-                                UPCAST, ACC, INPUT_PRECISION)
-        c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs = _prefix_step(
-            _block_probs(s, valid, lse, ACC, True), valid, start_k, offs_k0, c_off, p_before, p_at, p_after, p_r,
-            best_miss, found, j_abs, BLOCK_K)
-    for start_k in range(int_lo, int_hi, BLOCK_K):
-        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
-                                stride_kd, stride_pt, q_offset, scale, window, False, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
-                                UPCAST, ACC, INPUT_PRECISION)
-        c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs = _prefix_step(
-            _block_probs(s, valid, lse, ACC, False), valid, start_k, offs_k0, c_off, p_before, p_at, p_after, p_r,
-            best_miss, found, j_abs, BLOCK_K)
-    for start_k in range(int_hi, hi, BLOCK_K):
-        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
-                                stride_kd, stride_pt, q_offset, scale, window, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
-                                UPCAST, ACC, INPUT_PRECISION)
-        c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs = _prefix_step(
-            _block_probs(s, valid, lse, ACC, True), valid, start_k, offs_k0, c_off, p_before, p_at, p_after, p_r,
-            best_miss, found, j_abs, BLOCK_K)
+    c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs = _prefix_range(
+        q, k_base, pad_base, lo, int_lo, c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs, lse, offs_q, T_q,
+        T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window, BLOCK_K, BLOCK_D, True, IS_CAUSAL,
+        HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
+    c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs = _prefix_range(
+        q, k_base, pad_base, int_lo, int_hi, c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs, lse, offs_q,
+        T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window, BLOCK_K, BLOCK_D, False, IS_CAUSAL,
+        HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
+    c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs = _prefix_range(
+        q, k_base, pad_base, int_hi, hi, c_off, p_before, p_at, p_after, p_r, best_miss, found, j_abs, lse, offs_q, T_q,
+        T_k, D, stride_kt, stride_kd, stride_pt, q_offset, scale, window, BLOCK_K, BLOCK_D, True, IS_CAUSAL,
+        HAS_WINDOW, HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
     return p_before, p_at, p_after, p_r, best_miss, found, j_abs
 
 
@@ -252,6 +273,26 @@ def _removal_step(p, start_k, offs_k0, j_star, excess, p_a, best_miss):
 
 
 @triton.jit
+def _removal_range(
+    q, k_base, pad_base, start, stop, p_a, best_miss, lse, j_star, excess, offs_q, T_q, T_k, D, stride_kt,
+    stride_kd, stride_pt, q_offset, scale, window,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Pass 3 over the key blocks [start, stop), masked or (interior) not: the updated p_a and its miss."""
+    offs_k0 = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    for start_k in range(start, stop, BLOCK_K):
+        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
+                                stride_kd, stride_pt, q_offset, scale, window, MASKED, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
+                                UPCAST, ACC, INPUT_PRECISION)
+        p_a, best_miss = _removal_step(_block_probs(s, valid, lse, ACC, MASKED), start_k, offs_k0, j_star, excess,
+                                       p_a, best_miss)
+    return p_a, best_miss
+
+
+@triton.jit
 def _removal_pass(
     q, k_base, pad_base, lo, int_lo, int_hi, hi, offs_q, T_q, T_k, D, stride_kt, stride_kd, stride_pt, q_offset,
     scale, window, lse, j_star, excess,
@@ -262,29 +303,21 @@ def _removal_pass(
     """Pass 3 over keys [lo, hi): among the keys j < j* (absolute index) the first p_a closest to the excess
     c_{j*} − ½ of the prefix {j ≤ j*}, for the removal completion (and whether there was one). Keys at or past
     the last j* of the block are never candidates, so the pass stops there."""
-    offs_k0 = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     p_a = tl.zeros([BLOCK_Q], tl.float64)
     best_miss = tl.full([BLOCK_Q], float("inf"), tl.float64)
     stop = tl.minimum(hi, tl.max(j_star, axis=0))  # keys ≥ every row's j* hold no candidate
-    for start_k in range(lo, tl.minimum(int_lo, stop), BLOCK_K):
-        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
-                                stride_kd, stride_pt, q_offset, scale, window, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
-                                UPCAST, ACC, INPUT_PRECISION)
-        p_a, best_miss = _removal_step(_block_probs(s, valid, lse, ACC, True), start_k, offs_k0, j_star, excess,
-                                       p_a, best_miss)
-    for start_k in range(int_lo, tl.minimum(int_hi, stop), BLOCK_K):
-        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
-                                stride_kd, stride_pt, q_offset, scale, window, False, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
-                                UPCAST, ACC, INPUT_PRECISION)
-        p_a, best_miss = _removal_step(_block_probs(s, valid, lse, ACC, False), start_k, offs_k0, j_star, excess,
-                                       p_a, best_miss)
-    for start_k in range(int_hi, stop, BLOCK_K):
-        s, valid = _score_block(q, k_base, pad_base, start_k, offs_k0, offs_d, offs_q, T_q, T_k, D, stride_kt,
-                                stride_kd, stride_pt, q_offset, scale, window, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD,
-                                UPCAST, ACC, INPUT_PRECISION)
-        p_a, best_miss = _removal_step(_block_probs(s, valid, lse, ACC, True), start_k, offs_k0, j_star, excess,
-                                       p_a, best_miss)
+    p_a, best_miss = _removal_range(
+        q, k_base, pad_base, lo, tl.minimum(int_lo, stop), p_a, best_miss, lse, j_star, excess, offs_q, T_q, T_k, D,
+        stride_kt, stride_kd, stride_pt, q_offset, scale, window, BLOCK_K, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW,
+        HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
+    p_a, best_miss = _removal_range(
+        q, k_base, pad_base, int_lo, tl.minimum(int_hi, stop), p_a, best_miss, lse, j_star, excess, offs_q, T_q, T_k, D,
+        stride_kt, stride_kd, stride_pt, q_offset, scale, window, BLOCK_K, BLOCK_D, False, IS_CAUSAL, HAS_WINDOW,
+        HAS_PAD, UPCAST, ACC, INPUT_PRECISION)
+    p_a, best_miss = _removal_range(
+        q, k_base, pad_base, int_hi, stop, p_a, best_miss, lse, j_star, excess, offs_q, T_q, T_k, D, stride_kt,
+        stride_kd, stride_pt, q_offset, scale, window, BLOCK_K, BLOCK_D, True, IS_CAUSAL, HAS_WINDOW, HAS_PAD, UPCAST,
+        ACC, INPUT_PRECISION)
     return p_a, best_miss
 
 
