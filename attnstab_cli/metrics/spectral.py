@@ -128,7 +128,7 @@ def extreme_singular_values(w: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor
     "Gram path") puts sigma_min within ``rtol`` (relative); else from the SVD (:func:`singular_values`)."""
     def compute() -> torch.Tensor:
         if min(w.shape[-2:]) >= GRAM_MIN_DIM:
-            lams, errs = _gram_spectrum(w.to(torch.float64)[None])
+            lams, errs = _shared_gram_spectrum(w)
             lam, err = lams[0], float(errs[0])                                        # [r] ascending
             low, high = float(lam[0]) - err, float(lam[0]) + err
             if low > 0 and high ** 0.5 <= (1 + rtol) * low ** 0.5:
@@ -218,12 +218,21 @@ def _gram_spectrum(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lam, gamma * w.square().sum(dim=(-2, -1)) + 4 * r * eps * lam[..., -1].abs()
 
 
+def _shared_gram_spectrum(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_gram_spectrum` of ``w [..., m, n]`` as a stack ``[N, m, n]``, once per tensor within a
+    :func:`shared_spectra` block: the sigma_max bracket and the extreme singular values read the same spectrum."""
+    return shared(("gram_spectrum",), w, lambda: _gram_spectrum(_as_stack(w)[0]))
+
+
+def _bracket(lam: torch.Tensor, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    top = lam[..., -1]                                                           # [N]
+    return (top - err).clamp_min(0).sqrt(), (top.clamp_min(0) + err).sqrt()
+
+
 def gram_eigen_bracket(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lower [N], upper [N])`` around sigma_max of ``w [N, m, n]`` (float64) from ``eigvalsh`` of the Gram matrix
     of the smaller side (module docstring, "Gram path")."""
-    lam, err = _gram_spectrum(w)
-    top = lam[..., -1]                                                           # [N]
-    return (top - err).clamp_min(0).sqrt(), (top.clamp_min(0) + err).sqrt()
+    return _bracket(*_gram_spectrum(w))
 
 
 def gram_upper_bound(w: torch.Tensor, lower: torch.Tensor, *, rtol: float = 1e-6, max_squarings: int = 40,
@@ -284,7 +293,7 @@ def _spectral_norm(w: torch.Tensor, rtol: float, max_iter: int, max_squarings: i
         return SpectralNorm(zeros.reshape(batch), zeros.reshape(batch), torch.ones_like(zeros, dtype=torch.bool)
                             .reshape(batch), "svd")
     if GRAM_MIN_DIM <= min(stack.shape[-2:]) <= exact_max_dim and not _has_shared(("svdvals",), w):
-        lower, upper = gram_eigen_bracket(stack)
+        lower, upper = _bracket(*_shared_gram_spectrum(w))
         certified = upper <= lower * (1 + rtol)
         return SpectralNorm(lower.reshape(batch), upper.reshape(batch), certified.reshape(batch), "gram")
     if min(stack.shape[-2:]) <= exact_max_dim:

@@ -217,3 +217,21 @@ def test_extreme_singular_values_fall_back_to_the_svd_when_nearly_singular() -> 
     w = u @ torch.diag(s) @ v.T
     got = extreme_singular_values(w)
     assert float(got[1]) == pytest.approx(1e-9, rel=1e-5)          # the Gram eigenvalue would be ~1e-16 +- 1e-13
+
+
+def test_the_gram_spectrum_is_shared_between_the_norm_and_the_extremes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within one shared_spectra block sigma_max's bracket and the extreme singular values of one matrix come from
+    one eigvalsh of its Gram matrix, and agree with the SVD."""
+    from attnstab_cli.metrics.spectral import extreme_singular_values, shared_spectra, spectral_norm
+
+    calls = []
+    eigvalsh = torch.linalg.eigvalsh
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda a: calls.append(a.shape) or eigvalsh(a))
+    w = torch.randn(300, 160, generator=torch.Generator().manual_seed(3), dtype=torch.float64)  # the Gram path
+    with shared_spectra():
+        ext = extreme_singular_values(w)
+        est = spectral_norm(w)
+    assert len(calls) == 1 and est.method == "gram"
+    s = torch.linalg.svdvals(w)
+    assert float(est.upper) == float(ext[0]) and abs(float(ext[0]) - float(s[0])) <= 1e-9 * float(s[0])
+    assert abs(float(ext[1]) - float(s[-1])) <= 1e-6 * float(s[-1])
