@@ -112,7 +112,8 @@ def test_per_head_slices_recombine_to_attention_output(tiny_checkpoints: dict) -
 # angles kept).
 UNCAST_RMSNORM = {"phi3": "w", "phi3_longrope": "w", "llama": "w", "llama3_scaled": "w", "mistral": "w",
                   "qwen2": "w", "qwen3": "w", "gemma3": "1+w", "olmo2": "w", "deepseek_v2": "w", "deepseek_v3": "w",
-                  "deepseek_v3_yarn": "w", "mixtral": "w", "qwen2_moe": "w", "qwen3_moe": "w"}
+                  "deepseek_v3_yarn": "w", "deepseek_v2_moe": "w", "deepseek_v3_moe": "w", "mixtral": "w",
+                  "qwen2_moe": "w", "qwen3_moe": "w"}
 FLOAT64_REFERENCE = ("bert", "roberta", "xlm_roberta", "distilbert", "gpt2", "gpt2_scaled", "gptj", "neox",
                      "neox_serial", "phi", "phi_qk", "modernbert", *UNCAST_RMSNORM)
 
@@ -137,10 +138,11 @@ def _complex_rotate_in_input_dtype(xq: torch.Tensor, xk: torch.Tensor,
     return rotate(xq), rotate(xk)
 
 
+_DEEPSEEK_V2_ROPE = ("transformers.models.deepseek_v2.modeling_deepseek_v2", "apply_rotary_emb",
+                     _complex_rotate_in_input_dtype)
 UNCAST_ROPE = {"modernbert": ("transformers.models.modernbert.modeling_modernbert", "apply_rotary_pos_emb",
                               _rotate_in_input_dtype),
-               "deepseek_v2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "apply_rotary_emb",
-                               _complex_rotate_in_input_dtype)}
+               "deepseek_v2": _DEEPSEEK_V2_ROPE, "deepseek_v2_moe": _DEEPSEEK_V2_ROPE}
 
 
 def _router_in_input_dtype(module: torch.nn.Module) -> None:
@@ -155,6 +157,39 @@ def _router_in_input_dtype(module: torch.nn.Module) -> None:
     module.forward = forward
 
 
+def _deepseek_router_in_input_dtype(module: torch.nn.Module) -> None:
+    """DeepSeek's routers cast the input and the weight to float32; the same formulas in the input dtype. V2: softmax
+    scores, top-k of them (``greedy``) or of those in the ``topk_group`` groups with the largest maximum, the rest
+    set to 0 (``group_limited_greedy``), times the scaling factor. V3: sigmoid scores; the selection adds
+    ``e_score_correction_bias`` and searches the groups with the largest sum of their two best (the rest -inf);
+    gates are the selected sigmoid scores, over their sum plus 1e-20 with ``norm_topk_prob``, times the factor."""
+    v3 = hasattr(module, "e_score_correction_bias")
+
+    def groups(choice: torch.Tensor, m: torch.nn.Module, rank: torch.Tensor, fill: float) -> torch.Tensor:
+        keep = torch.zeros_like(rank).scatter_(1, torch.topk(rank, k=m.topk_group, dim=-1)[1], 1)
+        mask = keep[..., None].expand(-1, m.num_group, m.num_experts // m.num_group).reshape(-1, m.num_experts)
+        return choice.masked_fill(~mask.bool(), fill)
+
+    def forward(h: torch.Tensor, m: torch.nn.Module = module) -> tuple[torch.Tensor, ...]:
+        logits = torch.nn.functional.linear(h.reshape(-1, m.hidden_dim), m.weight)
+        if not v3:
+            scores = logits.softmax(dim=-1)
+            if m.topk_method == "group_limited_greedy":
+                rank = scores.view(-1, m.num_group, m.num_experts // m.num_group).max(dim=-1).values
+                scores = groups(scores, m, rank, 0.0)
+            top, index = torch.topk(scores, k=m.top_k, dim=-1)
+            return logits, top * m.routed_scaling_factor, index
+        scores = logits.sigmoid()
+        choice = scores + m.e_score_correction_bias
+        rank = choice.view(-1, m.num_group, m.num_experts // m.num_group).topk(2, dim=-1)[0].sum(dim=-1)
+        index = torch.topk(groups(choice, m, rank, float("-inf")), k=m.top_k, dim=-1)[1]
+        top = scores.gather(1, index)
+        if m.norm_topk_prob:
+            top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
+        return logits, top * m.routed_scaling_factor, index
+    module.forward = forward
+
+
 def _float64_reference(family: str, ref: torch.nn.Module) -> torch.nn.Module:
     """A float64 SDPA copy of ``ref`` (RMSNorms in float64 for UNCAST_RMSNORM families, MoE routers too)."""
     import copy
@@ -164,6 +199,8 @@ def _float64_reference(family: str, ref: torch.nn.Module) -> torch.nn.Module:
     for module in ref64.modules():
         if type(module).__name__.endswith("TopKRouter"):
             _router_in_input_dtype(module)
+        elif type(module).__name__.startswith("Deepseek") and type(module).__name__.endswith("TopkRouter"):
+            _deepseek_router_in_input_dtype(module)
     if family in UNCAST_RMSNORM:
         one_plus = UNCAST_RMSNORM[family] == "1+w"
         for module in ref64.modules():
@@ -206,7 +243,7 @@ def test_float64_layers_match(family: str, seq_len: int, tiny_checkpoints: dict,
     assert (got - want).norm() / want.norm() < 1e-10
 
 
-MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v3_yarn")
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v3_yarn", "deepseek_v2_moe", "deepseek_v3_moe")
 
 
 @pytest.mark.parametrize("family", MLA_FAMILIES)
@@ -242,15 +279,17 @@ def test_mla_heads_recombine_to_the_hooked_attention_output(family: str, tiny_ch
         assert float((total - want).norm() / want.norm()) < 1e-10
 
 
-def _reference_routes(ref64: torch.nn.Module, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Layer -> (router logits [N, E], chosen experts [N, k]) of the reference's routers on ``ids``."""
-    routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+def _reference_routes(ref64: torch.nn.Module,
+                      ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Layer -> (router logits [N, E], chosen experts [N, k], their gates [N, k]) of the reference's routers."""
+    routes: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     handles = []
     for i, layer in enumerate(ref64.model.layers):
         gate = getattr(layer.mlp, "gate", None)
-        if type(gate).__name__.endswith("TopKRouter"):
+        if type(gate).__name__.lower().endswith("topkrouter"):
             handles.append(gate.register_forward_hook(
-                lambda m, args, out, i=i: routes.__setitem__(i, (out[0].detach(), out[2].detach()))))
+                lambda m, args, out, i=i: routes.__setitem__(i, (out[0].detach(), out[2].detach(),
+                                                                 out[1].detach()))))
     with torch.no_grad():
         ref64(ids)
     for h in handles:
@@ -258,12 +297,18 @@ def _reference_routes(ref64: torch.nn.Module, ids: torch.Tensor) -> dict[int, tu
     return routes
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
-def test_float64_router_choices_match(family: str, tiny_checkpoints: dict) -> None:
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2_moe", "deepseek_v3_moe"])
+def test_float64_router_choices_match(family: str, tiny_checkpoints: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """MoE layers (THEORY §18.7): the router logits match the reference's to 1e-10 relative and every token picks
-    the same experts; dense layers (Qwen2-MoE's mlp_only_layers) have no routing."""
+    the same experts; dense layers (Qwen2-MoE's mlp_only_layers, DeepSeek's first_k_dense_replace) have no
+    routing; the gates match to 1e-12."""
     path, ref = tiny_checkpoints[family]
     ref64 = _float64_reference(family, ref)
+    if family in UNCAST_ROPE:
+        import importlib
+
+        module, name, replacement = UNCAST_ROPE[family]
+        monkeypatch.setattr(importlib.import_module(module), name, replacement)
     model = open_model(path)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(7))
     want = _reference_routes(ref64, ids)
@@ -272,26 +317,39 @@ def test_float64_router_choices_match(family: str, tiny_checkpoints: dict) -> No
     for trace in LayerStream(model, [ids], dtype=torch.float64).layers():
         if trace.moe is None:
             continue
-        logits, chosen = want[trace.layer]
+        logits, chosen, gates = want[trace.layer]
         got = trace.moe.logits.reshape(logits.shape)
         assert (got - logits).norm() / logits.norm() < 1e-10
-        assert torch.equal(trace.moe.selected.reshape(chosen.shape).sort(-1).values, chosen.sort(-1).values)
+        ours = trace.moe.selected.reshape(chosen.shape)
+        assert torch.equal(ours.sort(-1).values, chosen.sort(-1).values)
+        mine = trace.moe.gates.reshape(gates.shape).gather(-1, ours.sort(-1).indices)
+        theirs = gates.gather(-1, chosen.sort(-1).indices)                  # both by expert index
+        assert float((mine - theirs).abs().max()) <= 1e-12 * float(theirs.abs().max())
         assert len(torch.unique(chosen)) > model.cfg.moe.top_k             # the routing varies between tokens
         seen.append(trace.layer)
     assert seen == sorted(want)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2_moe", "deepseek_v3_moe"])
 def test_fused_expert_tensors_read_as_per_expert(family: str, tiny_checkpoints: dict, tmp_path) -> None:
     """transformers' own fused layout (``save_original_format=False``: ``experts.gate_up_proj [E, 2m, d]``,
-    ``experts.down_proj [E, d, m]``) loads to the same experts as the hub's per-expert tensors."""
+    ``experts.down_proj [E, d, m]``) loads to the same experts as the hub's per-expert tensors (the first MoE
+    layer; the router, its selection bias and the shared experts too)."""
     from safetensors import safe_open
 
     path, ref = tiny_checkpoints[family]
     ref.save_pretrained(tmp_path / "fused", save_original_format=False)
     with safe_open(str(tmp_path / "fused" / "model.safetensors"), "pt") as f:
         assert any(k.endswith("experts.gate_up_proj") for k in f.keys())
-    per_expert, fused = (open_model(p).loader(dtype=torch.float64).layer(0).moe for p in (path, tmp_path / "fused"))
+    models = [open_model(p) for p in (path, tmp_path / "fused")]
+    layer = next(i for i in range(models[0].cfg.n_layers) if models[0].cfg.is_moe(i))
+    per_expert, fused = (m.loader(dtype=torch.float64).layer(layer).moe for m in models)
     for key in ("w_gate", "w_up", "w_out"):
         assert torch.equal(per_expert.experts[key], fused.experts[key])
     assert torch.equal(per_expert.router, fused.router)
+    for a, b in ((per_expert.score_bias, fused.score_bias), (per_expert.shared, fused.shared)):
+        assert (a is None) == (b is None)
+    if per_expert.shared is not None:
+        assert all(torch.equal(per_expert.shared[k], fused.shared[k]) for k in per_expert.shared)
+    if per_expert.score_bias is not None:
+        assert torch.equal(per_expert.score_bias, fused.score_bias)
