@@ -353,3 +353,37 @@ def test_fused_expert_tensors_read_as_per_expert(family: str, tiny_checkpoints: 
         assert all(torch.equal(per_expert.shared[k], fused.shared[k]) for k in per_expert.shared)
     if per_expert.score_bias is not None:
         assert torch.equal(per_expert.score_bias, fused.score_bias)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2_moe", "deepseek_v3_moe"])
+def test_deepseek_router_stays_float32_under_bfloat16(family: str, tiny_checkpoints: dict) -> None:
+    """DeepSeek keeps its router (weight, e_score_correction_bias) in float32 and casts the input to float32: in a
+    bfloat16 run the loader reads them in float32, and on the reference router's own bfloat16 inputs the routing
+    gives its logits, choices and gates."""
+    import transformers
+
+    from attnstab_cli.model.blocks import route_tokens
+
+    path, ref = tiny_checkpoints[family]
+    ref16 = getattr(transformers, type(ref).__name__).from_pretrained(path, dtype=torch.bfloat16).eval()
+    model = open_model(path)
+    layer = next(i for i in range(model.cfg.n_layers) if model.cfg.is_moe(i))
+    gate = ref16.model.layers[layer].mlp.gate
+    assert gate.weight.dtype == torch.float32
+    seen: dict[str, tuple] = {}
+    gate.register_forward_hook(lambda m, args, out: seen.__setitem__("io", (args[0], out)))
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref16(ids)
+    x, (logits, gates, chosen) = seen["io"]
+    assert x.dtype == torch.bfloat16
+    w = model.loader(dtype=torch.bfloat16).layer(layer).moe
+    assert w.router.dtype == torch.float32 and w.experts["w_gate"].dtype == torch.bfloat16
+    if w.score_bias is not None:
+        assert w.score_bias.dtype == torch.float32 and torch.equal(w.score_bias, gate.e_score_correction_bias)
+    route = route_tokens(x, w, model.cfg)
+    torch.testing.assert_close(route.logits.reshape(logits.shape), logits, rtol=1e-6, atol=1e-6)
+    ours = route.selected.reshape(chosen.shape)
+    assert torch.equal(ours.sort(-1).values, chosen.sort(-1).values)
+    torch.testing.assert_close(route.gates.reshape(gates.shape).gather(-1, ours.sort(-1).indices),
+                               gates.gather(-1, chosen.sort(-1).indices), rtol=1e-6, atol=1e-7)
