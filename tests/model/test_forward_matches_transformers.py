@@ -11,6 +11,7 @@ import torch
 from attnstab_cli.model.load import open_model
 from attnstab_cli.model.stream import LayerStream
 from attnstab_cli.model.traces import AttentionTrace
+from router_helpers import deepseek_router_in_input_dtype
 from tiny_models import FAMILIES
 
 
@@ -157,39 +158,6 @@ def _router_in_input_dtype(module: torch.nn.Module) -> None:
     module.forward = forward
 
 
-def _deepseek_router_in_input_dtype(module: torch.nn.Module) -> None:
-    """DeepSeek's routers cast the input and the weight to float32; the same formulas in the input dtype. V2: softmax
-    scores, top-k of them (``greedy``) or of those in the ``topk_group`` groups with the largest maximum, the rest
-    set to 0 (``group_limited_greedy``), times the scaling factor. V3: sigmoid scores; the selection adds
-    ``e_score_correction_bias`` and searches the groups with the largest sum of their two best (the rest -inf);
-    gates are the selected sigmoid scores, over their sum plus 1e-20 with ``norm_topk_prob``, times the factor."""
-    v3 = hasattr(module, "e_score_correction_bias")
-
-    def groups(choice: torch.Tensor, m: torch.nn.Module, rank: torch.Tensor, fill: float) -> torch.Tensor:
-        keep = torch.zeros_like(rank).scatter_(1, torch.topk(rank, k=m.topk_group, dim=-1)[1], 1)
-        mask = keep[..., None].expand(-1, m.num_group, m.num_experts // m.num_group).reshape(-1, m.num_experts)
-        return choice.masked_fill(~mask.bool(), fill)
-
-    def forward(h: torch.Tensor, m: torch.nn.Module = module) -> tuple[torch.Tensor, ...]:
-        logits = torch.nn.functional.linear(h.reshape(-1, m.hidden_dim), m.weight)
-        if not v3:
-            scores = logits.softmax(dim=-1)
-            if m.topk_method == "group_limited_greedy":
-                rank = scores.view(-1, m.num_group, m.num_experts // m.num_group).max(dim=-1).values
-                scores = groups(scores, m, rank, 0.0)
-            top, index = torch.topk(scores, k=m.top_k, dim=-1)
-            return logits, top * m.routed_scaling_factor, index
-        scores = logits.sigmoid()
-        choice = scores + m.e_score_correction_bias
-        rank = choice.view(-1, m.num_group, m.num_experts // m.num_group).topk(2, dim=-1)[0].sum(dim=-1)
-        index = torch.topk(groups(choice, m, rank, float("-inf")), k=m.top_k, dim=-1)[1]
-        top = scores.gather(1, index)
-        if m.norm_topk_prob:
-            top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
-        return logits, top * m.routed_scaling_factor, index
-    module.forward = forward
-
-
 def _float64_reference(family: str, ref: torch.nn.Module) -> torch.nn.Module:
     """A float64 SDPA copy of ``ref`` (RMSNorms in float64 for UNCAST_RMSNORM families, MoE routers too)."""
     import copy
@@ -200,7 +168,7 @@ def _float64_reference(family: str, ref: torch.nn.Module) -> torch.nn.Module:
         if type(module).__name__.endswith("TopKRouter"):
             _router_in_input_dtype(module)
         elif type(module).__name__.startswith("Deepseek") and type(module).__name__.endswith("TopkRouter"):
-            _deepseek_router_in_input_dtype(module)
+            deepseek_router_in_input_dtype(module)
     if family in UNCAST_RMSNORM:
         one_plus = UNCAST_RMSNORM[family] == "1+w"
         for module in ref64.modules():
