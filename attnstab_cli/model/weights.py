@@ -174,7 +174,8 @@ class WeightLoader:
         wide = torch.float32 if moe.router_float32 and self.dtype in (torch.float16, torch.bfloat16) else None
         return MoEWeights(router=self.tensor("router.weight", layer, dtype=wide),
                           router_bias=self.tensor("router.bias", layer, dtype=wide),
-                          score_bias=self.tensor("router.score_bias", layer, dtype=wide), experts=experts, shared=shared,
+                          score_bias=self.tensor("router.score_bias", layer, dtype=wide), experts=experts,
+                          shared=shared,
                           shared_router=self.tensor("shared_router.weight", layer)
                           if self.names.declares("shared_router.weight", layer) else None)
 
