@@ -355,3 +355,49 @@ def test_deepseek_router_stays_float32_under_bfloat16(family: str, tiny_checkpoi
     assert torch.equal(ours.sort(-1).values, chosen.sort(-1).values)
     torch.testing.assert_close(route.gates.reshape(gates.shape).gather(-1, ours.sort(-1).indices),
                                gates.gather(-1, chosen.sort(-1).indices), rtol=1e-6, atol=1e-7)
+
+
+def test_deepseek_v2_greedy_selection_matches(tiny_checkpoints: dict, tmp_path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSeek-V2's other ``topk_method``: ``greedy`` ignores the groups; the same checkpoint so configured picks the
+    reference's experts (which differ from the group-limited ones) and matches it per layer in float64."""
+    import json
+    import shutil
+
+    import transformers
+
+    src, _ = tiny_checkpoints["deepseek_v2_moe"]
+    ck = tmp_path / "greedy"
+    shutil.copytree(src, ck)
+    config = json.loads((ck / "config.json").read_text())
+    config["topk_method"] = "greedy"
+    (ck / "config.json").write_text(json.dumps(config))
+    ref = transformers.DeepseekV2ForCausalLM.from_pretrained(ck, dtype=torch.float32).eval()
+    ref.config._experts_implementation = "eager"
+    ref64 = _float64_reference("deepseek_v2_moe", ref)
+    monkeypatch.setattr(*_patch_target(UNCAST_ROPE["deepseek_v2_moe"]))
+    model, grouped = open_model(ck), open_model(src)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(7))
+    want = _reference_routes(ref64, ids)
+    with torch.no_grad():
+        expected = ref64(ids, output_hidden_states=True).hidden_states
+    differ = 0
+    for trace, other in zip(LayerStream(model, [ids], dtype=torch.float64).layers(),
+                            LayerStream(grouped, [ids], dtype=torch.float64).layers()):
+        if trace.layer + 1 < model.cfg.n_layers:
+            e = expected[trace.layer + 1]
+            assert float((trace.resid_out - e).norm() / e.norm()) < 1e-10
+        if trace.moe is not None:
+            chosen = want[trace.layer][1]
+            ours = trace.moe.selected.reshape(chosen.shape).sort(-1).values
+            assert torch.equal(ours, chosen.sort(-1).values)
+            differ += int((ours != other.moe.selected.reshape(chosen.shape).sort(-1).values).any(-1).sum())
+    assert differ > 0
+
+
+def _patch_target(entry: tuple) -> tuple:
+    """``(module, name, replacement)`` of UNCAST_ROPE as monkeypatch.setattr arguments."""
+    import importlib
+
+    module, name, replacement = entry
+    return importlib.import_module(module), name, replacement
