@@ -126,6 +126,27 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                               rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0,
                                                "original_max_position_embeddings": 16, "mscale": 1.0,
                                                "mscale_all_dim": 1.0})),
+    # DeepSeek with mixture-of-experts layers 1 and 2 (first_k_dense_replace = 1): V2's softmax router, 8 experts in
+    # 4 groups, top-3 within the 2 groups with the largest best score, scaled gates, 2 shared experts as one FFN
+    "deepseek_v2_moe": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                        dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, intermediate_size=96,
+                             vocab_size=97, max_position_embeddings=64, q_lora_rank=None, kv_lora_rank=16,
+                             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, first_k_dense_replace=1,
+                             n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=2,
+                             topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                             initializer_range=0.06, pad_token_id=0,
+                             rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    # V3's sigmoid router: the selection adds e_score_correction_bias (random here), 2 of 4 groups ranked by their
+    # two best, top-2, renormalized gates times 2.5, one shared expert
+    "deepseek_v3_moe": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                        dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                             intermediate_size=96, vocab_size=97, max_position_embeddings=64, q_lora_rank=24,
+                             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                             first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
+                             moe_intermediate_size=16, n_shared_experts=1, n_group=4, topk_group=2,
+                             norm_topk_prob=True, routed_scaling_factor=2.5, initializer_range=0.08, pad_token_id=0,
+                             bos_token_id=1, eos_token_id=2,
+                             rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",          # 6 experts, top-2, renormalized gates, GQA
                 dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                      intermediate_size=32, num_local_experts=6, num_experts_per_tok=2, vocab_size=97,
@@ -140,7 +161,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                        intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                        norm_topk_prob=True, vocab_size=97, max_position_embeddings=64)),
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2_moe", "deepseek_v3_moe")
 
 
 def build_tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
@@ -164,6 +185,9 @@ def build_tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.M
                 p.copy_(0.2 * torch.randn_like(p))
             else:
                 p.mul_(4.0)                                # larger logits: sharper, non-uniform attention
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):   # DeepSeek-V3's selection-only bias (zeros at init)
+                buf.copy_(0.2 * torch.randn_like(buf))
     return model
 
 

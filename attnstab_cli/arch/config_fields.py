@@ -161,11 +161,13 @@ CONFIG_FIELDS: dict[str, Rule] = {
     # mixture-of-experts FFNs (THEORY §18.7): E experts, k per token, the experts' (and shared experts') hidden
     # width, whether the k gates are renormalized to sum 1, the dense layers (listed, every layer whose 1-based index
     # is not a multiple of moe_sparse_step, the first moe_first_dense), a factor on the routed gates, and DeepSeek's
-    # groups (n_group groups, the best topk_group of them searched)
+    # groups (n_group groups, the best topk_group of them searched); DeepSeek: n_shared_experts shared experts of
+    # width d_ff_expert, run as one FFN n_shared_experts * d_ff_expert wide, the selection's name (topk_method) and
+    # moe_layer_freq (read to refuse any value but 1, which transformers ignores)
     "n_experts": POSITIVE, "n_experts_per_token": POSITIVE, "d_ff_expert": POSITIVE, "d_ff_shared": POSITIVE,
     "moe_renormalize": Boolean(), "moe_dense_layers": IntegerList(Integer(0)), "moe_sparse_step": POSITIVE,
     "moe_first_dense": Integer(0), "routed_scaling_factor": Real(0.0, min_open=True), "n_group": POSITIVE,
-    "topk_group": POSITIVE,
+    "topk_group": POSITIVE, "n_shared_experts": POSITIVE, "moe_topk_method": Text(), "moe_layer_freq": POSITIVE,
 }
 
 # Entries of ``rope_scaling`` / ``rope_parameters`` per rope type: (required, rules). Other entries are not read.

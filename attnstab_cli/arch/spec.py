@@ -135,8 +135,15 @@ class ExpertSelection(str, Enum):
     """How the k experts of a token are chosen from the selection scores (the score plus a selection-only bias)."""
 
     TOP_K = "top_k"              # the k largest scores
-    GROUP_TOP_K = "group_top_k"  # DeepSeek: the topk_group best of n_group groups (by the sum of each group's two
+    GROUP_TOP_K = "group_top_k"  # DeepSeek-V3: the topk_group best of n_group groups (by the sum of each group's two
                                  # largest scores), then the k largest scores inside them
+    GROUP_MAX_TOP_K = "group_max_top_k"  # DeepSeek-V2 (topk_method group_limited_greedy): the same with a group
+                                         # ranked by its largest score
+
+    @property
+    def group_rank_terms(self) -> int | None:
+        """How many of a group's largest scores sum to its rank; None for a selection without groups."""
+        return {ExpertSelection.GROUP_TOP_K: 2, ExpertSelection.GROUP_MAX_TOP_K: 1}.get(self)
 
 
 class SharedGate(str, Enum):
@@ -151,6 +158,15 @@ class ExpertPacking(str, Enum):
 
     GATE_UP = "gate_up"          # [gate; up] halves of the 2m outputs (transformers' Mixtral, Qwen-MoE)
     INTERLEAVED = "interleaved"  # outputs alternate gate, up, gate, ... (gpt-oss)
+
+
+@dataclass(frozen=True)
+class SelectionSwitch:
+    """A text config key whose value chooses the expert selection (DeepSeek-V2's ``topk_method``); a value outside
+    ``values`` is refused."""
+
+    key: str
+    values: tuple[tuple[str, ExpertSelection], ...]
 
 
 @dataclass(frozen=True)
@@ -169,6 +185,9 @@ class MoESpec:
     shared_gate: SharedGate | None = None        # None: no shared experts
     fused_orientation: Orientation = Orientation.OUT_IN   # of each expert's slice of the fused tensors
     fused_packing: ExpertPacking = ExpertPacking.GATE_UP
+    selection_switch: SelectionSwitch | None = None   # a config key that overrides ``selection``
+    router_float32: bool = False   # the router's weights, selection bias and logits in float32 or wider, whatever the
+                                   # compute dtype (DeepSeek keeps its router in float32)
 
 
 MOE_ROUTER_ROLES = {"router.weight", "router.bias", "router.score_bias"}
@@ -264,7 +283,8 @@ _KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefix
          "layer_tensors", "optional", "tied", "required_without_config", "residual_switch", "qk_norm_switch",
          "ignorable", "buffers", "unsupported_if_true", "rope_type_aliases", "ignored_parts", "rope_style_switch",
          "rope_types", "trailing_layer_part", "moe"}
-_MOE_KEYS = {"score", "selection", "shared_gate", "fused_orientation", "fused_packing"}
+_MOE_KEYS = {"score", "selection", "shared_gate", "fused_orientation", "fused_packing", "selection_switch",
+             "router_float32"}
 
 
 _LAYOUT_KEYS = {"orientation", "qkv_packing", "norm", "residual", "positions", "rope_style", "causal", "ffn",
@@ -352,7 +372,8 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
     if bool(data.get("trailing_layer_part")) != ("trailing_layers" in data["config"]):
         raise ValueError(f"spec {data.get('name')!r}: trailing_layer_part and the config field trailing_layers go "
                          "together")
-    moe = _parse_moe(data.get("name"), data.get("moe"), set(data["layer_tensors"]), set(data.get("optional", ())))
+    moe = _parse_moe(data.get("name"), data.get("moe"), set(data["layer_tensors"]), set(data.get("optional", ())),
+                     set(data["config"]))
     aliases = dict(data.get("rope_type_aliases", {}))
     if set(aliases.values()) - set(ROPE_SCALING_FIELDS):
         raise ValueError(f"spec {data.get('name')!r}: rope_type_aliases name unsupported rope types "
@@ -378,9 +399,10 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
     )
 
 
-def _parse_moe(name: str | None, data: dict[str, Any] | None, roles: set[str], optional: set[str]) -> MoESpec | None:
+def _parse_moe(name: str | None, data: dict[str, Any] | None, roles: set[str], optional: set[str],
+               fields: set[str]) -> MoESpec | None:
     """The ``moe`` block and the roles it needs: a router weight, a complete per-expert or fused expert set (or
-    both), and shared-expert roles exactly when a shared gate is declared."""
+    both), and shared-expert roles exactly when a shared gate is declared; a selection switch reads a config field."""
     declared = roles & MOE_ROLES
     if data is None:
         if declared:
@@ -392,7 +414,9 @@ def _parse_moe(name: str | None, data: dict[str, Any] | None, roles: set[str], o
     moe = MoESpec(score=RouterScore(data["score"]), selection=ExpertSelection(data.get("selection", "top_k")),
                   shared_gate=SharedGate(data["shared_gate"]) if data.get("shared_gate") else None,
                   fused_orientation=Orientation(data.get("fused_orientation", "out_in")),
-                  fused_packing=ExpertPacking(data.get("fused_packing", "gate_up")))
+                  fused_packing=ExpertPacking(data.get("fused_packing", "gate_up")),
+                  selection_switch=_selection_switch(name, data.get("selection_switch"), fields),
+                  router_float32=bool(data.get("router_float32", False)))
     if "router.weight" not in roles:
         raise ValueError(f"spec {name!r}: a 'moe' block needs the role router.weight")
     experts, fused = declared & MOE_EXPERT_ROLES, declared & MOE_FUSED_ROLES
@@ -408,6 +432,15 @@ def _parse_moe(name: str | None, data: dict[str, Any] | None, roles: set[str], o
     if declared & optional - {"router.bias", "router.score_bias"}:
         raise ValueError(f"spec {name!r}: only router.bias and router.score_bias may be optional MoE roles")
     return moe
+
+
+def _selection_switch(name: str | None, data: dict[str, Any] | None, fields: set[str]) -> SelectionSwitch | None:
+    if data is None:
+        return None
+    if set(data) != {"key", "values"} or data["key"] not in fields or not data["values"]:
+        raise ValueError(f"spec {name!r}: a moe selection_switch has a 'key' among the config fields and a non-empty "
+                         "'values' map")
+    return SelectionSwitch(data["key"], tuple((k, ExpertSelection(v)) for k, v in data["values"].items()))
 
 
 FFN_ROLES = {

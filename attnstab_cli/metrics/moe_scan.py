@@ -17,19 +17,19 @@ from typing import Any
 
 import torch
 
-from attnstab_cli.arch.spec import ExpertSelection, RouterScore
+from attnstab_cli.arch.spec import RouterScore
 from attnstab_cli.metrics.layer_context import LayerContext
 from attnstab_cli.metrics.lipschitz.layer import compute_ffn_reset_radius
 from attnstab_cli.metrics.lipschitz.moe import MoENorms, compute_expert_balls, compute_gate_theta
 from attnstab_cli.metrics.passes import TableParts, Tables
-from attnstab_cli.model.blocks import limit_to_groups
+from attnstab_cli.model.blocks import group_ranks, limit_to_groups
 from attnstab_cli.model.config import ModelConfig, MoEConfig
 from attnstab_cli.model.traces import LayerTrace, MoETrace
 from attnstab_cli.model.weights import MoEWeights
 
 F64 = torch.float64
 DENSE_LAYER = "dense FFN layer (no mixture of experts: mlp_only_layers, decoder_sparse_step or the first dense layers)"
-DENSE_FAMILY = "the family's FFNs are dense (no mixture of experts)"
+DENSE_FAMILY = "every FFN of the model is dense (no mixture of experts)"
 MOE_FFN = ("every FFN is a mixture of experts: the FFN weight columns are of one dense FFN (per-expert norms: "
            "experts.parquet, THEORY §18.7)")
 NO_NF_TERM = "THEORY §13 has no fragility term for a mixture-of-experts FFN"
@@ -46,13 +46,11 @@ def compute_selection_margin(route: MoETrace, w: MoEWeights, moe: MoEConfig) -> 
     if w.score_bias is not None:
         select = select + w.score_bias.to(F64).to(select.device)
     gap = torch.full(select.shape[:-1], math.inf, dtype=F64, device=select.device)
-    if moe.selection is ExpertSelection.GROUP_TOP_K and moe.topk_group < moe.n_group:
-        grouped = select.reshape(*select.shape[:-1], moe.n_group, -1)
-        rank = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1).sort(dim=-1, descending=True).values
+    candidates, terms = select.shape[-1], moe.selection.group_rank_terms
+    if terms is not None and moe.topk_group < moe.n_group:
+        rank = group_ranks(select, moe.n_group, terms).sort(dim=-1, descending=True).values
         gap = rank[..., moe.topk_group - 1] - rank[..., moe.topk_group]
-        select = limit_to_groups(select, moe.n_group, moe.topk_group)
-    candidates = select.shape[-1]
-    if moe.selection is ExpertSelection.GROUP_TOP_K and moe.topk_group < moe.n_group:
+        select = limit_to_groups(select, moe.n_group, moe.topk_group, terms)
         candidates = moe.topk_group * (select.shape[-1] // moe.n_group)
     if moe.top_k >= candidates:
         return gap

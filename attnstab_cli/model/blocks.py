@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnstab_cli.arch.spec import ExpertSelection, FFNKind, NormKind, QKNorm, Residual, RouterScore, SharedGate
+from attnstab_cli.arch.spec import FFNKind, NormKind, QKNorm, Residual, RouterScore, SharedGate
 from attnstab_cli.model.activations import ACTIVATIONS
 from attnstab_cli.model.config import ModelConfig
 from attnstab_cli.model.masks import compute_allowed
@@ -144,12 +144,15 @@ def route_tokens(x: torch.Tensor, w: MoEWeights, cfg: ModelConfig) -> MoETrace:
     their gates (the selected scores, renormalized to sum 1 when configured, times the scaling factor)."""
     moe = cfg.moe
     assert moe is not None
-    logits = _project(x, w.router, w.router_bias)                                 # [B, T, E]
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    xr = x.float() if moe.router_float32 and half else x                          # DeepSeek: a float32 router
+    bias = None if w.router_bias is None else w.router_bias.to(xr.dtype)
+    logits = _project(xr, w.router.to(xr.dtype), bias)                            # [B, T, E]
     wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     scores = wide.softmax(dim=-1) if moe.score is RouterScore.SOFTMAX else torch.sigmoid(wide)
     select = scores if w.score_bias is None else scores + w.score_bias.to(scores.dtype)
-    if moe.selection is ExpertSelection.GROUP_TOP_K:
-        select = limit_to_groups(select, moe.n_group, moe.topk_group)
+    if moe.selection.group_rank_terms is not None:
+        select = limit_to_groups(select, moe.n_group, moe.topk_group, moe.selection.group_rank_terms)
     with torch.no_grad():
         selected = torch.topk(select.detach(), moe.top_k, dim=-1).indices          # [B, T, k]
     gates = scores.gather(-1, selected)                                           # [B, T, k]
@@ -160,12 +163,21 @@ def route_tokens(x: torch.Tensor, w: MoEWeights, cfg: ModelConfig) -> MoETrace:
     return MoETrace(logits=logits, scores=scores, selected=selected, gates=gates)
 
 
-def limit_to_groups(select: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
-    """Selection scores outside the ``topk_group`` best of ``n_group`` expert groups (a group's rank: the sum of its
-    two largest scores) set to -inf (DeepSeek V3's group-limited routing)."""
+def group_ranks(select: torch.Tensor, n_group: int, terms: int) -> torch.Tensor:
+    """Rank of each of ``n_group`` expert groups: the sum of its ``terms`` largest selection scores (two in
+    DeepSeek-V3, one, the maximum, in DeepSeek-V2): ``[..., G]``."""
+    *lead, n = select.shape
+    grouped = select.reshape(*lead, n_group, n // n_group)                        # [..., G, E/G]
+    return grouped.topk(min(terms, n // n_group), dim=-1).values.sum(dim=-1)
+
+
+def limit_to_groups(select: torch.Tensor, n_group: int, topk_group: int, terms: int = 2) -> torch.Tensor:
+    """Selection scores outside the ``topk_group`` best of ``n_group`` expert groups (ranked by
+    :func:`group_ranks`) set to -inf (DeepSeek's group-limited routing; V2 sets them to 0 instead, which picks the
+    same experts while k <= the searched groups' experts, as the config check requires)."""
     *lead, n = select.shape
     grouped = select.detach().reshape(*lead, n_group, n // n_group)               # [B, T, G, E/G]
-    rank = grouped.topk(min(2, n // n_group), dim=-1).values.sum(dim=-1)          # [B, T, G]
+    rank = group_ranks(select.detach(), n_group, terms)                           # [B, T, G]
     keep = torch.zeros_like(rank, dtype=torch.bool).scatter(-1, rank.topk(topk_group, dim=-1).indices, True)
     mask = keep[..., None].expand_as(grouped).reshape(*lead, n)
     return select.masked_fill(~mask, float("-inf"))

@@ -114,6 +114,7 @@ class MoEConfig:
     topk_group: int = 1
     fused_orientation: Orientation = Orientation.OUT_IN
     fused_packing: ExpertPacking = ExpertPacking.GATE_UP
+    router_float32: bool = False          # router weights, selection bias and logits in float32 or wider
 
     @property
     def gates_sum_to_one(self) -> bool:
@@ -291,7 +292,6 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
             raise UnsupportedError(f"{subject(name)} is true: {what} is not supported for family {spec.name!r}")
     if raw["n_layers"] != found_layers:
         raise InputError(f"{subject('n_layers')} says {raw['n_layers']} layers but the weights hold {found_layers}")
-    refuse_moe_layers(spec, raw, subject)
     d, h = raw["d_model"], raw["n_heads"]
     if d != emb[1]:
         raise InputError(f"{subject('d_model')} is {d}; expected {emb[1]}, the width of tensor {emb_name!r}")
@@ -361,9 +361,22 @@ def build_model_config(spec: ArchSpec, config: dict[str, Any] | None, names: Ten
 
 def _build_moe(spec: ArchSpec, raw: dict[str, Any], n_layers: int, subject: Any) -> MoEConfig | None:
     """The mixture-of-experts configuration (THEORY §18.7), checked: k <= E, dense layers inside the stack, groups
-    that divide E."""
+    that divide E and hold at least k experts; None when the config makes every layer dense (the MoE sizes are then
+    not needed)."""
     moe = spec.moe
     if moe is None:
+        return None
+    dense = set(raw.get("moe_dense_layers", ()))
+    if dense - set(range(n_layers)):
+        raise InputError(f"{subject('moe_dense_layers')} names layers {sorted(dense - set(range(n_layers)))} beyond "
+                         f"the {n_layers} layers")
+    if raw.get("moe_layer_freq", 1) != 1:       # DeepSeek's own code: MoE where i % freq == 0; transformers: every
+        raise UnsupportedError(f"{subject('moe_layer_freq')} is {raw['moe_layer_freq']}: mixture-of-experts layers "
+                               "only every few layers are not read (transformers ignores the key and makes every "
+                               "layer from the first sparse one a mixture of experts)")
+    step, first = raw.get("moe_sparse_step", 1), raw.get("moe_first_dense", 0)
+    layers = tuple(i not in dense and (i + 1) % step == 0 and i >= first for i in range(n_layers))
+    if not any(layers):
         return None
     for name in ("n_experts", "n_experts_per_token", "d_ff_expert"):
         if name not in raw:
@@ -371,24 +384,39 @@ def _build_moe(spec: ArchSpec, raw: dict[str, Any], n_layers: int, subject: Any)
     n, k = raw["n_experts"], raw["n_experts_per_token"]
     if k > n:
         raise InputError(f"{subject('n_experts_per_token')} is {k}; expected at most {subject('n_experts')} {n}")
-    dense = set(raw.get("moe_dense_layers", ()))
-    if dense - set(range(n_layers)):
-        raise InputError(f"{subject('moe_dense_layers')} names layers {sorted(dense - set(range(n_layers)))} beyond "
-                         f"the {n_layers} layers")
-    step, first = raw.get("moe_sparse_step", 1), raw.get("moe_first_dense", 0)
-    layers = tuple(i not in dense and (i + 1) % step == 0 and i >= first for i in range(n_layers))
+    selection = _moe_selection(spec, raw, subject)
     groups, top_groups = raw.get("n_group", 1), raw.get("topk_group", 1)
+    if selection.group_rank_terms is not None and not {"n_group", "topk_group"} <= set(raw):
+        raise InputError(f"group-limited expert selection ({selection.value}) needs n_group and topk_group")
     if n % groups or top_groups > groups:
         raise InputError(f"{subject('n_group')} {groups} must divide the {n} experts and be at least topk_group "
                          f"{top_groups}")
+    if selection.group_rank_terms is not None and k > top_groups * (n // groups):
+        raise InputError(f"{subject('n_experts_per_token')} is {k}; the {top_groups} searched groups hold only "
+                         f"{top_groups * (n // groups)} experts")
     shared = raw.get("d_ff_shared") if moe.shared_gate is not None else None
+    if shared is None and moe.shared_gate is not None and "n_shared_experts" in raw:
+        shared = raw["n_shared_experts"] * raw["d_ff_expert"]       # DeepSeek: the shared experts as one FFN
     if moe.shared_gate is not None and shared is None:
         raise InputError("config does not give the shared experts' width (d_ff_shared)")
-    return MoEConfig(score=moe.score, selection=moe.selection, n_experts=n, top_k=k, d_ff_expert=raw["d_ff_expert"],
+    return MoEConfig(score=moe.score, selection=selection, n_experts=n, top_k=k, d_ff_expert=raw["d_ff_expert"],
                      renormalize=bool(raw.get("moe_renormalize", False)), moe_layers=layers,
                      shared_gate=moe.shared_gate, d_ff_shared=shared,
                      scaling=float(raw.get("routed_scaling_factor", 1.0)), n_group=groups, topk_group=top_groups,
-                     fused_orientation=moe.fused_orientation, fused_packing=moe.fused_packing)
+                     fused_orientation=moe.fused_orientation, fused_packing=moe.fused_packing,
+                     router_float32=moe.router_float32)
+
+
+def _moe_selection(spec: ArchSpec, raw: dict[str, Any], subject: Any) -> ExpertSelection:
+    """The spec's expert selection, or the one its selection switch's config value names (refused otherwise)."""
+    moe, switch = spec.moe, spec.moe.selection_switch
+    if switch is None or switch.key not in raw:
+        return moe.selection
+    chosen = dict(switch.values).get(raw[switch.key])
+    if chosen is None:
+        raise UnsupportedError(f"{subject(switch.key)} is {raw[switch.key]!r}: not a supported expert selection for "
+                               f"family {spec.name!r}; supported: {', '.join(v for v, _ in switch.values)}")
+    return chosen
 
 
 def _resolve_layout(spec: ArchSpec, raw: dict[str, Any]) -> Layout:
@@ -402,17 +430,6 @@ def _resolve_layout(spec: ArchSpec, raw: dict[str, Any]) -> Layout:
     if style is not None:
         layout = replace(layout, rope_style=style.if_true if raw.get(style.key, True) else style.if_false)
     return layout
-
-
-def refuse_moe_layers(spec: ArchSpec, raw: dict[str, Any], subject: Any) -> None:
-    """The one place that refuses mixture-of-experts FFN layers a family does not declare (no ``moe`` block): a
-    config with experts (``n_experts``) whose dense layers (``moe_first_dense``, DeepSeek's first_k_dense_replace)
-    stop before the last layer."""
-    experts, dense = raw.get("n_experts"), raw.get("moe_first_dense")
-    if spec.moe is None and experts is not None and dense is not None and dense < raw["n_layers"]:
-        raise UnsupportedError(f"layers {dense}..{raw['n_layers'] - 1} are mixture-of-experts layers ({experts} "
-                               f"experts; {subject('moe_first_dense')} is {dense}): their MoE FFNs are not read yet "
-                               f"for family {spec.name!r}")
 
 
 def _skip_trailing_layers(names: TensorNames, raw: dict[str, Any]) -> int:

@@ -46,7 +46,10 @@ def _describe_moe(cfg: Any) -> dict[str, Any]:
             "score": moe.score.value, "selection": moe.selection.value, "renormalize": moe.renormalize,
             "scaling": moe.scaling, "shared_gate": None if moe.shared_gate is None else moe.shared_gate.value,
             "d_ff_shared": moe.d_ff_shared, "moe_layers": [i for i, m in enumerate(moe.moe_layers) if m],
-            "dense_layers": [i for i, m in enumerate(moe.moe_layers) if not m]}
+            "dense_layers": [i for i, m in enumerate(moe.moe_layers) if not m],
+            "groups": None if moe.selection.group_rank_terms is None else
+            {"n_group": moe.n_group, "topk_group": moe.topk_group, "rank_terms": moe.selection.group_rank_terms},
+            "router_float32": moe.router_float32}
 
 
 def describe_checkpoint(model: OpenModel) -> dict[str, Any]:

@@ -63,7 +63,8 @@ def open_model(target: str | Path, arch: str | None = None, overrides: dict[str,
             raise exc.at(weights)
         cfg = build_model_config(spec, config, names, reader.infos, overrides)
         names.use_layout(cfg.layout, None if cfg.mla is None else cfg.mla.q_lora_rank is not None)
-        names.use_moe(cfg.moe.moe_layers if cfg.moe else None, cfg.moe.n_experts if cfg.moe else None)
+        names.use_moe(cfg.moe.moe_layers if cfg.moe else (False,) * cfg.n_layers,   # every FFN dense
+                      cfg.moe.n_experts if cfg.moe else None)
         check_tensors(cfg, names, reader.infos, weights)
     except AttnstabError as exc:
         raise exc.at(where)

@@ -90,14 +90,15 @@ class WeightLoader:
         self.shapes = expected_shapes(cfg)
 
     def tensor(self, role: str, layer: int | None = None, matrix: bool | None = None,
-               expert: int | None = None) -> torch.Tensor | None:
+               expert: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """Load ``role`` (of ``expert`` for a per-expert role) in canonical orientation (``matrix`` defaults to the
-        role's :func:`expected_shapes` entry); its shape is checked against that entry."""
+        role's :func:`expected_shapes` entry) and ``dtype`` (the compute dtype by default); its shape is checked
+        against that entry."""
         name = self.names.require(role, layer, expert)
         if name is None:
             return None
         expected = self.shapes[role]
-        t = self.reader.load(name, device=self.device, dtype=self.dtype)
+        t = self.reader.load(name, device=self.device, dtype=dtype or self.dtype)
         if expected.matrix if matrix is None else matrix:
             t = orient(t, expected.orientation or self.cfg.layout.orientation)
         if not expected.accepts(tuple(t.shape)):
@@ -170,8 +171,11 @@ class WeightLoader:
         if moe.shared_gate is not None:
             shared = {k: self.tensor(f"shared_{r}.weight", layer) for k, r in
                       (("w_gate", "gate"), ("w_up", "up"), ("w_out", "out"))}
-        return MoEWeights(router=self.tensor("router.weight", layer), router_bias=self.tensor("router.bias", layer),
-                          score_bias=self.tensor("router.score_bias", layer), experts=experts, shared=shared,
+        wide = torch.float32 if moe.router_float32 and self.dtype in (torch.float16, torch.bfloat16) else None
+        return MoEWeights(router=self.tensor("router.weight", layer, dtype=wide),
+                          router_bias=self.tensor("router.bias", layer, dtype=wide),
+                          score_bias=self.tensor("router.score_bias", layer, dtype=wide), experts=experts,
+                          shared=shared,
                           shared_router=self.tensor("shared_router.weight", layer)
                           if self.names.declares("shared_router.weight", layer) else None)
 

@@ -41,7 +41,7 @@ NULL_REASONS: dict[str, str] = {
     "identity_grad_path": "--grad was not given",
     **dict.fromkeys(("router_margin_min", "router_margin_p05", "expert_load_max", "expert_load_cv",
                      "router_entropy_mean", "gate_theta_mean", "moe_piecewise"),
-                    "the family's FFNs are dense (no mixture of experts)"),
+                    "every FFN of the model is dense (no mixture of experts)"),
     "lip_layer_empirical": "tier 3 was not run (--empirical-seqs 0)",
     "tightness": "tier 3 was not run (--empirical-seqs 0)",
     "tightness_refined": "tier 3 was not run (--empirical-seqs 0)",

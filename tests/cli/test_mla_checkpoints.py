@@ -1,6 +1,7 @@
-"""DeepSeek checkpoints through the CLI (THEORY §18.8): ``info`` names the latent-attention facts, a checkpoint with
-mixture-of-experts layers is refused in one line, and a trailing multi-token-prediction layer is skipped and said so
-(info, manifest, summary)."""
+"""DeepSeek checkpoints through the CLI (THEORY §18.8, §18.7): ``info`` names the latent-attention and routing facts,
+a checkpoint with mixture-of-experts layers scans, the MoE settings transformers and DeepSeek's own code read
+differently are refused in one line, and a trailing multi-token-prediction layer is skipped and said so (info,
+manifest, summary)."""
 from __future__ import annotations
 
 import json
@@ -37,14 +38,54 @@ def test_info_names_the_latent_attention(family: str, style: str, tiny_checkpoin
     assert "latent attention" in text and "shared by all heads" in text
 
 
-def test_moe_layers_are_refused_in_one_line(tiny_checkpoints: dict, tmp_path: Path) -> None:
-    ck = copy_checkpoint(tiny_checkpoints["deepseek_v3"][0], tmp_path)
+@pytest.mark.parametrize("family", ["deepseek_v2_moe", "deepseek_v3_moe"])
+def test_moe_layers_are_read_and_scanned(family: str, tiny_checkpoints: dict, tmp_path: Path) -> None:
+    """info names DeepSeek's routing as the reference configures it; a scan writes the experts table with one row
+    per (MoE layer, expert) and the routing columns on the MoE layers only."""
+    import pyarrow.parquet as pq
+
+    path, ref = tiny_checkpoints[family]
+    cfg = ref.config
+    data = json.loads(invoke("info", path, "--json").stdout)
+    moe = data["moe"]
+    assert (moe["n_experts"], moe["experts_per_token"], moe["d_ff_expert"]) == \
+        (cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size)
+    assert moe["dense_layers"] == list(range(cfg.first_k_dense_replace))
+    assert moe["d_ff_shared"] == cfg.n_shared_experts * cfg.moe_intermediate_size
+    assert moe["scaling"] == cfg.routed_scaling_factor and moe["shared_gate"] == "constant"
+    assert moe["groups"] == {"n_group": cfg.n_group, "topk_group": cfg.topk_group,
+                             "rank_terms": 2 if family == "deepseek_v3_moe" else 1}
+    assert (moe["score"], moe["renormalize"]) == (("sigmoid", True) if family == "deepseek_v3_moe" else
+                                                  ("softmax", False))
+    out = tmp_path / "r"
+    result = invoke("scan", path, "--calib", "random", "--seq-len", "16", "--batches", "1", "--out", out,
+                    "--empirical-seqs", "0", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    experts = pq.read_table(out / "experts.parquet").to_pylist()
+    layers = range(cfg.first_k_dense_replace, cfg.num_hidden_layers)
+    assert [(r["layer"], r["expert"]) for r in experts] == [(i, e) for i in layers for e in range(cfg.n_routed_experts)]
+    rows = pq.read_table(out / "layers.parquet").to_pylist()
+    assert [r["moe_piecewise"] is True for r in rows] == [i in layers for i in range(cfg.num_hidden_layers)]
+
+
+@pytest.mark.parametrize("family,key,value,needles", [
+    ("deepseek_v3_moe", "moe_layer_freq", 2, ("'moe_layer_freq' is 2", "transformers ignores the key")),
+    ("deepseek_v2_moe", "norm_topk_prob", True, ("'norm_topk_prob' is true", "renormalized")),
+    ("deepseek_v2_moe", "topk_method", "noaux_tc", ("'topk_method' is 'noaux_tc'", "greedy, group_limited_greedy")),
+    ("deepseek_v2_moe", "num_experts_per_tok", 5, ("'num_experts_per_tok' is 5", "hold only 4 experts")),
+    ("deepseek_v2_moe", "mlp_bias", True, ("'mlp_bias' is true", "biases")),
+])
+def test_moe_settings_read_differently_are_refused(family: str, key: str, value: object, needles: tuple[str, ...],
+                                                   tiny_checkpoints: dict, tmp_path: Path) -> None:
+    """moe_layer_freq other than 1 (DeepSeek's code: MoE every few layers; transformers: every layer) and V2's
+    norm_topk_prob (DeepSeek's code renormalizes; transformers' V2 router does not) are refused rather than read one
+    way; so are an unknown topk_method, more experts per token than the searched groups hold, and FFN biases."""
+    ck = copy_checkpoint(tiny_checkpoints[family][0], tmp_path)
     config = json.loads((ck / "config.json").read_text())
-    config["first_k_dense_replace"] = 1
+    config[key] = value
     (ck / "config.json").write_text(json.dumps(config))
     for command in (("info",), ("scan", "--calib", "random", "--seq-len", "8", "--batches", "1", "--quiet")):
-        assert_input_error(invoke(command[0], ck, *command[1:]), "layers 1..1 are mixture-of-experts layers",
-                           "not read yet")
+        assert_input_error(invoke(command[0], ck, *command[1:]), *needles)
 
 
 def _with_mtp_layer(src: Path, tmp_path: Path, n_predict: int | None) -> tuple[Path, int]:

@@ -18,7 +18,7 @@ from tiny_models import save_tiny_model
 SCAN = ("--calib", "random", "--seq-len", "16", "--batch-size", "1", "--batches", "1", "--empirical-seqs", "0",
         "--quiet")
 FAMILIES = ("gpt2", "llama", "neox", "bert", "mistral", "gptj", "phi", "gemma2", "gemma3", "phi3", "modernbert",
-            "olmo2", "mixtral", "qwen2_moe")
+            "olmo2", "mixtral", "qwen2_moe", "deepseek_v3_moe")
 
 
 def _save_transformers(directory: Path, config_cls: str, model_cls: str, **kwargs: object) -> Path:
@@ -205,6 +205,11 @@ def test_forced_bert_on_mpnet_says_no_tensor_matches(ckpts: dict[str, Path]) -> 
     ("mixtral", ("model.layers.1.block_sparse_moe.experts.5.w3.weight",), "of expert 5 in layer 1"),
     ("qwen2_moe", ("model.layers.2.mlp.shared_expert_gate.weight",), "layers.2.mlp.shared_expert_gate.weight"),
     ("qwen2_moe", ("model.layers.1.mlp.down_proj.weight",), "model.layers.1.mlp.down_proj.weight"),   # dense layer
+    # the selection-only bias changes every choice it shifts: required, never read as zero
+    ("deepseek_v3_moe", ("model.layers.2.mlp.gate.e_score_correction_bias",),
+     "layers.2.mlp.gate.e_score_correction_bias"),
+    ("deepseek_v3_moe", ("model.layers.1.mlp.shared_experts.up_proj.weight",),
+     "layers.1.mlp.shared_experts.up_proj.weight"),
 ])
 def test_a_missing_required_tensor_is_refused_before_any_work(family: str, removed: tuple[str, ...], needle: str,
                                                               ckpts: dict[str, Path], tmp_path: Path) -> None:
@@ -399,7 +404,9 @@ def test_a_forward_pass_that_overflows_the_compute_dtype_is_refused(tmp_path: Pa
     ("mixtral", {"model.layers.0.block_sparse_moe.experts.6.w1.weight": (32, 64)}),   # a 7th expert of 6
     ("qwen2_moe", {"model.layers.1.mlp.gate.weight": (6, 64)}),                       # a router in the dense layer
     ("qwen2_moe", {"model.layers.0.mlp.gate_proj.weight": (96, 64)}),                 # a dense FFN in a MoE layer
-])
+    ("deepseek_v3_moe", {"model.layers.0.mlp.gate.weight": (8, 64)}),                 # a router before
+    ("deepseek_v3_moe", {"model.layers.2.mlp.up_proj.weight": (96, 64)}),             # first_k_dense_replace; a
+])                                                                                    # dense FFN after it
 def test_tensors_outside_the_layer_kind_are_refused(family: str, added: dict, ckpts: dict[str, Path],
                                                    tmp_path: Path) -> None:
     """MoE layers read the router and the configured number of experts, dense layers (mlp_only_layers) the plain FFN:
@@ -412,3 +419,10 @@ def test_a_router_of_the_wrong_width_is_refused(ckpts: dict[str, Path], tmp_path
     name = "model.layers.0.block_sparse_moe.gate.weight"
     ck = _edit_weights(_copy(ckpts["mixtral"], tmp_path), lambda s: s.update({name: torch.ones(5, 64)}))
     assert_input_error(invoke("scan", ck, *SCAN), "model.safetensors", name, "[6, 64]")
+
+
+def test_a_shared_expert_of_the_wrong_width_is_refused(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """DeepSeek's shared experts run as one FFN n_shared_experts x moe_intermediate_size wide (16 here)."""
+    name = "model.layers.1.mlp.shared_experts.gate_proj.weight"
+    ck = _edit_weights(_copy(ckpts["deepseek_v3_moe"], tmp_path), lambda s: s.update({name: torch.ones(32, 64)}))
+    assert_input_error(invoke("scan", ck, *SCAN), "model.safetensors", name, "[16, 64]")

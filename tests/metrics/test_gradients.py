@@ -62,6 +62,9 @@ GROUPS = {
                     ("input_layernorm", "post_attention_layernorm", "self_attn.q_a_layernorm",
                      "self_attn.kv_a_layernorm")),
 }
+# DeepSeek with MoE layers: the router, the routed and the shared experts are FFN parameters (the selection bias is
+# a buffer, with no gradient)
+GROUPS["deepseek_v2_moe"], GROUPS["deepseek_v3_moe"] = GROUPS["deepseek_v2"], GROUPS["deepseek_v3"]
 POST_LN = ("bert", "distilbert", "roberta", "xlm_roberta")
 
 

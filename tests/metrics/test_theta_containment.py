@@ -93,7 +93,8 @@ def test_capped_theta_contains_eager_probabilities(tiny_checkpoints: dict) -> No
     assert capped > 0                                                             # raw logits beyond the cap
 
 
-@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "deepseek_v3_yarn"])
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "deepseek_v3_yarn", "deepseek_v2_moe",
+                                    "deepseek_v3_moe"])
 def test_latent_attention_theta_pmax_entropy_match_eager(family: str, tiny_checkpoints: dict) -> None:
     """Latent attention (THEORY §18.8): the θ rows use q, k exactly as in the logits, so the certified intervals
     contain θ of the reference's eager probabilities (float32: within 1e-4 by T9), and the rows' p_max and entropy

@@ -11,6 +11,7 @@ import torch
 from attnstab_cli.model.load import open_model
 from attnstab_cli.model.stream import LayerStream
 from attnstab_cli.model.traces import AttentionTrace
+from router_helpers import deepseek_router_in_input_dtype
 from tiny_models import FAMILIES
 
 
@@ -112,7 +113,8 @@ def test_per_head_slices_recombine_to_attention_output(tiny_checkpoints: dict) -
 # angles kept).
 UNCAST_RMSNORM = {"phi3": "w", "phi3_longrope": "w", "llama": "w", "llama3_scaled": "w", "mistral": "w",
                   "qwen2": "w", "qwen3": "w", "gemma3": "1+w", "olmo2": "w", "deepseek_v2": "w", "deepseek_v3": "w",
-                  "deepseek_v3_yarn": "w", "mixtral": "w", "qwen2_moe": "w", "qwen3_moe": "w"}
+                  "deepseek_v3_yarn": "w", "deepseek_v2_moe": "w", "deepseek_v3_moe": "w", "mixtral": "w",
+                  "qwen2_moe": "w", "qwen3_moe": "w"}
 FLOAT64_REFERENCE = ("bert", "roberta", "xlm_roberta", "distilbert", "gpt2", "gpt2_scaled", "gptj", "neox",
                      "neox_serial", "phi", "phi_qk", "modernbert", *UNCAST_RMSNORM)
 
@@ -137,10 +139,11 @@ def _complex_rotate_in_input_dtype(xq: torch.Tensor, xk: torch.Tensor,
     return rotate(xq), rotate(xk)
 
 
+_DEEPSEEK_V2_ROPE = ("transformers.models.deepseek_v2.modeling_deepseek_v2", "apply_rotary_emb",
+                     _complex_rotate_in_input_dtype)
 UNCAST_ROPE = {"modernbert": ("transformers.models.modernbert.modeling_modernbert", "apply_rotary_pos_emb",
                               _rotate_in_input_dtype),
-               "deepseek_v2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "apply_rotary_emb",
-                               _complex_rotate_in_input_dtype)}
+               "deepseek_v2": _DEEPSEEK_V2_ROPE, "deepseek_v2_moe": _DEEPSEEK_V2_ROPE}
 
 
 def _router_in_input_dtype(module: torch.nn.Module) -> None:
@@ -164,6 +167,8 @@ def _float64_reference(family: str, ref: torch.nn.Module) -> torch.nn.Module:
     for module in ref64.modules():
         if type(module).__name__.endswith("TopKRouter"):
             _router_in_input_dtype(module)
+        elif type(module).__name__.startswith("Deepseek") and type(module).__name__.endswith("TopkRouter"):
+            deepseek_router_in_input_dtype(module)
     if family in UNCAST_RMSNORM:
         one_plus = UNCAST_RMSNORM[family] == "1+w"
         for module in ref64.modules():
@@ -206,7 +211,7 @@ def test_float64_layers_match(family: str, seq_len: int, tiny_checkpoints: dict,
     assert (got - want).norm() / want.norm() < 1e-10
 
 
-MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v3_yarn")
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v3_yarn", "deepseek_v2_moe", "deepseek_v3_moe")
 
 
 @pytest.mark.parametrize("family", MLA_FAMILIES)
@@ -242,15 +247,17 @@ def test_mla_heads_recombine_to_the_hooked_attention_output(family: str, tiny_ch
         assert float((total - want).norm() / want.norm()) < 1e-10
 
 
-def _reference_routes(ref64: torch.nn.Module, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Layer -> (router logits [N, E], chosen experts [N, k]) of the reference's routers on ``ids``."""
-    routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+def _reference_routes(ref64: torch.nn.Module,
+                      ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Layer -> (router logits [N, E], chosen experts [N, k], their gates [N, k]) of the reference's routers."""
+    routes: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     handles = []
     for i, layer in enumerate(ref64.model.layers):
         gate = getattr(layer.mlp, "gate", None)
-        if type(gate).__name__.endswith("TopKRouter"):
+        if type(gate).__name__.lower().endswith("topkrouter"):
             handles.append(gate.register_forward_hook(
-                lambda m, args, out, i=i: routes.__setitem__(i, (out[0].detach(), out[2].detach()))))
+                lambda m, args, out, i=i: routes.__setitem__(i, (out[0].detach(), out[2].detach(),
+                                                                 out[1].detach()))))
     with torch.no_grad():
         ref64(ids)
     for h in handles:
@@ -258,12 +265,18 @@ def _reference_routes(ref64: torch.nn.Module, ids: torch.Tensor) -> dict[int, tu
     return routes
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
-def test_float64_router_choices_match(family: str, tiny_checkpoints: dict) -> None:
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2_moe", "deepseek_v3_moe"])
+def test_float64_router_choices_match(family: str, tiny_checkpoints: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """MoE layers (THEORY §18.7): the router logits match the reference's to 1e-10 relative and every token picks
-    the same experts; dense layers (Qwen2-MoE's mlp_only_layers) have no routing."""
+    the same experts; dense layers (Qwen2-MoE's mlp_only_layers, DeepSeek's first_k_dense_replace) have no
+    routing; the gates match to 1e-12."""
     path, ref = tiny_checkpoints[family]
     ref64 = _float64_reference(family, ref)
+    if family in UNCAST_ROPE:
+        import importlib
+
+        module, name, replacement = UNCAST_ROPE[family]
+        monkeypatch.setattr(importlib.import_module(module), name, replacement)
     model = open_model(path)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(7))
     want = _reference_routes(ref64, ids)
@@ -272,26 +285,119 @@ def test_float64_router_choices_match(family: str, tiny_checkpoints: dict) -> No
     for trace in LayerStream(model, [ids], dtype=torch.float64).layers():
         if trace.moe is None:
             continue
-        logits, chosen = want[trace.layer]
+        logits, chosen, gates = want[trace.layer]
         got = trace.moe.logits.reshape(logits.shape)
         assert (got - logits).norm() / logits.norm() < 1e-10
-        assert torch.equal(trace.moe.selected.reshape(chosen.shape).sort(-1).values, chosen.sort(-1).values)
+        ours = trace.moe.selected.reshape(chosen.shape)
+        assert torch.equal(ours.sort(-1).values, chosen.sort(-1).values)
+        mine = trace.moe.gates.reshape(gates.shape).gather(-1, ours.sort(-1).indices)
+        theirs = gates.gather(-1, chosen.sort(-1).indices)                  # both by expert index
+        assert float((mine - theirs).abs().max()) <= 1e-12 * float(theirs.abs().max())
         assert len(torch.unique(chosen)) > model.cfg.moe.top_k             # the routing varies between tokens
         seen.append(trace.layer)
     assert seen == sorted(want)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2_moe", "deepseek_v3_moe"])
 def test_fused_expert_tensors_read_as_per_expert(family: str, tiny_checkpoints: dict, tmp_path) -> None:
     """transformers' own fused layout (``save_original_format=False``: ``experts.gate_up_proj [E, 2m, d]``,
-    ``experts.down_proj [E, d, m]``) loads to the same experts as the hub's per-expert tensors."""
+    ``experts.down_proj [E, d, m]``) loads to the same experts as the hub's per-expert tensors (the first MoE
+    layer; the router, its selection bias and the shared experts too)."""
     from safetensors import safe_open
 
     path, ref = tiny_checkpoints[family]
     ref.save_pretrained(tmp_path / "fused", save_original_format=False)
     with safe_open(str(tmp_path / "fused" / "model.safetensors"), "pt") as f:
         assert any(k.endswith("experts.gate_up_proj") for k in f.keys())
-    per_expert, fused = (open_model(p).loader(dtype=torch.float64).layer(0).moe for p in (path, tmp_path / "fused"))
+    models = [open_model(p) for p in (path, tmp_path / "fused")]
+    layer = next(i for i in range(models[0].cfg.n_layers) if models[0].cfg.is_moe(i))
+    per_expert, fused = (m.loader(dtype=torch.float64).layer(layer).moe for m in models)
     for key in ("w_gate", "w_up", "w_out"):
         assert torch.equal(per_expert.experts[key], fused.experts[key])
     assert torch.equal(per_expert.router, fused.router)
+    for a, b in ((per_expert.score_bias, fused.score_bias), (per_expert.shared, fused.shared)):
+        assert (a is None) == (b is None)
+    if per_expert.shared is not None:
+        assert all(torch.equal(per_expert.shared[k], fused.shared[k]) for k in per_expert.shared)
+    if per_expert.score_bias is not None:
+        assert torch.equal(per_expert.score_bias, fused.score_bias)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2_moe", "deepseek_v3_moe"])
+def test_deepseek_router_stays_float32_under_bfloat16(family: str, tiny_checkpoints: dict) -> None:
+    """DeepSeek keeps its router (weight, e_score_correction_bias) in float32 and casts the input to float32: in a
+    bfloat16 run the loader reads them in float32, and on the reference router's own bfloat16 inputs the routing
+    gives its logits, choices and gates."""
+    import transformers
+
+    from attnstab_cli.model.blocks import route_tokens
+
+    path, ref = tiny_checkpoints[family]
+    ref16 = getattr(transformers, type(ref).__name__).from_pretrained(path, dtype=torch.bfloat16).eval()
+    model = open_model(path)
+    layer = next(i for i in range(model.cfg.n_layers) if model.cfg.is_moe(i))
+    gate = ref16.model.layers[layer].mlp.gate
+    assert gate.weight.dtype == torch.float32
+    seen: dict[str, tuple] = {}
+    gate.register_forward_hook(lambda m, args, out: seen.__setitem__("io", (args[0], out)))
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref16(ids)
+    x, (logits, gates, chosen) = seen["io"]
+    assert x.dtype == torch.bfloat16
+    w = model.loader(dtype=torch.bfloat16).layer(layer).moe
+    assert w.router.dtype == torch.float32 and w.experts["w_gate"].dtype == torch.bfloat16
+    if w.score_bias is not None:
+        assert w.score_bias.dtype == torch.float32 and torch.equal(w.score_bias, gate.e_score_correction_bias)
+    route = route_tokens(x, w, model.cfg)
+    torch.testing.assert_close(route.logits.reshape(logits.shape), logits, rtol=1e-6, atol=1e-6)
+    ours = route.selected.reshape(chosen.shape)
+    assert torch.equal(ours.sort(-1).values, chosen.sort(-1).values)
+    torch.testing.assert_close(route.gates.reshape(gates.shape).gather(-1, ours.sort(-1).indices),
+                               gates.gather(-1, chosen.sort(-1).indices), rtol=1e-6, atol=1e-7)
+
+
+def test_deepseek_v2_greedy_selection_matches(tiny_checkpoints: dict, tmp_path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSeek-V2's other ``topk_method``: ``greedy`` ignores the groups; the same checkpoint so configured picks the
+    reference's experts (which differ from the group-limited ones) and matches it per layer in float64."""
+    import json
+    import shutil
+
+    import transformers
+
+    src, _ = tiny_checkpoints["deepseek_v2_moe"]
+    ck = tmp_path / "greedy"
+    shutil.copytree(src, ck)
+    config = json.loads((ck / "config.json").read_text())
+    config["topk_method"] = "greedy"
+    (ck / "config.json").write_text(json.dumps(config))
+    ref = transformers.DeepseekV2ForCausalLM.from_pretrained(ck, dtype=torch.float32).eval()
+    ref.config._experts_implementation = "eager"
+    ref64 = _float64_reference("deepseek_v2_moe", ref)
+    monkeypatch.setattr(*_patch_target(UNCAST_ROPE["deepseek_v2_moe"]))
+    model, grouped = open_model(ck), open_model(src)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(7))
+    want = _reference_routes(ref64, ids)
+    with torch.no_grad():
+        expected = ref64(ids, output_hidden_states=True).hidden_states
+    differ = 0
+    for trace, other in zip(LayerStream(model, [ids], dtype=torch.float64).layers(),
+                            LayerStream(grouped, [ids], dtype=torch.float64).layers()):
+        if trace.layer + 1 < model.cfg.n_layers:
+            e = expected[trace.layer + 1]
+            assert float((trace.resid_out - e).norm() / e.norm()) < 1e-10
+        if trace.moe is not None:
+            chosen = want[trace.layer][1]
+            ours = trace.moe.selected.reshape(chosen.shape).sort(-1).values
+            assert torch.equal(ours, chosen.sort(-1).values)
+            differ += int((ours != other.moe.selected.reshape(chosen.shape).sort(-1).values).any(-1).sum())
+    assert differ > 0
+
+
+def _patch_target(entry: tuple) -> tuple:
+    """``(module, name, replacement)`` of UNCAST_ROPE as monkeypatch.setattr arguments."""
+    import importlib
+
+    module, name, replacement = entry
+    return importlib.import_module(module), name, replacement

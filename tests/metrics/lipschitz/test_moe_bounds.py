@@ -20,12 +20,15 @@ D, M, E, K = 12, 10, 6, 2
 
 # (score, renormalize, selection, shared gate, scaling, router bias, score bias): Mixtral, Qwen2-MoE (plain softmax
 # gates, sigmoid shared gate), Qwen3-MoE (renormalized), DeepSeek V3 (sigmoid, correction bias, 3 groups of which 2
-# are searched, scaling, a constant shared expert), gpt-oss-like (router bias)
+# are searched, scaling, a constant shared expert), DeepSeek V2 (softmax gates over all E not renormalized, groups
+# ranked by their best score, V2's scaling 16, a constant shared expert), gpt-oss-like (router bias)
 STYLES = {
     "mixtral": (RouterScore.SOFTMAX, True, ExpertSelection.TOP_K, None, 1.0, False, False),
     "qwen2_moe": (RouterScore.SOFTMAX, False, ExpertSelection.TOP_K, SharedGate.SIGMOID, 1.0, False, False),
     "qwen3_moe": (RouterScore.SOFTMAX, True, ExpertSelection.TOP_K, None, 1.0, False, False),
     "deepseek": (RouterScore.SIGMOID, True, ExpertSelection.GROUP_TOP_K, SharedGate.CONSTANT, 2.5, False, True),
+    "deepseek_v2": (RouterScore.SOFTMAX, False, ExpertSelection.GROUP_MAX_TOP_K, SharedGate.CONSTANT, 16.0, False,
+                    False),
     "sigmoid_plain": (RouterScore.SIGMOID, False, ExpertSelection.TOP_K, None, 1.0, False, False),
     "router_bias": (RouterScore.SOFTMAX, True, ExpertSelection.TOP_K, None, 1.0, True, False),
 }
@@ -37,8 +40,8 @@ def make_moe(style: str, seed: int, top_k: int = K) -> tuple[ModelConfig, MoEWei
     rnd = lambda *shape, s=1.0: s * torch.randn(*shape, generator=g, dtype=F64)           # noqa: E731
     moe = MoEConfig(score=score, selection=selection, n_experts=E, top_k=top_k, d_ff_expert=M, renormalize=renorm,
                     moe_layers=(True,), shared_gate=shared_gate, d_ff_shared=M if shared_gate else None,
-                    scaling=scaling, n_group=3 if selection is ExpertSelection.GROUP_TOP_K else 1,
-                    topk_group=2 if selection is ExpertSelection.GROUP_TOP_K else 1)
+                    scaling=scaling, n_group=3 if selection.group_rank_terms else 1,
+                    topk_group=2 if selection.group_rank_terms else 1)
     cfg = ModelConfig(family=style, model_type=None, layout=None, n_layers=1, d_model=D, n_heads=1, n_kv_heads=1,
                       head_dim=D, d_ff=M, vocab_size=2, max_positions=None, norm_eps=1e-6, activation="silu",
                       rope=None, sliding_windows=(None,), moe=moe)
@@ -58,12 +61,14 @@ def selection_margin(cfg: ModelConfig, w: MoEWeights, x: torch.Tensor) -> torch.
     scores = logits.softmax(-1) if cfg.moe.score is RouterScore.SOFTMAX else torch.sigmoid(logits)
     select = scores + (0 if w.score_bias is None else w.score_bias)
     group_gap = torch.full(x.shape[:-1], float("inf"), dtype=F64)
-    if cfg.moe.selection is ExpertSelection.GROUP_TOP_K:
-        from attnstab_cli.model.blocks import limit_to_groups
-        rank = select.reshape(*x.shape[:-1], cfg.moe.n_group, -1).topk(2, dim=-1).values.sum(-1)
-        ranked = rank.sort(dim=-1, descending=True).values
-        group_gap = ranked[..., cfg.moe.topk_group - 1] - ranked[..., cfg.moe.topk_group]
-        select = limit_to_groups(select, cfg.moe.n_group, cfg.moe.topk_group)
+    terms = cfg.moe.selection.group_rank_terms          # a group's rank: its best two (V3) or its best (V2)
+    if terms:
+        grouped = select.reshape(*x.shape[:-1], cfg.moe.n_group, -1)
+        rank = grouped.topk(2, dim=-1).values.sum(-1) if terms == 2 else grouped.amax(dim=-1)
+        ranked = rank.sort(dim=-1, descending=True)
+        group_gap = ranked.values[..., cfg.moe.topk_group - 1] - ranked.values[..., cfg.moe.topk_group]
+        kept = torch.zeros_like(rank, dtype=torch.bool).scatter(-1, ranked.indices[..., :cfg.moe.topk_group], True)
+        select = select.masked_fill(~kept.repeat_interleave(grouped.shape[-1], dim=-1), float("-inf"))
     if cfg.moe.top_k == select.shape[-1]:
         return group_gap
     top = select.topk(cfg.moe.top_k + 1, dim=-1).values
