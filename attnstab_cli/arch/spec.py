@@ -153,6 +153,15 @@ class ExpertPacking(str, Enum):
     INTERLEAVED = "interleaved"  # outputs alternate gate, up, gate, ... (gpt-oss)
 
 
+class ExpertGLU(str, Enum):
+    """The experts' gated unit ``h = phi_g(a) * phi_u(b)`` on ``a = x W_g + b_g``, ``b = x W_u + b_u`` (THEORY §6.2,
+    §18.7)."""
+
+    GATED = "gated"                    # act(a) * b with the family's activation (§6.2)
+    CLAMPED_SWIGLU = "clamped_swiglu"  # gpt-oss: a' = min(a, limit), b' = clip(b, +-limit), h = a' sigma(alpha a')
+                                       # (b' + 1) (config fields swiglu_alpha, swiglu_limit)
+
+
 @dataclass(frozen=True)
 class MoESpec:
     """A mixture-of-experts FFN (THEORY §18.7), declared per family; the sizes and the switches that vary between
@@ -160,7 +169,8 @@ class MoESpec:
 
     The roles: ``router.weight`` (+ optional ``router.bias``, and ``router.score_bias``, a bias added to the scores
     for the selection only), per-expert ``expert_gate/up/out.weight`` with an ``{expert}`` placeholder, or the fused
-    ``experts_gate_up.weight`` / ``experts_out.weight`` over all experts (either set may be stored), and for shared
+    ``experts_gate_up.weight`` / ``experts_out.weight`` over all experts (either set may be stored; the fused set
+    may carry biases ``experts_gate_up.bias`` / ``experts_out.bias``, gpt-oss), and for shared
     experts ``shared_gate/up/out.weight`` (+ ``shared_router.weight`` for a sigmoid shared gate). A layer the
     config makes dense reads the family's plain FFN roles instead."""
 
@@ -169,13 +179,16 @@ class MoESpec:
     shared_gate: SharedGate | None = None        # None: no shared experts
     fused_orientation: Orientation = Orientation.OUT_IN   # of each expert's slice of the fused tensors
     fused_packing: ExpertPacking = ExpertPacking.GATE_UP
+    expert_glu: ExpertGLU = ExpertGLU.GATED
 
 
 MOE_ROUTER_ROLES = {"router.weight", "router.bias", "router.score_bias"}
 MOE_EXPERT_ROLES = {"expert_gate.weight", "expert_up.weight", "expert_out.weight"}
 MOE_FUSED_ROLES = {"experts_gate_up.weight", "experts_out.weight"}
+MOE_FUSED_BIAS_ROLES = {"experts_gate_up.bias", "experts_out.bias"}   # [E, 2m] (packed as the weight), [E, d]
 MOE_SHARED_ROLES = {"shared_gate.weight", "shared_up.weight", "shared_out.weight", "shared_router.weight"}
-MOE_ROLES = MOE_ROUTER_ROLES | MOE_EXPERT_ROLES | MOE_FUSED_ROLES | MOE_SHARED_ROLES
+MOE_ROLES = MOE_ROUTER_ROLES | MOE_EXPERT_ROLES | MOE_FUSED_ROLES | MOE_FUSED_BIAS_ROLES | MOE_SHARED_ROLES
+CLAMPED_GLU_CONFIG = {"swiglu_alpha", "swiglu_limit"}
 
 
 @dataclass(frozen=True)
@@ -264,7 +277,7 @@ _KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefix
          "layer_tensors", "optional", "tied", "required_without_config", "residual_switch", "qk_norm_switch",
          "ignorable", "buffers", "unsupported_if_true", "rope_type_aliases", "ignored_parts", "rope_style_switch",
          "rope_types", "trailing_layer_part", "moe"}
-_MOE_KEYS = {"score", "selection", "shared_gate", "fused_orientation", "fused_packing"}
+_MOE_KEYS = {"score", "selection", "shared_gate", "fused_orientation", "fused_packing", "expert_glu"}
 
 
 _LAYOUT_KEYS = {"orientation", "qkv_packing", "norm", "residual", "positions", "rope_style", "causal", "ffn",
@@ -352,7 +365,8 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
     if bool(data.get("trailing_layer_part")) != ("trailing_layers" in data["config"]):
         raise ValueError(f"spec {data.get('name')!r}: trailing_layer_part and the config field trailing_layers go "
                          "together")
-    moe = _parse_moe(data.get("name"), data.get("moe"), set(data["layer_tensors"]), set(data.get("optional", ())))
+    moe = _parse_moe(data.get("name"), data.get("moe"), set(data["layer_tensors"]), set(data.get("optional", ())),
+                     set(data["config"]))
     aliases = dict(data.get("rope_type_aliases", {}))
     if set(aliases.values()) - set(ROPE_SCALING_FIELDS):
         raise ValueError(f"spec {data.get('name')!r}: rope_type_aliases name unsupported rope types "
@@ -378,9 +392,11 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
     )
 
 
-def _parse_moe(name: str | None, data: dict[str, Any] | None, roles: set[str], optional: set[str]) -> MoESpec | None:
+def _parse_moe(name: str | None, data: dict[str, Any] | None, roles: set[str], optional: set[str],
+               fields: set[str]) -> MoESpec | None:
     """The ``moe`` block and the roles it needs: a router weight, a complete per-expert or fused expert set (or
-    both), and shared-expert roles exactly when a shared gate is declared."""
+    both), fused expert biases only beside the fused weights, shared-expert roles exactly when a shared gate is
+    declared, and the clamped SwiGLU's config fields where the experts use it."""
     declared = roles & MOE_ROLES
     if data is None:
         if declared:
@@ -392,13 +408,19 @@ def _parse_moe(name: str | None, data: dict[str, Any] | None, roles: set[str], o
     moe = MoESpec(score=RouterScore(data["score"]), selection=ExpertSelection(data.get("selection", "top_k")),
                   shared_gate=SharedGate(data["shared_gate"]) if data.get("shared_gate") else None,
                   fused_orientation=Orientation(data.get("fused_orientation", "out_in")),
-                  fused_packing=ExpertPacking(data.get("fused_packing", "gate_up")))
+                  fused_packing=ExpertPacking(data.get("fused_packing", "gate_up")),
+                  expert_glu=ExpertGLU(data.get("expert_glu", "gated")))
     if "router.weight" not in roles:
         raise ValueError(f"spec {name!r}: a 'moe' block needs the role router.weight")
     experts, fused = declared & MOE_EXPERT_ROLES, declared & MOE_FUSED_ROLES
     if experts not in (set(), MOE_EXPERT_ROLES) or fused not in (set(), MOE_FUSED_ROLES) or not experts | fused:
         raise ValueError(f"spec {name!r}: declare all of {sorted(MOE_EXPERT_ROLES)} (per expert) and/or all of "
                          f"{sorted(MOE_FUSED_ROLES)} (fused)")
+    if declared & MOE_FUSED_BIAS_ROLES and not fused:
+        raise ValueError(f"spec {name!r}: fused expert biases {sorted(declared & MOE_FUSED_BIAS_ROLES)} need the fused "
+                         f"expert weights {sorted(MOE_FUSED_ROLES)}")
+    if moe.expert_glu is ExpertGLU.CLAMPED_SWIGLU and not CLAMPED_GLU_CONFIG <= fields:
+        raise ValueError(f"spec {name!r}: expert_glu 'clamped_swiglu' reads config fields {sorted(CLAMPED_GLU_CONFIG)}")
     shared = declared & MOE_SHARED_ROLES
     want = set() if moe.shared_gate is None else {"shared_gate.weight", "shared_up.weight", "shared_out.weight"} | (
         {"shared_router.weight"} if moe.shared_gate is SharedGate.SIGMOID else set())
