@@ -419,6 +419,9 @@ def _parse_moe(name: str | None, data: dict[str, Any] | None, roles: set[str], o
     if declared & MOE_FUSED_BIAS_ROLES and not fused:
         raise ValueError(f"spec {name!r}: fused expert biases {sorted(declared & MOE_FUSED_BIAS_ROLES)} need the fused "
                          f"expert weights {sorted(MOE_FUSED_ROLES)}")
+    if declared & MOE_FUSED_BIAS_ROLES and moe.expert_glu is ExpertGLU.GATED:
+        raise ValueError(f"spec {name!r}: fused expert biases are read with expert_glu 'clamped_swiglu' (the gated "
+                         "experts' bounds of THEORY §6.2 take none)")
     if moe.expert_glu is ExpertGLU.CLAMPED_SWIGLU and not CLAMPED_GLU_CONFIG <= fields:
         raise ValueError(f"spec {name!r}: expert_glu 'clamped_swiglu' reads config fields {sorted(CLAMPED_GLU_CONFIG)}")
     shared = declared & MOE_SHARED_ROLES

@@ -159,3 +159,11 @@ def test_clamped_swiglu_experts_need_their_config_fields_and_fused_biases_their_
     data["moe"]["expert_glu"] = "clamped"
     with pytest.raises(ValueError):
         parse_spec(data)
+
+
+def test_fused_expert_biases_are_read_with_the_clamped_unit_only() -> None:
+    """The gated experts' bounds (§6.2) take no biases, so a spec giving such experts biases is refused."""
+    data = _spec_data("gpt_oss")
+    data["moe"]["expert_glu"] = "gated"
+    with pytest.raises(ValueError, match="clamped_swiglu"):
+        parse_spec(data)
