@@ -146,7 +146,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                      initializer_range=0.06,            # the gate and a third of the up pre-activations clamped
                      rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0, "beta_fast": 8.0,
                                       "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16},
-                     pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+                     bos_token_id=1, eos_token_id=2)),                 # no pad row: every embedding row non-zero
 }
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 
