@@ -46,7 +46,9 @@ def _describe_moe(cfg: Any) -> dict[str, Any]:
             "score": moe.score.value, "selection": moe.selection.value, "renormalize": moe.renormalize,
             "scaling": moe.scaling, "shared_gate": None if moe.shared_gate is None else moe.shared_gate.value,
             "d_ff_shared": moe.d_ff_shared, "moe_layers": [i for i, m in enumerate(moe.moe_layers) if m],
-            "dense_layers": [i for i, m in enumerate(moe.moe_layers) if not m]}
+            "dense_layers": [i for i, m in enumerate(moe.moe_layers) if not m],
+            "expert_unit": moe.glu.value,                       # clamped_swiglu: its sigmoid gain and clamp limit
+            "swiglu_alpha": None if moe.glu_limit is None else moe.glu_alpha, "swiglu_limit": moe.glu_limit}
 
 
 def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
