@@ -1,5 +1,5 @@
-"""THEORY §18.7 on the tiny Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss scans: the routing columns and the experts table against a
-direct computation from ``transformers``' router logits and weights, the tier ordering 3 <= 2r <= 2 <= 1 on every
+"""THEORY §18.7 on the tiny Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss scans: the routing columns and the experts
+table against a direct computation from ``transformers``' router logits and weights, the tier ordering 3 <= 2r <= 2 <= 1 on every
 layer, and each expert's ball bound against its Jacobian on the ball."""
 from __future__ import annotations
 
