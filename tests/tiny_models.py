@@ -160,8 +160,16 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                   dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                        intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                        norm_topk_prob=True, vocab_size=97, max_position_embeddings=64)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",          # sinks, biases, sliding (window 6) / full, YaRN;
+                dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     intermediate_size=32, num_local_experts=5, num_experts_per_tok=2, vocab_size=97,  # 5 experts,
+                     max_position_embeddings=64, sliding_window=6, swiglu_limit=2.0,   # top-2; about a sixth of
+                     initializer_range=0.06,            # the gate and a third of the up pre-activations clamped
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0, "beta_fast": 8.0,
+                                      "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16},
+                     bos_token_id=1, eos_token_id=2)),                 # no pad row: every embedding row non-zero
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2_moe", "deepseek_v3_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2_moe", "deepseek_v3_moe", "gpt_oss")
 
 
 def build_tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
@@ -183,6 +191,8 @@ def build_tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.M
                     p.mul_(3.0)                            # q/k norms fix the logits' scale: sharpen them too
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn_like(p))
+            elif name.endswith("sinks"):
+                p.copy_(2.0 * torch.randn_like(p) + 3.0)   # sink logits that take a visible share of the rows
             else:
                 p.mul_(4.0)                                # larger logits: sharper, non-uniform attention
         for name, buf in model.named_buffers():

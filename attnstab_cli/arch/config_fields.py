@@ -168,6 +168,8 @@ CONFIG_FIELDS: dict[str, Rule] = {
     "moe_renormalize": Boolean(), "moe_dense_layers": IntegerList(Integer(0)), "moe_sparse_step": POSITIVE,
     "moe_first_dense": Integer(0), "routed_scaling_factor": Real(0.0, min_open=True), "n_group": POSITIVE,
     "topk_group": POSITIVE, "n_shared_experts": POSITIVE, "moe_topk_method": Text(), "moe_layer_freq": POSITIVE,
+    # gpt-oss's clamped SwiGLU experts: the sigmoid's gain alpha and the clamp limit (THEORY §18.7)
+    "swiglu_alpha": Real(0.0, min_open=True), "swiglu_limit": Real(0.0, min_open=True),
 }
 
 # Entries of ``rope_scaling`` / ``rope_parameters`` per rope type: (required, rules). Other entries are not read.

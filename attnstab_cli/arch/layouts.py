@@ -54,7 +54,8 @@ def split_packed_ffn(packed: torch.Tensor, packing: FFNPacking, d_ff: int) -> tu
 
 
 def split_fused_experts(packed: torch.Tensor, packing: ExpertPacking) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split canonical fused expert input weights ``[E, d, 2 m]`` into ``W_g, W_u [E, d, m]`` (THEORY §18.7).
+    """Split canonical fused expert input weights ``[E, d, 2 m]`` into ``W_g, W_u [E, d, m]`` (THEORY §18.7), or
+    their biases ``[E, 2 m]`` into ``b_g, b_u [E, m]`` (the same packing along the last dimension).
 
     ``gate_up``: columns [W_g | W_u] (transformers' fused Mixtral / Qwen-MoE ``gate_up_proj``, whose rows are
     [gate; up] per expert). ``interleaved``: columns alternate gate, up (gpt-oss).

@@ -5,8 +5,8 @@ import re
 from functools import lru_cache
 from typing import Any, Iterable
 
-from attnstab_cli.arch.spec import (MOE_EXPERT_ROLES, MOE_FUSED_ROLES, MOE_ROLES, ArchSpec, Layout,
-                                    load_builtin_specs)
+from attnstab_cli.arch.spec import (MOE_EXPERT_ROLES, MOE_FUSED_BIAS_ROLES, MOE_FUSED_ROLES, MOE_ROLES, ArchSpec,
+                                    Layout, load_builtin_specs)
 from attnstab_cli.errors import InputError, UnsupportedError
 
 
@@ -150,7 +150,7 @@ class TensorNames:
             return False
         if role in MOE_EXPERT_ROLES:
             return not self.fused_experts(layer)
-        return role not in MOE_FUSED_ROLES or self.fused_experts(layer)
+        return role not in MOE_FUSED_ROLES | MOE_FUSED_BIAS_ROLES or self.fused_experts(layer)
 
     def declares(self, role: str, layer: int | None = None) -> bool:
         """Whether the family has a tensor for ``role`` (in ``layer``) at all."""

@@ -160,6 +160,15 @@ class ExpertPacking(str, Enum):
     INTERLEAVED = "interleaved"  # outputs alternate gate, up, gate, ... (gpt-oss)
 
 
+class ExpertGLU(str, Enum):
+    """The experts' gated unit ``h = phi_g(a) * phi_u(b)`` on ``a = x W_g + b_g``, ``b = x W_u + b_u`` (THEORY §6.2,
+    §18.7)."""
+
+    GATED = "gated"                    # act(a) * b with the family's activation (§6.2)
+    CLAMPED_SWIGLU = "clamped_swiglu"  # gpt-oss: a' = min(a, limit), b' = clip(b, +-limit), h = a' sigma(alpha a')
+                                       # (b' + 1) (config fields swiglu_alpha, swiglu_limit)
+
+
 @dataclass(frozen=True)
 class SelectionSwitch:
     """A text config key whose value chooses the expert selection (DeepSeek-V2's ``topk_method``); a value outside
@@ -176,7 +185,8 @@ class MoESpec:
 
     The roles: ``router.weight`` (+ optional ``router.bias``, and ``router.score_bias``, a bias added to the scores
     for the selection only), per-expert ``expert_gate/up/out.weight`` with an ``{expert}`` placeholder, or the fused
-    ``experts_gate_up.weight`` / ``experts_out.weight`` over all experts (either set may be stored), and for shared
+    ``experts_gate_up.weight`` / ``experts_out.weight`` over all experts (either set may be stored; the fused set
+    may carry biases ``experts_gate_up.bias`` / ``experts_out.bias``, gpt-oss), and for shared
     experts ``shared_gate/up/out.weight`` (+ ``shared_router.weight`` for a sigmoid shared gate). A layer the
     config makes dense reads the family's plain FFN roles instead."""
 
@@ -188,13 +198,16 @@ class MoESpec:
     selection_switch: SelectionSwitch | None = None   # a config key that overrides ``selection``
     router_float32: bool = False   # the router's weights, selection bias and logits in float32 or wider, whatever the
                                    # compute dtype (DeepSeek keeps its router in float32)
+    expert_glu: ExpertGLU = ExpertGLU.GATED
 
 
 MOE_ROUTER_ROLES = {"router.weight", "router.bias", "router.score_bias"}
 MOE_EXPERT_ROLES = {"expert_gate.weight", "expert_up.weight", "expert_out.weight"}
 MOE_FUSED_ROLES = {"experts_gate_up.weight", "experts_out.weight"}
+MOE_FUSED_BIAS_ROLES = {"experts_gate_up.bias", "experts_out.bias"}   # [E, 2m] (packed as the weight), [E, d]
 MOE_SHARED_ROLES = {"shared_gate.weight", "shared_up.weight", "shared_out.weight", "shared_router.weight"}
-MOE_ROLES = MOE_ROUTER_ROLES | MOE_EXPERT_ROLES | MOE_FUSED_ROLES | MOE_SHARED_ROLES
+MOE_ROLES = MOE_ROUTER_ROLES | MOE_EXPERT_ROLES | MOE_FUSED_ROLES | MOE_FUSED_BIAS_ROLES | MOE_SHARED_ROLES
+CLAMPED_GLU_CONFIG = {"swiglu_alpha", "swiglu_limit"}
 
 
 @dataclass(frozen=True)
@@ -284,7 +297,7 @@ _KEYS = {"name", "description", "match", "config", "defaults", "layout", "prefix
          "ignorable", "buffers", "unsupported_if_true", "rope_type_aliases", "ignored_parts", "rope_style_switch",
          "rope_types", "trailing_layer_part", "moe"}
 _MOE_KEYS = {"score", "selection", "shared_gate", "fused_orientation", "fused_packing", "selection_switch",
-             "router_float32"}
+             "router_float32", "expert_glu"}
 
 
 _LAYOUT_KEYS = {"orientation", "qkv_packing", "norm", "residual", "positions", "rope_style", "causal", "ffn",
@@ -402,7 +415,8 @@ def parse_spec(data: dict[str, Any]) -> ArchSpec:
 def _parse_moe(name: str | None, data: dict[str, Any] | None, roles: set[str], optional: set[str],
                fields: set[str]) -> MoESpec | None:
     """The ``moe`` block and the roles it needs: a router weight, a complete per-expert or fused expert set (or
-    both), and shared-expert roles exactly when a shared gate is declared; a selection switch reads a config field."""
+    both), fused expert biases only beside the fused weights, shared-expert roles exactly when a shared gate is
+    declared, the clamped SwiGLU's config fields where the experts use it, and a selection switch's config field."""
     declared = roles & MOE_ROLES
     if data is None:
         if declared:
@@ -416,13 +430,22 @@ def _parse_moe(name: str | None, data: dict[str, Any] | None, roles: set[str], o
                   fused_orientation=Orientation(data.get("fused_orientation", "out_in")),
                   fused_packing=ExpertPacking(data.get("fused_packing", "gate_up")),
                   selection_switch=_selection_switch(name, data.get("selection_switch"), fields),
-                  router_float32=bool(data.get("router_float32", False)))
+                  router_float32=bool(data.get("router_float32", False)),
+                  expert_glu=ExpertGLU(data.get("expert_glu", "gated")))
     if "router.weight" not in roles:
         raise ValueError(f"spec {name!r}: a 'moe' block needs the role router.weight")
     experts, fused = declared & MOE_EXPERT_ROLES, declared & MOE_FUSED_ROLES
     if experts not in (set(), MOE_EXPERT_ROLES) or fused not in (set(), MOE_FUSED_ROLES) or not experts | fused:
         raise ValueError(f"spec {name!r}: declare all of {sorted(MOE_EXPERT_ROLES)} (per expert) and/or all of "
                          f"{sorted(MOE_FUSED_ROLES)} (fused)")
+    if declared & MOE_FUSED_BIAS_ROLES and not fused:
+        raise ValueError(f"spec {name!r}: fused expert biases {sorted(declared & MOE_FUSED_BIAS_ROLES)} need the fused "
+                         f"expert weights {sorted(MOE_FUSED_ROLES)}")
+    if declared & MOE_FUSED_BIAS_ROLES and moe.expert_glu is ExpertGLU.GATED:
+        raise ValueError(f"spec {name!r}: fused expert biases are read with expert_glu 'clamped_swiglu' (the gated "
+                         "experts' bounds of THEORY §6.2 take none)")
+    if moe.expert_glu is ExpertGLU.CLAMPED_SWIGLU and not CLAMPED_GLU_CONFIG <= fields:
+        raise ValueError(f"spec {name!r}: expert_glu 'clamped_swiglu' reads config fields {sorted(CLAMPED_GLU_CONFIG)}")
     shared = declared & MOE_SHARED_ROLES
     want = set() if moe.shared_gate is None else {"shared_gate.weight", "shared_up.weight", "shared_out.weight"} | (
         {"shared_router.weight"} if moe.shared_gate is SharedGate.SIGMOID else set())

@@ -99,7 +99,7 @@ class MoEPass:
         norms = ctx.ffn_norms
         assert isinstance(norms, MoENorms)
         radius = compute_ffn_reset_radius(self.cfg, ctx.weights, ctx.r2_reset)
-        lips, _ = compute_expert_balls(radius, ctx.weights.moe, self.cfg.activation, norms)
+        lips, _ = compute_expert_balls(radius, ctx.weights.moe, self.cfg.activation, norms, self.cfg.moe)
         return [{"layer": ctx.layer, "expert": e, "gate_norm": float(norms.gate[e]), "up_norm": float(norms.up[e]),
                  "out_norm": float(norms.out[e]), "lip_expert_weights": float(lips[e])}
                 for e in range(len(lips))]

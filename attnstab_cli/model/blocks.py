@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from attnstab_cli.arch.spec import FFNKind, NormKind, QKNorm, Residual, RouterScore, SharedGate
 from attnstab_cli.model.activations import ACTIVATIONS
 from attnstab_cli.model.config import ModelConfig
+from attnstab_cli.model.experts import compute_expert_output, expert_form
 from attnstab_cli.model.masks import compute_allowed
 from attnstab_cli.model.mla import compute_mla_qkv
 from attnstab_cli.model.rope import apply_rope
@@ -185,9 +186,10 @@ def limit_to_groups(select: torch.Tensor, n_group: int, topk_group: int, terms: 
 
 def run_moe(x: torch.Tensor, w: MoEWeights, cfg: ModelConfig) -> tuple[torch.Tensor, MoETrace]:
     """Mixture-of-experts FFN of THEORY §18.7 on ``x [B, T, d]``: each routed expert's gated FFN on its tokens,
-    weighted by its gate, plus the shared experts (times their sigmoid gate, if any). The selection is piecewise
-    constant, so autograd differentiates with the routing fixed."""
-    act = ACTIVATIONS[cfg.activation]
+    weighted by its gate (the experts' unit per :mod:`~attnstab_cli.model.experts`, with their biases), plus the
+    shared experts (times their sigmoid gate, if any). The selection is piecewise constant, so autograd
+    differentiates with the routing fixed."""
+    act, form = ACTIVATIONS[cfg.activation], expert_form(cfg.moe, cfg.activation)
     route = route_tokens(x, w, cfg)
     flat = x.reshape(-1, x.shape[-1])                                             # [N, d]
     chosen = route.selected.reshape(flat.shape[0], -1)                            # [N, k]
@@ -198,7 +200,7 @@ def run_moe(x: torch.Tensor, w: MoEWeights, cfg: ModelConfig) -> tuple[torch.Ten
         rows = hit.any(dim=-1).nonzero().flatten()                                # [n_e]
         weight = (gates * hit).sum(dim=-1)[rows]                                  # [n_e]
         xe = flat[rows]
-        ye = (act(xe @ w.experts["w_gate"][e]) * (xe @ w.experts["w_up"][e])) @ w.experts["w_out"][e]
+        ye = compute_expert_output(xe, w.expert(e), form)                         # [n_e, d]
         out = out.index_add(0, rows, (ye * weight[:, None]).to(out.dtype))
     out = out.reshape(x.shape)
     if w.shared is not None:

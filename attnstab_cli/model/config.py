@@ -15,8 +15,8 @@ from attnstab_cli.arch.config_fields import (
     CONFIG_FIELDS, ROPE_SCALING_FIELDS, check_field, check_rope_scaling, rope_type_of,
 )
 from attnstab_cli.arch.registry import TensorNames
-from attnstab_cli.arch.spec import (ArchSpec, Attention, EmbedScale, ExpertPacking, ExpertSelection, FFNKind, FFNPacking,
-                                    Layout, Orientation, Positions, RopeStyle, RouterScore, SharedGate)
+from attnstab_cli.arch.spec import (ArchSpec, Attention, EmbedScale, ExpertGLU, ExpertPacking, ExpertSelection, FFNKind,
+                                    FFNPacking, Layout, Orientation, Positions, RopeStyle, RouterScore, SharedGate)
 from attnstab_cli.checkpoints.safetensors_header import TensorInfo
 from attnstab_cli.errors import InputError, UnsupportedError, UsageError
 from attnstab_cli.model.activations import ACTIVATIONS
@@ -115,6 +115,9 @@ class MoEConfig:
     fused_orientation: Orientation = Orientation.OUT_IN
     fused_packing: ExpertPacking = ExpertPacking.GATE_UP
     router_float32: bool = False          # router weights, selection bias and logits in float32 or wider
+    glu: ExpertGLU = ExpertGLU.GATED      # the experts' gated unit
+    glu_alpha: float = 1.0                # clamped SwiGLU: the sigmoid's gain and the clamp limit (gpt-oss)
+    glu_limit: float | None = None
 
     @property
     def gates_sum_to_one(self) -> bool:
@@ -399,12 +402,17 @@ def _build_moe(spec: ArchSpec, raw: dict[str, Any], n_layers: int, subject: Any)
         shared = raw["n_shared_experts"] * raw["d_ff_expert"]       # DeepSeek: the shared experts as one FFN
     if moe.shared_gate is not None and shared is None:
         raise InputError("config does not give the shared experts' width (d_ff_shared)")
+    clamped = moe.expert_glu is ExpertGLU.CLAMPED_SWIGLU
+    if clamped and ("swiglu_alpha" not in raw or "swiglu_limit" not in raw):
+        raise InputError("config does not give the clamped SwiGLU's swiglu_alpha and swiglu_limit")
     return MoEConfig(score=moe.score, selection=selection, n_experts=n, top_k=k, d_ff_expert=raw["d_ff_expert"],
                      renormalize=bool(raw.get("moe_renormalize", False)), moe_layers=layers,
                      shared_gate=moe.shared_gate, d_ff_shared=shared,
                      scaling=float(raw.get("routed_scaling_factor", 1.0)), n_group=groups, topk_group=top_groups,
                      fused_orientation=moe.fused_orientation, fused_packing=moe.fused_packing,
-                     router_float32=moe.router_float32)
+                     router_float32=moe.router_float32, glu=moe.expert_glu,
+                     glu_alpha=float(raw["swiglu_alpha"]) if clamped else 1.0,
+                     glu_limit=float(raw["swiglu_limit"]) if clamped else None)
 
 
 def _moe_selection(spec: ArchSpec, raw: dict[str, Any], subject: Any) -> ExpertSelection:

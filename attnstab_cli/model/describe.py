@@ -49,7 +49,9 @@ def _describe_moe(cfg: Any) -> dict[str, Any]:
             "dense_layers": [i for i, m in enumerate(moe.moe_layers) if not m],
             "groups": None if moe.selection.group_rank_terms is None else
             {"n_group": moe.n_group, "topk_group": moe.topk_group, "rank_terms": moe.selection.group_rank_terms},
-            "router_float32": moe.router_float32}
+            "router_float32": moe.router_float32,
+            "expert_unit": moe.glu.value,                       # clamped_swiglu: its sigmoid gain and clamp limit
+            "swiglu_alpha": None if moe.glu_limit is None else moe.glu_alpha, "swiglu_limit": moe.glu_limit}
 
 
 def describe_checkpoint(model: OpenModel) -> dict[str, Any]:

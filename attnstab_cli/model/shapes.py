@@ -78,6 +78,7 @@ def _moe_shapes(cfg: ModelConfig) -> dict[str, ExpectedShape]:
         "expert_gate.weight": _matrix(d, m), "expert_up.weight": _matrix(d, m), "expert_out.weight": _matrix(m, d),
         "experts_gate_up.weight": ExpectedShape((n, d, 2 * m), matrix=True, orientation=fused),
         "experts_out.weight": ExpectedShape((n, m, d), matrix=True, orientation=fused),
+        "experts_gate_up.bias": ExpectedShape((n, 2 * m)), "experts_out.bias": ExpectedShape((n, d)),
         "shared_gate.weight": _matrix(d, ms), "shared_up.weight": _matrix(d, ms), "shared_out.weight": _matrix(ms, d),
         "shared_router.weight": _matrix(d, 1),
     }

@@ -33,7 +33,8 @@ class MoEWeights:
     router: torch.Tensor                      # [d, E]
     router_bias: torch.Tensor | None          # [E]
     score_bias: torch.Tensor | None           # [E]  added to the scores for the selection only
-    experts: dict[str, torch.Tensor]          # w_gate, w_up [E, d, m], w_out [E, m, d]
+    experts: dict[str, torch.Tensor]          # w_gate, w_up [E, d, m], w_out [E, m, d]; b_gate, b_up [E, m] and
+                                              # b_out [E, d] where the experts have biases
     shared: dict[str, torch.Tensor] | None = None   # w_gate, w_up [d, m_s], w_out [m_s, d]
     shared_router: torch.Tensor | None = None       # [d, 1]  the sigmoid shared gate's weight
 
@@ -163,6 +164,11 @@ class WeightLoader:
         if self.names.fused_experts(layer):
             w_gate, w_up = split_fused_experts(self.tensor("experts_gate_up.weight", layer), moe.fused_packing)
             experts = {"w_gate": w_gate, "w_up": w_up, "w_out": self.tensor("experts_out.weight", layer)}
+            if self.names.declares("experts_gate_up.bias", layer):
+                experts["b_gate"], experts["b_up"] = split_fused_experts(self.tensor("experts_gate_up.bias", layer),
+                                                                         moe.fused_packing)          # [E, m] each
+            if self.names.declares("experts_out.bias", layer):
+                experts["b_out"] = self.tensor("experts_out.bias", layer)                          # [E, d]
         else:
             roles = {"w_gate": "expert_gate.weight", "w_up": "expert_up.weight", "w_out": "expert_out.weight"}
             experts = {k: torch.stack([self.tensor(r, layer, expert=e) for e in range(moe.n_experts)])

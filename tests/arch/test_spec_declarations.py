@@ -138,3 +138,32 @@ def test_attention_sinks_and_the_sinks_tensor_go_together() -> None:
     data["layout"]["attn_sinks"] = True
     with pytest.raises(ValueError, match="go together"):
         parse_spec(data)
+
+
+def test_clamped_swiglu_experts_need_their_config_fields_and_fused_biases_their_weights() -> None:
+    """``expert_glu: clamped_swiglu`` reads swiglu_alpha / swiglu_limit; fused expert biases need the fused weights."""
+    spec = parse_spec(_spec_data("gpt_oss"))
+    assert spec.moe is not None and spec.moe.expert_glu.value == "clamped_swiglu"
+    assert parse_spec(_spec_data("mixtral")).moe.expert_glu.value == "gated"
+    data = _spec_data("gpt_oss")
+    del data["config"]["swiglu_limit"]
+    with pytest.raises(ValueError, match="swiglu_alpha"):
+        parse_spec(data)
+    data = _spec_data("mixtral")
+    for role in ("experts_gate_up.weight", "experts_out.weight"):
+        del data["layer_tensors"][role]
+    data["layer_tensors"]["experts_out.bias"] = "layers.{layer}.mlp.experts.down_proj_bias"
+    with pytest.raises(ValueError, match="need the fused expert weights"):
+        parse_spec(data)
+    data = _spec_data("gpt_oss")
+    data["moe"]["expert_glu"] = "clamped"
+    with pytest.raises(ValueError):
+        parse_spec(data)
+
+
+def test_fused_expert_biases_are_read_with_the_clamped_unit_only() -> None:
+    """The gated experts' bounds (§6.2) take no biases, so a spec giving such experts biases is refused."""
+    data = _spec_data("gpt_oss")
+    data["moe"]["expert_glu"] = "gated"
+    with pytest.raises(ValueError, match="clamped_swiglu"):
+        parse_spec(data)

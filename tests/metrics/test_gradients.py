@@ -25,6 +25,9 @@ GROUPS = {
     "qwen2_moe": (lambda m: m.model.layers, ("self_attn",), ("mlp",), ("input_layernorm", "post_attention_layernorm")),
     "qwen3_moe": (lambda m: m.model.layers, tuple(f"self_attn.{p}_proj" for p in "qkvo"), ("mlp",),
                   ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm")),
+    # gpt-oss: the sink logits are attention parameters; the router (with its bias) and the fused experts (with
+    # theirs) FFN parameters; autograd through the clamps as through transformers' own
+    "gpt_oss": (lambda m: m.model.layers, ("self_attn",), ("mlp",), ("input_layernorm", "post_attention_layernorm")),
     "neox": (lambda m: m.gpt_neox.layers, ("attention",), ("mlp",), ("input_layernorm", "post_attention_layernorm")),
     "neox_serial": (lambda m: m.gpt_neox.layers, ("attention",), ("mlp",),
                     ("input_layernorm", "post_attention_layernorm")),

@@ -1,7 +1,7 @@
-"""THEORY §18.7 on the tiny Mixtral, Qwen2-MoE, Qwen3-MoE and DeepSeek V2/V3 MoE scans: the routing columns and the
-experts table against a direct computation from ``transformers``' router logits, choices and weights, the tier
-ordering 3 <= 2r <= 2 <= 1 on every layer, each expert's ball bound against its Jacobian on the ball, and T37 on
-DeepSeek's MoE modules."""
+"""THEORY §18.7 on the tiny Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek V2/V3 MoE and gpt-oss scans: the routing
+columns and the experts table against a direct computation from ``transformers``' router logits, choices and weights,
+the tier ordering 3 <= 2r <= 2 <= 1 on every layer, each expert's ball bound against its Jacobian on the ball, and T37
+on DeepSeek's MoE modules."""
 from __future__ import annotations
 
 import pytest
@@ -150,26 +150,41 @@ def test_tier_ordering_on_moe_layers(family: str, scans: dict) -> None:
         assert r["lip_ffn_calibrated"] <= r["lip_ffn_weights"]
 
 
+def reference_expert_matrices(experts: torch.nn.Module, e: int) -> tuple[torch.Tensor, ...]:
+    """Expert ``e``'s W_g, W_u, W_d from the reference's fused parameters, in whatever orientation they are stored:
+    ``gate_up_proj`` rows [gate; up] (Mixtral, Qwen-MoE) or, transposed, columns alternating gate, up (gpt-oss)."""
+    gate_up, down = experts.gate_up_proj.detach().to(F64)[e], experts.down_proj.detach().to(F64)[e]
+    if getattr(experts, "is_transposed", False):
+        gate_up = gate_up.T                                                             # [2m, d]
+    if getattr(experts, "is_concatenated", True):
+        wg, wu = gate_up.chunk(2, dim=0)
+    else:
+        wg, wu = gate_up[0::2], gate_up[1::2]
+    return wg, wu, down
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_expert_table_norms_and_ball_bounds(family: str, scans: dict) -> None:
     """Spectral norms of each expert's matrices from the reference's fused parameters; the expert's ball bound at
-    the FFN input radius ||gamma_2||_inf sqrt(d) is >= its Jacobian's norm at points of that ball."""
+    the FFN input radius ||gamma_2||_inf sqrt(d) is >= the Jacobian's norm, at points of that ball, of the
+    reference's own expert module (every token sent to that one expert with weight 1)."""
+    import copy
+
     tables, ref, _ = scans[family]
     d = ref.config.hidden_size
     for layer in sorted({r["layer"] for r in tables["experts"]}):
         block = ref.model.layers[layer]
         mlp = getattr(block, "mlp", None) or block.block_sparse_moe
-        gate_up, down = mlp.experts.gate_up_proj.detach().to(F64), mlp.experts.down_proj.detach().to(F64)
-        m = down.shape[-1]
+        experts = copy.deepcopy(mlp.experts).double()
         radius = float(block.post_attention_layernorm.weight.detach().abs().max()) * d ** 0.5
         x = torch.randn(16, d, generator=torch.Generator().manual_seed(layer), dtype=F64)
         x = radius * x / x.norm(dim=-1, keepdim=True)
         for r in (r for r in tables["experts"] if r["layer"] == layer):
             e = r["expert"]
-            wg, wu, wd = gate_up[e, :m], gate_up[e, m:], down[e]                        # nn.Linear (out, in)
-            for name, w in (("gate_norm", wg), ("up_norm", wu), ("out_norm", wd)):
+            for name, w in zip(("gate_norm", "up_norm", "out_norm"), reference_expert_matrices(mlp.experts, e)):
                 assert r[name] == pytest.approx(float(torch.linalg.matrix_norm(w, ord=2)), rel=1e-5)
-            expert = lambda v: wd @ (torch.nn.functional.silu(wg @ v) * (wu @ v))           # noqa: E731
+            route = torch.tensor([[e]]), torch.ones(1, 1, dtype=F64)
+            expert = lambda v: experts(v[None], *route)[0]                                  # noqa: E731
             worst = max(float(torch.linalg.matrix_norm(torch.autograd.functional.jacobian(expert, v), ord=2))
                         for v in x)
             assert worst <= r["lip_expert_weights"]

@@ -24,7 +24,8 @@ SAMPLE_NAMES = ("gpt2-tiny", "bert-tiny", "llama-tiny", "pythia-tiny")
 
 
 def dense_rows(a, b: int) -> torch.Tensor:
-    """Every attention row of sequence ``b`` in float64, ``[H·T, T]``, masked keys exactly 0."""
+    """Every attention row of sequence ``b`` in float64, ``[H·T, T]``, masked keys exactly 0; with sink logits the
+    real keys' probabilities of the softmax over the n + 1 outcomes (rows summing to m < 1, THEORY §18.4)."""
     h, h_kv, t = a.q.shape[1], a.k.shape[1], a.q.shape[2]
     k = a.k[b].double().repeat_interleave(h // h_kv, dim=0)                       # [H, T, D]
     s = a.scale * a.q[b].double() @ k.transpose(-1, -2)                            # [H, T, T]
@@ -32,8 +33,20 @@ def dense_rows(a, b: int) -> torch.Tensor:
         s = a.logit_cap * torch.tanh(s / a.logit_cap)
     pad = None if a.key_padding_mask is None else a.key_padding_mask[b:b + 1]
     allowed = compute_allowed(0, t, t, t, causal=a.causal, window=a.window, key_padding_mask=pad, device="cpu")
-    p = torch.softmax(s.masked_fill(~allowed[0], float("-inf")), dim=-1).nan_to_num(0.0)
+    s = s.masked_fill(~allowed[0], float("-inf"))
+    if a.sinks is not None:
+        sink = a.sinks.double().view(h, 1, 1).expand(h, t, 1)
+        return torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :t].reshape(h * t, t)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     return p.reshape(h * t, t)
+
+
+def sink_theta_interval(p: torch.Tensor):
+    """The float64 algorithm's interval of ``theta_sink = m (1 - m) + m^2 theta(p / m)`` per row (THEORY §18.4; plain
+    theta where the rows sum to 1): ``(lo, hi)``."""
+    m = p.sum(-1)
+    ref = compute_theta_interval(p / m[:, None], slack=0.0)
+    return m * (1 - m) + m * m * ref.lo, m * (1 - m) + m * m * ref.hi
 
 
 def check_model(path: Path, batches: list[torch.Tensor]) -> int:
@@ -45,11 +58,11 @@ def check_model(path: Path, batches: list[torch.Tensor]) -> int:
     for trace in LayerStream(model, batches).layers():
         v = obs.measure(trace.attn)
         for b in range(trace.attn.q.shape[0]):
-            ref = compute_theta_interval(dense_rows(trace.attn, b), slack=0.0)
+            ref_lo, ref_hi = sink_theta_interval(dense_rows(trace.attn, b))
             lo, hi = v.lo[b].reshape(-1) - opts.slack, v.hi[b].reshape(-1) + opts.slack   # [H·T]
-            exact = (ref.hi - ref.lo) <= 1e-12
-            assert bool((lo[exact] <= ref.lo[exact] + 1e-12).all() and (ref.hi[exact] <= hi[exact] + 1e-12).all())
-            assert bool((lo <= ref.hi + 1e-12).all() and (ref.lo <= hi + 1e-12).all())
+            exact = (ref_hi - ref_lo) <= 1e-12
+            assert bool((lo[exact] <= ref_lo[exact] + 1e-12).all() and (ref_hi[exact] <= hi[exact] + 1e-12).all())
+            assert bool((lo <= ref_hi + 1e-12).all() and (ref_lo <= hi + 1e-12).all())
             checked += int(exact.sum())
     return checked
 
@@ -115,3 +128,32 @@ def test_latent_attention_theta_pmax_entropy_match_eager(family: str, tiny_check
         entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)
         torch.testing.assert_close(v.entropy[0].reshape(-1), entropy, atol=1e-4, rtol=0)
         assert float(hi.max()) > 0.5                                               # informative, not uniform rows
+
+
+def test_sink_theta_pmax_entropy_match_gpt_oss_eager(tiny_checkpoints: dict) -> None:
+    """Attention sinks (THEORY §18.4) on the tiny gpt-oss: the reference's eager probabilities are the real keys'
+    share of the softmax over the n + 1 outcomes; theta_sink of those rows (float32: within 1e-4 by T9) lies in the
+    scan's certified intervals, p_max is the largest real-key probability, the entropy counts the sink outcome, and
+    the sink mass is 1 - m."""
+    path, ref = tiny_checkpoints["gpt_oss"]
+    model = open_model(path)
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = ref(tokens, output_attentions=True).attentions
+    obs = ThetaPass(model.cfg.n_heads, model.cfg.n_kv_heads, ThetaOptions(slack=0.0, tol=0.0, rows_per_head=None))
+    parked = 0
+    for trace in LayerStream(model, [tokens]).layers():
+        assert trace.attn.sinks is not None
+        v = obs.measure(trace.attn)
+        p = eager[trace.layer][0].double().reshape(-1, 40)                       # [H·T, T]
+        m = p.sum(-1)
+        assert float(m.max()) < 1.0
+        ref_lo, ref_hi = sink_theta_interval(p)
+        lo, hi = v.lo[0].reshape(-1), v.hi[0].reshape(-1)
+        assert bool((lo <= ref_hi + 1e-4).all() and (ref_lo <= hi + 1e-4).all())
+        torch.testing.assert_close(v.pmax[0].reshape(-1), p.amax(-1), atol=1e-5, rtol=0)
+        entropy = -(p * p.clamp_min(1e-300).log()).sum(-1) - (1 - m) * (1 - m).clamp_min(1e-300).log()
+        torch.testing.assert_close(v.entropy[0].reshape(-1), entropy, atol=1e-4, rtol=0)
+        torch.testing.assert_close(v.sink_mass[0].reshape(-1), 1 - m, atol=1e-5, rtol=0)
+        parked += int((1 - m > 0.5).sum())
+    assert parked > 0                                                             # rows mostly on the sink

@@ -16,7 +16,8 @@ from tiny_models import FAMILIES
 
 
 def probabilities_from_trace(a: AttentionTrace) -> torch.Tensor:
-    """Dense softmax [B, H, T, T] rebuilt from Q, K, scale and the mask description (test sizes only)."""
+    """Dense softmax [B, H, T, T] rebuilt from Q, K, scale and the mask description (test sizes only); with sink
+    logits, the real keys' probabilities of the softmax over the n + 1 outcomes (THEORY §18.4)."""
     group = a.q.shape[1] // a.k.shape[1]
     logits = a.scale * a.q.double() @ a.k.double().repeat_interleave(group, 1).transpose(-1, -2)
     if a.logit_cap is not None:
@@ -31,7 +32,11 @@ def probabilities_from_trace(a: AttentionTrace) -> torch.Tensor:
     allowed = allowed[None, None]
     if a.key_padding_mask is not None:
         allowed = allowed & a.key_padding_mask[:, None, None, :]
-    return logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    if a.sinks is None:
+        return logits.softmax(-1)
+    sink = a.sinks.double().view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
+    return torch.cat([logits, sink], dim=-1).softmax(-1)[..., :-1]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -114,7 +119,7 @@ def test_per_head_slices_recombine_to_attention_output(tiny_checkpoints: dict) -
 UNCAST_RMSNORM = {"phi3": "w", "phi3_longrope": "w", "llama": "w", "llama3_scaled": "w", "mistral": "w",
                   "qwen2": "w", "qwen3": "w", "gemma3": "1+w", "olmo2": "w", "deepseek_v2": "w", "deepseek_v3": "w",
                   "deepseek_v3_yarn": "w", "deepseek_v2_moe": "w", "deepseek_v3_moe": "w", "mixtral": "w",
-                  "qwen2_moe": "w", "qwen3_moe": "w"}
+                  "qwen2_moe": "w", "qwen3_moe": "w", "gpt_oss": "w"}
 FLOAT64_REFERENCE = ("bert", "roberta", "xlm_roberta", "distilbert", "gpt2", "gpt2_scaled", "gptj", "neox",
                      "neox_serial", "phi", "phi_qk", "modernbert", *UNCAST_RMSNORM)
 
@@ -148,7 +153,10 @@ UNCAST_ROPE = {"modernbert": ("transformers.models.modernbert.modeling_modernber
 
 def _router_in_input_dtype(module: torch.nn.Module) -> None:
     """The MoE routers of Mixtral and Qwen-MoE take the softmax in float32; the same formula in the input dtype:
-    softmax over all logits, top-k, renormalized (Mixtral always, Qwen with ``norm_topk_prob``)."""
+    softmax over all logits, top-k, renormalized (Mixtral always, Qwen with ``norm_topk_prob``). gpt-oss's router
+    (a bias, a softmax over the top-k logits) already computes in the input dtype and is kept."""
+    if getattr(module, "bias", None) is not None:
+        return
     renormalize = getattr(module, "norm_topk_prob", True)
 
     def forward(h: torch.Tensor, m: torch.nn.Module = module) -> tuple[torch.Tensor, ...]:
@@ -159,11 +167,13 @@ def _router_in_input_dtype(module: torch.nn.Module) -> None:
 
 
 def _float64_reference(family: str, ref: torch.nn.Module) -> torch.nn.Module:
-    """A float64 SDPA copy of ``ref`` (RMSNorms in float64 for UNCAST_RMSNORM families, MoE routers too)."""
+    """A float64 SDPA copy of ``ref`` (RMSNorms in float64 for UNCAST_RMSNORM families, MoE routers too); a model
+    without SDPA (gpt-oss, whose eager attention computes in the input dtype) keeps its eager attention."""
     import copy
 
     ref64 = copy.deepcopy(ref).double()
-    ref64.set_attn_implementation("sdpa")
+    if ref64._supports_sdpa:
+        ref64.set_attn_implementation("sdpa")
     for module in ref64.modules():
         if type(module).__name__.endswith("TopKRouter"):
             _router_in_input_dtype(module)
@@ -253,7 +263,7 @@ def _reference_routes(ref64: torch.nn.Module,
     routes: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     handles = []
     for i, layer in enumerate(ref64.model.layers):
-        gate = getattr(layer.mlp, "gate", None)
+        gate = getattr(layer.mlp, "gate", None) or getattr(layer.mlp, "router", None)   # gpt-oss: mlp.router
         if type(gate).__name__.lower().endswith("topkrouter"):
             handles.append(gate.register_forward_hook(
                 lambda m, args, out, i=i: routes.__setitem__(i, (out[0].detach(), out[2].detach(),
@@ -265,7 +275,8 @@ def _reference_routes(ref64: torch.nn.Module,
     return routes
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2_moe", "deepseek_v3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2_moe", "deepseek_v3_moe",
+                                    "gpt_oss"])
 def test_float64_router_choices_match(family: str, tiny_checkpoints: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """MoE layers (THEORY §18.7): the router logits match the reference's to 1e-10 relative and every token picks
     the same experts; dense layers (Qwen2-MoE's mlp_only_layers, DeepSeek's first_k_dense_replace) have no
@@ -401,3 +412,30 @@ def _patch_target(entry: tuple) -> tuple:
 
     module, name, replacement = entry
     return importlib.import_module(module), name, replacement
+
+
+def test_gpt_oss_clamps_windows_and_sinks_are_exercised(tiny_checkpoints: dict) -> None:
+    """The tiny gpt-oss reaches what its layout adds, so the float64 matches above test it: gate and up
+    pre-activations beyond swiglu_limit, a sliding window shorter than the sequence beside full layers, sink
+    logits that take a visible share of each row, and expert biases."""
+    from attnstab_cli.model.experts import preactivations
+
+    path, _ = tiny_checkpoints["gpt_oss"]
+    model = open_model(path)
+    limit = model.cfg.moe.glu_limit
+    assert set(model.cfg.sliding_windows) == {6, None}
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(6))
+    parked = 0.0
+    for trace in LayerStream(model, [ids], dtype=torch.float64).layers():
+        moe = trace.weights.moe
+        assert {"b_gate", "b_up", "b_out"} <= set(moe.experts)
+        x = trace.ffn_in.reshape(-1, model.cfg.d_model)
+        for e in range(model.cfg.moe.n_experts):
+            a, b = preactivations(x, moe.expert(e))
+            assert 0.02 < float((a > limit).double().mean()) < 0.5
+            assert 0.02 < float((b.abs() > limit).double().mean()) < 0.5
+        mass = probabilities_from_trace(trace.attn).sum(-1)                  # [B, H, T]
+        share = (1 - mass).mean(dim=(0, 2))                                  # [H] mean sink mass
+        assert float(share.max()) > 0.1 and float(mass.min()) < 0.5
+        parked = max(parked, float(share.max()))
+    assert parked > 0.5                                                      # a head parks most mass on its sink

@@ -12,6 +12,9 @@ With the selection ``E(x)`` fixed, ``MoE(x) = sum_e g_e(x) E_e(x) + sum_s omega_
 ``||dg||_1 / 2``: their difference is a difference of two convex combinations of the ``E_e``), so
 ``D = diam / 2``; otherwise ``D = max_e ||E_e||``.
 
+The experts' unit is §6.2's gated FFN or gpt-oss's clamped SwiGLU (:mod:`.clamped_swiglu`, with the experts'
+biases); shared experts are always §6.2's.
+
 ``G``: renormalized softmax gates are the softmax of the selected logits, ``G = theta(g_hat)`` (Thm 4.2, times the
 scaling factor); unrenormalized softmax gates are k rows of ``diag(p) - p p^T`` over all E logits, so
 ``G <= theta(p)`` of the full router distribution; sigmoid gates are enumerated over the ``2^k`` vertices.
@@ -23,11 +26,13 @@ from itertools import product
 
 import torch
 
-from attnstab_cli.arch.spec import RouterScore, SharedGate
+from attnstab_cli.arch.spec import ExpertGLU, RouterScore, SharedGate
+from attnstab_cli.metrics.lipschitz.clamped_swiglu import compute_clamped_ball, compute_clamped_local_tokens
 from attnstab_cli.metrics.lipschitz.ffn import GATED, compute_swiglu_ball, compute_swiglu_local_tokens
 from attnstab_cli.metrics.spectral import norm_2_to_inf, spectral_norm_value
 from attnstab_cli.metrics.theta import compute_theta_interval
 from attnstab_cli.model.config import MoEConfig
+from attnstab_cli.model.experts import GLUForm, compute_expert_output, expert_form
 from attnstab_cli.model.traces import MoETrace
 from attnstab_cli.model.weights import MoEWeights
 
@@ -102,19 +107,27 @@ def compute_gate_theta(moe: MoEConfig, route: MoETrace, b: int) -> torch.Tensor:
     return _inf_to_one(compute_gate_jacobian(moe, route, b))
 
 
-def _expert_outputs(x: torch.Tensor, w: MoEWeights, sel: torch.Tensor, activation: str) -> torch.Tensor:
+def _expert_outputs(x: torch.Tensor, w: MoEWeights, sel: torch.Tensor, form: GLUForm) -> torch.Tensor:
     """``E_e(x_t)`` of every token's selected experts: ``[T, k, d]``."""
-    phi = GATED[activation][0]
-    ex = {k: v.to(F64).cpu() for k, v in w.experts.items()}
-    wg, wu, wd = ex["w_gate"][sel], ex["w_up"][sel], ex["w_out"][sel]                  # [T, k, d, m] / [T, k, m, d]
+    ex = {k: v.to(F64).cpu()[sel] for k, v in w.experts.items()}                      # [T, k, ...]
+    ex = {k: v[:, :, None, :] if k.startswith("b_") else v for k, v in ex.items()}      # biases [T, k, 1, *]
     xt = x.to(F64).cpu()[:, None, None, :]                                              # [T, 1, 1, d]
-    return ((phi(xt @ wg) * (xt @ wu)) @ wd)[:, :, 0, :]
+    return compute_expert_output(xt, ex, form)[:, :, 0, :]
+
+
+def _expert_local(x: torch.Tensor, ex: dict[str, torch.Tensor], norms: dict[str, float],
+                  form: GLUForm) -> torch.Tensor:
+    """One expert's tier-2 bound at its tokens ``x [n, d]``: §6.2's local form, or the clamped SwiGLU's."""
+    if form.kind is ExpertGLU.CLAMPED_SWIGLU:
+        return compute_clamped_local_tokens(x, ex, norms, form)
+    return compute_swiglu_local_tokens(x, ex["w_gate"], ex["w_up"], ex["w_out"], norms, form.activation)
 
 
 def compute_moe_local_tokens(x: torch.Tensor, w: MoEWeights, moe: MoEConfig, route: MoETrace, b: int,
                              activation: str, norms: MoENorms | None = None) -> torch.Tensor:
     """Tier 2 per token of sequence ``b`` (FFN inputs ``x [T, d]``, the routing of that sequence): ``[T]``."""
     norms = norms or compute_moe_norms(w)
+    form = expert_form(moe, activation)
     x = x.to(F64).cpu()
     sel, gates = route.selected[b].cpu(), route.gates[b].to(F64).cpu()                 # [T, k]
     local = torch.zeros_like(gates)
@@ -122,13 +135,12 @@ def compute_moe_local_tokens(x: torch.Tensor, w: MoEWeights, moe: MoEConfig, rou
         rows = (sel == e)                                                               # [T, k]
         tokens = rows.any(dim=-1)
         ex = {k: v.to(F64).cpu() for k, v in w.expert(e).items()}
-        value = compute_swiglu_local_tokens(x[tokens], ex["w_gate"], ex["w_up"], ex["w_out"], norms.expert(e),
-                                            activation)                                 # [n_e]
+        value = _expert_local(x[tokens], ex, norms.expert(e), form)                     # [n_e]
         full = torch.zeros(x.shape[0], dtype=F64)
         full[tokens] = value
         local = torch.where(rows, full[:, None], local)
     expert_term = (gates * local).sum(dim=-1)                                           # [T]
-    outs = _expert_outputs(x, w, sel, activation)                                       # [T, k, d]
+    outs = _expert_outputs(x, w, sel, form)                                             # [T, k, d]
     if moe.gates_sum_to_one:
         spread = 0.5 * torch.cdist(outs, outs).flatten(1).amax(dim=-1)                 # diam / 2
         columns = norms.router_columns[sel].amax(dim=-1)                                # the selected logits
@@ -155,20 +167,25 @@ def _shared_local(x: torch.Tensor, w: MoEWeights, moe: MoEConfig, route: MoETrac
     return omega * lip + omega * (1.0 - omega) * norms.shared_router * out
 
 
-def _ball(r2: float, ffn: dict[str, torch.Tensor], norms: dict[str, float], activation: str) -> tuple[float, float]:
-    """``(L, M)`` of a gated FFN on ``||x|| <= r2``: the §6.2 ball bound and ``sup ||f(x)|| <= ||W_d|| phi(A)
-    ||W_u|| r2`` (``|phi(a_k)| <= phi(A)``, ``||x W_u|| <= ||W_u|| r2``)."""
-    phi = GATED[activation][0]
-    lip = compute_swiglu_ball(r2, ffn["w_gate"], ffn["w_up"], ffn["w_out"], activation=activation)
+def _ball(r2: float, ffn: dict[str, torch.Tensor], norms: dict[str, float], form: GLUForm) -> tuple[float, float]:
+    """``(L, M)`` of an expert on ``||x|| <= r2``: the clamped SwiGLU's (:mod:`.clamped_swiglu`), or for §6.2's
+    gated FFN its ball bound and ``sup ||f(x)|| <= ||W_d|| phi(A) ||W_u|| r2`` (``|phi(a_k)| <= phi(A)``,
+    ``||x W_u|| <= ||W_u|| r2``)."""
+    if form.kind is ExpertGLU.CLAMPED_SWIGLU:
+        return compute_clamped_ball(r2, ffn, norms, form)
+    phi = GATED[form.activation][0]
+    lip = compute_swiglu_ball(r2, ffn["w_gate"], ffn["w_up"], ffn["w_out"], activation=form.activation)
     big_a = r2 * float(norm_2_to_inf(ffn["w_gate"]))
     return lip, norms["w_out"] * float(phi(torch.tensor(big_a, dtype=F64))) * norms["w_up"] * r2
 
 
-def compute_expert_balls(r2: float, w: MoEWeights, activation: str,
-                         norms: MoENorms | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per expert ``(L_e, M_e)`` on the ball ``||x|| <= r2``: ``[E]`` each (the experts table's ``lip_weights``)."""
+def compute_expert_balls(r2: float, w: MoEWeights, activation: str, norms: MoENorms | None = None,
+                         moe: MoEConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per expert ``(L_e, M_e)`` on the ball ``||x|| <= r2``: ``[E]`` each (the experts table's ``lip_weights``);
+    the experts' unit per ``moe`` (§6.2's gated FFN without it)."""
     norms = norms or compute_moe_norms(w)
-    pairs = [_ball(r2, w.expert(e), norms.expert(e), activation) for e in range(w.router.shape[1])]
+    form = expert_form(moe, activation)
+    pairs = [_ball(r2, w.expert(e), norms.expert(e), form) for e in range(w.router.shape[1])]
     return torch.tensor([p[0] for p in pairs], dtype=F64), torch.tensor([p[1] for p in pairs], dtype=F64)
 
 
@@ -179,7 +196,7 @@ def compute_moe_ball(r2: float, w: MoEWeights, moe: MoEConfig, activation: str,
     ``2 scaling`` for renormalized and ``k scaling / 4`` for plain sigmoid gates, any router column, ``D <= max M_e``;
     a sigmoid shared gate adds ``L_S + ||w_s|| M_S / 4``."""
     norms = norms or compute_moe_norms(w)
-    lips, mags = compute_expert_balls(r2, w, activation, norms)
+    lips, mags = compute_expert_balls(r2, w, activation, norms, moe)
     k, s = moe.top_k, moe.scaling
     if moe.score is RouterScore.SOFTMAX or moe.renormalize:
         experts = s * float(lips.max())
@@ -188,6 +205,6 @@ def compute_moe_ball(r2: float, w: MoEWeights, moe: MoEConfig, activation: str,
     gate = s if moe.score is RouterScore.SOFTMAX else (2.0 * s if moe.renormalize else k * s / 4.0)
     bound = experts + gate * float(norms.router_columns.max()) * float(mags.max())
     if w.shared is not None:
-        lip, mag = _ball(r2, w.shared, norms.shared, activation)
+        lip, mag = _ball(r2, w.shared, norms.shared, GLUForm(ExpertGLU.GATED, activation))
         bound += lip + (0.25 * norms.shared_router * mag if moe.shared_gate is SharedGate.SIGMOID else 0.0)
     return bound
