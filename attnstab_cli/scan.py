@@ -257,7 +257,8 @@ def scan_checkpoint(req: ScanRequest, calib: CalibrationSet | None = None,
     t = time.perf_counter()
     model = open_model(req.checkpoint, req.arch, req.overrides)
     stages["open_s"] = time.perf_counter() - t
-    check_resident_fits(model, resolve_device(req.options.device), resolve_dtype(req.options.dtype))
+    check_resident_fits(model, resolve_device(req.options.device), resolve_dtype(req.options.dtype),
+                        head=req.options.grad and not req.weights_only)
     t = time.perf_counter()
     for text in check_weight_values(model, resolve_dtype(req.options.dtype)):
         if on_warning:

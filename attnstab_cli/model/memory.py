@@ -47,10 +47,11 @@ class ResidentBytes:
     def largest_layer_bytes(self) -> int:
         return self.layers[self.largest_layer] if self.layers else 0
 
-    def largest_unit(self) -> tuple[str, int]:
-        """What the scan holds at its peak of weights: the largest layer, unless the embeddings or head are larger."""
+    def largest_unit(self, head: bool = True) -> tuple[str, int]:
+        """What the scan holds at its peak of weights: the largest layer, unless the embeddings (or, with ``head``,
+        the head) are larger."""
         units = [(f"layer {self.largest_layer}", self.largest_layer_bytes) if self.layers else ("layer", 0),
-                 ("the embeddings", self.embedding), ("the head", self.head)]
+                 ("the embeddings", self.embedding)] + ([("the head", self.head)] if head else [])
         return max(units, key=lambda u: u[1])
 
     def describe(self) -> dict[str, Any]:
@@ -99,16 +100,19 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return int(m.group(1)) * 1024 if m else None
 
 
-def check_resident_fits(model: OpenModel, device: torch.device, dtype: torch.dtype) -> ResidentBytes:
+def check_resident_fits(model: OpenModel, device: torch.device, dtype: torch.dtype,
+                        head: bool = False) -> ResidentBytes:
     """Refuse (exit 2, before any weight is read) a model whose largest resident unit, times :data:`HEADROOM`,
-    exceeds the free memory of ``device``; returns the resident bytes."""
+    exceeds the free memory of ``device``; ``head``: the scan also loads the LM head (``--grad``). Returns the
+    resident bytes."""
     resident = compute_resident_bytes(model, dtype)
-    unit, nbytes = resident.largest_unit()
+    unit, nbytes = resident.largest_unit(head)
     free = free_memory_bytes(device)
     if free is not None and nbytes * HEADROOM > free:
         what = "all its experts, " if unit.startswith("layer") and model.cfg.moe is not None \
             and model.cfg.is_moe(resident.largest_layer) else ""
-        raise UsageError(f"{unit} needs {nbytes:,} bytes resident ({what}{resident.dtype}; x{HEADROOM:g} headroom for "
-                         f"activations: {math.ceil(nbytes * HEADROOM):,}) but {device} has {free:,} bytes free",
+        raise UsageError(f"the largest resident unit, {unit} ({what}{resident.dtype}), is {nbytes:,} bytes, "
+                         f"{math.ceil(nbytes * HEADROOM):,} with the x{HEADROOM:g} headroom for activations, but "
+                         f"{device} has {free:,} bytes free",
                          hint="free memory on the device, scan on one with more, or use a narrower --dtype")
     return resident
