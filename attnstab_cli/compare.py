@@ -4,7 +4,9 @@
 reports; shares of the total are given only when |Δlog S| > 1e-3. Per head the same split without R (heads share the
 layer's input): Δlog(θ_h Π_h) = Δlog θ_h + Δlog Π_h with Π_h the head's projection-norm product. Reports are compared
 only when their calibration tokens are identical (same token hash) unless the caller allows otherwise; layers are
-aligned by index (the first min(N_A, N_B)), heads only when both models have the same number per layer.
+aligned by index (the first min(N_A, N_B)), heads only when both models have the same number per layer. The routing
+columns of mixture-of-experts layers are side by side too (null for dense layers), and when both reports hold an
+experts table (THEORY §18.7) each (layer, expert) both have is compared: its weight norms, ball bound and load share.
 """
 from __future__ import annotations
 
@@ -21,12 +23,15 @@ from attnstab_cli.errors import UsageError
 from attnstab_cli.report.destination import COMPARE_KIND
 from attnstab_cli.report.same_tokens import check_same_tokens
 from attnstab_cli.report.read import Report
-from attnstab_cli.report.schema import TABLES
+from attnstab_cli.report.schema import ALL_TABLES
 from attnstab_cli.report.write import publish_directory
 
 SHARE_MIN = 1e-3
+MOE_SIDE_BY_SIDE = ("router_margin_min", "router_margin_p05", "expert_load_max", "expert_load_cv",
+                    "router_entropy_mean", "gate_theta_mean")
 SIDE_BY_SIDE = ("theta_bar", "proj_product_layer", "r_resid_mean", "r_ln_mean", "sens_proxy_ln",
-                "lip_layer_calibrated", "grad_h_in")
+                "lip_layer_calibrated", "grad_h_in", *MOE_SIDE_BY_SIDE)
+EXPERT_METRICS = ("gate_norm", "up_norm", "out_norm", "lip_expert_weights", "load_share")
 HEAD_METRICS = ("theta_mean", "theta_p05", "pmax_mean", "entropy_mean", "proj_product")
 _DLOG_LAYER = {
     "dlog_theta": "Δlog theta_bar (B − A)", "dlog_proj": "Δlog proj_product_layer",
@@ -65,12 +70,15 @@ class Comparison:
     layers: list[dict[str, Any]]
     heads: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    experts: list[dict[str, Any]] | None = None          # both reports hold an experts table: per (layer, expert)
     loss_blocks: list[dict[str, Any]] | None = None      # compare --loss: the Taylor terms per (layer, block)
     loss_totals: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
         out = {"kind": COMPARE_KIND, "a": self.a, "b": self.b, "notes": self.notes, "layers": self.layers,
                "heads": self.heads}
+        if self.experts is not None:
+            out["experts"] = self.experts
         if self.loss_totals is not None:
             out["loss"] = {"totals": self.loss_totals, "blocks": self.loss_blocks}
         return out
@@ -133,6 +141,23 @@ def compare_heads(a: Report, b: Report) -> list[dict[str, Any]]:
     return out
 
 
+def compare_experts(a: Report, b: Report) -> list[dict[str, Any]] | None:
+    """Per (layer, expert) both experts tables hold: EXPERT_METRICS on both sides and their deltas; None unless both
+    reports have an experts table."""
+    ea, eb = a.tables.get("experts"), b.tables.get("experts")
+    if ea is None or eb is None:
+        return None
+    by_key = {(r["layer"], r["expert"]): r for r in eb}
+    out = []
+    for ra in ea:
+        rb = by_key.get((ra["layer"], ra["expert"]))
+        if rb is not None:
+            row: dict[str, Any] = {"layer": ra["layer"], "expert": ra["expert"]}
+            _sides(row, ra, rb, EXPERT_METRICS)
+            out.append(row)
+    return out
+
+
 def check_comparable(a: Report, b: Report, allow_different_calibration: bool) -> list[str]:
     """Refuse reports scanned on different tokens (unless allowed); return notes on what differs."""
     ca, cb = a.manifest.get("calibration"), b.manifest.get("calibration")
@@ -162,15 +187,22 @@ def compare_reports(a: Report, b: Report, allow_different_calibration: bool = Fa
         heads: list[dict[str, Any]] = []
     else:
         heads = compare_heads(a, b)
-    return Comparison(_identity(a, labels[0]), _identity(b, labels[1]), compare_layers(a, b), heads, notes)
+    experts = compare_experts(a, b)
+    if (a.tables.get("experts") is None) != (b.tables.get("experts") is None):
+        notes.append(f"only {labels[0] if a.tables.get('experts') is not None else labels[1]} has an experts table "
+                     "(mixture-of-experts layers): experts are not compared")
+    return Comparison(_identity(a, labels[0]), _identity(b, labels[1]), compare_layers(a, b), heads, notes,
+                      experts)
 
 
 def _schema(grain: str, metrics: tuple[str, ...], dlogs: dict[str, str]) -> pa.Schema:
     """Arrow schema of a comparison table: keys, each metric's A/B/delta (described from the report schema), dlogs."""
-    described = {c.name: c for c in TABLES[grain]}
+    described = {c.name: c for c in ALL_TABLES[grain]}
     fields = [pa.field("layer", pa.int64(), metadata={"unit": "index", "description": "0-based layer index"})]
     if grain == "heads":
         fields.append(pa.field("head", pa.int64(), metadata={"unit": "index", "description": "query head"}))
+    if grain == "experts":
+        fields.append(pa.field("expert", pa.int64(), metadata={"unit": "index", "description": "routed expert"}))
     for m in metrics:
         unit, desc = described[m].unit, described[m].description
         for side, what in (("a", "in A"), ("b", "in B"), ("delta", "B − A")):
@@ -182,16 +214,20 @@ def _schema(grain: str, metrics: tuple[str, ...], dlogs: dict[str, str]) -> pa.S
 
 
 def write_comparison(out: Path, comp: Comparison, force: bool = False) -> Path:
-    """``layers.parquet``, ``heads.parquet`` and ``compare.json`` (kind, A, B, notes) under ``out``, atomically."""
+    """``layers.parquet``, ``heads.parquet``, ``experts.parquet`` (when both reports have experts) and
+    ``compare.json`` (kind, A, B, notes) under ``out``, atomically."""
+    grains = [("layers", comp.layers, SIDE_BY_SIDE, _DLOG_LAYER), ("heads", comp.heads, HEAD_METRICS, _DLOG_HEAD)]
+    if comp.experts is not None:
+        grains.append(("experts", comp.experts, EXPERT_METRICS, {}))
+
     def fill(staging: Path) -> None:
-        for grain, rows, metrics, dlogs in (("layers", comp.layers, SIDE_BY_SIDE, _DLOG_LAYER),
-                                            ("heads", comp.heads, HEAD_METRICS, _DLOG_HEAD)):
+        for grain, rows, metrics, dlogs in grains:
             schema = _schema(grain, metrics, dlogs)
             pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema),
                            staging / f"{grain}.parquet")
         if comp.loss_blocks is not None:
             pq.write_table(pa.Table.from_pylist(comp.loss_blocks, schema=LOSS_SCHEMA), staging / "loss.parquet")
-        meta = {k: v for k, v in comp.as_json().items() if k not in ("layers", "heads")}
+        meta = {k: v for k, v in comp.as_json().items() if k not in ("layers", "heads", "experts")}
         if "loss" in meta:
             meta["loss"] = {"totals": meta["loss"]["totals"]}
         (staging / "compare.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

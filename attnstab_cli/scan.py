@@ -32,6 +32,7 @@ from attnstab_cli.metrics.spectral import shared_spectra
 from attnstab_cli.metrics.theta_scan import ThetaOptions, ThetaPass, resolve_paper_rows
 from attnstab_cli.metrics.weights_scan import WeightPass
 from attnstab_cli.model.load import OpenModel, open_model
+from attnstab_cli.model.memory import check_resident_fits
 from attnstab_cli.model.stream import LayerStream
 from attnstab_cli.model.weight_values import check_weight_values
 from attnstab_cli.report.read import Report
@@ -211,7 +212,8 @@ def build_manifest(model: OpenModel, calib: CalibrationSet | None, result: ScanR
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "attnstab", "version": __version__},
-        "checkpoint": {**describe_checkpoint(model), "config_sha256": config_hash, "fingerprint": fingerprint},
+        "checkpoint": {**describe_checkpoint(model, resolve_dtype(result.facts["dtype"])),
+                       "config_sha256": config_hash, "fingerprint": fingerprint},
         "calibration": None if calib is None else {
             "source": calib.source, "source_sha256": calib.source_hash, "token_sha256": calib.token_hash,
             "n_tokens": calib.n_tokens,
@@ -242,7 +244,9 @@ def scan_checkpoint(req: ScanRequest, calib: CalibrationSet | None = None,
     """Open, check the weight values of, fingerprint and scan ``req.checkpoint``; returns the report (not yet
     written) and the tokens it used.
 
-    The value check (:func:`~attnstab_cli.model.weight_values.check_weight_values`) streams every weight once
+    A model whose largest layer (or embedding table) cannot fit the device's free memory is refused first
+    (:func:`~attnstab_cli.model.memory.check_resident_fits`). The value check
+    (:func:`~attnstab_cli.model.weight_values.check_weight_values`) streams every weight once
     before any other work, so no pass (``--grad``, ``--curvature``, a gate) runs on broken weights;
     ``on_warning`` hears of what it warns about. ``calib`` reuses another scan's tokens exactly (compare, track),
     checked against this model's vocabulary and context. ``on_progress(stage, done, total)`` reports each finished
@@ -253,6 +257,8 @@ def scan_checkpoint(req: ScanRequest, calib: CalibrationSet | None = None,
     t = time.perf_counter()
     model = open_model(req.checkpoint, req.arch, req.overrides)
     stages["open_s"] = time.perf_counter() - t
+    check_resident_fits(model, resolve_device(req.options.device), resolve_dtype(req.options.dtype),
+                        head=req.options.grad and not req.weights_only)
     t = time.perf_counter()
     for text in check_weight_values(model, resolve_dtype(req.options.dtype)):
         if on_warning:

@@ -16,11 +16,12 @@ the end). A subprocess that runs past ``--timeout`` is killed and recorded as a 
 
 Figures (``--only NAME``): ``real_size`` (SmolLM2-135M-shaped LLaMA, 8x256 and 1x2048 tokens), ``plain_theta``
 (GPT-2-width 6-layer model, 2x1024), ``readme`` (the README's first command), ``memory`` (llama-tiny's architecture
-at 1x8192), ``qwen3`` (Qwen3-0.6B-shaped model with per-head q/k norms, 4x256, the real-size budgets),
-``threads`` (the 8x256 scan with 1 and all threads, idle and under load; ``--threads-study`` runs only
+at 1x8192), ``qwen3`` (Qwen3-0.6B-shaped model with per-head q/k norms, 4x256, the real-size budgets), ``mixtral``
+(Mixtral-8x7B-shaped mixture of experts scaled down to d = 1024, 4 layers, 8 experts, top-2, 4x256, the real-size
+budgets; ``--smoke`` shrinks it to check the harness, and its figures mean nothing), ``threads`` (the 8x256 scan with 1 and all threads, idle and under load; ``--threads-study`` runs only
 this, ``--quick`` skips it).
 
-Run:  python bench/scan_cost.py [--quick] [--only NAME] [--threads-study] [--timeout 1800] [--out-json PATH]
+Run:  python bench/scan_cost.py [--quick] [--only NAME] [--threads-study] [--smoke] [--timeout S] [--out-json PATH]
 Writes bench/results/scan_cost_cpu.json and .md (the markdown table, also printed; ``--only NAME`` writes
 scan_cost_cpu_NAME.json/.md instead) after every figure and, with the thread study, bench/results/scan_threads_cpu.json
 and .md. The whole run takes about 30 min on 2 busy cores at the time of writing. Never run as a test. MB here means
@@ -60,6 +61,18 @@ QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, nu
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, hidden_act="silu", rms_norm_eps=1e-6,
                  rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=40960,
                  attention_bias=False, bos_token_id=0, eos_token_id=0)
+# Mixtral-8x7B (mistralai/Mixtral-8x7B-v0.1 config.json: d 4096, FFN 14336, 32 heads, 8 kv heads, 32 layers,
+# 8 experts, top-2, vocab 32000, rope_theta 1e6) scaled down: d and the expert FFN width / 4 (FFN 3.5 d kept), head_dim
+# 128 kept (8 heads), the 4:1 grouped-query ratio kept (2 kv heads), 4 layers, its vocabulary and routing kept.
+# About 429M parameters (1.7 GB in float32), 88M of them per layer in the experts: the resident unit is one layer.
+MIXTRAL_D1024 = dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=2, head_dim=128, num_local_experts=8,
+                     num_experts_per_tok=2, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=1000000.0,
+                     max_position_embeddings=4096, sliding_window=None, tie_word_embeddings=False,
+                     router_aux_loss_coef=0.0, bos_token_id=1, eos_token_id=2)
+# The same architecture at toy size, only to check that the figure's harness runs (``--smoke``).
+MIXTRAL_SMOKE = {**MIXTRAL_D1024, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 224,
+                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16}
 # GPT-2-small width, 6 layers, GPT-2's own vocabulary size.
 GPT2_6L = dict(n_layer=6, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
 LLAMA_TINY = ROOT / "sample_checkpoints" / "llama-tiny"
@@ -78,6 +91,9 @@ def child_build(kind: str, directory: Path) -> dict:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_135M))
     elif kind == "qwen3-0.6b":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3_06B))
+    elif kind in ("mixtral-d1024", "mixtral-smoke"):
+        cfg = MIXTRAL_D1024 if kind == "mixtral-d1024" else MIXTRAL_SMOKE
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**cfg))
     elif kind == "gpt2-6l":
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_6L))
     elif kind == "llama-tiny-8k":
@@ -121,7 +137,8 @@ def child_plain(model_dir: Path, tokens: Path, batch_size: int, theta: bool) -> 
             del out
     t3 = time.perf_counter()
     res = {"import_s": t1 - t0, "load_s": t2 - t1, "forward_s": t3 - t2, "torch_threads": torch.get_num_threads(),
-           "tokens": list(ids.shape), "attn_implementation": "eager" if theta else "sdpa"}
+           "tokens": list(ids.shape), "attn_implementation": "eager" if theta else "sdpa",
+           "experts_implementation": getattr(model.config, "_experts_implementation", None)}
     if theta:
         res["theta_sorted_head_means"] = [[round(float(v), 6) for v in row] for row in sums / ids.shape[0]]
     return res
@@ -221,6 +238,7 @@ class Ctx:
     tmp: Path
     scan_cmd: list[str]
     threads_model: str = "smollm2-135m"
+    smoke: bool = False
 
     def env(self, threads: int | None = None) -> dict[str, str]:
         n = str(threads or self.threads)
@@ -324,6 +342,25 @@ def fig_qwen3(ctx: Ctx) -> list[dict]:
                    model={"kind": "qwen3-0.6b (random weights)", "parameters": info["parameters"]})]
 
 
+def fig_mixtral(ctx: Ctx) -> list[dict]:
+    """7. Mixtral-shaped mixture of experts (MIXTRAL_D1024) at 4x256: the real-size budgets of figure 1, with one
+    layer and all its experts resident in the scan and the whole model in the plain forward."""
+    kind, shape = ("mixtral-smoke", (2, 32)) if ctx.smoke else ("mixtral-d1024", (4, 256))
+    model, info = build(ctx, kind)
+    tokens = make_tokens(ctx, model, shape)
+    plain, scan = run_plain(ctx, model, tokens), run_scan(ctx, model, tokens)
+    checks = [check("ratio_wall", ratio(scan, plain, "wall_s"), "<=", 3),
+              check("ratio_rss", ratio(scan, plain, "peak_rss_mb"), "<=", 1.5)]
+    resident = json.loads((Path(scan.extra["out"]) / "manifest.json").read_text())["checkpoint"]["resident"] \
+        if scan.ok else None
+    return [record(f"{kind}_{shape[0]}x{shape[1]}", "attnstab scan (defaults) vs plain transformers SDPA float32 "
+                   "forward, whole processes" + (" (SMOKE: toy shapes, not the figure)" if ctx.smoke else ""),
+                   list(shape), scan, plain, checks, ctx,
+                   model={"kind": f"{kind} (random weights)", "parameters": info["parameters"],
+                          "config": MIXTRAL_SMOKE if ctx.smoke else MIXTRAL_D1024},
+                   info={"resident": resident})]
+
+
 def fig_plain_theta(ctx: Ctx) -> list[dict]:
     """2. GPT-2-width 6 layers at 2x1024: attnstab >= 5x faster and <= 1/5 the peak RSS of the plain θ script."""
     model, info = build(ctx, "gpt2-6l")
@@ -386,7 +423,7 @@ def fig_threads(ctx: Ctx) -> list[dict]:
 
 FIGURES: dict[str, Callable[[Ctx], list[dict]]] = {
     "readme": fig_readme, "memory": fig_memory, "plain_theta": fig_plain_theta, "real_size": fig_real_size,
-    "qwen3": fig_qwen3, "threads": fig_threads}
+    "qwen3": fig_qwen3, "mixtral": fig_mixtral, "threads": fig_threads}
 
 
 # ------------------------------------------------------------------------------------------------------- output
@@ -466,6 +503,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every figure and baseline")
     ap.add_argument("--threads-model", choices=["smollm2-135m", "gpt2-6l"], default="smollm2-135m",
                     help="model of the thread study (gpt2-6l: figure 2's, when the real-size scan is too slow)")
+    ap.add_argument("--smoke", action="store_true", help="toy shapes for the mixtral figure: checks the harness "
+                    "runs; its numbers are not the figure")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess before it is killed")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     ap.add_argument("--out-json", type=Path, help="default bench/results/scan_cost_cpu.json; with --only NAME, "
@@ -480,7 +519,7 @@ def main() -> int:
     records: list[dict] = []
     threads_recs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="scan_cost_") as tmp:
-        ctx = Ctx(args.timeout, args.threads, args.seed, Path(tmp), attnstab_cmd(), args.threads_model)
+        ctx = Ctx(args.timeout, args.threads, args.seed, Path(tmp), attnstab_cmd(), args.threads_model, args.smoke)
         for name in names:
             print(f"[scan_cost] {name} ...", file=sys.stderr, flush=True)
             recs = FIGURES[name](ctx)

@@ -96,11 +96,12 @@ class TensorReader:
         tensor = self.stored(name).to(device=device, dtype=dtype, copy=not fresh)
         if check_finite and tensor.is_floating_point():
             check_all_finite(tensor, name, self.infos[name].file)
-        self._track(tensor)
+        self.track(tensor)
         return tensor
 
-    def _track(self, tensor: torch.Tensor) -> None:
-        """Count a handed-out tensor as resident until it is garbage collected."""
+    def track(self, tensor: torch.Tensor) -> None:
+        """Count a handed-out tensor (or one built from handed-out tensors) as resident until it is garbage
+        collected."""
         nbytes = tensor.numel() * tensor.element_size()
         self.live_bytes += nbytes
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)

@@ -93,7 +93,8 @@ def compare(
 
 
 def render_comparison(comp: Comparison, top: int) -> None:
-    """Side-by-side layers, the attribution sorted by the largest movers, and the heads that moved most."""
+    """Side-by-side layers (and the routing of mixture-of-experts layers), the attribution sorted by the largest
+    movers, the heads and the experts that moved most."""
     console = stdout_console()
     console.print(f"A = {comp.a['label']}   B = {comp.b['label']}", highlight=False)
     for note in comp.notes:
@@ -109,6 +110,7 @@ def render_comparison(comp: Comparison, top: int) -> None:
         side.add_row(str(r["layer"]), *(f"{format_value(r[c + '_a'], '.3g')}→{format_value(r[c + '_b'], '.3g')}"
                                         for c in cols))
     console.print(side)
+    _render_routing(comp)
     attr = Table(title="attribution Δlog S = Δlog θ̄ + Δlog Π + 2Δlog R (THEORY §12), largest first",
                  title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
     for col in ("layer", "Δlog S", "Δlog θ̄", "Δlog Π", "2Δlog R", "Δlog 2s", "Δlog R resid", "main term"):
@@ -131,8 +133,44 @@ def render_comparison(comp: Comparison, top: int) -> None:
                             for c in ("theta_mean", "theta_p05", "pmax_mean", "proj_product")),
                           format_value(r["dlog_theta"], "+.3f"), format_value(r["dlog_proj"], "+.3f"))
         console.print(heads)
+    if comp.experts:
+        _render_experts(comp, top)
     if comp.loss_totals is not None:
         render_loss(comp)
+
+
+MOE_HEADINGS = {"router_margin_min": "margin min", "router_margin_p05": "margin p05", "expert_load_max": "load max",
+                "expert_load_cv": "load cv", "router_entropy_mean": "router entropy", "gate_theta_mean": "gate θ"}
+
+
+def _render_routing(comp: Comparison) -> None:
+    """The routing columns of the layers that are mixtures of experts in A or B (THEORY §18.7)."""
+    rows = [r for r in comp.layers if any(r[c + "_a"] is not None or r[c + "_b"] is not None for c in MOE_HEADINGS)]
+    if not rows:
+        return
+    table = Table(title="routing of mixture-of-experts layers (A → B)", title_justify="left", box=box.SIMPLE_HEAD,
+                  padding=(0, 1))
+    for heading in ("layer", *MOE_HEADINGS.values()):
+        table.add_column(heading, justify="right")
+    for r in rows:
+        table.add_row(str(r["layer"]), *(f"{format_value(r[c + '_a'], '.3g')}→{format_value(r[c + '_b'], '.3g')}"
+                                         for c in MOE_HEADINGS))
+    stdout_console().print(table)
+
+
+def _render_experts(comp: Comparison, top: int) -> None:
+    """The experts whose load share moved most, with their ball bound and weight norms on both sides."""
+    table = Table(title=f"experts that moved most: |Δ load share|, top {top}", title_justify="left",
+                  box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("layer", "expert", "load share A→B", "Δ load share", "ball bound A→B", "‖W_down‖ A→B"):
+        table.add_column(col, justify="right")
+    for r in sorted(comp.experts, key=lambda r: -abs(r["load_share_delta"] or 0.0))[:top]:
+        table.add_row(str(r["layer"]), str(r["expert"]),
+                      f"{format_value(r['load_share_a'], '.3g')}→{format_value(r['load_share_b'], '.3g')}",
+                      format_value(r["load_share_delta"], "+.3g"),
+                      *(f"{format_value(r[c + '_a'], '.3g')}→{format_value(r[c + '_b'], '.3g')}"
+                        for c in ("lip_expert_weights", "out_norm")))
+    stdout_console().print(table)
 
 
 def render_loss(comp: Comparison) -> None:

@@ -47,8 +47,8 @@ def gate(
     target: Annotated[str, typer.Argument(
         help="A report directory (attnstab scan --out) or a checkpoint, which is scanned first.", show_default=False)],
     rule: Annotated[Optional[list[str]], typer.Option(
-        "--rule", "-r", help="A rule, repeatable: '\\[heads.|layers.|model.]COLUMN OP NUMBER' (OP >= <= > < ==), or "
-                             "'COLUMN growth|drop <= 20%' against --baseline.", show_default=False)] = None,
+        "--rule", "-r", help="A rule, repeatable: '\\[heads.|layers.|model.|experts.]COLUMN OP NUMBER' (OP >= <= > < "
+                             "==), or 'COLUMN growth|drop <= 20%' against --baseline.", show_default=False)] = None,
     config: Annotated[Optional[Path], typer.Option(
         "--config", help="TOML file with the rules: \\[gate] (attnstab.toml) or \\[tool.attnstab.gate] "
                          "(pyproject.toml). Default: the first of those two found in the current directory.")] = None,
@@ -133,7 +133,7 @@ def _render(verdicts: list[Verdict]) -> None:
     for col in ("rule", "observed", "at", "failed / checked", "verdict"):
         table.add_column(col, justify="right" if col in ("observed", "failed / checked") else "left", overflow="fold")
     for v in verdicts:
-        at = "-" if v.at is None else format_at(tuple(v.at.values()))
+        at = "-" if v.at is None else format_at(v.at)
         table.add_row(escape(v.rule), escape(format_observed(v)), at, f"{v.failed}/{v.checked}",
                       "[green]pass[/]" if v.passed else "[bold red]FAIL[/]")
     console.print(table)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from attnstab_cli.cli.options import Arch, Checkpoint, Json, NHeads, NKVHeads, NormEps, RopeTheta, config_overrides
+from attnstab_cli.cli.options import (Arch, Checkpoint, Dtype, Json, NHeads, NKVHeads, NormEps, RopeTheta,
+                                      config_overrides)
 from attnstab_cli.cli.output import handle_errors, print_json, stdout_console
 from attnstab_cli.model.describe import describe_checkpoint
 from attnstab_cli.model.load import open_model
+from attnstab_cli.scan import resolve_dtype
 
 
 def _quantization(quant: dict) -> str:
@@ -16,12 +18,24 @@ def _quantization(quant: dict) -> str:
             f"({', '.join(quant['scale_dtypes'])}), dequantized as read (the analysis describes the dequantized model)")
 
 
+def _resident(data: dict) -> str:
+    r = data["resident"]
+    experts = f" (all {data['n_experts']} experts)" if data["moe"] and r["largest_layer"] in data["moe"]["moe_layers"] \
+        else ""
+    tied = " (the final norm; the LM head is the embedding table)" if data["tied_embeddings"] else ""
+    return (f"largest layer {r['largest_layer']}{experts}: {r['largest_layer_bytes']:,} bytes; embeddings "
+            f"{r['embedding_bytes']:,} bytes; head {r['head_bytes']:,} bytes{tied} (at {r['dtype']}; a scan holds "
+            f"one of these at a time)")
+
+
 @handle_errors
 def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv_heads: NKVHeads = None,
-         norm_eps: NormEps = None, rope_theta: RopeTheta = None, json_out: Json = False) -> None:
-    """Describe a checkpoint (family, sizes, norm placement, dtypes, parameters, files) without reading weights."""
+         norm_eps: NormEps = None, rope_theta: RopeTheta = None, dtype: Dtype = "float32",
+         json_out: Json = False) -> None:
+    """Describe a checkpoint (family, sizes, norm placement, dtypes, parameters, files, the bytes a scan at --dtype
+    keeps resident) without reading weights."""
     model = open_model(checkpoint, arch, config_overrides(n_heads, n_kv_heads, norm_eps, rope_theta))
-    data = describe_checkpoint(model)
+    data = describe_checkpoint(model, resolve_dtype(dtype))
     if json_out:
         print_json(data)
         return
@@ -50,6 +64,7 @@ def info(checkpoint: Checkpoint, arch: Arch = None, n_heads: NHeads = None, n_kv
                                                         else "")),
         ("dtypes", ", ".join(f"{k}: {v:,}" for k, v in data["dtypes"].items())),
         ("parameters", f"{data['n_params']:,}"),
+        ("resident", _resident(data)),
         ("files", "\n".join(f"{f} ({b:,} bytes)" for f, b in data["files"].items())),
         ("tokenizer", data["tokenizer"] or "none"),
     ]

@@ -6,9 +6,10 @@
 * absolute ``[level.]column OP limit``: holds when it holds on every row that measured the column (null means "not
   applicable", STYLE.md "Reports"); the worst row is the one closest to, or furthest past, the limit. A NaN row fails.
 * relative ``column growth|drop <= f``: per row aligned on the level's keys (``layer``, ``(layer, head)``, or the
-  single model row), ``target <= baseline + f |baseline|`` (growth) or ``target >= baseline - f |baseline|`` (drop).
+  single model row; ``(layer, expert)`` in the experts table), ``target <= baseline + f |baseline|`` (growth) or ``target >= baseline - f |baseline|`` (drop).
 
-A rule whose column is null in every row fails as "not measured": a gate never passes on a metric it did not see.
+A rule whose column is null in every row fails as "not measured": a gate never passes on a metric it did not see
+(an experts rule on a model without experts, too).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pyarrow as pa
 from attnstab_cli.errors import UsageError
 from attnstab_cli.gate.rules import KEYS, LEVELS, OPS, Rule, format_percent
 from attnstab_cli.report.read import Report
-from attnstab_cli.report.schema import TABLES
+from attnstab_cli.report.schema import ALL_TABLES
 
 Key = tuple[int, ...]
 MAX_LISTED = 3          # non-finite values named in the finite verdict's message
@@ -72,7 +73,7 @@ def check_finite(report: Report) -> Verdict:
     """Every floating-point value of every table finite (nulls are "not applicable" and skipped)."""
     checked, bad, overflow = 0, [], []
     for level in LEVELS:
-        columns = [c.name for c in TABLES[level] if pa.types.is_floating(c.type)]
+        columns = [c.name for c in ALL_TABLES[level] if pa.types.is_floating(c.type)]
         for row in report.tables.get(level) or []:
             for col in columns:
                 x = row.get(col)
@@ -83,7 +84,7 @@ def check_finite(report: Report) -> Verdict:
                 if x == math.inf and twin is not None and math.isfinite(twin):
                     overflow.append(f"{level}.{col} (log {twin:.4g})")
                 elif not math.isfinite(x):
-                    bad.append(f"{level}.{col} = {x} at {format_at(_key(level, row))}")
+                    bad.append(f"{level}.{col} = {x} at {format_at(_at(level, _key(level, row)))}")
     message = (f"all {checked} values finite" if not bad else
                f"{len(bad)} non-finite value(s): {'; '.join(bad[:MAX_LISTED])}"
                + (f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""))
@@ -183,6 +184,8 @@ def _why_null(column: str, report: Report) -> str:
         return "scan with --grad to measure it"
     if column in ("lip_layer_empirical", "tightness", "tightness_refined"):
         return "scan with --empirical-seqs 1 or more to measure it"
+    if column in {c.name for c in ALL_TABLES["experts"]} and not report.tables.get("experts"):
+        return "the model has no mixture-of-experts layers, so no experts table"
     if not report.calibrated:
         return "a weights-only report measures nothing that needs calibration text"
     return "this scan did not measure it for this model"
@@ -202,17 +205,17 @@ def _json_number(x: Any) -> Any:
     return x
 
 
-def format_at(key: Key) -> str:
-    """``(2, 1)`` -> ``layer 2 head 1``; ``(2,)`` -> ``layer 2``; ``()`` -> ``model``."""
-    names = ("layer", "head")
-    return " ".join(f"{n} {v}" for n, v in zip(names, key)) or "model"
+def format_at(at: dict[str, int]) -> str:
+    """``{"layer": 2, "head": 1}`` -> ``layer 2 head 1``; ``{"layer": 2, "expert": 5}`` -> ``layer 2 expert 5``;
+    ``{}`` -> ``model``."""
+    return " ".join(f"{n} {v}" for n, v in at.items()) or "model"
 
 
 def describe(v: Verdict) -> str:
     """One self-contained line for annotations and JUnit: the rule, its worst observed value and where, the message."""
     if v.observed is None or v.kind == "finite":
         return f"{v.rule}: {v.message}"
-    at = "" if v.at is None else f" at {format_at(tuple(v.at.values()))}"
+    at = "" if v.at is None else f" at {format_at(v.at)}"
     return f"{v.rule}: observed {format_observed(v)}{at}; {v.message}"
 
 

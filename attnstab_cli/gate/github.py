@@ -40,7 +40,7 @@ def build_step_summary(verdicts: list[Verdict], target: str, baseline: str | Non
              f"Target: `{_code(target)}`" + (f" · baseline: `{_code(baseline)}`" if baseline else ""), "",
              "| rule | observed | at | verdict | detail |", "| --- | ---: | --- | --- | --- |"]
     for v in verdicts:
-        at = "-" if v.at is None else format_at(tuple(v.at.values()))
+        at = "-" if v.at is None else format_at(v.at)
         lines.append(f"| `{_code(v.rule)}` | {_cell(format_observed(v))} | {at} | "
                      f"{'pass' if v.passed else '**FAIL**'} | {_cell(v.message)} |")
     lines += [""] + [f"- {_cell(n)}" for n in notes] + ([""] if notes else [])

@@ -25,7 +25,8 @@ def check_rules_need(rules: list[Rule], has_baseline: bool) -> None:
 
 
 def check_complete(report: Report, role: str) -> None:
-    """Every layer, every head and the model row present, as the manifest's checkpoint says (exit 3 otherwise)."""
+    """Every layer, every head, the model row and, for a mixture-of-experts model, every (layer, expert) row present,
+    as the manifest's checkpoint says (exit 3 otherwise)."""
     ck = report.manifest.get("checkpoint") or {}
     n_layers, n_heads = ck.get("n_layers"), ck.get("n_heads")
     problems = [f"manifest.json gives no checkpoint.{k}, so completeness cannot be checked"
@@ -42,9 +43,24 @@ def check_complete(report: Report, role: str) -> None:
     if isinstance(n_heads, int) and (len(heads) != len(report.heads) or
                                      heads != {(layer, h) for layer in expected for h in range(n_heads)}):
         problems.append(f"the heads table has {len(report.heads)} rows for {len(expected)} x {n_heads} heads")
+    problems += _experts_missing(report, ck.get("moe"))
     if problems:
         raise ScanFailure(f"the {role} report is incomplete: {'; '.join(problems)}", path=report.path,
                           hint="an incomplete scan never passes a gate: rescan the checkpoint")
+
+
+def _experts_missing(report: Report, moe: object) -> list[str]:
+    """A mixture-of-experts report holds one experts row per (MoE layer, expert), as its manifest's ``moe`` says."""
+    if not isinstance(moe, dict):
+        return []
+    expected = {(layer, e) for layer in moe.get("moe_layers") or [] for e in range(moe.get("n_experts") or 0)}
+    rows = report.tables.get("experts")
+    if rows is None:
+        return ["the model has mixture-of-experts layers but the report has no experts table"]
+    have = [(r["layer"], r["expert"]) for r in rows]
+    if len(have) != len(set(have)) or set(have) != expected:
+        return [f"the experts table has {len(have)} rows for {len(expected)} (layer, expert) pairs"]
+    return []
 
 
 def check_aligned(target: Report, baseline: Report, rules: list[Rule]) -> None:

@@ -2,7 +2,8 @@
 baseline report) from ``--rule`` flags, and validate every column against the report schema before any scan runs.
 
 A rule names a report column (``report/schema.py``, listed by ``attnstab show --columns``); the level (``heads``,
-``layers``, ``model``) may be left out when the column lives in exactly one table. Relative limits are fractions of
+``layers``, ``model``, or ``experts`` for a mixture-of-experts model's experts table, one row per (layer, expert); also
+spelt ``expert``) may be left out when the column lives in exactly one table. Relative limits are fractions of
 the baseline value: ``growth <= 20%`` holds for a row when ``target <= baseline + 0.20 |baseline|``, ``drop <= 5%``
 when ``target >= baseline - 0.05 |baseline|``.
 """
@@ -18,14 +19,16 @@ from typing import Callable
 import pyarrow as pa
 
 from attnstab_cli.errors import UsageError
-from attnstab_cli.report.schema import TABLES
+from attnstab_cli.report.schema import ALL_TABLES
 
-LEVELS = ("heads", "layers", "model")
-KEYS: dict[str, tuple[str, ...]] = {"heads": ("layer", "head"), "layers": ("layer",), "model": ()}
+LEVELS = ("heads", "layers", "model", "experts")
+KEYS: dict[str, tuple[str, ...]] = {"heads": ("layer", "head"), "layers": ("layer",), "model": (),
+                                    "experts": ("layer", "expert")}
+ALIASES = {"expert": "experts"}
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 RELATIVE = ("growth", "drop")
-SYNTAX = "[heads.|layers.|model.]COLUMN OP NUMBER (OP one of >= <= > < ==) or COLUMN growth|drop <= N%"
+SYNTAX = "[heads.|layers.|model.|experts.]COLUMN OP NUMBER (OP one of >= <= > < ==) or COLUMN growth|drop <= N%"
 COLUMNS_HINT = "list the columns with: attnstab show --columns (or attnstab show REPORT --columns)"
 
 _RULE = re.compile(r"^\s*(?:(?P<level>[A-Za-z_]\w*)\.)?(?P<column>[A-Za-z_]\w*)"
@@ -112,10 +115,11 @@ def resolve_level(column: str, level: str | None, text: str) -> str:
     """The table ``column`` is read from: ``level`` when given (checked), else the only table holding it."""
     holders = [name for name in LEVELS if column in _columns(name)]
     if level is not None:
+        level = ALIASES.get(level, level)
         if level not in LEVELS:
-            raise UsageError(f"unknown level {level!r} in rule {text!r}", hint="levels: heads, layers, model")
+            raise UsageError(f"unknown level {level!r} in rule {text!r}", hint="levels: heads, layers, model, experts")
         if column not in _columns(level):
-            where = f"it is in {' and '.join(holders)}" if holders else _suggest(column)
+            where = f"it is in {_listed(holders)}" if holders else _suggest(column)
             raise UsageError(f"unknown column {column!r} in the {level} table (rule {text!r}); {where}",
                              hint=COLUMNS_HINT)
         holders = [level]
@@ -123,15 +127,20 @@ def resolve_level(column: str, level: str | None, text: str) -> str:
         raise UsageError(f"unknown column {column!r} in rule {text!r}; {_suggest(column)}",
                          hint=COLUMNS_HINT)
     if len(holders) > 1:
-        raise UsageError(f"column {column!r} is in the {' and '.join(holders)} tables: name one in rule {text!r}",
+        raise UsageError(f"column {column!r} is in the {_listed(holders)} tables: name one in rule {text!r}",
                          hint=f"e.g. '{holders[0]}.{column}'")
     if not _numeric(holders[0], column):
         raise UsageError(f"column {column!r} is not numeric: a rule cannot compare it (rule {text!r})")
     return holders[0]
 
 
+def _listed(names: list[str]) -> str:
+    """``[a]`` -> ``a``; ``[a, b, c]`` -> ``a, b and c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def _columns(level: str) -> dict[str, pa.DataType]:
-    return {c.name: c.type for c in TABLES[level]}
+    return {c.name: c.type for c in ALL_TABLES[level]}
 
 
 def _numeric(level: str, column: str) -> bool:
@@ -140,7 +149,7 @@ def _numeric(level: str, column: str) -> bool:
 
 
 def _suggest(column: str) -> str:
-    names = sorted({c.name for cols in TABLES.values() for c in cols})
+    names = sorted({c.name for level in LEVELS for c in ALL_TABLES[level]})
     close = difflib.get_close_matches(column, names, n=3)
     return f"did you mean {', '.join(close)}?" if close else "no report table has it"
 

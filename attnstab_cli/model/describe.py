@@ -5,9 +5,12 @@ import math
 from collections import Counter
 from typing import Any
 
+import torch
+
 from attnstab_cli.arch.spec import Residual
 from attnstab_cli.model.config import MLADims, RopeConfig
 from attnstab_cli.model.load import OpenModel
+from attnstab_cli.model.memory import compute_resident_bytes
 
 PLACEMENT = {Residual.PRE: "pre-norm", Residual.POST: "post-norm", Residual.PARALLEL: "parallel residual (pre-norm)",
              Residual.PARALLEL_SHARED: "parallel residual (one shared pre-norm)",
@@ -54,9 +57,9 @@ def _describe_moe(cfg: Any) -> dict[str, Any]:
             "swiglu_alpha": None if moe.glu_limit is None else moe.glu_alpha, "swiglu_limit": moe.glu_limit}
 
 
-def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
-    """Family, sizes, norm and placement, positions, dtypes, quantization, parameter count and files, as plain JSON
-    data."""
+def describe_checkpoint(model: OpenModel, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Family, sizes, norm and placement, positions, dtypes, quantization, parameter count, files and the bytes a
+    scan at ``dtype`` keeps resident, as plain JSON data."""
     cfg, infos = model.cfg, model.reader.infos
     dtypes: Counter[str] = Counter()
     for info in infos.values():
@@ -119,5 +122,6 @@ def describe_checkpoint(model: OpenModel) -> dict[str, Any]:
         "format": model.files.fmt,
         "files": files,
         "total_bytes": sum(files.values()),
+        "resident": compute_resident_bytes(model, dtype).describe(),
         "tokenizer": str(model.files.tokenizer_path) if model.files.tokenizer_path else None,
     }

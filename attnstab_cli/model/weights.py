@@ -171,8 +171,7 @@ class WeightLoader:
                 experts["b_out"] = self.tensor("experts_out.bias", layer)                          # [E, d]
         else:
             roles = {"w_gate": "expert_gate.weight", "w_up": "expert_up.weight", "w_out": "expert_out.weight"}
-            experts = {k: torch.stack([self.tensor(r, layer, expert=e) for e in range(moe.n_experts)])
-                       for k, r in roles.items()}                                   # [E, d, m] / [E, m, d]
+            experts = {k: self._stack_experts(r, layer, moe.n_experts) for k, r in roles.items()}
         shared = None
         if moe.shared_gate is not None:
             shared = {k: self.tensor(f"shared_{r}.weight", layer) for k, r in
@@ -184,6 +183,18 @@ class WeightLoader:
                           shared=shared,
                           shared_router=self.tensor("shared_router.weight", layer)
                           if self.names.declares("shared_router.weight", layer) else None)
+
+    def _stack_experts(self, role: str, layer: int, n_experts: int) -> torch.Tensor:
+        """Per-expert tensors of ``role`` copied one by one into a stack ``[E, *]`` (``[E, d, m]`` / ``[E, m, d]``),
+        so no more than one expert's matrix is resident beside the stack; the stack counts as resident."""
+        first = self.tensor(role, layer, expert=0)
+        stack = torch.empty((n_experts, *first.shape), dtype=first.dtype, device=first.device)
+        stack[0] = first
+        del first
+        for e in range(1, n_experts):
+            stack[e] = self.tensor(role, layer, expert=e)
+        self.reader.track(stack)
+        return stack
 
     def _ffn(self, layer: int) -> dict[str, torch.Tensor]:
         if self.cfg.layout.ffn_packing is FFNPacking.GATE_UP:

@@ -22,6 +22,9 @@ from attnstab_cli.gate.rules import Rule, parse_rule
     ("sens_proxy_ln growth <= 20%", Rule("layers", "sens_proxy_ln", "<=", 0.2, "growth")),
     ("sens_proxy_ln growth <= 0.2", Rule("layers", "sens_proxy_ln", "<=", 0.2, "growth")),
     ("heads.theta_mean drop <= 2.5%", Rule("heads", "theta_mean", "<=", 0.025, "drop")),
+    ("load_share <= 0.5", Rule("experts", "load_share", "<=", 0.5)),          # only the experts table has it
+    ("expert.lip_expert_weights growth <= 10%", Rule("experts", "lip_expert_weights", "<=", 0.1, "growth")),
+    ("experts.expert >= 0", Rule("experts", "expert", ">=", 0.0)),
 ])
 def test_parse_rule(text: str, expected: Rule) -> None:
     assert parse_rule(text) == expected
@@ -37,7 +40,9 @@ def test_canonical_text_names_the_level() -> None:
     ("theta_p5 >= 0.2", ["unknown column 'theta_p5'", "theta_p05"]),
     ("layers.theta_p05 >= 0.2", ["unknown column 'theta_p05' in the layers table", "it is in heads"]),
     ("blocks.theta_p05 >= 0.2", ["unknown level 'blocks'"]),
-    ("layer >= 0", ["'layer' is in the heads and layers tables"]),
+    ("layer >= 0", ["'layer' is in the heads, layers and experts tables"]),
+    ("experts.theta_p05 >= 0.2", ["unknown column 'theta_p05' in the experts table", "it is in heads"]),
+    ("layers.load_share <= 0.5", ["unknown column 'load_share' in the layers table", "it is in experts"]),
     ("theta_p05 => 0.2", ["bad rule syntax"]),
     ("theta_p05 >= ", ["bad rule syntax"]),
     ("theta_p05 >= abc", ["bad number 'abc'"]),
