@@ -18,8 +18,8 @@ Figures (``--only NAME``): ``real_size`` (SmolLM2-135M-shaped LLaMA, 8x256 and 1
 (GPT-2-width 6-layer model, 2x1024), ``readme`` (the README's first command), ``memory`` (llama-tiny's architecture
 at 1x8192), ``qwen3`` (Qwen3-0.6B-shaped model with per-head q/k norms, 4x256, the real-size budgets), ``mixtral``
 (Mixtral-8x7B-shaped mixture of experts scaled down to d = 1024, 4 layers, 8 experts, top-2, 4x256, the real-size
-budgets; ``--smoke`` shrinks it to check the harness, and its figures mean nothing), ``threads`` (the 8x256 scan with 1 and all threads, idle and under load; ``--threads-study`` runs only
-this, ``--quick`` skips it).
+budgets; ``--smoke`` shrinks it to check the harness, and its figures mean nothing), ``threads`` (the 8x256 scan
+with 1 and all threads, idle and under load; ``--threads-study`` runs only this, ``--quick`` skips it).
 
 Run:  python bench/scan_cost.py [--quick] [--only NAME] [--threads-study] [--smoke] [--timeout S] [--out-json PATH]
 Writes bench/results/scan_cost_cpu.json and .md (the markdown table, also printed; ``--only NAME`` writes

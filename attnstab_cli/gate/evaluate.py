@@ -6,7 +6,8 @@
 * absolute ``[level.]column OP limit``: holds when it holds on every row that measured the column (null means "not
   applicable", STYLE.md "Reports"); the worst row is the one closest to, or furthest past, the limit. A NaN row fails.
 * relative ``column growth|drop <= f``: per row aligned on the level's keys (``layer``, ``(layer, head)``, or the
-  single model row; ``(layer, expert)`` in the experts table), ``target <= baseline + f |baseline|`` (growth) or ``target >= baseline - f |baseline|`` (drop).
+  single model row; ``(layer, expert)`` in the experts table), ``target <= baseline + f |baseline|`` (growth) or
+  ``target >= baseline - f |baseline|`` (drop).
 
 A rule whose column is null in every row fails as "not measured": a gate never passes on a metric it did not see
 (an experts rule on a model without experts, too).
