@@ -17,6 +17,8 @@ from attnstab_cli import __version__
 from attnstab_cli.calibration.build import CalibrationRequest, build_calibration
 from attnstab_cli.calibration.sources import CalibrationSet, check_seq_len, check_token_range
 from attnstab_cli.checkpoints.fingerprint import HashMode, compute_fingerprint
+from attnstab_cli.distributed.group import SOLO, Group
+from attnstab_cli.distributed.shard import shard_sequences
 from attnstab_cli.errors import UsageError
 from attnstab_cli.kernel_dispatch import resolve_kernel
 from attnstab_cli.metrics.curvature_scan import CurvatureOptions, check_fits, compute_curvature
@@ -86,15 +88,17 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def build_passes(model: OpenModel, calib: CalibrationSet, opts: ScanOptions, kernel: str,
-                 device: torch.device) -> list[MetricPass]:
-    """The metric passes of a calibrated scan, in dependency order."""
+                 device: torch.device, group: Group = SOLO) -> list[MetricPass]:
+    """The metric passes of a calibrated scan of all of ``calib`` (of which this rank streams its share), in
+    dependency order."""
     theta_opts = replace(opts.theta, kernel=kernel, paper_rows=resolve_paper_rows(opts.theta, device))
     return order_passes([
         MagnitudePass(),
         ThetaPass(model.cfg.n_heads, model.cfg.n_kv_heads, theta_opts),
-        WeightPass(model.cfg, max_offset=max(calib.seq_len, 1)),          # offsets present in the mask (§5.5)
+        WeightPass(model.cfg, max_offset=max(calib.seq_len, 1),           # offsets present in the mask (§5.5)
+                   rank=group.rank, world_size=group.world_size),
         SensitivityPass(),
-        FragilityPass(model.cfg.d_model, n_batches=len(calib.batches), seed=opts.theta.seed),
+        FragilityPass(model.cfg.d_model, n_sequences=calib.n_sequences, seed=opts.theta.seed),
         LipschitzPass(model.cfg, empirical_seqs=opts.empirical_seqs, seed=opts.theta.seed,
                       tokens_per_layer=calib.n_tokens),
         MoEPass(model.cfg),
@@ -102,25 +106,35 @@ def build_passes(model: OpenModel, calib: CalibrationSet, opts: ScanOptions, ker
 
 
 def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
-             on_progress: ProgressFn | None = None) -> ScanResult:
+             on_progress: ProgressFn | None = None, group: Group = SOLO) -> ScanResult:
     """Stream ``calib`` through ``model`` one layer at a time, every metric pass seeing every trace with its layer's
     shared context; ``on_progress`` hears of every finished layer, --grad stream step and curvature block.
 
     The model is streamed once; ``--grad`` keeps its checkpoint boundaries from this stream and re-streams only
     between them (:class:`GradientFlow`), and curvature holds the layers it needs itself (``compute_curvature``).
+    Of several ranks (``group``), each streams every layer over its share of the sequences
+    (:func:`~attnstab_cli.distributed.shard.shard_sequences`), the ranks meet after every layer, and the passes
+    merge their aggregates before they finish: every rank returns the whole run's tables.
     """
     device, dtype = resolve_device(opts.device), resolve_dtype(opts.dtype)
     kernel = resolve_kernel(opts.kernel, device)
     if opts.curvature is not None:
+        if group.world_size > 1:
+            raise UsageError("--curvature runs in one process only (it keeps every layer resident and is not "
+                             f"sharded), not under a world size of {group.world_size}",
+                             hint="run the curvature scan without torchrun, or drop --curvature")
         check_fits(model, device, opts.curvature)                 # refuse before any work, not after the scan
-    passes = build_passes(model, calib, opts, kernel, device)
+    shard = shard_sequences(calib.batches, group.rank, group.world_size)
+    passes = build_passes(model, calib, opts, kernel, device, group)
     spent = {p.name: 0.0 for p in passes}
     contexts = LayerContexts(model)
-    flow = GradientFlow(model, list(calib.batches), device, dtype, opts.theta.seed) if opts.grad else None
+    flow = GradientFlow(model, shard.batches, device, dtype, opts.theta.seed, first_seqs=shard.first_seqs,
+                        group=group) if opts.grad else None
     wanted = flow.checkpoint_layers() if flow is not None else set()
     kept: dict[int, list[torch.Tensor]] = {}      # --grad's checkpoint boundaries, taken from this stream
     t0 = time.perf_counter()
-    stream = LayerStream(model, list(calib.batches), device, dtype)
+    last = len(shard.batches) - 1
+    stream = LayerStream(model, shard.batches, device, dtype, first_seqs=shard.first_seqs)
     stream.embed()
     if 0 in wanted:
         kept[0] = list(stream.hidden)             # a copy of the list: the stream replaces its entries
@@ -133,14 +147,23 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
                 t = time.perf_counter()
                 p.observe(trace, ctx)
                 spent[p.name] += time.perf_counter() - t
-        if trace.batch == len(calib.batches) - 1:
+        if trace.batch == last:
             contexts.release()                    # the layer is done: drop its weights before the next loads
         if trace.layer + 1 in wanted:             # traces come layer-major, batch-minor
             kept.setdefault(trace.layer + 1, []).append(trace.resid_out.detach())
-        if on_progress and trace.batch == len(calib.batches) - 1:
-            on_progress("scan: layers", trace.layer + 1, model.cfg.n_layers)
+        if trace.batch == last:
+            t = time.perf_counter()
+            group.checkpoint(f"layer {trace.layer}")
+            spent["ranks_wait"] = spent.get("ranks_wait", 0.0) + time.perf_counter() - t
+            if on_progress:
+                on_progress("scan: layers", trace.layer + 1, model.cfg.n_layers)
         del trace, ctx  # hold nothing while the stream loads the next layer: one layer's weights resident
     final = stream.final_hidden()
+    t = time.perf_counter()
+    group.checkpoint("the merge of the aggregates")
+    for p in passes:
+        p.merge_ranks(group)
+    spent["merge"] = time.perf_counter() - t
     total = time.perf_counter() - t0
     timings = {"total_s": total, "forward_s": total - sum(spent.values()),
                **{f"{name}_s": s for name, s in spent.items()}}
@@ -148,7 +171,9 @@ def run_scan(model: OpenModel, calib: CalibrationSet, opts: ScanOptions,
     for p in passes:
         tables.add(p.finish(tables))
     facts = {"device": str(device), "dtype": opts.dtype, "kernel": kernel, **tables.facts,
-             "peak_resident_weight_bytes": model.reader.peak_live_bytes}
+             "peak_resident_weight_bytes": model.reader.peak_live_bytes,
+             "distributed": {"world_size": group.world_size, "backend": group.backend,
+                             "sequences_per_rank": shard.counts}}
     if flow is not None:
         t = time.perf_counter()
         flow.on_layer = on_progress
@@ -240,7 +265,8 @@ class ScanRequest:
 
 def scan_checkpoint(req: ScanRequest, calib: CalibrationSet | None = None,
                     on_progress: ProgressFn | None = None,
-                    on_warning: Callable[[str], None] | None = None) -> tuple[Report, CalibrationSet | None]:
+                    on_warning: Callable[[str], None] | None = None,
+                    group: Group = SOLO) -> tuple[Report, CalibrationSet | None]:
     """Open, check the weight values of, fingerprint and scan ``req.checkpoint``; returns the report (not yet
     written) and the tokens it used.
 
@@ -251,8 +277,11 @@ def scan_checkpoint(req: ScanRequest, calib: CalibrationSet | None = None,
     ``on_warning`` hears of what it warns about. ``calib`` reuses another scan's tokens exactly (compare, track),
     checked against this model's vocabulary and context. ``on_progress(stage, done, total)`` reports each finished
     step of each stage. Stage timings (open, value check, fingerprint, calibration, the scan's own stages) land in
-    the manifest.
+    the manifest. Of several ranks (``group``), every rank opens, checks and calibrates alike and the scan is
+    sharded by sequence (:func:`run_scan`); ``--weights-only`` is not sharded.
     """
+    if group.world_size > 1:
+        req = replace(req, options=replace(req.options, device=group.device_name(req.options.device)))
     stages: dict[str, float] = {}
     t = time.perf_counter()
     model = open_model(req.checkpoint, req.arch, req.overrides)
@@ -279,7 +308,7 @@ def scan_checkpoint(req: ScanRequest, calib: CalibrationSet | None = None,
             for batch in calib.batches:
                 check_token_range(batch, model.cfg.vocab_size, f"calibration tokens ({calib.source})")
         stages["calibration_s"] = time.perf_counter() - t
-        result = run_scan(model, calib, req.options, on_progress)
+        result = run_scan(model, calib, req.options, on_progress, group)
     result.timings = {**stages, **result.timings}
     manifest = build_manifest(model, calib, result, req.calibration.seed, fingerprint)
     manifest["run"]["hash_mode"] = req.hash_mode

@@ -16,7 +16,8 @@ from attnstab_cli.errors import AttnstabError
 from attnstab_cli.report.destination import forget_published
 
 F = TypeVar("F", bound=Callable[..., Any])
-STATE = {"debug": os.environ.get("ATTNSTAB_DEBUG") == "1"}
+STATE = {"debug": os.environ.get("ATTNSTAB_DEBUG") == "1",
+         "silent": False}   # a rank other than 0: its failure is rank 0's to print (it exits with its code)
 
 
 def stdout_console() -> Console:
@@ -37,7 +38,8 @@ def handle_errors(fn: F) -> F:
     """Turn :class:`AttnstabError` into ``Error: ...`` (and a hint) on stderr plus its exit code; any other exception
     means the work could not complete: one line and exit 3 (never 1, which a gate reserves for a failed rule).
 
-    With ``--debug`` or ``ATTNSTAB_DEBUG=1`` the exception propagates with its traceback instead. An interrupt
+    With ``--debug`` or ``ATTNSTAB_DEBUG=1`` the exception propagates with its traceback instead. A rank other than 0
+    of a multi-process run (:func:`silence_errors`) prints nothing and exits with the same code: rank 0 names it. An interrupt
     (Ctrl-C, SIGTERM) is one line saying what is complete on disk, and exit 130, whatever the flags.
     """
     @functools.wraps(fn)
@@ -52,6 +54,8 @@ def handle_errors(fn: F) -> F:
                 _exit_interrupted()
             if STATE["debug"]:
                 raise
+            if STATE["silent"]:
+                raise typer.Exit(exc.exit_code) from None
             err = stderr_console()
             err.print(f"[bold red]Error:[/] {escape(exc.message)}", markup=True, highlight=False, soft_wrap=True)
             if exc.hint:
@@ -66,6 +70,8 @@ def handle_errors(fn: F) -> F:
                 _exit_interrupted()
             if STATE["debug"]:
                 raise
+            if STATE["silent"]:
+                raise typer.Exit(3) from None
             stderr_console().print(f"[bold red]Error:[/] the run could not complete: {type(exc).__name__}: "
                                    f"{escape(str(exc))}",
                                    markup=True, highlight=False, soft_wrap=True)
@@ -74,6 +80,11 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(3) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def silence_errors(silent: bool) -> None:
+    """Whether this process's errors are left to another process (rank 0) to print."""
+    STATE["silent"] = silent
 
 
 def _exit_interrupted() -> None:

@@ -6,10 +6,11 @@ from typing import Annotated
 import typer
 
 from attnstab_cli.cli.options import Checkpoint, Detail, Force, Format, Json, Out, Quiet, check_format
-from attnstab_cli.cli.output import handle_errors, stderr_console
+from attnstab_cli.cli.output import handle_errors, silence_errors, stderr_console
 from attnstab_cli.cli.render import render_report
 from attnstab_cli.cli.scan_flags import ScanFlags, with_scan_flags
 from attnstab_cli.cli.targets import scan_with_progress
+from attnstab_cli.distributed.group import process_group
 from attnstab_cli.errors import UsageError
 from attnstab_cli.metrics.curvature_scan import CurvatureOptions
 from attnstab_cli.report.destination import check_destination
@@ -47,17 +48,21 @@ def scan(
     fmt = check_format(fmt, json_out)
     if curvature and weights_only:
         raise UsageError("--curvature needs calibration text (the Hessian is of the loss on it); drop --weights-only")
-    if out is not None:
-        check_destination(out, "report", force, [checkpoint])
     req = flags.request(checkpoint, weights_only=weights_only,
                         curvature=CurvatureOptions(max_iter=curvature_iters, tol=curvature_tol,
                                                    probes=curvature_probes, dtype=curvature_dtype, seed=flags.seed)
                         if curvature else None)
-    err = stderr_console()
-    report, _ = scan_with_progress(req, quiet=quiet, err=err)
-    if out is not None:
-        write_report(out, report.tables, report.manifest, force=force, tokens=report.tokens)
-        report.path = out
-        if not quiet:
-            err.print(f"report written to {out}", highlight=False)
-    render_report(report, fmt, detail=detail)
+    with process_group(flags.device) as group:             # started by torchrun: one rank of several
+        silence_errors(not group.is_root)
+        if out is not None and group.is_root:
+            check_destination(out, "report", force, [checkpoint])
+        err = stderr_console()
+        report, _ = scan_with_progress(req, quiet=quiet or not group.is_root, err=err, group=group)
+        if group.is_root:
+            if out is not None:
+                write_report(out, report.tables, report.manifest, force=force, tokens=report.tokens)
+                report.path = out
+                if not quiet:
+                    err.print(f"report written to {out}", highlight=False)
+            render_report(report, fmt, detail=detail)
+        group.checkpoint("the report")                      # every rank exits non-zero if rank 0 could not write

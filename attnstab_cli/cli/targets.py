@@ -14,6 +14,7 @@ from attnstab_cli.calibration.shortfall import describe_shortfall
 from attnstab_cli.calibration.sources import CalibrationSet
 from attnstab_cli.cli.options import check_seed
 from attnstab_cli.cli.output import stderr_console
+from attnstab_cli.distributed.group import SOLO, Group
 from attnstab_cli.errors import UsageError
 from attnstab_cli.metrics.curvature_scan import CurvatureOptions
 from attnstab_cli.metrics.theta_scan import ThetaOptions
@@ -79,13 +80,14 @@ class ProgressReport:
 
 
 def scan_with_progress(req: ScanRequest, calib: CalibrationSet | None = None, quiet: bool = False,
-                       label: str | None = None, err: Console | None = None) -> tuple[Report, CalibrationSet | None]:
+                       label: str | None = None, err: Console | None = None,
+                       group: Group = SOLO) -> tuple[Report, CalibrationSet | None]:
     """:func:`scan_checkpoint` reporting each stage's progress on stderr (:class:`ProgressReport`), and warnings,
     even when quiet: weight values at the float16 limit, a calibration holding fewer sequences than asked for."""
     err = err or stderr_console()
     with ProgressReport(err, label or Path(req.checkpoint).name, quiet) as progress:
         report, used = scan_checkpoint(req, calib, on_progress=progress, on_warning=lambda text: err.print(
-            f"warning: {text}", markup=False, highlight=False, soft_wrap=True))
+            f"warning: {text}", markup=False, highlight=False, soft_wrap=True), group=group)
     short = None if used is None else describe_shortfall(used.source, used.n_sequences, used.requested, used.seq_len)
     if short is not None:
         err.print(f"warning: {short}", markup=False, highlight=False, soft_wrap=True)

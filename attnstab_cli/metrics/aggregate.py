@@ -15,6 +15,8 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
+from attnstab_cli.distributed.group import Group
+
 N_BINS = 1000                       # uniform bins on [0, 1], index min(floor(1000 x), 999)
 N_LOG_BINS = 160                    # bins of width 0.1 on −log10(1 − θ_lo), clipped to [0, 16)
 LOG_BIN_WIDTH = 0.1
@@ -111,9 +113,17 @@ class Moments:
 
     def merge(self, other: Moments) -> Moments:
         """The summary of both inputs' rows (exact except Σ, Σx², which merge up to reassociation)."""
-        return Moments(self.count + other.count, self.total + other.total, self.total_sq + other.total_sq,
-                       torch.minimum(self.minimum, other.minimum), torch.maximum(self.maximum, other.maximum),
-                       self.hist + other.hist)
+        return Moments(**{name: COMBINE[op](getattr(self, name), getattr(other, name)) for name, op in _MOMENT_OPS})
+
+    def reduce_ranks(self, group: Group) -> None:
+        """In place, the summary of every rank's rows (:meth:`merge` over the process group)."""
+        for name, op in _MOMENT_OPS:
+            group.all_reduce(getattr(self, name), op, "the theta aggregates")
+
+
+_MOMENT_OPS = (("count", "sum"), ("total", "sum"), ("total_sq", "sum"), ("minimum", "min"), ("maximum", "max"),
+               ("hist", "sum"))
+COMBINE = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
 
 
 _INT_FIELDS = ("n_rows", "n_rows_short", "theta_exact_count", "peaked_count", "log_hist", "theta_paper_count",
@@ -121,6 +131,7 @@ _INT_FIELDS = ("n_rows", "n_rows_short", "theta_exact_count", "peaked_count", "l
 _SUM_FIELDS = ("theta_paper_sum", "entropy_sum", "sink_mass_sum")
 _MAX_FIELDS = ("theta_tilde_lo", "theta_tilde_hi", "theta_width_max")
 _MOMENT_FIELDS = ("theta_lo", "theta_hi", "pmax", "entropy_norm")
+_FIELD_OPS = tuple((name, "sum") for name in _INT_FIELDS + _SUM_FIELDS) + tuple((name, "max") for name in _MAX_FIELDS)
 
 
 @dataclass
@@ -206,11 +217,17 @@ class HeadAggregate:
         if other.n_heads != self.n_heads or other.min_keys != self.min_keys:
             raise ValueError("can only merge aggregates with the same number of heads and min_keys")
         merged = {name: getattr(self, name).merge(getattr(other, name)) for name in _MOMENT_FIELDS}
-        for name in _INT_FIELDS + _SUM_FIELDS:
-            merged[name] = getattr(self, name) + getattr(other, name)
-        for name in _MAX_FIELDS:
-            merged[name] = torch.maximum(getattr(self, name), getattr(other, name))
+        for name, op in _FIELD_OPS:
+            merged[name] = COMBINE[op](getattr(self, name), getattr(other, name))
         return replace(self, **merged)
+
+    def reduce_ranks(self, group: Group) -> None:
+        """In place, the aggregate of every rank's rows (:meth:`merge` over the process group: all-reduce of the
+        counts, sums and histograms, max of the maxima, min of the minima)."""
+        for name in _MOMENT_FIELDS:
+            getattr(self, name).reduce_ranks(group)
+        for name, op in _FIELD_OPS:
+            group.all_reduce(getattr(self, name), op, "the theta aggregates")
 
     def compute_theta_percentile(self, q: float) -> tuple[Tensor, Tensor, Tensor]:
         """Nearest-rank q-quantile of θ_lo per head (§3.8): (lo, hi, midpoint), float64 [H], NaN where n_rows = 0.

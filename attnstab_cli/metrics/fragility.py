@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnstab_cli.distributed.group import Group
+from attnstab_cli.metrics.seeding import sequence_generator
 from attnstab_cli.metrics.passes import TableParts, Tables
 from attnstab_cli.metrics.threads import single_threaded
 from attnstab_cli.model.traces import LayerTrace
@@ -87,10 +89,9 @@ class FragilityPass:
     name = "fragility"
     needs = ("weights",)
 
-    def __init__(self, d_model: int, n_batches: int = 1, seed: int = 0) -> None:
-        self.d_model = d_model
-        self.rows_per_batch = -(-SOFTMAX_ROWS // max(1, n_batches))
-        self.gen = torch.Generator().manual_seed(seed)
+    def __init__(self, d_model: int, n_sequences: int = 1, seed: int = 0) -> None:
+        self.d_model, self.seed = d_model, seed
+        self.rows_per_seq = -(-SOFTMAX_ROWS // max(1, n_sequences))
         self.kappa_score: dict[int, float] = {}
         self.kappa_v: dict[int, float] = {}
         self.softmax_rows: dict[int, list[float]] = {}
@@ -109,11 +110,13 @@ class FragilityPass:
             self.eps.setdefault(layer, {})[name] = norm.eps
 
     def _softmax_terms(self, trace: LayerTrace) -> list[float]:
-        """λ_max·‖s‖/‖p‖ of this batch's share of the SOFTMAX_ROWS rows sampled per layer (seeded, over batch,
-        head and query); masked keys excluded."""
+        """λ_max·‖s‖/‖p‖ of this batch's share of the SOFTMAX_ROWS rows sampled per layer: ⌈SOFTMAX_ROWS / n⌉ of
+        each of the n sequences (over head and query, seeded per layer and sequence); masked keys excluded."""
         a = trace.attn
         b, h, t = a.q.shape[:3]
-        picks = torch.randperm(b * h * t, generator=self.gen)[:min(self.rows_per_batch, b * h * t)]
+        picks = torch.cat([torch.randperm(h * t, generator=sequence_generator(self.seed, "kappa_softmax",
+                                                                             trace.first_seq + s, trace.layer))
+                           [:min(self.rows_per_seq, h * t)] + s * h * t for s in range(b)])
         bi, hi, ti = picks // (h * t), picks // t % h, picks % t
         s, allowed = compute_row_logits(a.q, a.k, a.scale, bi, hi, ti, causal=a.causal, window=a.window,
                                         key_padding_mask=a.key_padding_mask, logit_cap=a.logit_cap)  # [r, T_k]
@@ -123,6 +126,17 @@ class FragilityPass:
         lam = compute_softmax_lambda_max(p)
         s_norm = torch.where(allowed[keep], s[keep], 0.0).norm(dim=-1)
         return (lam * s_norm / p.norm(dim=-1)).cpu().tolist()
+
+    def merge_ranks(self, group: Group) -> None:
+        """Maxima over the ranks; the sampled rows' terms and the norm statistics (for the medians) gathered."""
+        ranks = group.all_gather((self.kappa_score, self.kappa_v, self.softmax_rows, self.stats),
+                                 "the fragility columns")
+        layers = sorted(self.kappa_score)
+        self.kappa_score = {i: max(r[0][i] for r in ranks) for i in layers}
+        self.kappa_v = {i: max(r[1][i] for r in ranks) for i in layers}
+        self.softmax_rows = {i: [x for r in ranks for x in r[2][i]] for i in layers}
+        self.stats = {i: {name: [t for r in ranks for t in r[3][i][name]] for name in self.stats[i]}
+                      for i in self.stats}
 
     def finish(self, tables: Tables) -> TableParts:
         layers, model = self.records(tables.layers)

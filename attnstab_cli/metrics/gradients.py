@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from attnstab_cli.arch.spec import Residual
+from attnstab_cli.distributed.group import SOLO, Group
+from attnstab_cli.metrics.seeding import sequence_rand
 from attnstab_cli.model.activations import ACTIVATIONS
 from attnstab_cli.model.blocks import apply_norm, run_layer
 from attnstab_cli.model.load import OpenModel
@@ -67,8 +69,10 @@ class LossSetup:
     targets: list[torch.Tensor | None]         # CE targets per batch ([B, T], −100 = ignored), None for the probe
 
 
-def plan_loss(model: OpenModel, batches: list[torch.Tensor], seed: int) -> LossSetup:
-    """Pick the loss the checkpoint supports (see the module docstring) and prepare its inputs and targets."""
+def plan_loss(model: OpenModel, batches: list[torch.Tensor], seed: int,
+              first_seqs: list[int] | None = None) -> LossSetup:
+    """Pick the loss the checkpoint supports (see the module docstring) and prepare its inputs and targets; the
+    masked positions are drawn per sequence (``first_seqs``: the global index of each batch's first)."""
     names, cfg = model.names, model.cfg
     has_head = names.find("lm_head.weight") is not None
     if cfg.layout.causal and has_head:
@@ -76,10 +80,11 @@ def plan_loss(model: OpenModel, batches: list[torch.Tensor], seed: int) -> LossS
         return LossSetup(LOSS_CE, list(batches), targets)
     mask_id = mask_token_id(model.tokenizer_path)
     if not cfg.layout.causal and has_head and names.find("mlm_dense.weight") and mask_id is not None:
-        g = torch.Generator().manual_seed(seed)
+        starts = first_seqs if first_seqs is not None else [sum(len(b) for b in batches[:i])
+                                                            for i in range(len(batches))]
         inputs, targets = [], []
-        for b in batches:
-            pick = torch.rand(b.shape, generator=g) < MLM_FRACTION
+        for b, start in zip(batches, starts):
+            pick = sequence_rand(seed, "mlm", start, tuple(b.shape)) < MLM_FRACTION
             pick[:, 0] |= ~pick.any(dim=1)                                   # at least one position per sequence
             inputs.append(torch.where(pick, mask_id, b))
             targets.append(torch.where(pick, b, -100))
@@ -156,9 +161,11 @@ class GradientFlow:
     """
 
     def __init__(self, model: OpenModel, batches: list[torch.Tensor], device: torch.device, dtype: torch.dtype,
-                 seed: int = 0, checkpoint_every: int | None = None) -> None:
+                 seed: int = 0, checkpoint_every: int | None = None, first_seqs: list[int] | None = None,
+                 group: Group = SOLO) -> None:
         self.model, self.cfg, self.device, self.dtype, self.seed = model, model.cfg, device, dtype, seed
-        self.loss = plan_loss(model, batches, seed)
+        self.group = group                  # of several ranks: the loss, its normaliser and the gradients are summed
+        self.loss = plan_loss(model, batches, seed, first_seqs)
         n = self.cfg.n_layers
         k = math.ceil(math.sqrt(n)) if checkpoint_every is None else checkpoint_every
         if k < 1:
@@ -218,9 +225,10 @@ class GradientFlow:
                                reduction="sum")
 
     def count(self) -> int:
-        """The loss normaliser: predicted tokens (CE, MLM) or token count (probe)."""
-        return sum(int((t != -100).sum()) if t is not None else t_in.numel()
-                   for t, t_in in zip(self.loss.targets, self.loss.inputs))
+        """The loss normaliser: predicted tokens (CE, MLM) or token count (probe), over every rank."""
+        local = sum(int((t != -100).sum()) if t is not None else t_in.numel()
+                    for t, t_in in zip(self.loss.targets, self.loss.inputs))
+        return int(self.group.all_reduce(torch.tensor([local], dtype=torch.int64), "sum", "the loss normaliser"))
 
     def run(self, checkpoints: dict[int, list[torch.Tensor]] | None = None
             ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -305,6 +313,7 @@ class GradientFlow:
             loss.backward()
             total += float(loss.detach())
             grads.append(h.grad)
+        total = float(self.group.all_reduce(torch.tensor([total], dtype=torch.float64), "sum", "the loss"))
         return grads, total
 
     def _backward_layer(self, stream: LayerStream, layer: int, inputs: list[torch.Tensor],
@@ -320,7 +329,14 @@ class GradientFlow:
             out = run_layer(h, w, self.cfg, layer, b, stream.rope(h.shape[1], layer), stream.masks[b]).resid_out
             (out * grads[b]).sum().backward()      # = out.backward(grads[b]), without torch's symbolic-shapes import
             new_grads.append(h.grad)
-        record = {"layer": layer, "grad_h_in": math.sqrt(sum(float(g.double().pow(2).sum()) for g in new_grads)),
+        square = torch.tensor([sum(float(g.double().pow(2).sum()) for g in new_grads)], dtype=torch.float64)
+        if self.group.world_size > 1:           # the whole run's gradient, every rank reducing the same tensors
+            for t in (t for ts in groups.values() for t in ts):
+                if t.grad is None:              # e.g. an expert no token of this rank was routed to
+                    t.grad = torch.zeros_like(t)
+                self.group.all_reduce(t.grad, "sum", f"the gradients of layer {layer}")
+        record = {"layer": layer,
+                  "grad_h_in": math.sqrt(float(self.group.all_reduce(square, "sum", f"the gradients of layer {layer}"))),
                   "grad_attn_params": _group_norm(groups["attn"]), "grad_ffn_params": _group_norm(groups["ffn"]),
                   "grad_norm_params": _group_norm(groups["norm"])}
         return new_grads, record

@@ -10,12 +10,14 @@ the products over layers (and their logs): tier 1, and max over sequences of the
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 
+from attnstab_cli.distributed.group import Group
 from attnstab_cli.metrics.layer_context import LayerContext, to_cpu
 from attnstab_cli.metrics.lipschitz import EmpiricalBudget, compute_layer_empirical_budgeted, compute_layer_lipschitz, \
     compute_mean_tightness
@@ -37,7 +39,7 @@ class LipschitzPass:
         self.cfg = cfg
         self.empirical_seqs, self.seed, self.tokens_per_layer = empirical_seqs, seed, tokens_per_layer
         self.rows: dict[int, dict[str, Any]] = {}
-        self.log_calibrated: dict[tuple[int, int], float] = {}     # (batch, seq) -> Σ_l log lip_layer_calibrated
+        self.log_calibrated: dict[int, float] = {}                 # sequence -> Σ_l log lip_layer_calibrated
         self.tightness: dict[int, dict[str, list[float]]] = {}
         self.head_terms: dict[int, dict[str, torch.Tensor]] = {}   # layer -> column -> [H], max over sequences
         self.budgets: list[EmpiricalBudget] = []                   # tier 3, per searched sequence
@@ -64,10 +66,9 @@ class LipschitzPass:
             for name in ("lambda_h", "phi_h", "head_term_calibrated"):
                 value = getattr(ct.mha, name).to(F64).cpu()
                 heads[name] = value if name not in heads else torch.maximum(heads[name], value)
-            key = (trace.batch, b)
-            self.log_calibrated[key] = self.log_calibrated.get(key, 0.0) + math.log(rec["lip_layer_calibrated"])
-            done = len(self.tightness.get(layer, {}).get("lower", []))
-            if done < self.empirical_seqs:
+            seq = trace.first_seq + b
+            self.log_calibrated[seq] = self.log_calibrated.get(seq, 0.0) + math.log(rec["lip_layer_calibrated"])
+            if seq < self.empirical_seqs:
                 self._empirical(trace, ctx, b, result)
 
     def _empirical(self, trace: LayerTrace, ctx: LayerContext, b: int, result: Any) -> None:
@@ -86,10 +87,34 @@ class LipschitzPass:
         emp, budget = compute_layer_empirical_budgeted(w32, w64, self.cfg, trace.layer, trace.resid_in[b].cpu(), rope,
                                                        kpm, scores, tokens, seed=self.seed)
         self.budgets.append(budget)
-        acc = self.tightness.setdefault(trace.layer, {"lower": [], "b2": [], "b2r": []})
+        acc = self.tightness.setdefault(trace.layer, {"seq": [], "lower": [], "b2": [], "b2r": []})
+        acc["seq"].append(trace.first_seq + b)
         acc["lower"].append(emp.lip_layer_empirical)
         acc["b2"].append(ct.lip_layer_calibrated)
         acc["b2r"].append(ct.lip_layer_refined)
+
+    def merge_ranks(self, group: Group) -> None:
+        """Maxima over the ranks; the per-sequence products and the tier-3 results gathered, in sequence order."""
+        ranks = group.all_gather((self.rows, self.head_terms, self.log_calibrated, self.tightness, self.budgets),
+                                 "the Lipschitz columns")
+        rows: dict[int, dict[str, Any]] = {}
+        for rank_rows, *_ in ranks:
+            for layer, rec in rank_rows.items():
+                into = rows.setdefault(layer, {})
+                for key, value in rec.items():
+                    seen = into.get(key)
+                    into[key] = value if seen is None else seen if value is None else max(seen, value)
+        self.rows = dict(sorted(rows.items()))
+        self.head_terms = {layer: {name: functools.reduce(torch.maximum, (r[1][layer][name] for r in ranks))
+                                   for name in cols} for layer, cols in sorted(self.head_terms.items())}
+        self.log_calibrated = dict(sorted((k, v) for r in ranks for k, v in r[2].items()))
+        tightness: dict[int, dict[str, list[float]]] = {}
+        for layer in sorted({layer for r in ranks for layer in r[3]}):
+            order = sorted(((seq, r[3][layer], i) for r in ranks if layer in r[3]
+                            for i, seq in enumerate(r[3][layer]["seq"])), key=lambda entry: entry[0])
+            tightness[layer] = {name: [acc[name][i] for _, acc, i in order] for name in ("seq", "lower", "b2", "b2r")}
+        self.tightness = tightness
+        self.budgets = [b for r in ranks for b in r[4]]
 
     def budget_facts(self) -> dict[str, Any]:
         """Tier 3's prefix and budget for the manifest (§8.3 "Budget")."""

@@ -7,9 +7,11 @@ All are mergeable across batches: max, min, and sum/count for means.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+from attnstab_cli.distributed.group import Group
 from attnstab_cli.metrics.passes import TableParts, Tables
 from attnstab_cli.model.traces import LayerTrace
 
@@ -29,6 +31,18 @@ class _LayerMagnitudes:
     norm2_min_var: float | None = float("inf")   # None where N2 is the identity (no norms before the branches)
     norm1_out_min_var: float | None = None      # branch-output norms (THEORY §18.3); None without them
     norm2_out_min_var: float | None = None
+
+
+    def merge(self, other: _LayerMagnitudes) -> _LayerMagnitudes:
+        """The magnitudes of both inputs' tokens: sums add, maxima and minima combine (None: no such norm)."""
+        def least(a: float | None, b: float | None) -> float | None:
+            return b if a is None else a if b is None else min(a, b)
+
+        return _LayerMagnitudes(
+            self.tokens + other.tokens, self.resid_sum + other.resid_sum, max(self.resid_max, other.resid_max),
+            self.ln_sum + other.ln_sum, max(self.r2_in, other.r2_in), max(self.r2_ffn_in, other.r2_ffn_in),
+            *(least(getattr(self, f), getattr(other, f)) for f in ("norm1_min_var", "norm2_min_var",
+                                                                   "norm1_out_min_var", "norm2_out_min_var")))
 
 
 @dataclass
@@ -56,6 +70,12 @@ class MagnitudePass:
             if role in trace.norms:
                 value, seen = float(trace.norms[role].stat.min()), getattr(acc, name)
                 setattr(acc, name, value if seen is None else min(seen, value))
+
+    def merge_ranks(self, group: Group) -> None:
+        """Every layer's magnitudes merged over the ranks, in rank order."""
+        ranks = group.all_gather(self.layers, "the magnitude columns")
+        self.layers = {layer: functools.reduce(_LayerMagnitudes.merge, (r[layer] for r in ranks))
+                       for layer in sorted(ranks[0])}
 
     def finish(self, tables: Tables) -> TableParts:
         return TableParts(layers=self.records(), nulls=self.null_reasons())

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from attnstab_cli.arch.spec import RouterScore
+from attnstab_cli.distributed.group import Group
 from attnstab_cli.metrics.layer_context import LayerContext
 from attnstab_cli.metrics.lipschitz.layer import compute_ffn_reset_radius
 from attnstab_cli.metrics.lipschitz.moe import MoENorms, compute_expert_balls, compute_gate_theta
@@ -93,6 +94,15 @@ class MoEPass:
         self.counts[layer] = counts if layer not in self.counts else self.counts[layer] + counts
         if layer not in self.experts:
             self.experts[layer] = self._expert_rows(ctx)
+
+    def merge_ranks(self, group: Group) -> None:
+        """Expert counts summed over the ranks; the per-token margins, entropies and gate factors gathered in rank
+        (so sequence) order for the quantile and the means. The expert weight rows are the same on every rank."""
+        for layer in sorted(self.counts):
+            group.all_reduce(self.counts[layer], "sum", "the routing columns")
+        ranks = group.all_gather((self.margins, self.entropy, self.gate_theta), "the routing columns")
+        self.margins, self.entropy, self.gate_theta = (
+            {layer: [t for r in ranks for t in r[i][layer]] for layer in sorted(ranks[0][i])} for i in range(3))
 
     def _expert_rows(self, ctx: LayerContext) -> list[dict[str, Any]]:
         """Weight columns of each expert (once per layer)."""

@@ -2,7 +2,9 @@
 
 A pass declares its ``name`` and the passes it ``needs`` (whose columns, or whose per-trace publications on the
 layer context, it reads). It sees every layer trace together with that layer's shared
-:class:`~attnstab_cli.metrics.layer_context.LayerContext`, and at the end returns its :class:`TableParts`, which
+:class:`~attnstab_cli.metrics.layer_context.LayerContext`; after the stream it merges what it accumulated with the
+other ranks of the process group (``merge_ranks``: an identity in one process, THEORY §3.8's exact merges across
+ranks, every rank ending with the whole run's state), and at the end returns its :class:`TableParts`, which
 are joined by key into the report tables: per layer on ``layer``, per head on ``(layer, head)``. The scan runs the
 passes in dependency order (:func:`order_passes`), so ``finish`` sees the tables of everything it needs.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
+from attnstab_cli.distributed.group import Group
 from attnstab_cli.model.traces import LayerTrace
 
 if TYPE_CHECKING:
@@ -52,6 +55,8 @@ class MetricPass(Protocol):
     needs: tuple[str, ...]
 
     def observe(self, trace: LayerTrace, ctx: LayerContext) -> None: ...
+
+    def merge_ranks(self, group: Group) -> None: ...
 
     def finish(self, tables: Tables) -> TableParts: ...
 

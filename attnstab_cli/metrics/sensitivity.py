@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from attnstab_cli.distributed.group import Group
 from attnstab_cli.metrics.passes import TableParts, Tables
 from attnstab_cli.model.traces import LayerTrace
 
@@ -26,6 +27,9 @@ class SensitivityPass:
 
     def observe(self, trace: LayerTrace, ctx: Any = None) -> None:
         self.scales[trace.layer] = float(trace.attn.scale)
+
+    def merge_ranks(self, group: Group) -> None:
+        """Nothing to merge: every rank streams every layer, and a layer's scale is a weight fact."""
 
     def finish(self, tables: Tables) -> TableParts:
         return TableParts(layers=compute_sensitivity(tables.layers, tables.heads, self.scales))

@@ -29,11 +29,13 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
+from attnstab_cli.distributed.group import Group
 from attnstab_cli.kernel_dispatch import attn_row_stats
 from attnstab_cli.metrics.aggregate import EXACT_WIDTH, HeadAggregate
 from attnstab_cli.metrics.theta import DEFAULT_TOP_K, EXACT_MAX_KEYS, THETA_SLACK, compute_theta_interval, \
     compute_theta_paper
 from attnstab_cli.metrics.passes import TableParts, Tables
+from attnstab_cli.metrics.seeding import sequence_rand
 from attnstab_cli.model.traces import AttentionTrace, LayerTrace
 from attnstab_cli.reference.attention_rows import compute_masked_softmax, compute_row_logits, compute_sink_mass
 from attnstab_cli.reference.row_stats import compute_sink_theta
@@ -117,14 +119,13 @@ class ThetaPass:
         self.opts, self.n_heads, self.n_kv_heads = opts, n_heads, n_kv_heads
         self.layers: dict[int, HeadAggregate] = {}
         self.wide_rows: dict[int, Tensor] = {}          # layer -> int64 [H], rows left wider than tol
-        self.gen = torch.Generator().manual_seed(opts.seed)
         self.refined_rows = 0                           # rows given A1 or A2 + A3
         self.unrefined_rows = 0                         # wide rows left out by the rows_per_head budget
         self.paper_sampled_rows = 0                     # rows that got the A5 estimate
 
     def observe(self, trace: LayerTrace, ctx: LayerContext | None = None) -> None:
         o = self.opts
-        v = self.measure(trace.attn)
+        v = self.measure(trace.attn, trace.layer, trace.first_seq)
         width = v.hi - v.lo                                                 # [B, H, T]
         lo = (v.lo - o.slack).clamp(0.0, 1.0)
         hi = (v.hi + o.slack).clamp(0.0, 1.0)
@@ -142,8 +143,9 @@ class ThetaPass:
                    exact=heads_first(width <= EXACT_WIDTH),
                    sink_mass=None if v.sink_mass is None else heads_first(v.sink_mass))
 
-    def measure(self, a: AttentionTrace) -> RowValues:
-        """Per-row values of every row of one batch: full coverage, then refinement and A5 (module docstring)."""
+    def measure(self, a: AttentionTrace, layer: int = 0, first_seq: int = 0) -> RowValues:
+        """Per-row values of every row of one batch: full coverage, then refinement and A5 (module docstring);
+        the sampled rows are drawn per (layer, sequence), ``first_seq`` the global index of the batch's first."""
         o = self.opts
         st = attn_row_stats(a.q, a.k, a.scale, causal=a.causal, key_padding_mask=a.key_padding_mask,
                             window=a.window, kernel=o.kernel, logit_cap=a.logit_cap, sinks=a.sinks)
@@ -151,17 +153,17 @@ class ThetaPass:
         lo = (st.theta_lo - err).clamp_min(0.0).cpu()
         hi = torch.where(st.theta_hi >= 1.0, 1.0, (st.theta_hi + err).clamp_max(1.0)).cpu()
         n_keys = st.n_keys.cpu()
-        self._refine(a, lo, hi, n_keys)
+        self._refine(a, lo, hi, n_keys, layer, first_seq)
         sink_mass = None if st.sink_mass is None else st.sink_mass.cpu()
         return RowValues(lo, hi, st.pmax.cpu().nan_to_num(0.0), st.entropy.cpu().nan_to_num(0.0),
-                         self._paper(a, n_keys), n_keys, sink_mass)
+                         self._paper(a, n_keys, layer, first_seq), n_keys, sink_mass)
 
-    def _refine(self, a: AttentionTrace, lo: Tensor, hi: Tensor, n_keys: Tensor) -> None:
+    def _refine(self, a: AttentionTrace, lo: Tensor, hi: Tensor, n_keys: Tensor, layer: int, first_seq: int) -> None:
         """A1 or A2 + A3 in float64 on the chosen wide rows, in place on ``lo``, ``hi`` ``[B, H, T]``."""
         o = self.opts
         width = hi - lo
         wide = width > o.tol
-        chosen = self._choose(wide, n_keys)
+        chosen = self._choose(wide, n_keys, layer, first_seq)
         self.unrefined_rows += int((wide & ~chosen).sum())
         b, h, i = _select_rows(chosen)
         for rows in _row_chunks(b.numel(), a.k.shape[2]):
@@ -172,27 +174,27 @@ class ThetaPass:
             hi[at] = torch.minimum(hi[at], _to_sink_rows(iv.hi, sink_mass).cpu())
         self.refined_rows += int(b.numel())
 
-    def _choose(self, wide: Tensor, n_keys: Tensor) -> Tensor:
+    def _choose(self, wide: Tensor, n_keys: Tensor, layer: int, first_seq: int) -> Tensor:
         """Wide rows to refine (bool ``[B, H, T]``): all with ≤ 20 keys, plus up to ``rows_per_head`` others per head
         and sequence, drawn at random (seeded) when more qualify."""
         if self.opts.rows_per_head is None:
             return wide
         short = wide & (n_keys <= EXACT_MAX_KEYS)
         rest = wide & ~short
-        score = torch.rand(rest.shape, generator=self.gen, dtype=torch.float64).masked_fill(~rest, -1.0)
+        score = sequence_rand(self.opts.seed, "refine", first_seq, rest.shape, layer).masked_fill(~rest, -1.0)
         k = min(self.opts.rows_per_head, rest.shape[-1])
         top = score.topk(k, dim=-1).indices                                # [B, H, k]
         picked = torch.zeros_like(rest).scatter_(-1, top, True) & rest
         return short | picked
 
-    def _paper(self, a: AttentionTrace, n_keys: Tensor) -> Tensor:
+    def _paper(self, a: AttentionTrace, n_keys: Tensor, layer: int, first_seq: int) -> Tensor:
         """A5 (§3.6) of the sampled rows (every row when ``paper_rows`` is None), NaN elsewhere, ``[B, H, T]``."""
         o = self.opts
         eligible = n_keys >= o.min_keys
         if o.paper_rows is None or o.paper_rows == "auto":
             chosen = eligible
         else:
-            score = torch.rand(eligible.shape, generator=self.gen, dtype=torch.float64).masked_fill(~eligible, -1.0)
+            score = sequence_rand(o.seed, "paper", first_seq, eligible.shape, layer).masked_fill(~eligible, -1.0)
             top = score.topk(min(o.paper_rows, eligible.shape[-1]), dim=-1).indices
             chosen = torch.zeros_like(eligible).scatter_(-1, top, True) & eligible
         out = torch.full(n_keys.shape, float("nan"), dtype=torch.float64)
@@ -202,6 +204,14 @@ class ThetaPass:
             out[b[rows], h[rows], i[rows]] = _to_sink_rows(compute_theta_paper(p), sink_mass).cpu()
         self.paper_sampled_rows += int(b.numel())
         return out
+
+    def merge_ranks(self, group: Group) -> None:
+        """Every layer's aggregate and row counts summed (extrema: max/min) over the ranks."""
+        for layer in sorted(self.layers):
+            self.layers[layer].reduce_ranks(group)
+            group.all_reduce(self.wide_rows[layer], "sum", "the theta aggregates")
+        counts = torch.tensor([self.refined_rows, self.unrefined_rows, self.paper_sampled_rows], dtype=torch.int64)
+        self.refined_rows, self.unrefined_rows, self.paper_sampled_rows = group.all_reduce(counts, "sum").tolist()
 
     def finish(self, tables: Tables) -> TableParts:
         o = self.opts

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from attnstab_cli.distributed.group import Group
 from attnstab_cli.metrics.magnitudes import NO_INPUT_NORM
 from attnstab_cli.metrics.passes import TableParts, Tables
 from attnstab_cli.metrics.weights_metrics import compute_depth_budget, compute_weight_metrics
@@ -24,15 +25,23 @@ class WeightPass:
     name = "weights"
     needs = ()
 
-    def __init__(self, cfg: ModelConfig, max_offset: int | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, max_offset: int | None = None, rank: int = 0, world_size: int = 1) -> None:
         self.cfg, self.max_offset = cfg, max_offset
+        self.rank, self.world_size = rank, world_size
         self.heads: list[dict[str, Any]] = []
         self.layers: list[dict[str, Any]] = []
 
     def observe(self, trace: LayerTrace, ctx: Any = None) -> None:
-        """Measure a trace's layer once (on its first batch)."""
-        if trace.batch == 0 and trace.weights is not None:
+        """Measure a trace's layer once (on its first batch); of several ranks, layer l is measured by rank
+        l mod world size alone (every rank holds every layer in turn, and the records are gathered)."""
+        if trace.batch == 0 and trace.weights is not None and trace.layer % self.world_size == self.rank:
             self.observe_weights(trace.weights)
+
+    def merge_ranks(self, group: Group) -> None:
+        """Every rank's layer records, in layer order."""
+        ranks = group.all_gather((self.heads, self.layers), "the weight columns")
+        self.heads = sorted((h for heads, _ in ranks for h in heads), key=lambda r: (r["layer"], r["head"]))
+        self.layers = sorted((rec for _, layers in ranks for rec in layers), key=lambda r: r["layer"])
 
     def observe_weights(self, w: LayerWeights) -> None:
         heads, layer = compute_weight_metrics(w, self.cfg, w.layer, max_offset=self.max_offset)

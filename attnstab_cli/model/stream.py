@@ -49,10 +49,14 @@ class LayerStream:
     """Runs ``batches`` (each ``[B, T]`` token ids) through ``model`` layer by layer."""
 
     def __init__(self, model: OpenModel, batches: list[torch.Tensor], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, key_padding_masks: list[torch.Tensor | None] | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, key_padding_masks: list[torch.Tensor | None] | None = None,
+                 first_seqs: list[int] | None = None) -> None:
         self.model, self.cfg, self.device, self.dtype = model, model.cfg, torch.device(device), dtype
         self.loader: WeightLoader = model.loader(self.device, dtype)
         self.batches = [b.to(self.device) for b in batches]
+        # the global index of each batch's first sequence (a rank's share starts past the other ranks')
+        self.first_seqs = first_seqs if first_seqs is not None else \
+            [sum(int(b.shape[0]) for b in batches[:i]) for i in range(len(batches))]
         self.masks = key_padding_masks or [None] * len(batches)
         self.hidden: list[torch.Tensor] = []
 
@@ -97,6 +101,7 @@ class LayerStream:
                 trace = run_layer(h, weights, self.cfg, layer, bi, self.rope(h.shape[1], layer), self.masks[bi])
                 check_finite_hidden(trace.resid_out, self.dtype, f"layer {layer}", self.model.files.source)
                 trace.weights = weights                                       # a reference: still one layer resident
+                trace.first_seq = self.first_seqs[bi]
                 self.hidden[bi] = trace.resid_out
                 yield trace
                 del trace

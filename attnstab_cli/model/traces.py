@@ -66,3 +66,4 @@ class LayerTrace:
                                                                  # "norm_ffn_out" with branch-output norms)
     weights: LayerWeights | None = None
     moe: MoETrace | None = None              # the routing of a mixture-of-experts FFN; None for a dense FFN
+    first_seq: int = 0                       # global index of the batch's first calibration sequence (its seeds)

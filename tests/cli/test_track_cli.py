@@ -39,9 +39,9 @@ REAL_RUN_SCAN = scan_module.run_scan
 
 def _counting(calls: list[str]):
     """``run_scan`` that records the name of each checkpoint it scans."""
-    def run_scan(model, calib, opts, on_step=None):
+    def run_scan(model, calib, opts, *rest):
         calls.append(Path(model.files.source).name)
-        return REAL_RUN_SCAN(model, calib, opts, on_step)
+        return REAL_RUN_SCAN(model, calib, opts, *rest)
 
     return run_scan
 
