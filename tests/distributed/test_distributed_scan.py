@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +84,21 @@ def test_two_ranks_report_what_one_process_reports(tmp_path: Path, checkpoint: P
                                        "sequences_per_rank": [math.ceil(n / 2), n // 2]}
     assert run_many["theta"] == run_one["theta"]                     # row counts of refinement and A5 samples
     assert run_many["tier3"] == run_one["tier3"]
+
+
+def test_torchrun_scan_reports_what_one_process_reports(tmp_path: Path) -> None:
+    """The same through torchrun itself, whose agent hosts the rendezvous store."""
+    one, many = tmp_path / "one", tmp_path / "many"
+    args = ["scan", str(SAMPLES / "llama-tiny"), "-q", "--batch-size", "2", "--batches", "2"]
+    assert run_single([*args, "--out", str(one)]).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ATTNSTAB_DEBUG")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "attnstab_cli", *args, "--out", str(many)], env=env, capture_output=True,
+                         text=True, timeout=240, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((many / "manifest.json").read_text())["run"]["distributed"]["world_size"] == 2
+    assert compare_reports(one, many) == []
 
 
 def test_mixture_of_experts_routing_merges(tmp_path: Path) -> None:
