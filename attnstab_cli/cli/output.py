@@ -39,8 +39,8 @@ def handle_errors(fn: F) -> F:
     means the work could not complete: one line and exit 3 (never 1, which a gate reserves for a failed rule).
 
     With ``--debug`` or ``ATTNSTAB_DEBUG=1`` the exception propagates with its traceback instead. A rank other than 0
-    of a multi-process run (:func:`silence_errors`) prints nothing and exits with the same code: rank 0 names it. An interrupt
-    (Ctrl-C, SIGTERM) is one line saying what is complete on disk, and exit 130, whatever the flags.
+    of a multi-process run (:func:`silence_errors`) prints nothing and exits with the same code: rank 0 names it.
+    An interrupt (Ctrl-C, SIGTERM) is one line saying what is complete on disk, and exit 130, whatever the flags.
     """
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

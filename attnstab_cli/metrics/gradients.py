@@ -3,12 +3,13 @@
 Forward: one layer's weights resident; of the boundary activations h_0 … h_N of the calibration batches only the
 checkpoints h_0, h_k, h_2k, … and h_N are kept (k = ⌈√N⌉ by default), taken from the main scan's stream when it hands
 them over, else from a stream of this pass's own. Loss at the top: next-token cross-entropy for causal LMs with an LM
-head; the masked-LM loss for encoders that ship an MLM head (15% of positions, seeded, replaced by the tokenizer's mask
-token; no 80/10/10 split); otherwise the probe loss ½·mean_t ‖h_N,t P‖² with P a seeded Gaussian d × 16 matrix
-scaled by 1/√d. Backward: segment by segment from the top, the boundaries between two checkpoints are recomputed from
-the lower one; then for each layer l of the segment, top down, the layer is loaded again and recomputed from h_l under
-autograd, and the gradient flowing into h_{l+1} is pulled back to h_l and to the layer's parameters; then the layer and
-h_l are dropped.
+head; the masked-LM loss for encoders that ship an MLM head (15% of positions, seeded per sequence, replaced by the
+tokenizer's mask token; no 80/10/10 split); otherwise the probe loss ½·mean_t ‖h_N,t P‖² with P a seeded Gaussian
+d × 16 matrix scaled by 1/√d. Backward: segment by segment from the top, the boundaries between two checkpoints are
+recomputed from the lower one; then for each layer l of the segment, top down, the layer is loaded again and
+recomputed from h_l under autograd, and the gradient flowing into h_{l+1} is pulled back to h_l and to the layer's
+parameters; then the layer and h_l are dropped. Of several ranks, each runs its own sequences and the loss, its
+normaliser and the gradients are summed over the ranks.
 
 Per layer: ``grad_h_in`` = ‖∂L/∂h_l‖_F over all calibration tokens, and the parameter-gradient norms of the attention
 projections, the FFN and the norm layers. Per model: the loss, its kind, and whether the wiring has an identity
@@ -335,8 +336,8 @@ class GradientFlow:
                 if t.grad is None:              # e.g. an expert no token of this rank was routed to
                     t.grad = torch.zeros_like(t)
                 self.group.all_reduce(t.grad, "sum", f"the gradients of layer {layer}")
-        record = {"layer": layer,
-                  "grad_h_in": math.sqrt(float(self.group.all_reduce(square, "sum", f"the gradients of layer {layer}"))),
+        square = self.group.all_reduce(square, "sum", f"the gradients of layer {layer}")
+        record = {"layer": layer, "grad_h_in": math.sqrt(float(square)),
                   "grad_attn_params": _group_norm(groups["attn"]), "grad_ffn_params": _group_norm(groups["ffn"]),
                   "grad_norm_params": _group_norm(groups["norm"])}
         return new_grads, record

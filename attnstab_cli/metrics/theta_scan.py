@@ -9,11 +9,11 @@ Per (layer, batch):
    states how far its logits' rounding can move θ (``RowStats.theta_err``: 0 for float64 logits); that amount widens the
    row's interval.
 2. **Refinement.** Rows still wider than ``tol``: all with n ≤ 20 keys and up to ``rows_per_head`` others per head
-   and sequence (a seeded random choice when more qualify, so means stay unbiased; ``None`` refines every wide row) are
-   recomputed in float64 from the recorded q, k, batched, and get A1 (n ≤ 20) or A2 + A3. ``tol = 0`` refines every row
-   not yet exact.
-3. **The paper's estimator** A5 needs a sort: computed on every row on an accelerator, on a seeded sample of
-   ``paper_rows`` rows per head and sequence on the CPU (the paper itself sampled rows, App. E.1).
+   and sequence (a random choice seeded per layer and sequence when more qualify, so means stay unbiased and the
+   rows do not depend on batching or ranks; ``None`` refines every wide row) are recomputed in float64 from the
+   recorded q, k, batched, and get A1 (n ≤ 20) or A2 + A3. ``tol = 0`` refines every row not yet exact.
+3. **The paper's estimator** A5 needs a sort: computed on every row on an accelerator, on a sample of ``paper_rows``
+   rows per head and sequence (seeded per layer and sequence) on the CPU (the paper itself sampled rows, App. E.1).
 4. **Slack and aggregation.** θ_lo − slack, θ_hi + slack (``theta_slack``, §3.1), then a mergeable per-head summary;
    θ̃ uses every row, the descriptive columns only rows with at least ``min_keys`` keys.
 
@@ -176,7 +176,7 @@ class ThetaPass:
 
     def _choose(self, wide: Tensor, n_keys: Tensor, layer: int, first_seq: int) -> Tensor:
         """Wide rows to refine (bool ``[B, H, T]``): all with ≤ 20 keys, plus up to ``rows_per_head`` others per head
-        and sequence, drawn at random (seeded) when more qualify."""
+        and sequence, drawn at random (seeded per layer and sequence) when more qualify."""
         if self.opts.rows_per_head is None:
             return wide
         short = wide & (n_keys <= EXACT_MAX_KEYS)
