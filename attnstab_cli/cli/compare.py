@@ -14,7 +14,7 @@ from rich import box
 from rich.table import Table
 
 from attnstab_cli.cli.options import Force, Json, Quiet
-from attnstab_cli.cli.output import handle_errors, print_json, stderr_console, stdout_console
+from attnstab_cli.cli.output import handle_errors, print_json, require_one_process, stderr_console, stdout_console
 from attnstab_cli.cli.scan_flags import ScanFlags, with_scan_flags
 from attnstab_cli.cli.targets import resolve_target
 from attnstab_cli.compare import Comparison, compare_reports, write_comparison
@@ -55,6 +55,7 @@ def compare(
     *, flags: ScanFlags,
 ) -> None:
     """Compare B with A per layer and per head and attribute the change in attention sensitivity."""
+    require_one_process("compare")
     a_is_report, b_is_report = is_report_dir(Path(a)), is_report_dir(Path(b))
     if out is not None:
         check_destination(out, "compare", force, [a, b])

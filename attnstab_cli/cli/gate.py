@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from attnstab_cli.cli.options import Force, Json, Out, Quiet
-from attnstab_cli.cli.output import handle_errors, print_json, stderr_console, stdout_console
+from attnstab_cli.cli.output import handle_errors, print_json, require_one_process, stderr_console, stdout_console
 from attnstab_cli.cli.scan_flags import ScanFlags, with_scan_flags
 from attnstab_cli.cli.targets import resolve_target
 from attnstab_cli.errors import AttnstabError, UsageError
@@ -71,6 +71,7 @@ def gate(
 ) -> None:
     """Check a report (or a checkpoint, scanned first) against rules: exit 0 pass, 1 a rule failed, 2 usage or input
     error, 3 the scan could not complete."""
+    require_one_process("gate")
     if json_out and github:
         raise UsageError("--json and --github both write to stdout: choose one",
                          hint="--junit-xml PATH gives a machine-readable file alongside --github")

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from attnstab_cli.cli.interrupts import INTERRUPT_EXIT, INTERRUPTS, Interrupted, interrupt_received, interrupted_line
-from attnstab_cli.errors import AttnstabError
+from attnstab_cli.distributed.group import read_launch_env
+from attnstab_cli.errors import AttnstabError, UsageError
 from attnstab_cli.report.destination import forget_published
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -85,6 +86,16 @@ def handle_errors(fn: F) -> F:
 def silence_errors(silent: bool) -> None:
     """Whether this process's errors are left to another process (rank 0) to print."""
     STATE["silent"] = silent
+
+
+def require_one_process(command: str) -> None:
+    """A command that is not distributed refuses a multi-rank launch rather than running once per rank (the
+    refusal is rank 0's to print)."""
+    env = read_launch_env()
+    if env is not None:
+        silence_errors(env.rank != 0)
+        raise UsageError(f"{command} runs in one process: of the commands only scan and track are distributed "
+                         f"across ranks", hint=f"start attnstab {command} without torchrun")
 
 
 def _exit_interrupted() -> None:

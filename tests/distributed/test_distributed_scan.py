@@ -141,3 +141,14 @@ def test_curvature_is_refused_under_several_ranks(tmp_path: Path) -> None:
     errors = [line for line in ranks[0].stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "--curvature runs in one process only" in errors[0]
     _no_report(out)
+
+
+@pytest.mark.parametrize("command", ["compare", "gate"])
+def test_commands_that_are_not_distributed_refuse_several_ranks(tmp_path: Path, command: str) -> None:
+    args = [command, str(SAMPLES / "gpt2-tiny"), str(SAMPLES / "gpt2-tiny-step200")] if command == "compare" \
+        else [command, str(SAMPLES / "gpt2-tiny"), "--rule", "theta_mean<=1"]
+    ranks = run_ranks(args)
+    assert [r.returncode for r in ranks] == [2, 2]
+    errors = [line for line in ranks[0].stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and f"{command} runs in one process" in errors[0]
+    assert ranks[1].stderr == ""
