@@ -21,7 +21,17 @@ at 1x8192), ``qwen3`` (Qwen3-0.6B-shaped model with per-head q/k norms, 4x256, t
 budgets; ``--smoke`` shrinks it to check the harness, and its figures mean nothing), ``threads`` (the 8x256 scan
 with 1 and all threads, idle and under load; ``--threads-study`` runs only this, ``--quick`` skips it).
 
-Run:  python bench/scan_cost.py [--quick] [--only NAME] [--threads-study] [--smoke] [--timeout S] [--out-json PATH]
+``--distributed`` runs only the scaling figure: the real-size LLaMA at 8x256 (4 sequences per rank at 2 ranks) as
+one process (T1), then under torchrun with 1 process (the launcher's own cost) and 2, the ``--threads`` total split
+evenly between the ranks; with more than one GPU also one process and torchrun with 2..N on ``--device cuda``. Each
+launch runs ``python -m attnstab_cli`` from this tree, and records speedup T1 / T_W, efficiency speedup / W, the
+peak RSS of every rank, rank 0's stage timings (``ranks_wait_s``, ``merge_s``) and whether its report's counts,
+extrema and percentiles are bit-identical to T1's (``scan_distributed.py``). It writes
+bench/results/scan_cost_distributed_cpu.json and .md (``_gpu`` beside them) and, unless ``--smoke`` or
+``--out-json``, the table into README.md between its markers.
+
+Run:  python bench/scan_cost.py [--quick] [--only NAME] [--threads-study] [--distributed] [--smoke] [--timeout S]
+      [--out-json PATH]
 Writes bench/results/scan_cost_cpu.json and .md (the markdown table, also printed; ``--only NAME`` writes
 scan_cost_cpu_NAME.json/.md instead) after every figure and, with the thread study, bench/results/scan_threads_cpu.json
 and .md. The whole run takes about 30 min on 2 busy cores at the time of writing. Never run as a test. MB here means
@@ -47,6 +57,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import scan_distributed as dist
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SCAN_BATCH_SIZE = 4  # attnstab scan's default --batch-size, passed explicitly so the baselines batch identically
@@ -56,6 +68,9 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_act="silu",
                     rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192,
                     bos_token_id=0, eos_token_id=0)
+# The same architecture at toy size (the 3:1 grouped-query ratio kept), only to check a harness (``--smoke``).
+SMOLLM2_SMOKE = {**SMOLLM2_135M, "vocab_size": 512, "hidden_size": 96, "intermediate_size": 256,
+                 "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 16}
 # Qwen3-0.6B's configuration (Qwen/Qwen3-0.6B config.json), random weights: per-head q/k RMSNorm.
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, hidden_act="silu", rms_norm_eps=1e-6,
@@ -87,8 +102,9 @@ def child_build(kind: str, directory: Path) -> dict:
     import transformers
 
     torch.manual_seed(0)
-    if kind == "smollm2-135m":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_135M))
+    if kind in ("smollm2-135m", "smollm2-smoke"):
+        cfg = SMOLLM2_135M if kind == "smollm2-135m" else SMOLLM2_SMOKE
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
     elif kind == "qwen3-0.6b":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3_06B))
     elif kind in ("mixtral-d1024", "mixtral-smoke"):
@@ -183,19 +199,28 @@ class Run:
         return rec
 
 
-def measure(cmd: list[str], env: dict[str, str], timeout: float) -> Run:
-    """Run ``cmd`` in its own session; kill its process group after ``timeout`` s. Peak RSS from ``os.wait4``."""
+def measure(cmd: list[str], env: dict[str, str], timeout: float,
+            on_start: Callable[[int], None] | None = None) -> Run:
+    """Run ``cmd`` in its own session; kill its process group and its descendants after ``timeout`` s. Peak RSS
+    from ``os.wait4``: the largest of the process and the descendants it waited for. ``on_start`` hears the pid
+    once the process runs."""
     fired = threading.Event()
 
     def kill() -> None:
         fired.set()
+        orphans = dist.descendants(proc.pid)  # torchrun's workers: sessions of their own, listed before it dies
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     load = os.getloadavg()[0]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT, start_new_session=True)
+        if on_start is not None:
+            on_start(proc.pid)
         timer = threading.Timer(timeout, kill)
         timer.start()
         try:
@@ -272,12 +297,13 @@ def make_tokens(ctx: Ctx, model_dir: Path, shape: tuple[int, int]) -> Path:
 
 
 def run_scan(ctx: Ctx, ckpt: Path, tokens: Path | None, threads: int | None = None,
-             extra: tuple[str, ...] = ("--batch-size", str(SCAN_BATCH_SIZE))) -> Run:
+             extra: tuple[str, ...] = ("--batch-size", str(SCAN_BATCH_SIZE)),
+             on_start: Callable[[int], None] | None = None) -> Run:
     """``attnstab scan CKPT [--tokens FILE] --out OUT --force``; attaches the manifest's ``run.timings``."""
     out = ctx.tmp / f"report_{ckpt.name}_{time.monotonic_ns()}"
     cmd = [*ctx.scan_cmd, "scan", str(ckpt), *(["--tokens", str(tokens)] if tokens else []), "--out", str(out),
            "--force", *extra]
-    run = measure(cmd, ctx.env(threads), ctx.timeout)
+    run = measure(cmd, ctx.env(threads), ctx.timeout, on_start)
     manifest = out / "manifest.json"
     run.extra["out"] = str(out)
     run.extra["timings"] = json.loads(manifest.read_text())["run"].get("timings") if run.ok else None
@@ -421,6 +447,62 @@ def fig_threads(ctx: Ctx) -> list[dict]:
     return recs
 
 
+def launch_scan(ctx: Ctx, model: Path, tokens: Path, device: str, world: int, torchrun: bool) -> tuple[Run, dict]:
+    """One whole scan of ``tokens``: ``python -m attnstab_cli scan`` in one process, or ``world`` ranks of it
+    under torchrun, each rank with ``ctx.threads // world`` threads (at least 1). Returns the run and the peak RSS
+    of each of its processes."""
+    prefix = dist.torchrun_prefix(world) if torchrun else [sys.executable, "-m", "attnstab_cli"]
+    peaks = dist.RankPeaks()
+    run = run_scan(replace(ctx, scan_cmd=prefix), model, tokens, max(1, ctx.threads // world),
+                   extra=("--batch-size", str(SCAN_BATCH_SIZE), "--device", device), on_start=peaks.start)
+    return run, peaks.stop()
+
+
+def scaling_series(ctx: Ctx, model: Path, tokens: Path, device: str, launches: list[tuple[int, bool]],
+                   about: dict) -> list[dict]:
+    """The scan at each (world size, torchrun?) of ``launches``; the first is the one-process baseline T1, and
+    every record has speedup T1 / T_W, efficiency speedup / W and its report checked against T1's."""
+    recs, base = [], None
+    for world, torchrun in launches:
+        print(f"[scan_cost]   {device} world size {world} ({'torchrun' if torchrun else 'one process'}) ...",
+              file=sys.stderr, flush=True)
+        run, peaks = launch_scan(ctx, model, tokens, device, world, torchrun)
+        if base is None:
+            base = run
+        speedup = ratio(base, run, "wall_s")
+        check = dist.compare_reports(Path(base.extra["out"]), Path(run.extra["out"])) \
+            if run is not base and run.ok and base.ok else None
+        manifest = Path(run.extra["out"]) / "manifest.json"
+        per_rank = max(1, ctx.threads // world)
+        recs.append({"figure": f"distributed_{device}_w{world}_{'torchrun' if torchrun else 'process'}",
+                     "device": device, "world_size": world, "launcher": "torchrun" if torchrun else "one process",
+                     "tokens": about["tokens"], "threads_per_rank": per_rank, "threads_total": per_rank * world,
+                     "measured": run.record(),
+                     "distributed": json.loads(manifest.read_text())["run"]["distributed"] if run.ok else None,
+                     "speedup": speedup, "efficiency": None if speedup is None else speedup / world,
+                     "peak_rss_mb_per_process": peaks,
+                     "peak_rss_mb_ranks_sum": sum(v for k, v in peaks.items() if k != "launcher") or None,
+                     "report_check": check, "pass": run.ok and (check is None or check["pass"]),
+                     "model": about["model"], "env": environment()})
+    return recs
+
+
+def fig_distributed(ctx: Ctx) -> tuple[list[dict], list[dict]]:
+    """8. The real-size LLaMA (8x256) sharded over world sizes: on the CPU one process, then torchrun with 1
+    (the launcher's overhead) and 2 processes, ``ctx.threads`` threads in all; with more than one GPU, one
+    process and torchrun with 2..N GPUs. Returns the CPU and the GPU records."""
+    kind, shape = ("smollm2-smoke", (8, 32)) if ctx.smoke else ("smollm2-135m", (8, 256))
+    model, info = build(ctx, kind)
+    tokens = make_tokens(ctx, model, shape)
+    about = {"tokens": list(shape), "model": {"kind": f"{kind} (random weights)", "parameters": info["parameters"]}}
+    cpu = scaling_series(ctx, model, tokens, "cpu", [(1, False), (1, True), (2, True)], about)
+    n_gpus = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                                env=ctx.env(), capture_output=True, text=True, check=True).stdout)
+    gpu = scaling_series(ctx, model, tokens, "cuda", [(1, False)] + [(w, True) for w in range(2, n_gpus + 1)],
+                         about) if n_gpus > 1 else []
+    return cpu, gpu
+
+
 FIGURES: dict[str, Callable[[Ctx], list[dict]]] = {
     "readme": fig_readme, "memory": fig_memory, "plain_theta": fig_plain_theta, "real_size": fig_real_size,
     "qwen3": fig_qwen3, "mixtral": fig_mixtral, "threads": fig_threads}
@@ -478,14 +560,39 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(path: Path, records: list[dict], options: dict) -> None:
+def write_outputs(path: Path, records: list[dict], options: dict,
+                  render: Callable[[list[dict]], str] = markdown) -> None:
     doc = {"benchmark": "bench/scan_cost.py", "about": __doc__.splitlines()[0], "env": environment(),
            "options": options, "all_pass": all(r["pass"] for r in records), "figures": records}
     path.parent.mkdir(parents=True, exist_ok=True)
-    for target, text in ((path, json.dumps(doc, indent=2) + "\n"), (path.with_suffix(".md"), markdown(records))):
+    for target, text in ((path, json.dumps(doc, indent=2) + "\n"), (path.with_suffix(".md"), render(records))):
         tmp = target.with_name(f".{target.name}.partial")
         tmp.write_text(text)
         os.replace(tmp, target)  # readers (and a concurrent run) never see a half-written file
+
+
+def run_distributed(ctx: Ctx, out_json: Path, options: dict, readme: bool) -> None:
+    """Figure 8: write the CPU records to ``out_json`` (the GPU ones, when any, beside it with ``_gpu``) and, with
+    ``readme``, its table into README.md between the distributed-figure markers."""
+    print("[scan_cost] distributed ...", file=sys.stderr, flush=True)
+    cpu, gpu = fig_distributed(ctx)
+    write_outputs(out_json, cpu, options, dist.markdown)
+    tables = dist.markdown(cpu)
+    print(f"{out_json}:\n\n{tables}")
+    if gpu:
+        gpu_json = out_json.with_name(out_json.stem.removesuffix("_cpu") + "_gpu.json")
+        write_outputs(gpu_json, gpu, options, dist.markdown)
+        shown = gpu_json.relative_to(ROOT) if gpu_json.is_relative_to(ROOT) else gpu_json
+        tables += f"\nGPUs (`{shown}`):\n\n{dist.markdown(gpu)}"
+        print(f"{gpu_json}:\n\n{dist.markdown(gpu)}")
+    if readme:
+        env = environment()
+        heading = (f"`python bench/scan_cost.py --distributed`, {env['date'][:10]}, commit {env['git_commit']}, "
+                   f"torch {env['torch']}, {env['cpu_count']} cores, {ctx.threads} threads in all, "
+                   f"{'x'.join(map(str, cpu[0]['tokens']))} tokens (`{out_json.relative_to(ROOT)}`; load average "
+                   f"before each launch: {', '.join(str(r['measured']['loadavg_1min_before']) for r in cpu + gpu)}):")
+        if not dist.update_readme(ROOT / "README.md", heading, tables):
+            print("[scan_cost] README.md has no distributed-figure markers: left as it was", file=sys.stderr)
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -503,23 +610,33 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every figure and baseline")
     ap.add_argument("--threads-model", choices=["smollm2-135m", "gpt2-6l"], default="smollm2-135m",
                     help="model of the thread study (gpt2-6l: figure 2's, when the real-size scan is too slow)")
-    ap.add_argument("--smoke", action="store_true", help="toy shapes for the mixtral figure: checks the harness "
-                    "runs; its numbers are not the figure")
+    ap.add_argument("--distributed", action="store_true", help="run only the scaling figure: the real-size LLaMA "
+                    "scan on 1 and 2 CPU processes (torchrun) and, with more than one GPU, on 1..N GPUs; writes "
+                    "bench/results/scan_cost_distributed_cpu.json/.md and, unless --smoke or --out-json, the "
+                    "README table")
+    ap.add_argument("--smoke", action="store_true", help="toy shapes for the mixtral and distributed figures: "
+                    "checks the harness runs; its numbers are not the figure")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess before it is killed")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     ap.add_argument("--out-json", type=Path, help="default bench/results/scan_cost_cpu.json; with --only NAME, "
-                    "bench/results/scan_cost_cpu_NAME.json (a partial run leaves the full run's file alone)")
+                    "bench/results/scan_cost_cpu_NAME.json (a partial run leaves the full run's file alone); with "
+                    "--distributed, bench/results/scan_cost_distributed_cpu.json")
     ap.add_argument("--threads-json", type=Path, default=RESULTS / "scan_threads_cpu.json")
     args = ap.parse_args()
     names = [args.only] if args.only else ["threads"] if args.threads_study else [
         n for n in FIGURES if not (args.quick and n == "threads")]
-    default_json = f"scan_cost_cpu_{args.only}.json" if args.only else "scan_cost_cpu.json"
+    default_json = "scan_cost_distributed_cpu.json" if args.distributed else \
+        f"scan_cost_cpu_{args.only}.json" if args.only else "scan_cost_cpu.json"
+    readme = args.distributed and not args.smoke and args.out_json is None
     args.out_json = args.out_json or RESULTS / default_json
     options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     records: list[dict] = []
     threads_recs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="scan_cost_") as tmp:
         ctx = Ctx(args.timeout, args.threads, args.seed, Path(tmp), attnstab_cmd(), args.threads_model, args.smoke)
+        if args.distributed:
+            run_distributed(ctx, args.out_json, options, readme)
+            return 0
         for name in names:
             print(f"[scan_cost] {name} ...", file=sys.stderr, flush=True)
             recs = FIGURES[name](ctx)
